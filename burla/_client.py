@@ -1,0 +1,206 @@
+"""`Client`: a connection to one Burla cluster, and the map that runs on it.
+
+`remote_parallel_map` is ``Client.default(api_key).map(...)``, as httpx's
+top-level `request()` is a one-shot `Client`. A client keeps its portal
+thread, HTTP connections and the cluster's limits between calls, so a second
+map on a warm cluster costs a few round trips and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _local, _settings
+from .errors import (
+    AuthenticationError,
+    BurlaError,
+    ClusterError,
+    ClusterUnavailableError,
+    InvalidArgumentError,
+    TooLargeError,
+    UnsatisfiableError,
+)
+
+_DEFAULT_LOCK = threading.Lock()
+_DEFAULTS: dict[tuple[str | None, str | None], Client] = {}
+
+RECONNECT_SECONDS = 120.0  # how long a job rides out an unreachable daemon (a restart) before failing
+
+
+def error_from_response(status: int, text: str, what: str) -> BurlaError:
+    """The Burla error for an HTTP error answer of the daemon."""
+    try:
+        body = json.loads(text)["error"]
+        code, message = body.get("code", ""), body.get("message", text)
+    except (ValueError, KeyError, TypeError):
+        code, message = "", text[:500]
+    if status == 401:
+        return AuthenticationError(
+            f"the cluster refused the API key ({message}). Pass api_key=, set BURLA_API_KEY, or run `burla login URL`."
+        )
+    if status == 413 or code == "too_large":
+        return TooLargeError(message)
+    if status == 422 or code == "unsatisfiable":
+        return UnsatisfiableError(message)
+    if status == 400:
+        return InvalidArgumentError(f"the cluster rejected the request to {what}: {message}")
+    return ClusterError(f"the cluster answered {status} to {what}: {message}")
+
+
+class Client:
+    """A connection to a Burla cluster.
+
+    With no URL (and none in ``BURLA_CLUSTER_URL`` or from `burla login`),
+    the client uses the embedded local cluster, started on first use.
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
+        self.settings = _settings.resolve(url, api_key)
+        self._lock = threading.Lock()
+        self._portal: Any = None
+        self._http: Any = None
+        self._url = self.settings.url or ""
+        self._key = self.settings.api_key or ""
+        self.limits: dict[str, Any] = {}
+
+    @classmethod
+    def default(cls, api_key: str | None = None) -> Client:
+        settings = _settings.resolve(None, api_key)
+        key = (settings.url, settings.api_key)
+        with _DEFAULT_LOCK:
+            client = _DEFAULTS.get(key)
+            if client is None:
+                client = _DEFAULTS[key] = cls(settings.url, settings.api_key)
+            return client
+
+    # ---- connection ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def connect(self) -> None:
+        """Reach the cluster (starting the local one if need be) and learn its limits."""
+        with self._lock:
+            if self._portal is None or not self._portal.alive():
+                from ._portal import Portal
+
+                self._portal = Portal()
+            if self._http is None:
+                if self.settings.embedded:
+                    info = _local.ensure_started()
+                    self._url, self._key = info["url"], info["admin_token"]
+                self._portal.run(self._open)
+            if not self.limits:
+                try:
+                    self.limits = self._portal.run(self._info)
+                except ClusterUnavailableError:
+                    if not self.settings.embedded:
+                        raise
+                    info = _local.ensure_started()  # the local cluster went idle and stopped: start it again
+                    self._url, self._key = info["url"], info["admin_token"]
+                    self._portal.run(self._open)
+                    self.limits = self._portal.run(self._info)
+
+    async def _open(self) -> None:
+        import httpx
+
+        if self._http is not None:
+            await self._http.aclose()
+        self._http = httpx.AsyncClient(
+            base_url=self._url,
+            headers={"authorization": f"Bearer {self._key}", "user-agent": "burla-client"},
+            timeout=httpx.Timeout(120.0, connect=10.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
+
+    async def _info(self) -> dict[str, Any]:
+        import httpx
+
+        try:
+            r = await self._http.get("/v1/info")
+        except httpx.TransportError as e:
+            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
+        if r.status_code != 200:
+            raise error_from_response(r.status_code, r.text, "read the cluster's limits")
+        return dict(r.json())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._portal is not None:
+                if self._http is not None:
+                    try:
+                        self._portal.run(self._http.aclose)
+                    except Exception:
+                        pass
+                self._portal.close()
+            self._portal = None
+            self._http = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the map ---------------------------------------------------------------------
+
+    def map(
+        self,
+        function_: Callable[[Any], Any],
+        inputs: Iterable[Any],
+        func_cpu: float = 1,
+        func_ram: float = 4,
+        max_parallelism: int | None = None,
+        spinner: bool = True,
+        generator: bool = False,
+    ) -> Any:
+        """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
+        from burla.schemas import messages as m
+
+        from . import __version__
+        from ._job import JobRun, ResultIterator, collect
+        from ._pickling import InputBatcher, function_hash, function_name, pickle_function
+
+        _check_resources(func_cpu, func_ram, max_parallelism)
+        blob = pickle_function(function_, self.limits.get("max_function_bytes"))
+        batcher = InputBatcher(inputs, self.limits.get("max_input_bytes"))
+        first = batcher.next_batch()
+        if first is None:
+            return iter(()) if generator else []
+        self.connect()
+        if self.limits.get("max_function_bytes") and len(blob) > self.limits["max_function_bytes"]:
+            pickle_function(function_, self.limits["max_function_bytes"])  # raises with the full message
+        batcher.max_input_bytes = self.limits.get("max_input_bytes")
+        if batcher.max_input_bytes and len(first[1]) > batcher.max_input_bytes:
+            batcher.check_sizes(first)  # the first batch was pickled before the limits were known
+        spec = m.JobSpec(
+            job_id=uuid.uuid4().hex,
+            function_name=function_name(function_),
+            function_hash=function_hash(blob),
+            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+            func_cpu=float(func_cpu),
+            func_ram=float(func_ram),
+            max_parallelism=max_parallelism,
+            client_version=__version__,
+        )
+        job = JobRun(self._portal, self._http, spec, blob, first, batcher, spinner=spinner)
+        job.start()
+        if generator:
+            return ResultIterator(job)
+        return collect(job)
+
+
+def _check_resources(func_cpu: Any, func_ram: Any, max_parallelism: Any) -> None:
+    for name, value in (("func_cpu", func_cpu), ("func_ram", func_ram)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InvalidArgumentError(f"{name} must be a positive number, got {value!r}")
+    if max_parallelism is not None and (
+        isinstance(max_parallelism, bool) or not isinstance(max_parallelism, int) or max_parallelism < 1
+    ):
+        raise InvalidArgumentError(f"max_parallelism must be a positive integer or None, got {max_parallelism!r}")

@@ -1,0 +1,328 @@
+"""One call of remote_parallel_map: upload inputs, stream events, hand out results.
+
+`JobRun` lives in the portal's event loop. Two tasks run side by side:
+
+* the uploader creates the job with the first batch of inputs, then sends the
+  rest (at most `UPLOADS_IN_FLIGHT` requests at a time, so memory stays
+  bounded), pulling and pickling batches in a worker thread;
+* the event reader holds the job's websocket, prints what calls print as it
+  arrives, feeds the spinner, and queues results and failures for the
+  caller's thread. It reconnects from the last event it saw if the daemon
+  restarts.
+
+The caller's thread (`collect` or `ResultIterator`) takes from that queue,
+unpickles results, raises failures, and turns Ctrl-C into a cancelled job.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pickle
+import queue
+import sys
+from typing import Any
+
+import httpx
+import trio
+from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
+
+from burla.schemas import envelope
+from burla.schemas import messages as m
+
+from ._client import RECONNECT_SECONDS, error_from_response
+from ._pickling import InputBatcher
+from ._remote_errors import rebuild
+from ._spinner import Spinner
+from .errors import BurlaError, ClusterUnavailableError, JobCancelledError
+
+UPLOADS_IN_FLIGHT = 2
+CANCEL_SECONDS = 3.0
+_TERMINAL = (m.DONE, m.FAILED, m.CANCELLED)
+
+
+class JobRun:
+    def __init__(
+        self,
+        portal: Any,
+        http: httpx.AsyncClient,
+        spec: m.JobSpec,
+        function_blob: bytes,
+        first: tuple[m.BatchMeta, bytes],
+        batcher: InputBatcher,
+        spinner: bool = True,
+    ) -> None:
+        self.portal = portal
+        self.http = http
+        self.spec = spec
+        self.function_blob = function_blob
+        self.first = first
+        self.batcher = batcher
+        self.spinner = Spinner(spinner, spec.function_name)
+        self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.max_message = 1024**3
+        self._scope: trio.CancelScope | None = None
+        self._created = False
+        self.finished = False
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    def start(self) -> None:
+        self.spinner.start()
+        self.portal.start_soon(self._run)
+
+    # ---- in the caller's thread --------------------------------------------------------------
+
+    def get(self) -> tuple[Any, ...]:
+        while True:
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the job on the cluster (best effort, bounded in time)."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.portal.run(self._cancel, reason)
+        except Exception:
+            pass
+        finally:
+            self.spinner.stop()
+
+    # ---- in the portal ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._upload)
+                    nursery.start_soon(self._events)
+        except BaseException as e:  # noqa: BLE001 - everything goes to the caller's thread
+            error = _first_error(e)
+            if isinstance(error, BurlaError) and self._created and not isinstance(error, JobCancelledError):
+                with trio.move_on_after(CANCEL_SECONDS):
+                    await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": str(error)[:500]})
+            self.queue.put(("error", error))
+            if not isinstance(e, Exception) and not isinstance(e, BaseExceptionGroup):
+                raise
+
+    async def _cancel(self, reason: str) -> None:
+        with trio.move_on_after(CANCEL_SECONDS):
+            if self._created:
+                await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason})
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _post(self, path: str, content: bytes, content_type: str, what: str) -> httpx.Response:
+        """POST with retries while the daemon is unreachable (e.g. restarting)."""
+        deadline = trio.current_time() + RECONNECT_SECONDS
+        backoff = 0.02
+        while True:
+            try:
+                r = await self.http.post(path, content=content, headers={"content-type": content_type})
+            except httpx.TransportError as e:
+                if trio.current_time() > deadline:
+                    raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
+            else:
+                if r.status_code < 500:
+                    if r.status_code != 200:
+                        raise error_from_response(r.status_code, r.text, what)
+                    return r
+                if trio.current_time() > deadline:
+                    raise error_from_response(r.status_code, r.text, what)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _post_json(self, path: str, body: dict[str, Any]) -> None:
+        await self._post(path, json.dumps(body).encode(), "application/json", "cancel the job")
+
+    async def _upload(self) -> None:
+        meta, payload = self.first
+        final = self.batcher.count if self.batcher.exhausted else None
+        header = {"spec": self.spec.to_wire(), "batches": [meta.to_wire()], "final_count": final}
+        await self._post("/v1/jobs", envelope.pack(header, [self.function_blob, payload]),
+                         envelope.CONTENT_TYPE, "create the job")  # fmt: skip
+        self._created = True
+        self.first = (meta, b"")  # let the first batch go
+        if final is not None:
+            return
+        slots = trio.Semaphore(UPLOADS_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while final is None:
+                await slots.acquire()
+                batch = await trio.to_thread.run_sync(self.batcher.next_batch)
+                final = self.batcher.count if self.batcher.exhausted else None
+                nursery.start_soon(self._send_batch, batch, final, slots)
+
+    async def _send_batch(
+        self, batch: tuple[m.BatchMeta, bytes] | None, final: int | None, slots: trio.Semaphore
+    ) -> None:
+        try:
+            metas = [batch[0].to_wire()] if batch else []
+            blobs = [batch[1]] if batch else []
+            body = envelope.pack({"batches": metas, "final_count": final}, blobs)
+            await self._post(f"/v1/jobs/{self.job_id}/inputs", body, envelope.CONTENT_TYPE, "upload inputs")
+        finally:
+            slots.release()
+
+    async def _events(self) -> None:
+        after = 0
+        deadline = trio.current_time() + RECONNECT_SECONDS
+        backoff = 0.02
+        while True:
+            try:
+                async with aconnect_ws(
+                    f"/v1/jobs/{self.job_id}/events?after={after}",
+                    self.http,
+                    max_message_size_bytes=self.max_message,
+                    queue_size=64,
+                    keepalive_ping_interval_seconds=None,
+                ) as ws:
+                    deadline = trio.current_time() + RECONNECT_SECONDS
+                    while True:
+                        header, blobs = envelope.unpack(await ws.receive_bytes())
+                        self.spinner.update(header.get("status"))
+                        for wire in header.get("events", []):
+                            event = m.Event.from_wire(wire)
+                            after = event.seq
+                            blob = bytes(blobs[event.blob]) if event.blob is not None else None
+                            self._take(event, blob)
+                            if event.kind in _TERMINAL:
+                                await ws.send_text(json.dumps({"ack": True}))
+                                assert self._scope is not None
+                                self._scope.cancel()
+                                return
+            except WebSocketUpgradeError as e:
+                status = e.response.status_code
+                if status < 500 and status not in (404,):
+                    raise error_from_response(status, e.response.text, "follow the job") from None
+                # 404: the job is not created yet (or the daemon restarted and forgot nothing: retry)
+            except (httpx.TransportError, WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError):
+                pass
+            if trio.current_time() > deadline:
+                raise ClusterUnavailableError(
+                    f"lost the Burla cluster at {self.http.base_url} for {RECONNECT_SECONDS:.0f}s"
+                )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _take(self, event: m.Event, blob: bytes | None) -> None:
+        if event.kind == m.RESULTS:
+            self.queue.put(("results", event.lo, event.hi, blob))
+        elif event.kind == m.LOGS and blob is not None:
+            print_lines(pickle.loads(blob))
+        elif event.kind == m.FAILED:
+            self.queue.put(("failed", rebuild(event.data, blob)))
+        elif event.kind == m.DONE:
+            self.queue.put(("done", event.data.get("n_inputs")))
+        elif event.kind == m.CANCELLED:
+            reason = event.data.get("reason", "cancelled")
+            self.queue.put(("error", JobCancelledError(f"the job was cancelled on the cluster: {reason}")))
+        elif event.kind == m.NOTICE:
+            print(f"burla: {event.data.get('message', '')}", file=sys.stderr, flush=True)
+
+
+def print_lines(entries: list[tuple[int, int, str]]) -> None:
+    """Write what remote calls printed to this process's stdout and stderr."""
+    out, err = sys.stdout, sys.stderr
+    wrote_out = wrote_err = False
+    for _index, stream, text in entries:
+        if stream == m.STDERR:
+            err.write(text)
+            wrote_err = True
+        else:
+            out.write(text)
+            wrote_out = True
+    if wrote_out:
+        out.flush()
+    if wrote_err:
+        err.flush()
+
+
+def _first_error(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup):
+        burla = [x for x in e.exceptions if isinstance(x, BurlaError)]
+        e = burla[0] if burla else e.exceptions[0]
+    return e
+
+
+def _finish(job: JobRun) -> None:
+    job.finished = True
+    job.spinner.stop()
+
+
+def collect(job: JobRun) -> list[Any]:
+    """Wait for every result; return them in input order."""
+    chunks: dict[int, bytes] = {}
+    try:
+        while True:
+            item = job.get()
+            kind = item[0]
+            if kind == "results":
+                chunks[item[1]] = item[3]
+            elif kind == "done":
+                break
+            else:
+                _finish(job)
+                raise item[1]
+    except KeyboardInterrupt:
+        job.cancel("cancelled by Ctrl-C in the client")
+        raise
+    finally:
+        _finish(job)
+    results: list[Any] = []
+    for lo in sorted(chunks):
+        if lo != len(results):
+            raise BurlaError(f"results are missing for inputs {len(results)} to {lo - 1}: this is a bug in Burla")
+        results.extend(pickle.loads(chunks.pop(lo)))
+    return results
+
+
+class ResultIterator:
+    """Results as they arrive (not in input order), for ``generator=True``."""
+
+    def __init__(self, job: JobRun) -> None:
+        self._job = job
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._done = False
+
+    def __iter__(self) -> ResultIterator:
+        return self
+
+    def __next__(self) -> Any:
+        while not self._buffer:
+            if self._done:
+                raise StopIteration
+            try:
+                item = self._job.get()
+            except KeyboardInterrupt:
+                self._job.cancel("cancelled by Ctrl-C in the client")
+                raise
+            kind = item[0]
+            if kind == "results":
+                self._buffer.extend(pickle.loads(item[3]))
+            elif kind == "done":
+                self._done = True
+                _finish(self._job)
+            else:
+                self._done = True
+                _finish(self._job)
+                raise item[1]
+        return self._buffer.popleft()
+
+    def close(self) -> None:
+        """Stop early: the job is cancelled on the cluster."""
+        if not self._done:
+            self._done = True
+            self._job.cancel("the caller stopped reading results")
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,118 @@
+"""The embedded default: find this user's local cluster, or start one.
+
+The local cluster is ``burlad serve --embedded`` in the background, shared by
+every process of the user (as ``ray.init()`` starts a local Ray). It writes
+``daemon.json`` once it serves; a file lock keeps two processes from starting
+two clusters at once. It stops itself after ``embedded.idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import ClusterUnavailableError
+
+DISCOVERY_FILE = "daemon.json"
+
+
+def local_home() -> Path:
+    base = os.environ.get("BURLA_HOME")
+    if base:
+        return Path(base) / "local"
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "burla" / "local"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our own child (we started it), and it has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def discover() -> dict[str, str] | None:
+    """The running local cluster's URL and admin token, or None."""
+    try:
+        info = json.loads((local_home() / DISCOVERY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
+        return None
+    return info
+
+
+def ensure_started(timeout: float = 60.0) -> dict[str, str]:
+    """The local cluster, started if it is not running."""
+    info = discover()
+    if info is not None:
+        return info
+    home = local_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = discover()
+        if info is not None:
+            return info
+        (home / DISCOVERY_FILE).unlink(missing_ok=True)
+        log_path = home / "daemon.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "burla.daemon", "serve", "--embedded"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # outlives this process, and ignores its Ctrl-C
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = discover()
+            if info is not None and int(info["pid"]) == proc.pid:
+                return info
+            if proc.poll() is not None:
+                raise ClusterUnavailableError(
+                    f"the local Burla cluster failed to start (exit code {proc.returncode}). "
+                    f"Its log, {log_path}, ends with:\n{_tail(log_path)}"
+                )
+            time.sleep(0.005)
+        proc.kill()
+        raise ClusterUnavailableError(
+            f"the local Burla cluster did not start within {timeout:.0f}s. Its log, {log_path}, ends with:\n"
+            f"{_tail(log_path)}"
+        )
+
+
+def stop(timeout: float = 10.0) -> bool:
+    """Stop the local cluster; False if none was running."""
+    info = discover()
+    if info is None:
+        return False
+    pid = int(info["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    (local_home() / DISCOVERY_FILE).unlink(missing_ok=True)
+    return True
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

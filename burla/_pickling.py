@@ -1,0 +1,194 @@
+"""Turning the user's function and inputs into bytes, with errors that say which.
+
+The function goes by value with cloudpickle. Inputs are pulled from the
+user's iterable in batches and each batch is pickled as one list: a million
+small inputs are a few dozen pickle calls, not a million. Batch sizes follow
+the inputs' size (about `TARGET_BATCH_BYTES` each), so memory stays bounded
+whatever the iterable's length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import pickle
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from burla.schemas import messages as m
+
+from .errors import NotCallableError, NotIterableError, TooLargeError, UnpicklableError
+
+FIRST_BATCH_INPUTS = 1024
+MAX_BATCH_INPUTS = 100_000
+TARGET_BATCH_BYTES = 2 * 1024 * 1024
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def function_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+_INSTALLED_ROOTS = tuple(
+    str(Path(p).resolve())
+    for p in {
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["platstdlib"],
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        sys.base_prefix,
+        sys.prefix,
+    }  # fmt: skip
+    if p
+)
+
+
+def is_local_module(module: ModuleType | None) -> bool:
+    """A module of the user's own code (not installed, not the standard library)."""
+    if module is None or module.__name__ in ("__main__", "builtins") or module.__name__.startswith("burla"):
+        return False
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    resolved = str(Path(path).resolve())
+    return (
+        not any(resolved.startswith(root + "/") or resolved == root for root in _INSTALLED_ROOTS)
+        and "site-packages" not in resolved
+    )
+
+
+def pickle_function(fn: Callable[..., Any], max_bytes: int | None = None) -> bytes:
+    """The function, pickled by value; its own module goes by value too when it is local code."""
+    if not callable(fn):
+        raise NotCallableError(
+            f"function_ must be callable, but got {type(fn).__name__} {_short_repr(fn)}. "
+            "Pass the function itself: remote_parallel_map(my_function, inputs)."
+        )
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    by_value = is_local_module(module)
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as e:
+        raise UnpicklableError(
+            f"function {function_name(fn)!r} cannot be pickled to send it to the cluster: {type(e).__name__}: {e}. "
+            "Functions travel by value with cloudpickle, with every global they use: create open files, locks, "
+            "sockets and database connections inside the function instead."
+        ) from e
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise TooLargeError(
+            f"function {function_name(fn)!r} pickles to {len(blob) / 1e6:.1f} MB, over the cluster's limit of "
+            f"{max_bytes / 1e6:.0f} MB (daemon.max_function_bytes). It likely captures a large global: load the data "
+            "inside the function, or pass it as an input."
+        )
+    return blob
+
+
+def function_hash(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+class InputBatcher:
+    """Pulls inputs from an iterable and pickles them in batches."""
+
+    def __init__(self, inputs: Iterable[Any], max_input_bytes: int | None = None) -> None:
+        if isinstance(inputs, (str, bytes)):
+            raise NotIterableError(
+                f"inputs must be an iterable of inputs, not a {type(inputs).__name__}: "
+                "wrap a single input in a list, e.g. [my_input]."
+            )
+        try:
+            self._it: Iterator[Any] = iter(inputs)
+        except TypeError:
+            raise NotIterableError(
+                f"inputs must be an iterable (a list, range, generator...), not {type(inputs).__name__}"
+            ) from None
+        self.max_input_bytes = max_input_bytes
+        self.count = 0  # inputs taken so far
+        self.seq = 0
+        self.exhausted = False  # next_batch() has returned None
+        self.drained = False  # the iterable has no more items (some may still be carried over)
+        self._batch_inputs = FIRST_BATCH_INPUTS
+        self._carry: list[Any] = []
+
+    def __iter__(self) -> Iterator[tuple[m.BatchMeta, bytes]]:
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def next_batch(self) -> tuple[m.BatchMeta, bytes] | None:
+        """The next batch, or None once the iterable is exhausted."""
+        if self.exhausted:
+            return None
+        want = max(0, self._batch_inputs - len(self._carry))
+        taken = list(itertools.islice(self._it, want))
+        items = self._carry + taken
+        self._carry = []
+        self.drained = self.drained or len(taken) < want
+        if not items:
+            self.exhausted = True
+            return None
+        payload = self._pickle(items, self.count)
+        if len(items) > 1 and len(payload) > 2 * TARGET_BATCH_BYTES:
+            # a few large inputs: send fewer per batch; the rest waits for the next one
+            keep = max(1, int(len(items) * TARGET_BATCH_BYTES / len(payload)))
+            self._carry = items[keep:]
+            items = items[:keep]
+            payload = self._pickle(items, self.count)
+        meta = m.BatchMeta(self.seq, self.count, len(items))
+        self.exhausted = self.drained and not self._carry
+        self.seq += 1
+        self.count += len(items)
+        per_item = len(payload) / len(items)
+        self._batch_inputs = max(1, min(MAX_BATCH_INPUTS, int(TARGET_BATCH_BYTES / max(per_item, 1.0))))
+        return meta, payload
+
+    def check_sizes(self, batch: tuple[m.BatchMeta, bytes]) -> None:
+        """Raise TooLargeError if an input of an already pickled batch is over the limit."""
+        self._pickle(pickle.loads(batch[1]), batch[0].start)
+
+    def _pickle(self, items: list[Any], first_index: int) -> bytes:
+        try:
+            payload = cloudpickle.dumps(items, protocol=PROTOCOL)
+        except Exception:
+            for offset, item in enumerate(items):
+                try:
+                    cloudpickle.dumps(item, protocol=PROTOCOL)
+                except Exception as e:
+                    raise UnpicklableError(
+                        f"input #{first_index + offset} ({type(item).__name__} {_short_repr(item)}) cannot be "
+                        f"pickled to send it to the cluster: {type(e).__name__}: {e}",
+                        input_index=first_index + offset,
+                    ) from e
+            raise
+        if self.max_input_bytes is not None and len(payload) > self.max_input_bytes:
+            for offset, item in enumerate(items):
+                size = len(cloudpickle.dumps(item, protocol=PROTOCOL)) if len(items) > 1 else len(payload)
+                if size > self.max_input_bytes:
+                    raise TooLargeError(
+                        f"input #{first_index + offset} ({type(item).__name__}) pickles to {size / 1e6:.1f} MB, over "
+                        f"the cluster's limit of {self.max_input_bytes / 1e6:.0f} MB per input "
+                        "(daemon.max_input_bytes). Split it, or put it on the shared disk and pass its path.",
+                        input_index=first_index + offset,
+                    )
+        return payload
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,121 @@
+"""Raising a remote call's failure here, as if the call had been local.
+
+The user's own exception comes back pickled with the frames it went through
+on the worker. We unpickle it, and give it a traceback made of synthetic
+frames with the remote file names, line numbers and function names, so the
+usual traceback shows where it happened. The source lines come from the local
+file when it exists, or from what the worker sent. A note names the input.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import pickle
+import sys
+import types
+from typing import Any
+
+from burla.schemas import messages as m
+
+from . import errors
+
+_BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
+    "burla.errors.WorkerDiedError": errors.WorkerDiedError,
+    "burla.errors.MemoryLimitError": errors.MemoryLimitError,
+    "burla.errors.UnpicklingError": errors.UnpicklingError,
+    "burla.errors.UnpicklableResultError": errors.UnpicklableResultError,
+    "burla.errors.NoNodesError": errors.NoNodesError,
+}
+
+
+class _Carrier(BaseException):
+    """Raised inside a synthetic frame to capture it."""
+
+
+def _synthetic_frame(filename: str, lineno: int, name: str, line: str) -> types.TracebackType:
+    shown = linecache.getline(filename, lineno) or line  # what the traceback will print
+    indent = len(shown) - len(shown.lstrip()) if shown.strip() else 0
+    # A raise spanning two lines, starting at the remote line's indentation:
+    # Python then draws no ^^^ markers, which would point at our code, not theirs.
+    lineno = max(lineno, 1)
+    if indent and lineno > 1:  # an indented statement needs a block to sit in
+        source = "\n" * (lineno - 2) + "if 1:\n" + " " * indent + "raise (\n__carrier__)\n"
+    else:
+        source = "\n" * (lineno - 1) + "raise (\n__carrier__)\n"
+    code = compile(source, filename, "exec").replace(co_name=name)
+    try:
+        exec(code, {"__carrier__": _Carrier(), "__name__": "__burla_remote__"})
+    except _Carrier:
+        tb = sys.exc_info()[2]
+        assert tb is not None and tb.tb_next is not None
+        return tb.tb_next
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _remember_source(filename: str, lineno: int, line: str) -> None:
+    """Let linecache show a remote line whose file does not exist here."""
+    if not line or os.path.exists(filename):
+        return
+    entry = linecache.cache.get(filename)
+    lines = list(entry[2]) if entry and entry[1] is None else []
+    if len(lines) < lineno:
+        lines += ["\n"] * (lineno - len(lines))
+    lines[lineno - 1] = line if line.endswith("\n") else line + "\n"
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)  # mtime None: kept by checkcache
+
+
+def remote_traceback(frames: Any) -> types.TracebackType | None:
+    tb_next: types.TracebackType | None = None
+    for frame in reversed(list(frames or ())):
+        try:
+            filename, lineno, name, line = str(frame[0]), int(frame[1] or 1), str(frame[2]), str(frame[3] or "")
+        except (TypeError, ValueError, IndexError):
+            continue
+        _remember_source(filename, lineno, line)
+        fake = _synthetic_frame(filename, lineno, name, line)
+        tb_next = types.TracebackType(tb_next, fake.tb_frame, fake.tb_lasti, fake.tb_lineno)
+    return tb_next
+
+
+def rebuild(data: dict[str, Any], exc_blob: bytes | None) -> BaseException:
+    """The exception to raise for a FAILED event."""
+    kind = data.get("kind", m.EXCEPTION)
+    index = int(data.get("index", -1))
+    node = str(data.get("node", ""))
+    message = str(data.get("message", ""))
+    type_name = str(data.get("type_name", ""))
+    text = str(data.get("traceback", ""))
+    where = f"input #{index}" if index >= 0 else "the job"
+    if kind == m.EXCEPTION:
+        exc: BaseException | None = None
+        if exc_blob is not None:
+            try:
+                loaded = pickle.loads(exc_blob)
+                exc = loaded if isinstance(loaded, BaseException) else None
+            except Exception:
+                exc = None
+        if exc is None:
+            return errors.RemoteError(
+                f"{where} raised {type_name}: {message} (the exception could not be rebuilt in this process; "
+                "its class may not be importable here)",
+                index,
+                node,
+                text,
+                type_name,
+            )
+        tb = remote_traceback(data.get("frames"))
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        try:
+            exc.add_note(f"(raised remotely by {where}{f' on node {node}' if node else ''}, in a Burla worker)")
+            exc.burla_input_index = index  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+        return exc
+    cls = _BY_NAME.get(type_name)
+    if cls is None:
+        cls = {m.MEMORY: errors.MemoryLimitError, m.WORKER_DIED: errors.WorkerDiedError}.get(kind, errors.CallError)
+    if issubclass(cls, errors.CallError):
+        return cls(message, index, node, text)
+    return cls(message)

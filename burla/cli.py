@@ -1,0 +1,131 @@
+"""``burla``: the command line of the client.
+
+burla login URL [--api-key KEY]   remember a cluster and its API key
+burla status [--json]             nodes, workers and jobs of the cluster
+burla local start|stop|status     the embedded local cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from typing import Any
+
+from . import _local, _settings
+from .errors import BurlaError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="burla", description="Run Python functions on every input at once, on a cluster.")
+    sub = p.add_subparsers(dest="command", required=True)
+    login = sub.add_parser("login", help="remember a cluster's URL and API key")
+    login.add_argument("url", help="the cluster's URL, e.g. http://10.0.0.2:8080")
+    login.add_argument("--api-key", help="the cluster's admin token (asked for when omitted)")
+    status = sub.add_parser("status", help="show the cluster's nodes, workers and jobs")
+    status.add_argument("--json", action="store_true", help="print raw JSON")
+    local = sub.add_parser("local", help="the embedded local cluster")
+    local.add_argument("action", choices=["start", "stop", "status"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "login":
+            return _login(args.url, args.api_key)
+        if args.command == "status":
+            return _status(args.json)
+        if args.command == "local":
+            return _local_command(args.action)
+    except BurlaError as e:
+        print(f"burla: {e}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover
+
+
+def _login(url: str, api_key: str | None) -> int:
+    import httpx
+
+    key = api_key or getpass.getpass(f"API key for {url}: ")
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/v1/info", headers={"authorization": f"Bearer {key}"}, timeout=10)
+    except httpx.HTTPError as e:
+        print(f"burla: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"burla: {url} refused the key ({r.status_code}): {r.text[:200]}", file=sys.stderr)
+        return 1
+    path = _settings.write_login(url, key)
+    print(f"Logged in to {url} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")
+    return 0
+
+
+def _fetch_status() -> dict[str, Any]:
+    import httpx
+
+    from ._client import error_from_response
+
+    settings = _settings.resolve()
+    if settings.embedded:
+        info = _local.discover()
+        if info is None:
+            raise BurlaError("no cluster configured and the local cluster is not running (burla local start)")
+        url, key = info["url"], info["admin_token"]
+    else:
+        url, key = settings.url or "", settings.api_key or ""
+    try:
+        r = httpx.get(f"{url}/v1/cluster", headers={"authorization": f"Bearer {key}"}, timeout=10)
+    except httpx.HTTPError as e:
+        raise BurlaError(f"cannot reach the cluster at {url}: {e}") from None
+    if r.status_code != 200:
+        raise error_from_response(r.status_code, r.text, "read the cluster's status")
+    data: dict[str, Any] = r.json()
+    data["url"] = url
+    return data
+
+
+def _status(as_json: bool) -> int:
+    data = _fetch_status()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]Burla cluster[/bold] {data['url']}")
+    nodes = Table("node", "host", "runtime", "python", "CPUs", "RAM", "workers", "busy", "idle", "seen", title="Nodes")
+    for n in data["nodes"]:
+        nodes.add_row(
+            n["agent_id"][:8], n["hostname"], n.get("runtime", ""), n["python_version"], str(n["cpus"]),
+            f"{n['ram_bytes'] / 1e9:.1f} GB", str(n["workers"]), str(n["busy"]), str(max(0, n["workers"] - n["busy"])),
+            f"{n['last_seen_ago']:.1f}s ago",
+        )  # fmt: skip
+    console.print(nodes if data["nodes"] else "No nodes.")
+    jobs = Table("job", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
+    for j in data["jobs"]:
+        total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
+        jobs.add_row(
+            j["job_id"][:8], j["function_name"], j["state"], f"{j['n_done']:,}", str(total), str(j["running"]),
+            f"{j['calls_per_second']:,.0f}",
+        )  # fmt: skip
+    console.print(jobs if data["jobs"] else "No jobs.")
+    return 0
+
+
+def _local_command(action: str) -> int:
+    if action == "start":
+        info = _local.ensure_started()
+        print(f"local cluster running at {info['url']} (pid {info['pid']})")
+    elif action == "stop":
+        print("local cluster stopped" if _local.stop() else "no local cluster running")
+    else:
+        info = _local.discover()
+        print(f"local cluster running at {info['url']} (pid {info['pid']})" if info else "no local cluster running")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

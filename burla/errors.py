@@ -1,0 +1,156 @@
+"""Every error Burla raises, rooted at `BurlaError`.
+
+An exception raised by *your* function is not wrapped: it is raised in your
+process as itself, with the remote frames in its traceback. These are the
+errors of Burla itself::
+
+    BurlaError
+    ├── ConfigError                 bad burla.toml, login file or cluster URL
+    ├── InvalidArgumentError        a bad argument to remote_parallel_map (also a TypeError or ValueError)
+    │   ├── NotCallableError        function_ is not callable
+    │   ├── NotIterableError        inputs is not an iterable of inputs
+    │   ├── UnpicklableError        the function or an input cannot be pickled
+    │   └── TooLargeError           the function or an input is over the cluster's size limits
+    ├── UnsatisfiableError          no node can ever run the job (Python version, func_cpu, func_ram)
+    ├── ClusterError                the cluster cannot be reached or refused the request
+    │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
+    │   ├── AuthenticationError     the cluster refused the API key
+    │   └── NoNodesError            no node joined the cluster in time
+    ├── JobCancelledError           the job was cancelled on the cluster
+    └── CallError                   one call failed inside Burla, not inside your code
+        ├── RemoteError             your function raised something that cannot be rebuilt here
+        ├── UnpicklingError         the worker could not load the function or an input
+        ├── UnpicklableResultError  a return value cannot be pickled
+        └── WorkerDiedError         the worker process died mid-call (exit code or signal)
+            └── MemoryLimitError    the call went over func_ram and was killed
+
+Every `CallError` has `input_index`, the index of the input whose call failed.
+"""
+
+from __future__ import annotations
+
+
+class BurlaError(Exception):
+    """Base class of every error Burla raises."""
+
+
+class ConfigError(BurlaError):
+    """The configuration is invalid: the message names the setting and the fix."""
+
+
+class InvalidArgumentError(BurlaError):
+    """An argument to remote_parallel_map is invalid."""
+
+
+class NotCallableError(InvalidArgumentError, TypeError):
+    pass
+
+
+class NotIterableError(InvalidArgumentError, TypeError):
+    pass
+
+
+class UnpicklableError(InvalidArgumentError, TypeError):
+    """The function, or one input, cannot be pickled to send it to the cluster."""
+
+    def __init__(self, message: str, input_index: int | None = None) -> None:
+        super().__init__(message)
+        self.input_index = input_index
+
+
+class TooLargeError(InvalidArgumentError, ValueError):
+    def __init__(self, message: str, input_index: int | None = None) -> None:
+        super().__init__(message)
+        self.input_index = input_index
+
+
+class UnsatisfiableError(BurlaError):
+    """No node of the cluster can ever run this job as asked."""
+
+
+class ClusterError(BurlaError):
+    """The cluster could not be reached or refused the request."""
+
+
+class ClusterUnavailableError(ClusterError):
+    pass
+
+
+class AuthenticationError(ClusterError):
+    pass
+
+
+class NoNodesError(ClusterError):
+    pass
+
+
+class JobCancelledError(BurlaError):
+    pass
+
+
+class CallError(BurlaError):
+    """A call failed inside Burla rather than inside the user's code."""
+
+    def __init__(self, message: str, input_index: int = -1, node: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.input_index = input_index
+        self.node = node
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class RemoteError(CallError):
+    """The function raised an exception that cannot be rebuilt in this process.
+
+    `type_name` is the remote exception's class; `remote_traceback` its traceback.
+    """
+
+    def __init__(
+        self, message: str, input_index: int = -1, node: str = "", remote_traceback: str = "", type_name: str = ""
+    ) -> None:
+        super().__init__(message, input_index, node, remote_traceback)
+        self.type_name = type_name
+
+
+class UnpicklingError(CallError):
+    pass
+
+
+class UnpicklableResultError(CallError):
+    pass
+
+
+class WorkerDiedError(CallError):
+    pass
+
+
+class MemoryLimitError(WorkerDiedError):
+    pass
+
+
+__all__ = [
+    "AuthenticationError",
+    "BurlaError",
+    "CallError",
+    "ClusterError",
+    "ClusterUnavailableError",
+    "ConfigError",
+    "InvalidArgumentError",
+    "JobCancelledError",
+    "MemoryLimitError",
+    "NoNodesError",
+    "NotCallableError",
+    "NotIterableError",
+    "RemoteError",
+    "TooLargeError",
+    "UnpicklableError",
+    "UnpicklableResultError",
+    "UnpicklingError",
+    "UnsatisfiableError",
+    "WorkerDiedError",
+]

@@ -1,0 +1,247 @@
+"""burlad's HTTP and websocket API: thin quart-trio routes over `ControlPlane`.
+
+Every route but ``/v1/health`` needs a bearer token: the admin token for
+client routes, the node token (or the admin token) for agent routes. Bodies
+are envelopes (`burla.schemas.envelope`) or JSON; malformed ones get a 400
+that says what is wrong and never reach the control plane.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+
+from burla import __version__
+from burla.schemas import envelope
+from burla.schemas import messages as m
+from burla.schemas.wire import WireError
+
+from .errors import ApiError, BadRequest, Unauthorized
+from .service import ControlPlane
+
+log = logging.getLogger("burla.daemon")
+
+STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
+ADMIN = "admin"
+NODE = "node"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+def _envelope(header: dict[str, Any], blobs: list[bytes] | None = None) -> Response:
+    return Response(envelope.pack(header, blobs or []), content_type=envelope.CONTENT_TYPE)
+
+
+def create_app(plane: ControlPlane) -> QuartTrio:
+    app = QuartTrio("burla.daemon")
+    config = plane.config
+    app.config["MAX_CONTENT_LENGTH"] = config.max_function_bytes + config.max_input_bytes + 64 * 1024**2
+    app.config["BODY_TIMEOUT"] = 600
+    app.config["RESPONSE_TIMEOUT"] = 600
+
+    def check_token(headers: Any, role: str) -> None:
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        allowed = [plane.tokens[ADMIN]] + ([plane.tokens[NODE]] if role == NODE else [])
+        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
+            raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
+
+    async def read_envelope() -> tuple[dict[str, Any], list[memoryview]]:
+        if request.content_type != envelope.CONTENT_TYPE:
+            raise BadRequest(f"expected a body of type {envelope.CONTENT_TYPE}")
+        return envelope.unpack(await request.get_data(cache=False))
+
+    async def read_json() -> Any:
+        data = await request.get_data(cache=False)
+        try:
+            return json.loads(data or b"{}")
+        except ValueError as e:
+            raise BadRequest(f"body is not JSON: {e}") from None
+
+    def blobs_at(blobs: list[memoryview], index: Any, what: str) -> memoryview:
+        if not isinstance(index, int) or not 0 <= index < len(blobs):
+            raise BadRequest(f"{what}: no blob {index!r} in the body")
+        return blobs[index]
+
+    def batches_of(
+        header: dict[str, Any], blobs: list[memoryview], first_blob: int
+    ) -> list[tuple[m.BatchMeta, memoryview]]:
+        metas = header.get("batches", [])
+        if not isinstance(metas, list):
+            raise BadRequest("'batches' must be a list")
+        out = []
+        for i, meta in enumerate(metas):
+            out.append((m.BatchMeta.from_wire(meta), blobs_at(blobs, first_blob + i, f"batch {i}")))
+        return out
+
+    def final_count(header: dict[str, Any]) -> int | None:
+        value = header.get("final_count")
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise BadRequest("'final_count' must be a non-negative integer or null")
+        return value
+
+    @app.errorhandler(ApiError)
+    async def api_error(e: ApiError) -> Response:
+        return _json(e.body(), e.status)
+
+    @app.errorhandler(envelope.EnvelopeError)
+    async def envelope_error(e: Exception) -> Response:
+        return _json(BadRequest(str(e)).body(), 400)
+
+    @app.errorhandler(WireError)
+    async def wire_error(e: Exception) -> Response:
+        return _json(BadRequest(str(e)).body(), 400)
+
+    # ---- public -------------------------------------------------------------------
+
+    @app.get("/v1/health")
+    async def health() -> Response:
+        return _json({"ok": True, "version": __version__, "boot_id": plane.boot_id})
+
+    # ---- client routes --------------------------------------------------------------
+
+    @app.get("/v1/info")
+    async def info() -> Response:
+        check_token(request.headers, ADMIN)
+        return _json(
+            {
+                "version": __version__,
+                "max_function_bytes": config.max_function_bytes,
+                "max_input_bytes": config.max_input_bytes,
+                "python_versions": sorted({n.info.python_version for n in plane.scheduler.nodes.values()}),
+                "nodes": len(plane.scheduler.nodes),
+            }
+        )
+
+    @app.post("/v1/jobs")
+    async def create_job() -> Response:
+        check_token(request.headers, ADMIN)
+        header, blobs = await read_envelope()
+        spec = m.JobSpec.from_wire(header.get("spec"))
+        fn = blobs_at(blobs, 0, "function")
+        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header))
+        return _json({"job_id": spec.job_id})
+
+    @app.post("/v1/jobs/<job_id>/inputs")
+    async def add_inputs(job_id: str) -> Response:
+        check_token(request.headers, ADMIN)
+        header, blobs = await read_envelope()
+        plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header))
+        return _json({"ok": True})
+
+    @app.post("/v1/jobs/<job_id>/cancel")
+    async def cancel_job(job_id: str) -> Response:
+        check_token(request.headers, ADMIN)
+        body = await read_json()
+        plane.cancel_job(job_id, str(body.get("reason", "cancelled by the client")))
+        return _json({"ok": True})
+
+    @app.get("/v1/jobs/<job_id>")
+    async def job_status(job_id: str) -> Response:
+        check_token(request.headers, ADMIN)
+        return _json(plane.job_status(job_id).to_wire())
+
+    @app.get("/v1/cluster")
+    async def cluster() -> Response:
+        check_token(request.headers, ADMIN)
+        return _json(plane.cluster_status().to_wire())
+
+    @app.get("/v1/standby")
+    async def get_standby() -> Response:
+        check_token(request.headers, NODE)
+        return _json({"images": plane.store.standby()})
+
+    @app.websocket("/v1/jobs/<job_id>/events")
+    async def job_events(job_id: str) -> Any:
+        check_token(websocket.headers, ADMIN)
+        try:
+            after = int(websocket.args.get("after", "0"))
+        except ValueError:
+            raise BadRequest("'after' must be an integer") from None
+        plane.job_status(job_id)  # 404 before accepting when there is no such job
+        await websocket.accept()
+        async with trio.open_nursery() as nursery:
+            acked = trio.Event()
+
+            async def read_client() -> None:
+                while True:
+                    message = await websocket.receive()
+                    try:
+                        if json.loads(message).get("ack"):
+                            plane.ack_job(job_id)
+                            acked.set()
+                            nursery.cancel_scope.cancel()
+                            return
+                    except (ValueError, AttributeError):
+                        raise BadRequest('expected {"ack": true}') from None
+
+            nursery.start_soon(read_client)
+            last_status: dict[str, Any] | None = None
+            finished = False
+            while not acked.is_set():
+                if finished:
+                    await trio.sleep_forever()  # until the client acks or goes away
+                events = await plane.wait_events(job_id, after, STATUS_INTERVAL)
+                header: dict[str, Any] = {"events": []}
+                blobs: list[bytes] = []
+                for event, payload in events:
+                    wire = event.to_wire()
+                    if payload is not None:
+                        wire["blob"] = len(blobs)
+                        blobs.append(payload)
+                    header["events"].append(wire)
+                    after = event.seq
+                    finished = finished or event.kind in (m.DONE, m.FAILED, m.CANCELLED)
+                try:
+                    status = plane.job_status(job_id).to_wire()
+                except ApiError:
+                    status = None
+                if status != last_status:
+                    header["status"] = last_status = status
+                if header["events"] or "status" in header:
+                    await websocket.send(envelope.pack(header, blobs))
+        return None
+
+    # ---- agent routes -----------------------------------------------------------------
+
+    @app.post("/v1/agents/register")
+    async def register() -> Response:
+        check_token(request.headers, NODE)
+        info = m.NodeInfo.from_wire(await read_json())
+        return _json(plane.register(info).to_wire())
+
+    @app.post("/v1/agents/<agent_id>/poll")
+    async def poll(agent_id: str) -> Response:
+        check_token(request.headers, NODE)
+        header, blobs = await read_envelope()
+        delivery, out = await plane.poll(agent_id, m.AgentReport.from_wire(header), blobs)
+        return _envelope(delivery.to_wire(), out)
+
+    @app.post("/v1/agents/<agent_id>/report")
+    async def report(agent_id: str) -> Response:
+        check_token(request.headers, NODE)
+        header, blobs = await read_envelope()
+        delivery, out = plane.report(agent_id, m.AgentReport.from_wire(header), blobs)
+        return _envelope(delivery.to_wire(), out)
+
+    @app.get("/v1/agents/<agent_id>/functions/<function_hash>")
+    async def function(agent_id: str, function_hash: str) -> Response:
+        check_token(request.headers, NODE)
+        return Response(plane.function_blob(function_hash), content_type="application/octet-stream")
+
+    @app.get("/v1/agents/<agent_id>/batches/<job_id>/<int:seq>")
+    async def batch(agent_id: str, job_id: str, seq: int) -> Response:
+        check_token(request.headers, NODE)
+        return Response(plane.batch_payload(job_id, seq), content_type="application/octet-stream")
+
+    return app

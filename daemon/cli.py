@@ -1,0 +1,143 @@
+"""``burlad``: the daemon and the node agent, one binary.
+
+    burlad serve  [--config F] [--host H] [--port P] [--state-dir D]
+    burlad agent  URL --token T [--workers N] [--runtime process|podman] [--state-dir D]
+    burlad tokens [--state-dir D]
+
+Settings come from burla.toml, then BURLA_* environment variables, then these
+flags; see burla.toml.example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from .config import Config, ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="burlad", description="Burla's control-plane daemon and node agent.")
+    p.add_argument("--config", help="path to burla.toml (default: ./burla.toml, ~/.config/burla/burla.toml)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane")
+    serve.add_argument("--host", dest="daemon.host")
+    serve.add_argument("--port", dest="daemon.port", type=int)
+    serve.add_argument("--state-dir", dest="daemon.state_dir", help="where the SQLite file and tokens live")
+    serve.add_argument("--embedded", action="store_true", help="run the local cluster (daemon + one agent)")
+    serve.add_argument(
+        "--idle-timeout", dest="embedded.idle_timeout", help="with --embedded: stop after this long idle"
+    )
+
+    agent = sub.add_parser("agent", help="run a node agent")
+    agent.add_argument("url", help="the daemon's URL, e.g. http://10.0.0.2:8080")
+    agent.add_argument("--token", dest="agent.token", help="the daemon's node token (burlad tokens)")
+    agent.add_argument("--workers", dest="agent.workers", type=int, help="warm workers (default: one per CPU)")
+    agent.add_argument("--runtime", dest="agent.runtime", choices=["process", "podman"])
+    agent.add_argument("--python", dest="agent.python", help="interpreter for process workers")
+    agent.add_argument("--state-dir", dest="agent.state_dir")
+    agent.add_argument("--cpus", dest="agent.cpus", type=int, help="CPUs to offer (default: all)")
+    agent.add_argument("--ram", dest="agent.ram", help="RAM to offer, e.g. 16GB (default: all)")
+
+    tokens = sub.add_parser("tokens", help="print the admin and node tokens")
+    tokens.add_argument("--state-dir", dest="daemon.state_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if "." in k}
+    if args.command == "agent":
+        overrides["agent.url"] = args.url
+    try:
+        config = Config.load(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"burlad: {e}", file=sys.stderr)
+        return 2
+    if args.command == "serve" and args.embedded:
+        from .embedded import run_embedded
+
+        run_embedded(config)
+        return 0
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "agent":
+        return _agent(config)
+    if args.command == "tokens":
+        from .store import Store
+
+        store = Store(config.daemon.resolved_state_dir() / "burla.db")
+        print(json.dumps(store.tokens(config.daemon.admin_token, config.daemon.node_token), indent=2))
+        return 0
+    return 2  # pragma: no cover
+
+
+def _serve(config: Config) -> int:
+    import trio
+
+    from .server import serve
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(serve, config.daemon)
+            print(f"burlad serving on {running.url}", file=sys.stderr)
+            print(f"  state: {running.state_dir} (tokens in tokens.json there)", file=sys.stderr)
+            print(f"  start agents with: burlad agent {config.daemon.public_url or running.url} --token <node token>",
+                  file=sys.stderr)  # fmt: skip
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+    trio.run(main)
+    return 0
+
+
+def _agent(config: Config) -> int:
+    import trio
+
+    from burla.node_agent.agent import Agent, AgentError
+
+    if not config.agent.token:
+        print("burlad agent: --token is required (the daemon's node token; see `burlad tokens`)", file=sys.stderr)
+        return 2
+    runtime = None
+    if config.agent.runtime == "podman":
+        try:
+            from burla.node_agent.podman_runtime import PodmanRuntime
+        except ImportError as e:
+            print(f"burlad agent: the podman runtime needs `pip install burla[podman]` ({e})", file=sys.stderr)
+            return 2
+        runtime = PodmanRuntime.from_config(config.agent)
+    elif config.agent.runtime != "process":
+        print(f"burlad agent: unknown runtime {config.agent.runtime!r} (process or podman)", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Agent(config.agent, runtime).run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+    try:
+        trio.run(main)
+    except AgentError as e:
+        print(f"burlad agent: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # e.g. the state dir is taken by another agent
+        print(f"burlad agent: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

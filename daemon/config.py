@@ -1,0 +1,214 @@
+"""One typed configuration for `burlad serve` and `burlad agent`.
+
+Values come, lowest precedence first, from the defaults below, `burla.toml`,
+environment variables (``BURLA_<SECTION>_<KEY>``, e.g. ``BURLA_DAEMON_PORT``)
+and command-line flags. Every key is documented in ``burla.toml.example``.
+Durations are seconds and sizes bytes; in the file and the environment they
+may also be written with units ("250ms", "10min", "256MB", "4GiB").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+KB = 1000
+MB = 1000**2
+GB = 1000**3
+MiB = 1024**2
+GiB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A config value is unknown or malformed; the message names the key."""
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("BURLA_HOME")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "burla"
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: str = ""  # default: $BURLA_HOME/daemon or ~/.local/state/burla/daemon
+    public_url: str = ""  # the URL agents use to reach this daemon, when it differs
+    poll_timeout: float = 2 * SECONDS  # how long an agent's long-poll waits for work
+    agent_timeout: float = 10 * SECONDS  # silence after which an agent's leases run elsewhere
+    target_lease_seconds: float = 0.2  # work per lease once a function's call time is known
+    max_lease_inputs: int = 100_000
+    max_function_bytes: int = 100 * MB
+    max_input_bytes: int = 256 * MB
+    max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
+    no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
+    job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
+    admin_token: str = ""  # default: generated at first start, kept in the state dir
+    node_token: str = ""
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir() / "daemon"
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    url: str = ""  # the daemon
+    token: str = ""  # the daemon's node token
+    state_dir: str = ""  # default: $BURLA_HOME/agent or ~/.local/state/burla/agent
+    runtime: str = "process"
+    workers: int = 0  # warm workers; 0 means workers_per_cpu * CPUs
+    workers_per_cpu: float = 1.0
+    cpus: int = 0  # 0: what the host has
+    ram: int = 0  # bytes; 0: what the host has
+    python: str = ""  # interpreter for process workers; default: the agent's own
+    memory_check_interval: float = 0.05 * SECONDS
+    log_flush_interval: float = 0.1 * SECONDS
+    max_backoff: float = 1 * SECONDS  # reconnect backoff cap when the daemon is unreachable
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir() / "agent"
+
+
+@dataclasses.dataclass
+class EmbeddedConfig:
+    idle_timeout: float = 10 * MINUTES  # the local cluster stops after this long unused
+    workers: int = 0  # workers of the local agent; 0: one per CPU
+
+
+@dataclasses.dataclass
+class Config:
+    daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
+    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+    embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Defaults, then the TOML file, then ``BURLA_*`` variables, then `overrides`.
+
+        `overrides` maps "section.key" to a value (flags); None values are skipped.
+        """
+        env = os.environ if env is None else env
+        config = cls()
+        file = find_config_file(path, env)
+        if file is not None:
+            try:
+                data = tomllib.loads(file.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"cannot read config file {file}: {e}") from None
+            for section, values in data.items():
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{file}: [{section}] must be a table")
+                for key, value in values.items():
+                    config.set(f"{section}.{key}", value, source=str(file))
+        for section in dataclasses.fields(config):
+            for f in dataclasses.fields(getattr(config, section.name)):
+                name = f"BURLA_{section.name}_{f.name}".upper()
+                if name in env:
+                    config.set(f"{section.name}.{f.name}", env[name], source=f"${name}")
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                config.set(key, value, source="command line")
+        return config
+
+    def set(self, key: str, value: Any, source: str = "") -> None:
+        where = f" (from {source})" if source else ""
+        section_name, _, field_name = key.partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(f"unknown config section {section_name!r}{where}")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if field_name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {key!r}{where}; keys of [{section_name}]: {known}")
+        hint = typing.get_type_hints(type(section))[field_name]
+        setattr(section, field_name, _coerce(key, field_name, hint, value, where))
+
+
+def find_config_file(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    if env.get("BURLA_CONFIG"):
+        return find_config_file(env["BURLA_CONFIG"], {})
+    for candidate in (Path("burla.toml"), Path.home() / ".config" / "burla" / "burla.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "b": 1, "kb": KB, "mb": MB, "gb": GB, "tb": 1000**4,
+    "kib": 1024, "mib": MiB, "gib": GiB, "tib": 1024**4,
+}  # fmt: skip
+_NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    m = _NUMBER_WITH_UNIT.match(text)
+    if not m or m.group(2).lower() not in {"", *_DURATION_UNITS}:
+        raise ValueError(f"{text!r} is not a duration (like 30, 250ms, 10min, 2h)")
+    return float(m.group(1)) * _DURATION_UNITS.get(m.group(2).lower(), 1)
+
+
+def parse_size(text: str) -> int:
+    m = _NUMBER_WITH_UNIT.match(text)
+    if not m or m.group(2).lower() not in {"", *_SIZE_UNITS}:
+        raise ValueError(f"{text!r} is not a size (like 1048576, 256MB, 4GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS.get(m.group(2).lower(), 1))
+
+
+_SIZE_FIELDS = {"max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "ram"}
+
+
+def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
+    if isinstance(hint, types.UnionType):  # "str | None" and the like
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in {"1", "true", "yes", "on"}:
+                    return True
+                if value.lower() in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(f"{value!r} is not true or false")
+            return bool(value)
+        if hint is float:
+            return parse_duration(value) if isinstance(value, str) else float(value)
+        if hint is int:
+            if isinstance(value, str):
+                return parse_size(value) if name in _SIZE_FIELDS else int(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{value!r} is not a number")
+            return int(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{value!r} is not a string")
+            return value
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"bad value for {key}{where}: {e}") from None
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def python_minor() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -1,0 +1,136 @@
+"""The embedded default: a local burlad and one node agent, started on demand.
+
+`burla.remote_parallel_map` with no cluster configured runs
+``burlad serve --embedded``. That process binds a port, starts one node agent
+beside it, and writes ``daemon.json`` (URL, pid, admin token) in the local
+state directory so later calls from any process of this user find it. It
+stops itself, and its agent, after ``embedded.idle_timeout`` with no job.
+
+The socket is bound and the agent started before the daemon's heavy imports,
+so the agent's and its workers' start-up overlaps the daemon's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .config import Config, default_state_dir
+
+DISCOVERY_FILE = "daemon.json"
+
+
+def local_home() -> Path:
+    return default_state_dir() / "local"
+
+
+def _tokens(state_dir: Path) -> dict[str, str]:
+    path = state_dir / "tokens.json"
+    try:
+        tokens = json.loads(path.read_text())
+        if tokens.get("admin") and tokens.get("node"):
+            return {"admin": tokens["admin"], "node": tokens["node"]}
+    except (OSError, ValueError):
+        pass
+    return {"admin": secrets.token_urlsafe(32), "node": secrets.token_urlsafe(32)}
+
+
+def run_embedded(config: Config) -> None:
+    """Serve a local cluster until idle (blocks)."""
+    home = local_home()
+    home.mkdir(parents=True, exist_ok=True)
+    config.daemon.state_dir = config.daemon.state_dir or str(home / "daemon")
+    state_dir = Path(config.daemon.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokens = _tokens(state_dir)
+    config.daemon.admin_token = config.daemon.admin_token or tokens["admin"]
+    config.daemon.node_token = config.daemon.node_token or tokens["node"]
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.daemon.host, config.daemon.port if config.daemon.port != 8080 else 0))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+
+    agents = [start_agent(config, url, home)]  # the live one is last: _watch replaces a dead one
+    try:
+        import trio
+
+        trio.run(_serve_embedded, config, sock, url, agents, home)
+    finally:
+        _stop(agents[-1])
+        _remove_discovery(home)
+
+
+def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "burla.daemon", "agent", url, "--token", config.daemon.node_token,
+           "--state-dir", str(home / "agent")]  # fmt: skip
+    workers = config.embedded.workers or config.agent.workers
+    if workers:
+        cmd += ["--workers", str(workers)]
+    log = open(home / "agent.log", "ab")
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _remove_discovery(home: Path) -> None:
+    path = home / DISCOVERY_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+async def _serve_embedded(
+    config: Config, sock: socket.socket, url: str, agents: list[subprocess.Popen[bytes]], home: Path
+) -> None:
+    import trio
+
+    from .server import serve, write_private
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(serve, config.daemon, sock=sock))
+        write_private(
+            home / DISCOVERY_FILE,
+            {"url": url, "pid": os.getpid(), "admin_token": running.admin_token, "started": running.plane.started},
+        )
+        nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                return
+
+
+async def _watch(config: Config, running: Any, agents: list[subprocess.Popen[bytes]], home: Path, scope: Any) -> None:
+    """Restart the agent if it dies; stop everything once idle."""
+    import trio
+
+    plane = running.plane
+    while True:
+        await trio.sleep(0.5)
+        if agents[-1].poll() is not None:
+            agents.append(start_agent(config, running.url, home))
+        idle = plane.clock() - plane.last_activity
+        if not plane.busy() and idle > config.embedded.idle_timeout:
+            scope.cancel()
+            return

@@ -1,0 +1,496 @@
+"""Which inputs run where: the scheduler, as plain logic with no I/O.
+
+The control plane feeds it events (an agent registered, inputs arrived, a
+lease came back, an agent went silent) and it returns decisions (these leases
+go to these agents, this result is accepted, these leases are cancelled). The
+store persists what it decides; nothing here touches a socket or a file.
+
+Invariants (see docs/ARCHITECTURE.md):
+
+* Pending intervals are never merged, and leases are carved from the front of
+  one interval, so any two lease ranges are nested or disjoint.
+* A result is accepted iff its range is disjoint from the job's done set: each
+  input's result reaches the user exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterable
+
+from burla.schemas import messages as m
+
+from .ranges import RangeSet, subtract
+
+_EPSILON = 1e-9
+_ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
+
+
+@dataclasses.dataclass
+class Interval:
+    """Pending inputs [lo, hi) of batch `seq`, whose first input is `start`."""
+
+    seq: int
+    start: int
+    lo: int
+    hi: int
+
+
+@dataclasses.dataclass
+class ActiveLease:
+    lease: m.Lease
+    agent_id: str
+    delivered: int | None = None  # the delivery that carried it; 0 when restored from disk
+    issued: float = 0.0
+
+
+@dataclasses.dataclass
+class JobState:
+    spec: m.JobSpec
+    created: float
+    state: str = m.RUNNING
+    pending: collections.deque[Interval] = dataclasses.field(default_factory=collections.deque)
+    n_pending: int = 0
+    leases: dict[int, ActiveLease] = dataclasses.field(default_factory=dict)
+    done: RangeSet = dataclasses.field(default_factory=RangeSet)
+    n_inputs: int | None = None  # known once the client has sent the last batch
+    n_uploaded: int = 0
+    batches: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # seq -> (start, count)
+    seconds_per_call: float | None = None
+    slots: int = 0  # worker slots the job can use right now, cluster-wide
+    first_result_at: float | None = None
+    last_result_at: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    @property
+    def func_ram_bytes(self) -> int:
+        return int(self.spec.func_ram * 1e9)
+
+    def finished_uploading(self) -> bool:
+        return self.n_inputs is not None and self.n_uploaded >= self.n_inputs
+
+    def complete(self) -> bool:
+        return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
+
+
+@dataclasses.dataclass
+class NodeState:
+    agent_id: str
+    info: m.NodeInfo
+    last_seen: float
+    ready_workers: int
+    leases: set[int] = dataclasses.field(default_factory=set)
+    cpu_used: float = 0.0
+    ram_used: int = 0
+    stats: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def capacity_for(self, job: JobState) -> int:
+        """How many calls of `job` this node could run at once, when idle."""
+        if self.info.python_version != job.spec.python_version:
+            return 0
+        by_cpu = (
+            math.floor(self.info.cpus / job.spec.func_cpu + _EPSILON) if job.spec.func_cpu > 0 else self.info.workers
+        )
+        by_ram = (
+            math.floor(self.info.ram_bytes / job.func_ram_bytes + _EPSILON)
+            if job.func_ram_bytes > 0
+            else self.info.workers
+        )
+        return max(0, min(self.info.workers, by_cpu, by_ram))
+
+    def fits(self, job: JobState) -> bool:
+        return (
+            len(self.leases) < self.ready_workers
+            and self.info.python_version == job.spec.python_version
+            and self.cpu_used + job.spec.func_cpu <= self.info.cpus + _EPSILON
+            and self.ram_used + job.func_ram_bytes <= self.info.ram_bytes
+        )
+
+
+@dataclasses.dataclass
+class Completion:
+    """What accepting a lease's result decided."""
+
+    accepted: bool
+    job: JobState | None = None
+    lo: int = 0
+    hi: int = 0  # accepted results: [lo, hi)
+    failed: bool = False  # this result's error failed the job
+    job_done: bool = False
+    superseded: list[int] = dataclasses.field(default_factory=list)
+    stopped: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (agent, lease) of a failed job
+    reason: str = ""
+
+
+class Scheduler:
+    def __init__(
+        self, target_lease_seconds: float = 0.2, max_lease_inputs: int = 100_000, next_lease_id: int = 1
+    ) -> None:
+        self.target_lease_seconds = target_lease_seconds
+        self.max_lease_inputs = max_lease_inputs
+        self.next_lease_id = next_lease_id
+        self.nodes: dict[str, NodeState] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.lease_owner: dict[int, str] = {}  # lease id -> job id
+        self._estimates: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    # ---- nodes -------------------------------------------------------------
+
+    def add_node(self, agent_id: str, info: m.NodeInfo, now: float) -> list[int]:
+        """Register an agent; returns the leases of earlier agents of the same node, requeued."""
+        requeued = []
+        for other in [n for n in self.nodes.values() if n.info.node_id == info.node_id and n.agent_id != agent_id]:
+            requeued += self.remove_node(other.agent_id)
+        self.nodes[agent_id] = NodeState(agent_id, info, now, ready_workers=info.workers)
+        return requeued
+
+    def touch_node(
+        self, agent_id: str, now: float, ready_workers: int | None = None, stats: dict[str, object] | None = None
+    ) -> None:
+        node = self.nodes[agent_id]
+        node.last_seen = now
+        if ready_workers is not None:
+            node.ready_workers = ready_workers
+        if stats:
+            node.stats = stats
+
+    def silent_nodes(self, now: float, timeout: float) -> list[str]:
+        return [a for a, n in self.nodes.items() if now - n.last_seen > timeout]
+
+    def remove_node(self, agent_id: str) -> list[int]:
+        """Forget an agent; its leases go back to pending. Returns their ids."""
+        node = self.nodes.pop(agent_id, None)
+        if node is None:
+            return []
+        lease_ids = sorted(node.leases)
+        self.requeue(lease_ids)
+        return lease_ids
+
+    # ---- jobs --------------------------------------------------------------
+
+    def infeasible(self, spec: m.JobSpec) -> str | None:
+        """Why no registered node could ever run `spec`, or None.
+
+        With no node registered at all the job waits for one instead.
+        """
+        if not self.nodes:
+            return None
+        probe = JobState(spec, 0.0)
+        if any(n.capacity_for(probe) > 0 for n in self.nodes.values()):
+            return None
+        versions = collections.Counter(n.info.python_version for n in self.nodes.values())
+        if spec.python_version not in versions:
+            have = ", ".join(f"Python {v} ({c} node{'s' * (c > 1)})" for v, c in sorted(versions.items()))
+            return (
+                f"no node runs Python {spec.python_version}, the version of this client; the cluster has {have}. "
+                f"Call remote_parallel_map from a Python {' or '.join(sorted(versions))} environment, "
+                f"or add nodes that run Python {spec.python_version}."
+            )
+        same = [n for n in self.nodes.values() if n.info.python_version == spec.python_version]
+        best = max(same, key=lambda n: (n.info.cpus, n.info.ram_bytes))
+        return (
+            f"func_cpu={spec.func_cpu:g} and func_ram={spec.func_ram:g} GB do not fit on any node; "
+            f"the largest node has {best.info.cpus} CPUs and {best.info.ram_bytes / 1e9:.1f} GB of RAM. "
+            f"Ask for at most that much per call, or add larger nodes."
+        )
+
+    def add_job(self, spec: m.JobSpec, now: float) -> JobState:
+        job = JobState(spec, created=now)
+        job.seconds_per_call = self._estimates.get(spec.function_hash)
+        self.jobs[spec.job_id] = job
+        return job
+
+    def add_batches(
+        self, job_id: str, batches: Iterable[m.BatchMeta], final_count: int | None = None
+    ) -> list[m.BatchMeta]:
+        """Queue uploaded batches; returns the ones that were new (uploads are retried)."""
+        job = self.jobs[job_id]
+        new = []
+        for b in batches:
+            if b.seq in job.batches or job.state != m.RUNNING:
+                continue
+            job.batches[b.seq] = (b.start, b.count)
+            job.n_uploaded += b.count
+            if b.count > 0:
+                job.pending.append(Interval(b.seq, b.start, b.start, b.start + b.count))
+                job.n_pending += b.count
+            new.append(b)
+        if final_count is not None:
+            job.n_inputs = final_count
+        return new
+
+    def finish_job(self, job_id: str, state: str) -> list[tuple[str, int]]:
+        """End a job early (failed or cancelled): returns the (agent, lease) pairs to stop."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        if job.state == m.RUNNING:
+            job.state = state
+        stopped = []
+        for lease_id, active in list(job.leases.items()):
+            stopped.append((active.agent_id, lease_id))
+            self._drop_lease(job, lease_id)
+        job.pending.clear()
+        job.n_pending = 0
+        return stopped
+
+    def forget_job(self, job_id: str) -> None:
+        self.finish_job(job_id, m.JOB_CANCELLED)
+        self.jobs.pop(job_id, None)
+
+    # ---- leases ------------------------------------------------------------
+
+    def assign(self, now: float) -> list[ActiveLease]:
+        """Hand pending inputs to free worker slots; returns the new leases."""
+        runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.n_pending > 0]
+        if not runnable:
+            return []
+        for job in runnable:
+            job.slots = self._slots_for(job)
+        issued: list[ActiveLease] = []
+        nodes = sorted(self.nodes.values(), key=lambda n: len(n.leases) - n.ready_workers)
+        for node in nodes:
+            while len(node.leases) < node.ready_workers:
+                candidates = [
+                    j for j in runnable
+                    if j.n_pending > 0 and node.fits(j)
+                    and (j.spec.max_parallelism is None or len(j.leases) < j.spec.max_parallelism)
+                ]  # fmt: skip
+                if not candidates:
+                    break
+                job = min(candidates, key=lambda j: (len(j.leases), j.created))
+                issued.append(self._carve(job, node, now))
+        return issued
+
+    def _slots_for(self, job: JobState) -> int:
+        slots = sum(n.capacity_for(job) for n in self.nodes.values())
+        if job.spec.max_parallelism is not None:
+            slots = min(slots, job.spec.max_parallelism)
+        return max(1, slots)
+
+    def chunk_size(self, job: JobState) -> int:
+        guided = math.ceil(job.n_pending / max(1, job.slots))
+        if job.seconds_per_call is None:
+            cap = 1  # a probe: learn the call time before handing out more
+        else:
+            cap = max(1, int(self.target_lease_seconds / max(job.seconds_per_call, 1e-9)))
+        return max(1, min(guided, cap, self.max_lease_inputs))
+
+    def _carve(self, job: JobState, node: NodeState, now: float) -> ActiveLease:
+        iv = job.pending[0]
+        hi = min(iv.hi, iv.lo + self.chunk_size(job))
+        lease = m.Lease(
+            lease_id=self.next_lease_id,
+            job_id=job.job_id,
+            function_hash=job.spec.function_hash,
+            batch_seq=iv.seq,
+            batch_start=iv.start,
+            lo=iv.lo,
+            hi=hi,
+            func_cpu=job.spec.func_cpu,
+            func_ram_bytes=job.func_ram_bytes,
+        )
+        self.next_lease_id += 1
+        if hi == iv.hi:
+            job.pending.popleft()
+        else:
+            iv.lo = hi
+        job.n_pending -= hi - lease.lo
+        active = ActiveLease(lease, node.agent_id, issued=now)
+        self._attach(job, node, active)
+        return active
+
+    def _attach(self, job: JobState, node: NodeState | None, active: ActiveLease) -> None:
+        job.leases[active.lease.lease_id] = active
+        self.lease_owner[active.lease.lease_id] = job.job_id
+        if node is not None:
+            node.leases.add(active.lease.lease_id)
+            node.cpu_used += job.spec.func_cpu
+            node.ram_used += job.func_ram_bytes
+
+    def _drop_lease(self, job: JobState, lease_id: int) -> ActiveLease | None:
+        active = job.leases.pop(lease_id, None)
+        self.lease_owner.pop(lease_id, None)
+        if active is not None:
+            node = self.nodes.get(active.agent_id)
+            if node is not None and lease_id in node.leases:
+                node.leases.discard(lease_id)
+                node.cpu_used = max(0.0, node.cpu_used - job.spec.func_cpu)
+                node.ram_used = max(0, node.ram_used - job.func_ram_bytes)
+        return active
+
+    def requeue(self, lease_ids: Iterable[int]) -> None:
+        """Put leases' inputs back in front of the queue (their agent lost them)."""
+        for lease_id in lease_ids:
+            job = self.jobs.get(self.lease_owner.get(lease_id, ""))
+            if job is None:
+                continue
+            active = self._drop_lease(job, lease_id)
+            if active is None or job.state != m.RUNNING:
+                continue
+            lease = active.lease
+            for lo, hi in subtract(lease.lo, lease.hi, job.done):
+                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, lo, hi))
+                job.n_pending += hi - lo
+
+    def complete(
+        self, job_id: str, lease_id: int, lo: int, n_ok: int, elapsed: float, error: bool, now: float
+    ) -> Completion:
+        """Decide whether a lease's result is accepted.
+
+        `lo`/`n_ok`: the results cover [lo, lo + n_ok); with `error`, input
+        lo + n_ok raised. A result for a lease the scheduler no longer holds
+        (its agent was presumed dead) is still accepted if none of its range
+        is done; leases carved from that range since are superseded.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            return Completion(False, reason="unknown job")
+        active = job.leases.get(lease_id)
+        if active is not None and active.lease.lo != lo:
+            return Completion(False, job, reason="lease range mismatch")
+        if job.state != m.RUNNING:
+            self._drop_lease(job, lease_id)
+            return Completion(False, job, reason=f"job {job.state}")
+        hi = lo + n_ok
+        span_hi = hi + (1 if error else 0)
+        if job.done.intersects(lo, span_hi):
+            if active is not None:
+                self._drop_lease(job, lease_id)
+                self.requeue_rest(job, active.lease, lo)
+            return Completion(False, job, reason="duplicate")
+        if active is not None:
+            self._drop_lease(job, lease_id)
+            lease_hi = active.lease.hi
+        else:
+            lease_hi = span_hi
+        superseded = self._claim(job, lo, span_hi)
+        job.done.add(lo, hi)
+        if n_ok:
+            job.first_result_at = job.first_result_at or now
+            job.last_result_at = now
+        calls = n_ok + (1 if error else 0)
+        if calls and elapsed >= 0 and not error:
+            self._learn(job, elapsed / calls)
+        completion = Completion(True, job, lo, hi, superseded=superseded)
+        if error:
+            completion.failed = True
+            completion.stopped = self.finish_job(job_id, m.JOB_FAILED)
+            return completion
+        if active is not None and hi < lease_hi:  # a short result without an error: rerun the rest
+            for r_lo, r_hi in subtract(hi, lease_hi, job.done):
+                job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
+                job.n_pending += r_hi - r_lo
+        completion.job_done = job.complete()
+        if completion.job_done:
+            job.state = m.JOB_DONE
+        return completion
+
+    def requeue_rest(self, job: JobState, lease: m.Lease, lo: int) -> None:
+        for r_lo, r_hi in subtract(lo, lease.hi, job.done):
+            if not self._covered_elsewhere(job, r_lo, r_hi):
+                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, r_lo, r_hi))
+                job.n_pending += r_hi - r_lo
+
+    def _covered_elsewhere(self, job: JobState, lo: int, hi: int) -> bool:
+        if any(iv.lo < hi and lo < iv.hi for iv in job.pending):
+            return True
+        return any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
+
+    def _claim(self, job: JobState, lo: int, hi: int) -> list[int]:
+        """Take [lo, hi) out of pending and out of any lease carved inside it."""
+        if job.pending:
+            kept: collections.deque[Interval] = collections.deque()
+            for iv in job.pending:
+                if iv.hi <= lo or iv.lo >= hi:
+                    kept.append(iv)
+                    continue
+                job.n_pending -= iv.hi - iv.lo
+                for r_lo, r_hi in subtract(iv.lo, iv.hi, [(lo, hi)]):
+                    kept.append(Interval(iv.seq, iv.start, r_lo, r_hi))
+                    job.n_pending += r_hi - r_lo
+            job.pending = kept
+        superseded = [lid for lid, a in job.leases.items() if a.lease.lo < hi and lo < a.lease.hi]
+        for lid in superseded:
+            active = self._drop_lease(job, lid)
+            if active is not None:  # the part of it outside [lo, hi) still needs running
+                for r_lo, r_hi in subtract(active.lease.lo, active.lease.hi, [(lo, hi)]):
+                    if not job.done.intersects(r_lo, r_hi):
+                        job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
+                        job.n_pending += r_hi - r_lo
+        return superseded
+
+    def _learn(self, job: JobState, seconds: float) -> None:
+        prior = job.seconds_per_call
+        job.seconds_per_call = seconds if prior is None else 0.5 * prior + 0.5 * seconds
+        self._estimates[job.spec.function_hash] = job.seconds_per_call
+        self._estimates.move_to_end(job.spec.function_hash)
+        while len(self._estimates) > _ESTIMATE_MEMORY:
+            self._estimates.popitem(last=False)
+
+    # ---- restore after a restart ------------------------------------------
+
+    def restore_job(
+        self,
+        spec: m.JobSpec,
+        created: float,
+        batches: Iterable[m.BatchMeta],
+        n_inputs: int | None,
+        done: Iterable[tuple[int, int]],
+        leases: Iterable[tuple[m.Lease, str]],
+    ) -> JobState:
+        """Rebuild a running job from the store: pending = batches - done - leased."""
+        job = self.add_job(spec, created)
+        job.n_inputs = n_inputs
+        for lo, hi in sorted(done):
+            job.done.add(lo, hi)
+        held = []
+        for lease, agent_id in leases:
+            node = self.nodes.get(agent_id)
+            self._attach(job, node, ActiveLease(lease, agent_id, delivered=0))
+            if node is None:
+                self.requeue([lease.lease_id])
+            else:
+                held.append((lease.lo, lease.hi))
+            self.next_lease_id = max(self.next_lease_id, lease.lease_id + 1)
+        for b in sorted(batches, key=lambda b: b.seq):
+            job.batches[b.seq] = (b.start, b.count)
+            job.n_uploaded += b.count
+            for lo, hi in subtract(b.start, b.start + b.count, [*job.done, *held]):
+                if not any(iv.lo < hi and lo < iv.hi for iv in job.pending):
+                    job.pending.append(Interval(b.seq, b.start, lo, hi))
+                    job.n_pending += hi - lo
+        return job
+
+    # ---- views ---------------------------------------------------------------
+
+    def job_status(self, job: JobState, now: float) -> m.JobStatus:
+        rate = 0.0
+        if job.first_result_at is not None and job.last_result_at and job.last_result_at > job.first_result_at:
+            rate = job.done.size / max(1e-6, now - job.first_result_at)
+        if not self.nodes:
+            phase = "waiting for a node to join the cluster"
+        elif job.leases:
+            phase = f"running on {len(job.leases)} worker{'s' * (len(job.leases) != 1)}"
+        elif job.n_pending:
+            phase = "queued: waiting for free workers"
+        else:
+            phase = "waiting for inputs"
+        return m.JobStatus(
+            job_id=job.job_id,
+            state=job.state,
+            function_name=job.spec.function_name,
+            n_inputs=job.n_inputs,
+            n_uploaded=job.n_uploaded,
+            n_done=job.done.size,
+            running=len(job.leases),
+            workers=self._slots_for(job) if self.nodes else 0,
+            created=job.created,
+            calls_per_second=rate,
+            phase=phase,
+        )

@@ -1,0 +1,93 @@
+"""Run burlad: the control plane behind hypercorn, plus its housekeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import create_app
+from .config import DaemonConfig
+from .service import ControlPlane
+from .store import Store
+
+log = logging.getLogger("burla.daemon")
+
+# hypercorn reads sockets 64 KiB at a time; inputs and results are megabytes.
+_RECV_BYTES = 1024 * 1024
+
+
+@dataclasses.dataclass
+class Running:
+    """A started daemon, as `task_status.started()` reports it."""
+
+    url: str
+    plane: ControlPlane
+    cancel_scope: trio.CancelScope
+    state_dir: Path
+
+    @property
+    def admin_token(self) -> str:
+        return self.plane.tokens["admin"]
+
+    @property
+    def node_token(self) -> str:
+        return self.plane.tokens["node"]
+
+
+def _tune_hypercorn() -> None:
+    import hypercorn.trio.tcp_server as tcp_server
+
+    tcp_server.MAX_RECV = max(tcp_server.MAX_RECV, _RECV_BYTES)
+
+
+def write_private(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON readable only by this user, atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+async def serve(
+    config: DaemonConfig, *, sock: socket.socket | None = None, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
+    state_dir = config.resolved_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(state_dir / "burla.db")
+    try:
+        plane = ControlPlane(store, config)
+        write_private(state_dir / "tokens.json", plane.tokens)
+        app = create_app(plane)
+        _tune_hypercorn()
+        hc = HypercornConfig()
+        hc.bind = [f"fd://{sock.fileno()}" if sock is not None else f"{config.host}:{config.port}"]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("hypercorn.error")
+        hc.websocket_max_message_size = config.max_input_bytes + config.max_function_bytes + 64 * 1024**2
+        hc.keep_alive_timeout = max(30.0, config.poll_timeout * 4)
+        hc.graceful_timeout = 1.0
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn_serve, app, hc))
+            nursery.start_soon(plane.housekeeping)
+            url = _url_of(sock) if sock is not None else binds[0].replace("0.0.0.0", "127.0.0.1")
+            log.info("burlad %s serving on %s (state in %s)", plane.boot_id, url, state_dir)
+            task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
+    finally:
+        store.close()
+
+
+def _url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"

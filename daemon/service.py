@@ -1,0 +1,493 @@
+"""The control plane: the scheduler's decisions, persisted and delivered.
+
+`ControlPlane` is what the HTTP routes call. It owns the `Store` (durable
+state), the `Scheduler` (decisions) and the in-memory parts that need no
+durability: each agent's mailbox of undelivered leases, and a change signal
+per job that wakes the job's websocket.
+
+Every method runs on the trio thread; SQLite calls are short and made inline,
+so one decision is one transaction and nothing interleaves with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from burla.schemas import messages as m
+
+from .config import DaemonConfig
+from .errors import BadRequest, Conflict, NotFound, TooLarge, Unsatisfiable
+from .scheduler import ActiveLease, Completion, JobState, Scheduler
+from .store import Store
+
+log = logging.getLogger("burla.daemon")
+
+_SENT_BATCHES_REMEMBERED = 256
+
+
+@dataclasses.dataclass
+class AgentLink:
+    """Delivery state of one agent: what it has been sent, and what waits for it."""
+
+    agent_id: str
+    mailbox: list[ActiveLease] = dataclasses.field(default_factory=list)
+    cancel_jobs: set[str] = dataclasses.field(default_factory=set)
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    delivery_seq: int = 0
+    sent_functions: set[str] = dataclasses.field(default_factory=set)
+    sent_batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def has_mail(self) -> bool:
+        return bool(self.mailbox or self.cancel_jobs)
+
+
+@dataclasses.dataclass
+class JobFeed:
+    """Wakes whoever streams a job's events when the job changes."""
+
+    changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    log_bytes: int = 0
+    dropped_bytes: int = 0
+    dropped_lines: int = 0
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class ControlPlane:
+    def __init__(self, store: Store, config: DaemonConfig, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
+        self.links: dict[str, AgentLink] = {}
+        self.feeds: dict[str, JobFeed] = {}
+        self.tokens = store.tokens(config.admin_token, config.node_token)
+        self.last_activity = clock()
+        self.started = clock()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._restore()
+
+    # ---- restart ---------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Rebuild in-memory state from the store after a (re)start."""
+        now = self.clock()
+        for agent_id, info in self.store.agents():
+            self.scheduler.add_node(agent_id, info, now)  # a grace period: silent ones expire later
+            self.links[agent_id] = AgentLink(agent_id)
+        for job in self.store.running_jobs():
+            state = self.scheduler.restore_job(
+                job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"]
+            )
+            self.feeds[state.job_id] = JobFeed(log_bytes=self.store.log_bytes(state.job_id))
+            self.counters["jobs_restored"] += 1
+            if state.complete():
+                self._finish(state, m.JOB_DONE)
+        self._dispatch()
+
+    # ---- jobs (client side) --------------------------------------------------------
+
+    def create_job(
+        self,
+        spec: m.JobSpec,
+        function_blob: memoryview,
+        batches: Sequence[tuple[m.BatchMeta, memoryview]],
+        final_count: int | None,
+    ) -> None:
+        self.last_activity = self.clock()
+        if self.store.job_exists(spec.job_id):
+            if spec.job_id in self.scheduler.jobs:  # a retried request: take the batches it carried
+                self.add_inputs(spec.job_id, batches, final_count)
+                return
+            raise Conflict(f"job {spec.job_id} already exists and has finished")
+        if len(function_blob) > self.config.max_function_bytes:
+            raise TooLarge(
+                f"the pickled function {spec.function_name!r} is {len(function_blob) / 1e6:.1f} MB, over this "
+                f"cluster's limit of {self.config.max_function_bytes / 1e6:.0f} MB (daemon.max_function_bytes)"
+            )
+        if spec.func_cpu <= 0 or spec.func_ram <= 0:
+            raise BadRequest("func_cpu and func_ram must be positive")
+        if spec.max_parallelism is not None and spec.max_parallelism < 1:
+            raise BadRequest("max_parallelism must be at least 1")
+        reason = self.scheduler.infeasible(spec)
+        if reason:
+            raise Unsatisfiable(reason)
+        self._check_batches(batches)
+        self.store.create_job(spec, bytes(function_blob), self.clock())
+        self.scheduler.add_job(spec, self.clock())
+        self.feeds[spec.job_id] = JobFeed()
+        self.counters["jobs"] += 1
+        self.add_inputs(spec.job_id, batches, final_count)
+
+    def _check_batches(self, batches: Sequence[tuple[m.BatchMeta, memoryview]]) -> None:
+        for meta, payload in batches:
+            if meta.count < 0 or meta.start < 0:
+                raise BadRequest(f"batch {meta.seq}: negative start or count")
+            if len(payload) > self.config.max_input_bytes * max(1, meta.count):
+                raise TooLarge(f"batch {meta.seq} is over the input size limit")
+
+    def _job(self, job_id: str) -> JobState:
+        job = self.scheduler.jobs.get(job_id)
+        if job is None:
+            if self.store.job_exists(job_id):
+                raise Conflict(f"job {job_id} has finished")
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def add_inputs(
+        self, job_id: str, batches: Sequence[tuple[m.BatchMeta, memoryview]], final_count: int | None
+    ) -> None:
+        self.last_activity = self.clock()
+        job = self._job(job_id)
+        if job.state != m.RUNNING:
+            return  # a failed or cancelled job takes no more inputs; the client learns why from its events
+        self._check_batches(batches)
+        new = {b.seq for b in self.scheduler.add_batches(job_id, [b for b, _ in batches], final_count)}
+        self.store.add_batches(job_id, [(b, p) for b, p in batches if b.seq in new], final_count)
+        if job.complete():
+            self._finish(job, m.JOB_DONE)
+        self._dispatch()
+        self.feeds[job_id].notify()
+
+    def cancel_job(self, job_id: str, reason: str) -> None:
+        job = self._job(job_id)
+        if job.state == m.RUNNING:
+            self.store.append_event(job_id, m.CANCELLED, data={"reason": reason})
+            self._finish(job, m.JOB_CANCELLED)
+            self.counters["jobs_cancelled"] += 1
+
+    def ack_job(self, job_id: str) -> None:
+        """The client has every event of a finished job: forget it."""
+        job = self.scheduler.jobs.get(job_id)
+        if job is not None and job.state == m.RUNNING:
+            return
+        self.scheduler.forget_job(job_id)
+        self.feeds.pop(job_id, None)
+        self.store.delete_job(job_id)
+
+    def job_status(self, job_id: str) -> m.JobStatus:
+        return self.scheduler.job_status(self._job(job_id), self.clock())
+
+    async def wait_events(self, job_id: str, after: int, timeout: float) -> list[tuple[m.Event, bytes | None]]:
+        """A job's events after `after`; waits up to `timeout` for the first one."""
+        events = self.store.events_after(job_id, after)
+        if events:
+            return events
+        feed = self.feeds.get(job_id)
+        if feed is None:
+            if not self.store.job_exists(job_id):
+                raise NotFound(f"no job {job_id}")
+            return []
+        with trio.move_on_after(timeout):
+            await feed.changed.wait()
+        return self.store.events_after(job_id, after)
+
+    def _finish(self, job: JobState, state: str) -> None:
+        """A job ended: record it, stop its leases, tell its agents and its client."""
+        stopped = self.scheduler.finish_job(job.job_id, state)
+        self._stop_on_agents(job.job_id, stopped)
+        feed = self.feeds.get(job.job_id)
+        if feed is not None and feed.dropped_lines:
+            self.store.append_event(
+                job.job_id,
+                m.NOTICE,
+                data={
+                    "message": f"{feed.dropped_lines} lines ({feed.dropped_bytes / 1e6:.1f} MB) of output were "
+                    f"dropped: the job printed more than daemon.max_log_bytes_per_job "
+                    f"({self.config.max_log_bytes_per_job / 1e6:.0f} MB)"
+                },
+            )
+        if state == m.JOB_DONE:
+            self.store.append_event(job.job_id, m.DONE, data={"n_inputs": job.n_inputs})
+        self.store.set_job_state(job.job_id, state, self.clock())
+        if feed is not None:
+            feed.notify()
+
+    def _stop_on_agents(self, job_id: str, stopped: list[tuple[str, int]]) -> None:
+        self.store.delete_leases([lid for _, lid in stopped])
+        for agent_id in {a for a, _ in stopped}:
+            link = self.links.get(agent_id)
+            if link is not None:
+                link.cancel_jobs.add(job_id)
+                link.notify()
+
+    # ---- agents -----------------------------------------------------------------------
+
+    def register(self, info: m.NodeInfo) -> m.Registered:
+        agent_id = uuid.uuid4().hex[:16]
+        now = self.clock()
+        requeued = self.scheduler.add_node(agent_id, info, now)
+        self.store.delete_leases(requeued)
+        stale = [a for a in self.links if a not in self.scheduler.nodes]
+        for a in stale:
+            del self.links[a]
+        self.store.delete_agents(stale)
+        self.store.put_agent(agent_id, info, now)
+        self.links[agent_id] = AgentLink(agent_id)
+        self.counters["agents_registered"] += 1
+        log.info("agent %s registered: %s, %d CPUs, %d workers", agent_id, info.hostname, info.cpus, info.workers)
+        self._dispatch()
+        return m.Registered(agent_id, self.boot_id, self.config.poll_timeout, self.config.agent_timeout)
+
+    def _link(self, agent_id: str) -> AgentLink:
+        link = self.links.get(agent_id)
+        if link is None or agent_id not in self.scheduler.nodes:
+            raise NotFound(f"unknown agent {agent_id}: register again")
+        return link
+
+    def report(
+        self, agent_id: str, report: m.AgentReport, blobs: Sequence[memoryview]
+    ) -> tuple[m.Delivery, list[bytes]]:
+        """Take an agent's results and logs; return whatever waits for it, without waiting."""
+        link = self._link(agent_id)
+        self.scheduler.touch_node(agent_id, self.clock(), report.ready_workers, report.stats)
+        for chunk in report.logs:  # lines printed by a lease come before its result
+            self._append_logs(chunk, blobs)
+        for result in report.results:
+            self._accept(agent_id, result, blobs)
+        self._reconcile(agent_id, report)
+        self._dispatch()
+        return self._drain(link)
+
+    async def poll(
+        self, agent_id: str, report: m.AgentReport, blobs: Sequence[memoryview]
+    ) -> tuple[m.Delivery, list[bytes]]:
+        """Like `report`, but waits up to poll_timeout for something to deliver."""
+        delivery = self.report(agent_id, report, blobs)
+        if delivery[0].delivery:
+            return delivery
+        link = self._link(agent_id)
+        if not link.has_mail():
+            with trio.move_on_after(self.config.poll_timeout):
+                await link.wake.wait()
+        link = self._link(agent_id)
+        self.scheduler.touch_node(agent_id, self.clock())
+        return self._drain(link)
+
+    def _drain(self, link: AgentLink) -> tuple[m.Delivery, list[bytes]]:
+        leases = [a for a in link.mailbox if a.lease.lease_id in self.scheduler.lease_owner]
+        cancels = tuple(sorted(link.cancel_jobs))
+        link.mailbox = []
+        link.cancel_jobs = set()
+        if link.wake.is_set():  # a poll may be waiting on an unset one: keep it
+            link.wake = trio.Event()
+        if not leases and not cancels:
+            return m.Delivery(self.boot_id), []
+        link.delivery_seq += 1
+        blobs: list[bytes] = []
+        functions: dict[str, int] = {}
+        batches: list[list[Any]] = []
+        for active in leases:
+            active.delivered = link.delivery_seq
+            lease = active.lease
+            if lease.function_hash not in link.sent_functions and lease.function_hash not in functions:
+                blob = self.store.function_blob(lease.function_hash)
+                if blob is not None:
+                    functions[lease.function_hash] = len(blobs)
+                    blobs.append(blob)
+            key = (lease.job_id, lease.batch_seq)
+            if key not in link.sent_batches:
+                payload = self.store.batch_payload(*key)
+                if payload is not None:
+                    batches.append([lease.job_id, lease.batch_seq, len(blobs)])
+                    blobs.append(payload)
+                link.sent_batches[key] = None
+                if len(link.sent_batches) > _SENT_BATCHES_REMEMBERED:
+                    link.sent_batches.popitem(last=False)
+            else:
+                link.sent_batches.move_to_end(key)
+        link.sent_functions.update(functions)
+        self.counters["leases_delivered"] += len(leases)
+        delivery = m.Delivery(
+            self.boot_id,
+            link.delivery_seq,
+            tuple(a.lease for a in leases),
+            cancels,
+            functions,
+            tuple(batches),
+        )
+        return delivery, blobs
+
+    def _reconcile(self, agent_id: str, report: m.AgentReport) -> None:
+        """Requeue leases the agent was sent but no longer holds (a delivery was lost)."""
+        node = self.scheduler.nodes[agent_id]
+        held = set(report.running)
+        lost = []
+        for lease_id in node.leases:
+            job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
+            active = job.leases.get(lease_id) if job else None
+            if active is None or active.delivered is None or lease_id in held:
+                continue
+            if active.delivered == 0 or (report.boot_id == self.boot_id and active.delivered <= report.ack_delivery):
+                lost.append(lease_id)
+        if lost:
+            log.warning("agent %s does not hold leases %s: requeued", agent_id, lost)
+            self.scheduler.requeue(lost)
+            self.store.delete_leases(lost)
+            self.counters["leases_lost"] += len(lost)
+
+    def _accept(self, agent_id: str, result: m.LeaseResult, blobs: Sequence[memoryview]) -> None:
+        now = self.clock()
+        error = result.error
+        c: Completion = self.scheduler.complete(
+            result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error is not None, now
+        )
+        if not c.accepted or c.job is None:
+            self.store.delete_leases([result.lease_id])
+            self.counters["results_dropped"] += 1
+            log.debug("result of lease %d dropped: %s", result.lease_id, c.reason)
+            return
+        self.counters["results_accepted"] += 1
+        with self.store.tx():
+            self.store.delete_leases([result.lease_id, *c.superseded])
+            if c.hi > c.lo:
+                self.store.append_event(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
+            if error is not None:
+                exc = blobs[error.exc_blob] if error.exc_blob is not None else None
+                data = dataclasses.replace(error, exc_blob=None).to_wire()
+                data["has_exception"] = exc is not None
+                self.store.append_event(result.job_id, m.FAILED, error.index, error.index + 1, data=data, payload=exc)
+                self.counters["jobs_failed"] += 1
+                self._stop_on_agents(result.job_id, c.stopped)
+                self._finish(c.job, m.JOB_FAILED)
+            elif c.job_done:
+                self._finish(c.job, m.JOB_DONE)
+        self.feeds[result.job_id].notify()
+
+    def _append_logs(self, chunk: m.LogChunk, blobs: Sequence[memoryview]) -> None:
+        job = self.scheduler.jobs.get(chunk.job_id)
+        feed = self.feeds.get(chunk.job_id)
+        if job is None or feed is None or job.state != m.RUNNING:
+            return
+        if feed.log_bytes + chunk.nbytes > self.config.max_log_bytes_per_job:
+            feed.dropped_bytes += chunk.nbytes
+            feed.dropped_lines += chunk.lines
+            self.store.add_log_bytes(chunk.job_id, 0, chunk.nbytes, chunk.lines)
+            return
+        feed.log_bytes += chunk.nbytes
+        with self.store.tx():
+            self.store.append_event(chunk.job_id, m.LOGS, data={"lines": chunk.lines}, payload=blobs[chunk.blob])
+            self.store.add_log_bytes(chunk.job_id, chunk.nbytes)
+        feed.notify()
+
+    def _dispatch(self) -> None:
+        issued = self.scheduler.assign(self.clock())
+        if not issued:
+            return
+        self.store.put_leases([(a.lease, a.agent_id) for a in issued])
+        self.counters["leases_issued"] += len(issued)
+        for active in issued:
+            link = self.links[active.agent_id]
+            link.mailbox.append(active)
+            link.notify()
+
+    def function_blob(self, function_hash: str) -> bytes:
+        blob = self.store.function_blob(function_hash)
+        if blob is None:
+            raise NotFound(f"no function {function_hash}")
+        return blob
+
+    def batch_payload(self, job_id: str, seq: int) -> bytes:
+        payload = self.store.batch_payload(job_id, seq)
+        if payload is None:
+            raise NotFound(f"no batch {seq} of job {job_id}")
+        return payload
+
+    # ---- housekeeping -------------------------------------------------------------------
+
+    def expire_agents(self) -> list[str]:
+        """Agents silent past agent_timeout lose their leases, which run elsewhere."""
+        now = self.clock()
+        dead = self.scheduler.silent_nodes(now, self.config.agent_timeout)
+        for agent_id in dead:
+            lease_ids = self.scheduler.remove_node(agent_id)
+            self.store.delete_leases(lease_ids)
+            self.links.pop(agent_id, None)
+            log.warning(
+                "agent %s silent for %.0fs: %d leases requeued", agent_id, self.config.agent_timeout, len(lease_ids)
+            )
+            self.counters["agents_expired"] += 1
+        if dead:
+            self.store.delete_agents(dead)
+            self._dispatch()
+        return dead
+
+    def expire_jobs(self) -> None:
+        """Fail jobs that waited too long for any node; drop finished jobs nobody collected."""
+        now = self.clock()
+        if not self.scheduler.nodes:
+            for job in list(self.scheduler.jobs.values()):
+                if job.state == m.RUNNING and now - job.created > self.config.no_node_timeout:
+                    self.store.append_event(
+                        job.job_id,
+                        m.FAILED,
+                        data={
+                            "kind": m.SYSTEM,
+                            "index": -1,
+                            "type_name": "burla.errors.NoNodesError",
+                            "message": f"no node joined the cluster within {self.config.no_node_timeout:.0f}s "
+                            "(daemon.no_node_timeout); start node agents with `burlad agent URL --token TOKEN`",
+                        },
+                    )
+                    self._finish(job, m.JOB_FAILED)
+        for job_id in self.store.finished_jobs_before(now - self.config.job_retention):
+            self.scheduler.forget_job(job_id)
+            self.feeds.pop(job_id, None)
+            self.store.delete_job(job_id)
+
+    def busy(self) -> bool:
+        return any(j.state == m.RUNNING for j in self.scheduler.jobs.values())
+
+    async def housekeeping(self) -> None:
+        interval = max(0.05, min(self.config.poll_timeout, self.config.agent_timeout) / 4)
+        while True:
+            await trio.sleep(interval)
+            self.expire_agents()
+            self.expire_jobs()
+
+    # ---- views ------------------------------------------------------------------------
+
+    def cluster_status(self) -> m.ClusterStatus:
+        now = self.clock()
+        nodes = tuple(
+            m.NodeStatus(
+                agent_id=n.agent_id,
+                hostname=n.info.hostname,
+                state="busy" if n.leases else "idle",
+                cpus=n.info.cpus,
+                ram_bytes=n.info.ram_bytes,
+                python_version=n.info.python_version,
+                workers=n.ready_workers,
+                busy=len(n.leases),
+                runtime=n.info.runtime,
+                last_seen_ago=round(now - n.last_seen, 3),
+                stats=n.stats,
+            )
+            for n in self.scheduler.nodes.values()
+        )
+        jobs = tuple(self.scheduler.job_status(j, now) for j in self.scheduler.jobs.values())
+        return m.ClusterStatus(nodes, jobs, self.statistics())
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "boot_id": self.boot_id,
+            "uptime": round(self.clock() - self.started, 3),
+            "database": str(self.store.path),
+            **self.counters,
+        }

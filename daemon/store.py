@@ -1,0 +1,364 @@
+"""The control plane's one SQLite file: the whole schema, and every write.
+
+All state that must survive a restart of burlad is here: tokens, agents, jobs,
+their functions and input batches, the leases out, and each job's event log
+(accepted results, printed lines, errors). The file runs in WAL mode with
+``synchronous=NORMAL``: a crash of the process loses nothing committed.
+
+Writes go through `Store.tx()`, so each decision of the control plane lands
+atomically. The schema is versioned in the ``meta`` table; `MIGRATIONS` bring
+an older file up to date when it is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from burla.schemas import messages as m
+
+SCHEMA_VERSION = 2
+
+
+class StoreError(RuntimeError):
+    """The control plane's database failed; the message says which operation."""
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["tokens"].create({"role": str, "token": str}, pk="role")
+    db["agents"].create(
+        {"agent_id": str, "node_id": str, "info": str, "registered": float, "last_seen": float}, pk="agent_id"
+    )
+    db["functions"].create({"hash": str, "blob": bytes, "size": int, "created": float}, pk="hash")
+    db["jobs"].create(
+        {
+            "job_id": str, "spec": str, "state": str, "n_inputs": int, "created": float,
+            "finished": float, "log_bytes": int, "dropped_log_bytes": int, "dropped_log_lines": int,
+        },
+        pk="job_id",
+        defaults={"log_bytes": 0, "dropped_log_bytes": 0, "dropped_log_lines": 0},
+    )  # fmt: skip
+    db["batches"].create(
+        {"job_id": str, "seq": int, "start": int, "count": int, "payload": bytes}, pk=("job_id", "seq")
+    )
+    db["leases"].create(
+        {
+            "lease_id": int, "job_id": str, "agent_id": str, "function_hash": str, "batch_seq": int,
+            "batch_start": int, "lo": int, "hi": int, "func_cpu": float, "func_ram_bytes": int,
+        },
+        pk="lease_id",
+    )  # fmt: skip
+    db.execute(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, kind TEXT NOT NULL,"
+        " lo INTEGER NOT NULL DEFAULT 0, hi INTEGER NOT NULL DEFAULT 0, data TEXT, payload BLOB)"
+    )
+    db["events"].create_index(["job_id", "seq"])
+    db["leases"].create_index(["job_id"])
+
+
+def _v2(db: sqlite_utils.Database) -> None:
+    # The standby spec: which images nodes keep warm (node agents read it).
+    db["standby"].create({"image": str, "python_version": str, "per_cpu": float, "position": int}, pk="image")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            self.conn.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the control-plane database {self.path}: {e}") from None
+        self.db = sqlite_utils.Database(self.conn)
+        self._depth = 0
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write. Nested calls join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot start a transaction on {self.path}: {e}") from None
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self.conn.execute("ROLLBACK")
+            raise StoreError(f"cannot commit to {self.path}: {e}") from None
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        row = self.conn.execute(sql, tuple(params)).fetchone()
+        return None if row is None else row[0]
+
+    # ---- schema --------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        if "meta" not in self.db.table_names():
+            return 0
+        value = self._one("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(value or 0)
+
+    def migrate(self) -> None:
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this burlad ({SCHEMA_VERSION}); upgrade burla"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self.tx():
+                MIGRATIONS[version - 1](self.db)
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),)
+                )
+
+    # ---- tokens ------------------------------------------------------------------
+
+    def tokens(self, admin: str = "", node: str = "") -> dict[str, str]:
+        """The admin and node tokens, made at first start (or set from config)."""
+        with self.tx():
+            out = {}
+            for role, given in (("admin", admin), ("node", node)):
+                existing = self._one("SELECT token FROM tokens WHERE role = ?", (role,))
+                token = given or existing or secrets.token_urlsafe(32)
+                if token != existing:
+                    self.conn.execute("INSERT OR REPLACE INTO tokens (role, token) VALUES (?, ?)", (role, token))
+                out[role] = token
+        return out
+
+    # ---- agents --------------------------------------------------------------------
+
+    def put_agent(self, agent_id: str, info: m.NodeInfo, now: float) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO agents (agent_id, node_id, info, registered, last_seen) VALUES (?, ?, ?, ?, ?)",
+                (agent_id, info.node_id, json.dumps(info.to_wire()), now, now),
+            )
+
+    def delete_agents(self, agent_ids: Iterable[str]) -> None:
+        with self.tx() as c:
+            c.executemany("DELETE FROM agents WHERE agent_id = ?", [(a,) for a in agent_ids])
+
+    def agents(self) -> list[tuple[str, m.NodeInfo]]:
+        rows = self.conn.execute("SELECT agent_id, info FROM agents ORDER BY registered").fetchall()
+        return [(a, m.NodeInfo.from_wire(json.loads(info))) for a, info in rows]
+
+    # ---- jobs ----------------------------------------------------------------------
+
+    def create_job(self, spec: m.JobSpec, function_blob: bytes, now: float) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO functions (hash, blob, size, created) VALUES (?, ?, ?, ?)",
+                (spec.function_hash, function_blob, len(function_blob), now),
+            )
+            c.execute(
+                "INSERT INTO jobs (job_id, spec, state, created) VALUES (?, ?, ?, ?)",
+                (spec.job_id, json.dumps(spec.to_wire()), m.RUNNING, now),
+            )
+
+    def job_exists(self, job_id: str) -> bool:
+        return self._one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)) is not None
+
+    def function_blob(self, function_hash: str) -> bytes | None:
+        blob = self._one("SELECT blob FROM functions WHERE hash = ?", (function_hash,))
+        return None if blob is None else bytes(blob)
+
+    def add_batches(
+        self, job_id: str, batches: Iterable[tuple[m.BatchMeta, bytes | memoryview]], final_count: int | None
+    ) -> None:
+        with self.tx() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO batches (job_id, seq, start, count, payload) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, b.seq, b.start, b.count, payload) for b, payload in batches],
+            )
+            if final_count is not None:
+                c.execute("UPDATE jobs SET n_inputs = ? WHERE job_id = ?", (final_count, job_id))
+
+    def batch_payload(self, job_id: str, seq: int) -> bytes | None:
+        blob = self._one("SELECT payload FROM batches WHERE job_id = ? AND seq = ?", (job_id, seq))
+        return None if blob is None else bytes(blob)
+
+    def set_job_state(self, job_id: str, state: str, now: float) -> None:
+        with self.tx() as c:
+            finished = now if state in m.FINISHED_STATES else None
+            c.execute("UPDATE jobs SET state = ?, finished = ? WHERE job_id = ?", (state, finished, job_id))
+            if state in m.FINISHED_STATES:
+                c.execute("DELETE FROM batches WHERE job_id = ?", (job_id,))
+                c.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+
+    def delete_job(self, job_id: str) -> None:
+        with self.tx() as c:
+            for table in ("events", "batches", "leases", "jobs"):
+                c.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            c.execute(
+                "DELETE FROM functions WHERE hash NOT IN (SELECT json_extract(spec, '$.function_hash') FROM jobs)"
+            )
+
+    def finished_jobs_before(self, cutoff: float) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT job_id FROM jobs WHERE finished IS NOT NULL AND finished < ?", (cutoff,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def running_jobs(self) -> list[dict[str, Any]]:
+        """Everything needed to rebuild the scheduler's view of unfinished jobs."""
+        out = []
+        for job_id, spec, n_inputs, created in self.conn.execute(
+            "SELECT job_id, spec, n_inputs, created FROM jobs WHERE state = ? ORDER BY created", (m.RUNNING,)
+        ).fetchall():
+            batches = [
+                m.BatchMeta(seq, start, count)
+                for seq, start, count in self.conn.execute(
+                    "SELECT seq, start, count FROM batches WHERE job_id = ?", (job_id,)
+                )
+            ]
+            done = self.conn.execute(
+                "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
+            ).fetchall()
+            leases = [
+                (m.Lease(lid, job_id, fh, seq, start, lo, hi, cpu, ram), agent)
+                for lid, agent, fh, seq, start, lo, hi, cpu, ram in self.conn.execute(
+                    "SELECT lease_id, agent_id, function_hash, batch_seq, batch_start, lo, hi, func_cpu,"
+                    " func_ram_bytes FROM leases WHERE job_id = ?",
+                    (job_id,),
+                )
+            ]
+            out.append(
+                {
+                    "spec": m.JobSpec.from_wire(json.loads(spec)),
+                    "n_inputs": n_inputs,
+                    "created": created,
+                    "batches": batches,
+                    "done": [tuple(r) for r in done],
+                    "leases": leases,
+                }
+            )
+        return out
+
+    def max_lease_id(self) -> int:
+        return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)
+
+    # ---- leases --------------------------------------------------------------------
+
+    def put_leases(self, leases: Iterable[tuple[m.Lease, str]]) -> None:
+        with self.tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start,"
+                " lo, hi, func_cpu, func_ram_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        l.lease_id,
+                        l.job_id,
+                        agent,
+                        l.function_hash,
+                        l.batch_seq,
+                        l.batch_start,
+                        l.lo,
+                        l.hi,
+                        l.func_cpu,
+                        l.func_ram_bytes,
+                    )
+                    for l, agent in leases
+                ],  # fmt: skip
+            )
+
+    def delete_leases(self, lease_ids: Iterable[int]) -> None:
+        with self.tx() as c:
+            c.executemany("DELETE FROM leases WHERE lease_id = ?", [(i,) for i in lease_ids])
+
+    # ---- events ----------------------------------------------------------------------
+
+    def append_event(
+        self,
+        job_id: str,
+        kind: str,
+        lo: int = 0,
+        hi: int = 0,
+        data: dict[str, Any] | None = None,
+        payload: bytes | memoryview | None = None,
+    ) -> int:
+        with self.tx() as c:
+            cur = c.execute(
+                "INSERT INTO events (job_id, kind, lo, hi, data, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, kind, lo, hi, json.dumps(data) if data else None, payload),
+            )
+            return int(cur.lastrowid or 0)
+
+    def events_after(self, job_id: str, after: int, max_bytes: int = 8 * 1024**2) -> list[tuple[m.Event, bytes | None]]:
+        """A job's events after sequence `after`, up to about `max_bytes` of payload."""
+        out: list[tuple[m.Event, bytes | None]] = []
+        total = 0
+        cursor = self.conn.execute(
+            "SELECT seq, kind, lo, hi, data, payload FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+            (job_id, after),
+        )
+        for seq, kind, lo, hi, data, payload in cursor:
+            out.append((m.Event(seq, kind, lo, hi, json.loads(data) if data else {}), payload))
+            total += len(payload or b"")
+            if total >= max_bytes:
+                break
+        cursor.close()
+        return out
+
+    def add_log_bytes(self, job_id: str, nbytes: int, dropped_bytes: int = 0, dropped_lines: int = 0) -> None:
+        with self.tx() as c:
+            c.execute(
+                "UPDATE jobs SET log_bytes = log_bytes + ?, dropped_log_bytes = dropped_log_bytes + ?,"
+                " dropped_log_lines = dropped_log_lines + ? WHERE job_id = ?",
+                (nbytes, dropped_bytes, dropped_lines, job_id),
+            )
+
+    def log_bytes(self, job_id: str) -> int:
+        return int(self._one("SELECT log_bytes FROM jobs WHERE job_id = ?", (job_id,)) or 0)
+
+    # ---- standby ---------------------------------------------------------------------
+
+    def standby(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db["standby"].rows_where(order_by="position")]
+
+    def set_standby(self, images: list[dict[str, Any]]) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM standby")
+            for i, image in enumerate(images):
+                c.execute(
+                    "INSERT INTO standby (image, python_version, per_cpu, position) VALUES (?, ?, ?, ?)",
+                    (image["image"], image.get("python_version", ""), float(image.get("per_cpu", 1.0)), i),
+                )
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,116 @@
+"""Where workers run: the interface every runtime implements.
+
+A runtime starts one worker (a process, or a process in a container) that
+runs the worker shim and connects back to the agent's socket. The agent does
+everything else: it hands out work, watches memory, and replaces workers that
+die. `ProcessRuntime` runs plain processes; the Podman runtime runs warm
+rootless containers.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import burla
+from burla.schemas import worker as proto
+
+
+class WorkerProcess(abc.ABC):
+    """One started worker, as the agent sees it."""
+
+    #: The worker's pid on this host, for memory accounting (None if unknown).
+    pid: int | None = None
+    #: The worker's raw stdout/stderr (what C code and subprocesses print), if captured.
+    stdout: trio.abc.ReceiveStream | None = None
+    stderr: trio.abc.ReceiveStream | None = None
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the worker to exit; its exit code, negative for a signal."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the worker now (SIGKILL or the runtime's equivalent)."""
+
+    def describe_exit(self, code: int) -> str:
+        return describe_exit(code)
+
+
+class Runtime(abc.ABC):
+    name = "abstract"
+
+    @abc.abstractmethod
+    async def prepare(self, run_dir: Path) -> None:
+        """Get ready to start workers whose sockets and files live in `run_dir`."""
+
+    @abc.abstractmethod
+    def python_version(self) -> str:
+        """The Python minor version workers run ("3.11")."""
+
+    @abc.abstractmethod
+    async def start_worker(self, slot: int, env: dict[str, str]) -> WorkerProcess:
+        """Start a worker for `slot`; `env` carries the socket and progress paths."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional for runtimes with nothing to release
+        """Release what `prepare` set up."""
+
+    def statistics(self) -> dict[str, Any]:
+        return {"runtime": self.name}
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        meaning = {
+            "SIGSEGV": " (segmentation fault)",
+            "SIGKILL": " (killed, often by the kernel's out-of-memory killer)",
+            "SIGABRT": " (aborted)",
+            "SIGBUS": " (bus error)",
+            "SIGFPE": " (floating point exception)",
+        }.get(name, "")
+        return f"was killed by {name}{meaning}"
+    return f"exited with code {code}"
+
+
+def build_shim_tree(dest: Path) -> Path:
+    """Copy the worker shim, `burla.schemas` and cloudpickle into `dest`.
+
+    Workers put `dest` first on their import path: it has everything the shim
+    imports and nothing else of Burla's, so it works in any Python of the
+    right minor version, in any container.
+    """
+    import cloudpickle
+
+    from burla import node_agent, schemas
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    pkg = dest / "burla"
+    (pkg / "node_agent").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f'"""The parts of burla a worker needs."""\n__version__ = "{burla.__version__}"\n')
+    (pkg / "node_agent" / "__init__.py").write_text("")
+    shutil.copy2(Path(node_agent.__file__).parent / "worker_shim.py", pkg / "node_agent" / "worker_shim.py")
+    shutil.copytree(Path(schemas.__file__).parent, pkg / "schemas", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(cloudpickle.__file__).parent, dest / "cloudpickle", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return dest
+
+
+def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a process worker starts with: the agent's, minus what must not leak."""
+    env = dict(os.environ if base is None else base)
+    for key in list(env):
+        if key.startswith("BURLA_") and key not in (proto.LOG_FLUSH_ENV,):
+            del env[key]
+    return env

@@ -1,0 +1,329 @@
+"""The worker: a warm Python process that runs the user's function.
+
+It runs inside every worker process or container, so it imports nothing but
+the standard library, cloudpickle and `burla.schemas`. It connects to its
+agent's unix socket, says hello, then runs leases: for each input of the
+range it calls the function, captures what the call prints (tagged with the
+input's index, sent in batches of whole lines), and answers with the pickled
+list of results, or the first error with its remote traceback.
+
+Run as ``python -m burla.node_agent.worker_shim`` with ``BURLA_WORKER_SOCKET``
+(and optionally ``BURLA_WORKER_PROGRESS``) set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import linecache
+import mmap
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from burla.schemas import messages as m
+from burla.schemas import worker as proto
+
+_LOG_BATCH_BYTES = 256 * 1024  # send printed lines once this much is buffered
+_BATCHES_KEPT = 4  # unpickled input batches cached per worker
+_FUNCTIONS_KEPT = 16  # unpickled functions cached per worker
+
+
+class Channel:
+    """The socket to the agent; shared by the run loop and the log flusher."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], blobs: list[bytes] = ()) -> None:  # type: ignore[assignment]
+        with self.lock:
+            proto.send(self.sock, header, blobs)
+
+
+class Output:
+    """Collects what calls print; sends whole lines, tagged (index, stream), in batches."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.job_id: str | None = None
+        self.index = -1
+        self.entries: list[tuple[int, int, str]] = []
+        self.partial: dict[tuple[int, int], str] = {}
+        self.nbytes = 0
+
+    def write(self, stream: int, text: str) -> None:
+        with self.lock:
+            key = (self.index, stream)
+            if key in self.partial:
+                text = self.partial.pop(key) + text
+            if "\n" in text:
+                cut = text.rindex("\n") + 1
+                whole, rest = text[:cut], text[cut:]
+                self.entries.append((self.index, stream, whole))
+                self.nbytes += len(whole)
+            else:
+                rest = text
+            if rest:
+                self.partial[key] = rest
+            full = self.nbytes >= _LOG_BATCH_BYTES
+        if full:
+            self.flush()
+
+    def end_lease(self) -> None:
+        """A lease ended: lines left without a newline go out as they are."""
+        with self.lock:
+            for (index, stream), text in self.partial.items():
+                self.entries.append((index, stream, text))
+                self.nbytes += len(text)
+            self.partial.clear()
+        self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.entries or self.job_id is None:
+                return
+            entries, nbytes = self.entries, self.nbytes
+            self.entries, self.nbytes = [], 0
+            lines = sum(text.count("\n") or 1 for _, _, text in entries)
+            blob = pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
+            self.channel.send({"kind": proto.LOGS, "job_id": self.job_id, "lines": lines, "nbytes": nbytes}, [blob])
+
+    def run_flusher(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                self.flush()
+            except OSError:
+                return
+
+
+class Stream(io.TextIOBase):
+    """sys.stdout / sys.stderr inside a worker."""
+
+    def __init__(self, output: Output, stream: int, fd: int) -> None:
+        self._output = output
+        self._stream = stream
+        self._fd = fd
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if s:
+            self._output.write(self._stream, s)
+        return len(s)
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fd  # the process's own fd: what C code writes there the agent captures
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "backslashreplace"
+
+
+class Progress:
+    """The index of the input being called, readable by the agent if we die."""
+
+    def __init__(self, path: str | None) -> None:
+        self._map: mmap.mmap | None = None
+        self._cell: Any = ctypes.c_int64(proto.IDLE)
+        if path:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                self._map = mmap.mmap(fd, proto.PROGRESS.size)
+            finally:
+                os.close(fd)
+            self._cell = ctypes.c_int64.from_buffer(self._map)
+        self.set(proto.IDLE)
+
+    def set(self, index: int) -> None:
+        self._cell.value = index
+
+
+def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[dict[str, Any], bytes | None]:
+    """A CallError for `e` (without the shim's own frames) and the pickled exception."""
+    tb = e.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None:
+            tb = tb.tb_next
+    summary = traceback.extract_tb(tb)
+    frames = [[f.filename, f.lineno, f.name, _raw_line(f.filename, f.lineno) or f.line or ""] for f in summary]
+    text = "".join(traceback.format_exception(type(e), e, tb))
+    try:
+        blob: bytes | None = cloudpickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        blob = None
+    error = m.CallError(
+        index=index,
+        kind=m.EXCEPTION,
+        type_name=f"{type(e).__module__}.{type(e).__qualname__}",
+        message=_safe_str(e),
+        traceback=text,
+        frames=tuple(frames),
+        node=socket.gethostname(),
+        exc_blob=1 if blob is not None else None,
+    )
+    return error.to_wire(), blob
+
+
+def _raw_line(filename: str, lineno: int | None) -> str:
+    """The source line with its indentation (FrameSummary.line is stripped)."""
+    return linecache.getline(filename, lineno or 0).rstrip("\r\n")
+
+
+def system_error(index: int, type_name: str, message: str) -> dict[str, Any]:
+    return m.CallError(index, m.SYSTEM, type_name, message, node=socket.gethostname()).to_wire()
+
+
+def _safe_str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:
+        return f"<{type(e).__name__}: str() failed>"
+
+
+class Worker:
+    def __init__(self, channel: Channel, output: Output, progress: Progress) -> None:
+        self.channel = channel
+        self.output = output
+        self.progress = progress
+        self.functions: dict[str, Callable[[Any], Any]] = {}  # the agent mirrors this cache
+        self.batches: dict[tuple[str, int], list[Any]] = {}
+
+    def serve(self) -> None:
+        while True:
+            message = proto.recv(self.channel.sock)
+            if message is None:
+                return
+            header, blobs = message
+            if header["kind"] == proto.RUN:
+                self.run(header, blobs)
+            elif header["kind"] == proto.FORGET:
+                for key in [k for k in self.batches if k[0] == header["job_id"]]:
+                    del self.batches[key]
+
+    def _load(self, header: dict[str, Any], blobs: list[memoryview]) -> tuple[Callable[[Any], Any], list[Any]]:
+        fn_hash = header["function_hash"]
+        if header.get("function_blob") is not None:
+            self.functions[fn_hash] = cloudpickle.loads(blobs[header["function_blob"]])
+            while len(self.functions) > _FUNCTIONS_KEPT:
+                del self.functions[next(iter(self.functions))]
+        key = (header["batch"][0], header["batch"][1])
+        if header.get("batch_blob") is not None:
+            self.batches[key] = pickle.loads(blobs[header["batch_blob"]])
+            while len(self.batches) > _BATCHES_KEPT:
+                del self.batches[next(iter(self.batches))]
+        return self.functions[fn_hash], self.batches[key]
+
+    def run(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
+        lo, hi, base = header["lo"], header["hi"], header["batch_start"]
+        done: dict[str, Any] = {"kind": proto.DONE, "lease_id": header["lease_id"], "lo": lo, "n_ok": 0, "elapsed": 0.0}
+        try:
+            fn, items = self._load(header, blobs)
+        except Exception as e:
+            done["error"] = system_error(
+                lo,
+                "burla.errors.UnpicklingError",
+                f"the worker could not load the function or its inputs: {type(e).__name__}: {_safe_str(e)}. "
+                "Everything the function uses must be importable on the cluster.",
+            )
+            done["error"]["traceback"] = traceback.format_exc()
+            self.channel.send(done, [pickle.dumps([])])
+            return
+        output, progress = self.output, self.progress
+        output.job_id = header["job_id"]
+        results: list[Any] = []
+        append = results.append
+        error: dict[str, Any] | None = None
+        exc_blob: bytes | None = None
+        i = lo
+        started = time.perf_counter()
+        try:
+            for i in range(lo, hi):
+                progress.set(i)
+                output.index = i
+                append(fn(items[i - base]))
+        except BaseException as e:  # the user's SystemExit and KeyboardInterrupt are errors of the call too
+            error, exc_blob = describe_exception(e, i, skip_frames=1)
+        elapsed = time.perf_counter() - started
+        progress.set(proto.IDLE)
+        output.index = -1
+        output.end_lease()
+        payload, results_error = _pickle_results(results, lo)
+        if results_error is not None:
+            error, exc_blob = results_error, None
+            results = results[: results_error["index"] - lo]
+            payload = pickle.dumps(results)
+        done.update(n_ok=len(results), elapsed=elapsed, error=error)
+        self.channel.send(done, [payload] + ([exc_blob] if exc_blob is not None else []))
+
+
+def _pickle_results(results: list[Any], lo: int) -> tuple[bytes, dict[str, Any] | None]:
+    try:
+        return cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL), None
+    except Exception:
+        pass
+    for offset, value in enumerate(results):
+        try:
+            cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            return b"", system_error(
+                lo + offset,
+                "burla.errors.UnpicklableResultError",
+                f"the return value of input #{lo + offset} ({type(value).__name__}) could not be pickled to send "
+                f"it back: {type(e).__name__}: {_safe_str(e)}. Return plain data (numbers, strings, lists, dicts, "
+                "arrays) instead.",
+            )
+    raise AssertionError("unreachable: the list failed to pickle but every item pickled")  # pragma: no cover
+
+
+def main() -> None:
+    path = os.environ[proto.SOCKET_ENV]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    channel = Channel(sock)
+    output = Output(channel)
+    progress = Progress(os.environ.get(proto.PROGRESS_ENV))
+    sys.stdin = open(os.devnull)
+    sys.stdout = Stream(output, m.STDOUT, 1)
+    sys.stderr = Stream(output, m.STDERR, 2)
+    interval = float(os.environ.get(proto.LOG_FLUSH_ENV, "0.1"))
+    threading.Thread(target=output.run_flusher, args=(interval,), daemon=True, name="burla-log-flusher").start()
+    channel.send(
+        {
+            "kind": proto.HELLO,
+            "slot": os.environ.get("BURLA_WORKER_SLOT", ""),
+            "nonce": os.environ.get("BURLA_WORKER_NONCE", ""),
+            "pid": os.getpid(),
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "executable": sys.executable,
+        }
+    )
+    try:
+        Worker(channel, output, progress).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    os._exit(0)  # skip interpreter teardown: user threads must not keep a dead worker alive
+
+
+if __name__ == "__main__":
+    main()

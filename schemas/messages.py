@@ -1,0 +1,226 @@
+"""Every message between client, daemon and node agents.
+
+Bodies travel as envelopes (`schemas.envelope`): these dataclasses are the
+JSON header's parts, and integer `*_blob` fields index the envelope's blobs.
+
+Client -> daemon
+    POST /v1/jobs                 {"spec": JobSpec, "batches": [BatchMeta], "final_count": n|None}
+                                  blobs: [function, batch...]
+    POST /v1/jobs/{id}/inputs     {"batches": [BatchMeta], "final_count": n|None}  blobs: [batch...]
+    POST /v1/jobs/{id}/cancel     {"reason": str}
+    WS   /v1/jobs/{id}/events?after=SEQ   -> envelopes {"events": [Event]} + blobs;
+                                  the client may send {"ack": true} after the final event.
+Agent -> daemon
+    POST /v1/agents/register      NodeInfo                    -> Registered
+    POST /v1/agents/{id}/poll     AgentReport (long-poll)     -> Delivery
+    POST /v1/agents/{id}/report   AgentReport + result blobs  -> Delivery (never waits)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .wire import Wire, nested
+
+PROTOCOL_VERSION = 1
+
+# Streams of a log line.
+STDOUT = 1
+STDERR = 2
+
+# CallError.kind
+EXCEPTION = "exception"  # the user's function raised
+WORKER_DIED = "worker_died"  # the worker process exited or was killed mid-call
+MEMORY = "memory"  # the call went over func_ram and was killed
+SYSTEM = "system"  # burla could not run the call (unloadable function, unpicklable result)
+
+# Event.kind
+RESULTS = "results"
+LOGS = "logs"
+FAILED = "failed"
+DONE = "done"
+CANCELLED = "cancelled"
+NOTICE = "notice"
+STATUS = "status"  # live only, never stored
+
+# Job states
+RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+FINISHED_STATES = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo(Wire):
+    """What an agent tells the daemon about its host when it registers."""
+
+    node_id: str
+    hostname: str
+    cpus: int
+    ram_bytes: int
+    python_version: str  # "3.11": the minor version the workers run
+    workers: int  # warm worker slots
+    runtime: str = "process"
+    gpus: tuple[str, ...] = ()
+    agent_version: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered(Wire):
+    agent_id: str
+    boot_id: str
+    poll_timeout: float
+    agent_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec(Wire):
+    job_id: str
+    function_name: str
+    function_hash: str
+    python_version: str
+    func_cpu: float = 1.0
+    func_ram: float = 4.0  # GB per call
+    max_parallelism: int | None = None
+    client_version: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMeta(Wire):
+    """A batch of consecutive inputs [start, start + count), pickled as one list."""
+
+    seq: int
+    start: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease(Wire):
+    """Inputs [lo, hi) of one batch, given to one worker slot."""
+
+    lease_id: int
+    job_id: str
+    function_hash: str
+    batch_seq: int
+    batch_start: int
+    lo: int
+    hi: int
+    func_cpu: float = 1.0
+    func_ram_bytes: int = 4 * 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class CallError(Wire):
+    """Why one input's call did not return."""
+
+    index: int
+    kind: str
+    type_name: str
+    message: str
+    traceback: str = ""  # the remote traceback, formatted
+    frames: tuple[Any, ...] = ()  # [filename, lineno, name, source line] per frame
+    node: str = ""
+    exc_blob: int | None = None  # the pickled exception, when it pickled
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseResult(Wire):
+    """The outcome of a lease: results of inputs [lo, lo + n_ok), then maybe an error."""
+
+    lease_id: int
+    job_id: str
+    lo: int
+    n_ok: int
+    elapsed: float
+    results_blob: int
+    error: CallError | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogChunk(Wire):
+    """Lines printed by calls of one job: a pickled list of (index, stream, text)."""
+
+    job_id: str
+    lines: int
+    nbytes: int
+    blob: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentReport(Wire):
+    boot_id: str = ""  # the daemon boot the agent's ack_delivery refers to
+    ack_delivery: int = 0  # highest delivery the agent has taken in
+    ready_workers: int = 0
+    running: tuple[int, ...] = ()  # leases the agent holds and has not had accepted
+    results: tuple[LeaseResult, ...] = ()
+    logs: tuple[LogChunk, ...] = ()
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery(Wire):
+    boot_id: str
+    delivery: int = 0  # 0: nothing delivered
+    leases: tuple[Lease, ...] = ()
+    cancel_jobs: tuple[str, ...] = ()
+    functions: dict[str, int] = dataclasses.field(default_factory=dict)  # hash -> blob
+    batches: tuple[Any, ...] = ()  # [job_id, seq, blob]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event(Wire):
+    """One entry of a job's event stream, as the client sees it."""
+
+    seq: int
+    kind: str
+    lo: int = 0
+    hi: int = 0
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    blob: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStatus(Wire):
+    job_id: str
+    state: str
+    function_name: str = ""
+    n_inputs: int | None = None
+    n_uploaded: int = 0
+    n_done: int = 0
+    running: int = 0  # leases out
+    workers: int = 0  # worker slots the job could use now
+    created: float = 0.0
+    calls_per_second: float = 0.0
+    phase: str = ""  # what the cluster is doing for the job, in words
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatus(Wire):
+    agent_id: str
+    hostname: str
+    state: str
+    cpus: int
+    ram_bytes: int
+    python_version: str
+    workers: int
+    busy: int
+    runtime: str = "process"
+    last_seen_ago: float = 0.0
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterStatus(Wire):
+    nodes: tuple[NodeStatus, ...] = ()
+    jobs: tuple[JobStatus, ...] = ()
+    daemon: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+nested("LeaseResult", "error", CallError)
+nested("AgentReport", "results", LeaseResult)
+nested("AgentReport", "logs", LogChunk)
+nested("Delivery", "leases", Lease)
+nested("ClusterStatus", "nodes", NodeStatus)
+nested("ClusterStatus", "jobs", JobStatus)
