@@ -280,19 +280,9 @@ class Store:
                 "INSERT OR REPLACE INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start,"
                 " lo, hi, func_cpu, func_ram_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (
-                        l.lease_id,
-                        l.job_id,
-                        agent,
-                        l.function_hash,
-                        l.batch_seq,
-                        l.batch_start,
-                        l.lo,
-                        l.hi,
-                        l.func_cpu,
-                        l.func_ram_bytes,
-                    )
-                    for l, agent in leases
+                    (x.lease_id, x.job_id, agent, x.function_hash, x.batch_seq, x.batch_start, x.lo, x.hi, x.func_cpu,
+                     x.func_ram_bytes)
+                    for x, agent in leases
                 ],  # fmt: skip
             )
 
