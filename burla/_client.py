@@ -64,6 +64,7 @@ class Client:
         self._lock = threading.Lock()
         self._portal: Any = None
         self._http: Any = None
+        self._events: Any = None
         self._url = self.settings.url or ""
         self._key = self.settings.api_key or ""
         self.limits: dict[str, Any] = {}
@@ -87,14 +88,20 @@ class Client:
     def connect(self) -> None:
         """Reach the cluster (starting the local one if need be) and learn its limits."""
         with self._lock:
+            reopen = self._http is None
             if self._portal is None or not self._portal.alive():
                 from ._portal import Portal
 
                 self._portal = Portal()
-            if self._http is None:
-                if self.settings.embedded:
-                    info = _local.ensure_started()
+                self._http = self._events = None
+                reopen = True
+            if self.settings.embedded:
+                info = _local.discover() or _local.ensure_started()
+                if info["url"] != self._url:  # first use, or the local cluster was restarted
                     self._url, self._key = info["url"], info["admin_token"]
+                    self.limits = {}
+                    reopen = True
+            if reopen:
                 self._portal.run(self._open)
             if not self.limits:
                 try:
@@ -110,6 +117,10 @@ class Client:
     async def _open(self) -> None:
         import httpx
 
+        from ._events import EventStream
+
+        if self._events is not None:
+            self._events.close()
         if self._http is not None:
             await self._http.aclose()
         self._http = httpx.AsyncClient(
@@ -118,6 +129,7 @@ class Client:
             timeout=httpx.Timeout(120.0, connect=10.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )
+        self._events = EventStream(self._http, self._portal.nursery, RECONNECT_SECONDS)
 
     async def _info(self) -> dict[str, Any]:
         import httpx
@@ -189,7 +201,7 @@ class Client:
             max_parallelism=max_parallelism,
             client_version=__version__,
         )
-        job = JobRun(self._portal, self._http, spec, blob, first, batcher, spinner=spinner)
+        job = JobRun(self._portal, self._http, self._events, spec, blob, first, batcher, spinner=spinner)
         job.start()
         if generator:
             return ResultIterator(job)

@@ -5,10 +5,10 @@
 * the uploader creates the job with the first batch of inputs, then sends the
   rest (at most `UPLOADS_IN_FLIGHT` requests at a time, so memory stays
   bounded), pulling and pickling batches in a worker thread;
-* the event reader holds the job's websocket, prints what calls print as it
-  arrives, feeds the spinner, and queues results and failures for the
-  caller's thread. It reconnects from the last event it saw if the daemon
-  restarts.
+* the client's `EventStream` (one websocket for all its jobs) hands the job
+  its events: it prints what calls print as it arrives, feeds the spinner,
+  and queues results and failures for the caller's thread. After a daemon
+  restart the stream resubscribes from the last event the job saw.
 
 The caller's thread (`collect` or `ResultIterator`) takes from that queue,
 unpickles results, raises failures, and turns Ctrl-C into a cancelled job.
@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 import trio
-from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
 
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
 from ._client import RECONNECT_SECONDS, error_from_response
+from ._events import EventStream
 from ._pickling import InputBatcher
 from ._remote_errors import rebuild
 from ._spinner import Spinner
@@ -46,6 +46,7 @@ class JobRun:
         self,
         portal: Any,
         http: httpx.AsyncClient,
+        stream: EventStream,
         spec: m.JobSpec,
         function_blob: bytes,
         first: tuple[m.BatchMeta, bytes],
@@ -54,15 +55,17 @@ class JobRun:
     ) -> None:
         self.portal = portal
         self.http = http
+        self.stream = stream
         self.spec = spec
         self.function_blob = function_blob
         self.first = first
         self.batcher = batcher
         self.spinner = Spinner(spinner, spec.function_name)
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.max_message = 1024**3
+        self.after = 0  # the last event seen
         self._scope: trio.CancelScope | None = None
         self._created = False
+        self._ended = trio.Event()  # the job's final event arrived (or it failed here)
         self.finished = False
 
     @property
@@ -101,8 +104,12 @@ class JobRun:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._upload)
-                    nursery.start_soon(self._events)
+                    await self.stream.follow(self)
+                    await self._ended.wait()
+                    nursery.cancel_scope.cancel()
+                await self.stream.ack(self.job_id)
         except BaseException as e:  # noqa: BLE001 - everything goes to the caller's thread
+            self.stream.forget(self.job_id)
             error = _first_error(e)
             if isinstance(error, BurlaError) and self._created and not isinstance(error, JobCancelledError):
                 with trio.move_on_after(CANCEL_SECONDS):
@@ -110,6 +117,29 @@ class JobRun:
             self.queue.put(("error", error))
             if not isinstance(e, Exception) and not isinstance(e, BaseExceptionGroup):
                 raise
+
+    def fail(self, error: BurlaError) -> None:
+        """The event stream gave up on this job (lost the daemon, refused)."""
+        self.queue.put(("error", error))
+        self._ended.set()
+
+    def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
+        """A message of the event stream for this job."""
+        if "error" in header:
+            e = header["error"]
+            status = {"not_found": 404, "conflict": 409, "unauthorized": 401}.get(e.get("code"), 400)
+            self.fail(error_from_response(status, json.dumps({"error": e}), "follow the job"))
+            return
+        self.spinner.update(header.get("status"))
+        for wire in header.get("events", []):
+            event = m.Event.from_wire(wire)
+            if event.seq <= self.after:
+                continue  # seen before a reconnect
+            self.after = event.seq
+            blob = bytes(blobs[event.blob]) if event.blob is not None else None
+            self._take(event, blob)
+            if event.kind in _TERMINAL:
+                self._ended.set()
 
     async def _cancel(self, reason: str) -> None:
         with trio.move_on_after(CANCEL_SECONDS):
@@ -169,47 +199,6 @@ class JobRun:
             await self._post(f"/v1/jobs/{self.job_id}/inputs", body, envelope.CONTENT_TYPE, "upload inputs")
         finally:
             slots.release()
-
-    async def _events(self) -> None:
-        after = 0
-        deadline = trio.current_time() + RECONNECT_SECONDS
-        backoff = 0.02
-        while True:
-            try:
-                async with aconnect_ws(
-                    f"/v1/jobs/{self.job_id}/events?after={after}",
-                    self.http,
-                    max_message_size_bytes=self.max_message,
-                    queue_size=64,
-                    keepalive_ping_interval_seconds=None,
-                ) as ws:
-                    deadline = trio.current_time() + RECONNECT_SECONDS
-                    while True:
-                        header, blobs = envelope.unpack(await ws.receive_bytes())
-                        self.spinner.update(header.get("status"))
-                        for wire in header.get("events", []):
-                            event = m.Event.from_wire(wire)
-                            after = event.seq
-                            blob = bytes(blobs[event.blob]) if event.blob is not None else None
-                            self._take(event, blob)
-                            if event.kind in _TERMINAL:
-                                await ws.send_text(json.dumps({"ack": True}))
-                                assert self._scope is not None
-                                self._scope.cancel()
-                                return
-            except WebSocketUpgradeError as e:
-                status = e.response.status_code
-                if status < 500 and status not in (404,):
-                    raise error_from_response(status, e.response.text, "follow the job") from None
-                # 404: the job is not created yet (or the daemon restarted and forgot nothing: retry)
-            except (httpx.TransportError, WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError):
-                pass
-            if trio.current_time() > deadline:
-                raise ClusterUnavailableError(
-                    f"lost the Burla cluster at {self.http.base_url} for {RECONNECT_SECONDS:.0f}s"
-                )
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
 
     def _take(self, event: m.Event, blob: bytes | None) -> None:
         if event.kind == m.RESULTS:

@@ -46,6 +46,11 @@ class Portal:
             await self._stop.wait()
             nursery.cancel_scope.cancel()
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -28,6 +28,7 @@ from .service import ControlPlane
 log = logging.getLogger("burla.daemon")
 
 STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
+JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
 ADMIN = "admin"
 NODE = "node"
 
@@ -161,56 +162,79 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, NODE)
         return _json({"images": plane.store.standby()})
 
-    @app.websocket("/v1/jobs/<job_id>/events")
-    async def job_events(job_id: str) -> Any:
+    @app.websocket("/v1/events")
+    async def events() -> Any:
+        """One websocket per client, carrying the events of every job it follows.
+
+        The client sends {"op": "subscribe", "job": ID, "after": SEQ} and, once
+        it has a job's final event, {"op": "ack", "job": ID}. The daemon sends
+        envelopes {"job_id": ID, "events": [Event...], "status": JobStatus?}
+        with the events' payloads as blobs, or {"job_id": ID, "error": {...}}.
+        """
         check_token(websocket.headers, ADMIN)
-        try:
-            after = int(websocket.args.get("after", "0"))
-        except ValueError:
-            raise BadRequest("'after' must be an integer") from None
-        plane.job_status(job_id)  # 404 before accepting when there is no such job
         await websocket.accept()
-        async with trio.open_nursery() as nursery:
-            acked = trio.Event()
+        send_lock = trio.Lock()
+        follows: dict[str, trio.CancelScope] = {}
 
-            async def read_client() -> None:
-                while True:
-                    message = await websocket.receive()
-                    try:
-                        if json.loads(message).get("ack"):
-                            plane.ack_job(job_id)
-                            acked.set()
-                            nursery.cancel_scope.cancel()
-                            return
-                    except (ValueError, AttributeError):
-                        raise BadRequest('expected {"ack": true}') from None
+        async def send(header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
+            data = envelope.pack(header, blobs or [])
+            async with send_lock:  # one frame at a time on the socket
+                await websocket.send(data)
 
-            nursery.start_soon(read_client)
-            last_status: dict[str, Any] | None = None
-            finished = False
-            while not acked.is_set():
-                if finished:
-                    await trio.sleep_forever()  # until the client acks or goes away
-                events = await plane.wait_events(job_id, after, STATUS_INTERVAL)
-                header: dict[str, Any] = {"events": []}
-                blobs: list[bytes] = []
-                for event, payload in events:
-                    wire = event.to_wire()
-                    if payload is not None:
-                        wire["blob"] = len(blobs)
-                        blobs.append(payload)
-                    header["events"].append(wire)
-                    after = event.seq
-                    finished = finished or event.kind in (m.DONE, m.FAILED, m.CANCELLED)
+        async def follow(job_id: str, after: int, scope: trio.CancelScope) -> None:
+            with scope:
                 try:
-                    status = plane.job_status(job_id).to_wire()
-                except ApiError:
-                    status = None
-                if status != last_status:
-                    header["status"] = last_status = status
-                if header["events"] or "status" in header:
-                    await websocket.send(envelope.pack(header, blobs))
-        return None
+                    await plane.wait_job(job_id, JOB_WAIT)
+                    plane.job_status(job_id)
+                except ApiError as e:
+                    await send({"job_id": job_id, "error": e.body()["error"]})
+                    return
+                last_status: dict[str, Any] | None = None
+                while True:
+                    plane.last_activity = plane.clock()
+                    try:
+                        events = await plane.wait_events(job_id, after, STATUS_INTERVAL)
+                        status: dict[str, Any] | None = plane.job_status(job_id).to_wire()
+                    except ApiError:
+                        return  # acked and forgotten meanwhile
+                    header: dict[str, Any] = {"job_id": job_id, "events": []}
+                    blobs: list[bytes] = []
+                    finished = False
+                    for event, payload in events:
+                        wire = event.to_wire()
+                        if payload is not None:
+                            wire["blob"] = len(blobs)
+                            blobs.append(payload)
+                        header["events"].append(wire)
+                        after = event.seq
+                        finished = finished or event.kind in (m.DONE, m.FAILED, m.CANCELLED)
+                    if status != last_status:
+                        header["status"] = last_status = status
+                    if header["events"] or "status" in header:
+                        await send(header, blobs)
+                    if finished:
+                        return
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                raw = await websocket.receive()
+                try:
+                    message = json.loads(raw)
+                    op, job_id = message["op"], str(message["job"])
+                    after = int(message.get("after", 0))
+                except (ValueError, KeyError, TypeError):
+                    await send({"error": {"code": "bad_request", "message": 'expected {"op": ..., "job": ...}'}})
+                    continue
+                old = follows.pop(job_id, None)
+                if old is not None:
+                    old.cancel()
+                if op == "subscribe":
+                    follows[job_id] = trio.CancelScope()
+                    nursery.start_soon(follow, job_id, after, follows[job_id])
+                elif op == "ack":
+                    plane.ack_job(job_id)
+                else:
+                    await send({"job_id": job_id, "error": {"code": "bad_request", "message": f"unknown op {op!r}"}})
 
     # ---- agent routes -----------------------------------------------------------------
 

@@ -21,12 +21,13 @@ from .config import Config, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="path to burla.toml (default: ./burla.toml, ~/.config/burla/burla.toml)")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = argparse.ArgumentParser(prog="burlad", description="Burla's control-plane daemon and node agent.")
-    p.add_argument("--config", help="path to burla.toml (default: ./burla.toml, ~/.config/burla/burla.toml)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the control plane")
+    serve = sub.add_parser("serve", parents=[common], help="run the control plane")
     serve.add_argument("--host", dest="daemon.host")
     serve.add_argument("--port", dest="daemon.port", type=int)
     serve.add_argument("--state-dir", dest="daemon.state_dir", help="where the SQLite file and tokens live")
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-timeout", dest="embedded.idle_timeout", help="with --embedded: stop after this long idle"
     )
 
-    agent = sub.add_parser("agent", help="run a node agent")
+    agent = sub.add_parser("agent", parents=[common], help="run a node agent")
     agent.add_argument("url", help="the daemon's URL, e.g. http://10.0.0.2:8080")
     agent.add_argument("--token", dest="agent.token", help="the daemon's node token (burlad tokens)")
     agent.add_argument("--workers", dest="agent.workers", type=int, help="warm workers (default: one per CPU)")
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--cpus", dest="agent.cpus", type=int, help="CPUs to offer (default: all)")
     agent.add_argument("--ram", dest="agent.ram", help="RAM to offer, e.g. 16GB (default: all)")
 
-    tokens = sub.add_parser("tokens", help="print the admin and node tokens")
+    tokens = sub.add_parser("tokens", parents=[common], help="print the admin and node tokens")
     tokens.add_argument("--state-dir", dest="daemon.state_dir")
     return p
 

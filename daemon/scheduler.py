@@ -60,6 +60,7 @@ class JobState:
     batches: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # seq -> (start, count)
     seconds_per_call: float | None = None
     slots: int = 0  # worker slots the job can use right now, cluster-wide
+    round_chunk: int = 1  # lease size for the current assign() round
     first_result_at: float | None = None
     last_result_at: float | None = None
 
@@ -252,6 +253,7 @@ class Scheduler:
             return []
         for job in runnable:
             job.slots = self._slots_for(job)
+            job.round_chunk = self.chunk_size(job)  # fixed for the round: 4 inputs on 2 slots is 2 + 2
         issued: list[ActiveLease] = []
         nodes = sorted(self.nodes.values(), key=lambda n: len(n.leases) - n.ready_workers)
         for node in nodes:
@@ -283,7 +285,7 @@ class Scheduler:
 
     def _carve(self, job: JobState, node: NodeState, now: float) -> ActiveLease:
         iv = job.pending[0]
-        hi = min(iv.hi, iv.lo + self.chunk_size(job))
+        hi = min(iv.hi, iv.lo + job.round_chunk)
         lease = m.Lease(
             lease_id=self.next_lease_id,
             job_id=job.job_id,

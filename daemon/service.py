@@ -81,6 +81,7 @@ class ControlPlane:
         self.last_activity = clock()
         self.started = clock()
         self.counters: collections.Counter[str] = collections.Counter()
+        self._job_created = trio.Event()
         self._restore()
 
     # ---- restart ---------------------------------------------------------------
@@ -133,6 +134,8 @@ class ControlPlane:
         self.scheduler.add_job(spec, self.clock())
         self.feeds[spec.job_id] = JobFeed()
         self.counters["jobs"] += 1
+        self._job_created.set()
+        self._job_created = trio.Event()
         self.add_inputs(spec.job_id, batches, final_count)
 
     def _check_batches(self, batches: Sequence[tuple[m.BatchMeta, memoryview]]) -> None:
@@ -180,6 +183,12 @@ class ControlPlane:
         self.scheduler.forget_job(job_id)
         self.feeds.pop(job_id, None)
         self.store.delete_job(job_id)
+
+    async def wait_job(self, job_id: str, timeout: float) -> None:
+        """Wait until `job_id` exists (a client opens its events while creating it)."""
+        with trio.move_on_after(timeout):
+            while job_id not in self.scheduler.jobs and not self.store.job_exists(job_id):
+                await self._job_created.wait()
 
     def job_status(self, job_id: str) -> m.JobStatus:
         return self.scheduler.job_status(self._job(job_id), self.clock())

@@ -280,8 +280,18 @@ class Store:
                 "INSERT OR REPLACE INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start,"
                 " lo, hi, func_cpu, func_ram_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (x.lease_id, x.job_id, agent, x.function_hash, x.batch_seq, x.batch_start, x.lo, x.hi, x.func_cpu,
-                     x.func_ram_bytes)
+                    (
+                        x.lease_id,
+                        x.job_id,
+                        agent,
+                        x.function_hash,
+                        x.batch_seq,
+                        x.batch_start,
+                        x.lo,
+                        x.hi,
+                        x.func_cpu,
+                        x.func_ram_bytes,
+                    )
                     for x, agent in leases
                 ],  # fmt: skip
             )

@@ -8,8 +8,9 @@ Client -> daemon
                                   blobs: [function, batch...]
     POST /v1/jobs/{id}/inputs     {"batches": [BatchMeta], "final_count": n|None}  blobs: [batch...]
     POST /v1/jobs/{id}/cancel     {"reason": str}
-    WS   /v1/jobs/{id}/events?after=SEQ   -> envelopes {"events": [Event]} + blobs;
-                                  the client may send {"ack": true} after the final event.
+    WS   /v1/events               one per client; it sends {"op": "subscribe", "job": ID, "after": SEQ}
+                                  and {"op": "ack", "job": ID}; the daemon sends envelopes
+                                  {"job_id": ID, "events": [Event], "status": JobStatus} + blobs.
 Agent -> daemon
     POST /v1/agents/register      NodeInfo                    -> Registered
     POST /v1/agents/{id}/poll     AgentReport (long-poll)     -> Delivery

@@ -1,0 +1,130 @@
+"""The client's one websocket to the daemon, carrying the events of all its jobs.
+
+A job subscribes with the sequence number of the last event it has seen, so
+when the connection drops (the daemon restarted, the network blinked) the
+stream reconnects and every job resumes where it was. Jobs ignore events they
+have already seen, so a subscription sent twice does no harm.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import httpx
+import trio
+from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
+
+from burla.schemas import envelope
+
+from .errors import BurlaError, ClusterUnavailableError
+
+MAX_MESSAGE_BYTES = 1024**3
+
+
+class Follower(Protocol):
+    job_id: str
+    after: int
+
+    def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None: ...
+
+    def fail(self, error: BurlaError) -> None: ...
+
+
+class EventStream:
+    def __init__(self, http: httpx.AsyncClient, nursery: trio.Nursery, reconnect_seconds: float) -> None:
+        self.http = http
+        self.nursery = nursery
+        self.reconnect_seconds = reconnect_seconds
+        self.jobs: dict[str, Follower] = {}
+        self._ws: Any = None
+        self._running = False
+        self._wake = trio.Event()
+        self._send_lock = trio.Lock()
+        self._scope = trio.CancelScope()
+
+    async def follow(self, job: Follower) -> None:
+        self.jobs[job.job_id] = job
+        if not self._running:
+            self._running = True
+            self.nursery.start_soon(self._run)
+        self._wake.set()
+        if self._ws is not None:
+            await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
+        # otherwise _run subscribes every followed job as soon as it connects
+
+    async def ack(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        if self._ws is not None:
+            await self._send({"op": "ack", "job": job_id})
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            async with self._send_lock:
+                await ws.send_text(json.dumps(message))
+        except (WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader notices and reconnects, then resubscribes
+
+    async def _run(self) -> None:
+        with self._scope:
+            backoff = 0.02
+            lost_since: float | None = None
+            while True:
+                if not self.jobs:  # nothing to follow: no need to hold a connection open
+                    lost_since = None
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                try:
+                    async with aconnect_ws(
+                        "/v1/events",
+                        self.http,
+                        max_message_size_bytes=MAX_MESSAGE_BYTES,
+                        queue_size=64,
+                        keepalive_ping_interval_seconds=20,
+                        keepalive_ping_timeout_seconds=60,
+                    ) as ws:
+                        self._ws = ws
+                        lost_since = None
+                        backoff = 0.02
+                        for job in list(self.jobs.values()):
+                            await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
+                        while True:
+                            header, blobs = envelope.unpack(await ws.receive_bytes())
+                            job = self.jobs.get(header.get("job_id", ""))
+                            if job is not None:
+                                job.take_message(header, blobs)
+                except WebSocketUpgradeError as e:
+                    if e.response.status_code == 401:
+                        from ._client import error_from_response
+
+                        self._fail_all(error_from_response(401, e.response.text, "follow jobs"))
+                except (httpx.TransportError, WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError):
+                    pass
+                finally:
+                    self._ws = None
+                now = trio.current_time()
+                lost_since = now if lost_since is None else lost_since
+                if now - lost_since > self.reconnect_seconds:
+                    self._fail_all(
+                        ClusterUnavailableError(
+                            f"lost the Burla cluster at {self.http.base_url} for {self.reconnect_seconds:.0f}s"
+                        )
+                    )
+                    lost_since = None
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _fail_all(self, error: BurlaError) -> None:
+        for job in list(self.jobs.values()):
+            job.fail(error)
+        self.jobs.clear()
