@@ -9,6 +9,7 @@ have already seen, so a subscription sent twice does no harm.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import httpx
@@ -20,6 +21,22 @@ from burla.schemas import envelope
 from .errors import BurlaError, ClusterUnavailableError
 
 MAX_MESSAGE_BYTES = 1024**3
+_RETRYABLE = (
+    httpx.TransportError,
+    WebSocketNetworkError,
+    WebSocketDisconnect,
+    WebSocketUpgradeError,  # a 5xx or 404 while the daemon restarts
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for e in error.exceptions:
+            yield from _leaves(e)
+    else:
+        yield error
 
 
 class Follower(Protocol):
@@ -47,7 +64,9 @@ class EventStream:
         self.jobs[job.job_id] = job
         if not self._running:
             self._running = True
-            self.nursery.start_soon(self._run)
+            from ._portal import _guarded
+
+            self.nursery.start_soon(_guarded, self._run)
         self._wake.set()
         if self._ws is not None:
             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
@@ -103,15 +122,9 @@ class EventStream:
                             job = self.jobs.get(header.get("job_id", ""))
                             if job is not None:
                                 job.take_message(header, blobs)
-                except WebSocketUpgradeError as e:
-                    if e.response.status_code == 401:
-                        from ._client import error_from_response
-
-                        self._fail_all(error_from_response(401, e.response.text, "follow jobs"))
-                except (httpx.TransportError, WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError):
-                    pass
-                finally:
+                except BaseException as e:  # noqa: BLE001 - httpx-ws raises inside exception groups
                     self._ws = None
+                    self._handle(e)
                 now = trio.current_time()
                 lost_since = now if lost_since is None else lost_since
                 if now - lost_since > self.reconnect_seconds:
@@ -123,6 +136,21 @@ class EventStream:
                     lost_since = None
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
+
+    def _handle(self, error: BaseException) -> None:
+        """Decide what a dropped connection means: retry, or fail the jobs."""
+        leaves = list(_leaves(error))
+        if any(isinstance(e, (trio.Cancelled, KeyboardInterrupt, SystemExit)) for e in leaves):
+            raise error
+        for e in leaves:
+            if isinstance(e, WebSocketUpgradeError) and e.response.status_code == 401:
+                from ._client import error_from_response
+
+                self._fail_all(error_from_response(401, e.response.text, "follow jobs"))
+                return
+        if all(isinstance(e, _RETRYABLE) for e in leaves):
+            return  # the daemon is restarting or the network blinked: reconnect
+        self._fail_all(BurlaError(f"the connection to the cluster failed: {error!r}"))
 
     def _fail_all(self, error: BurlaError) -> None:
         for job in list(self.jobs.values()):

@@ -21,6 +21,9 @@ from .errors import ClusterUnavailableError
 
 DISCOVERY_FILE = "daemon.json"
 
+# Local daemons this process started: kept so they can be reaped when they exit.
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
+
 
 def local_home() -> Path:
     base = os.environ.get("BURLA_HOME")
@@ -30,11 +33,9 @@ def local_home() -> Path:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False  # our own child (we started it), and it has exited
-    except ChildProcessError:
-        pass
+    child = _STARTED.get(pid)
+    if child is not None:  # our own child: poll() reaps it once it has exited
+        return child.poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,6 +78,7 @@ def ensure_started(timeout: float = 60.0) -> dict[str, str]:
                 stderr=log,
                 start_new_session=True,  # outlives this process, and ignores its Ctrl-C
             )
+        _STARTED[proc.pid] = proc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = discover()

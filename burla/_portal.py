@@ -59,9 +59,9 @@ class Portal:
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
     def start_soon(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start `afn(*args)` in the loop without waiting. It must not raise."""
+        """Start `afn(*args)` in the loop without waiting for it."""
         assert self._nursery is not None
-        trio.from_thread.run_sync(self._nursery.start_soon, afn, *args, trio_token=self._token)
+        trio.from_thread.run_sync(self._nursery.start_soon, _guarded, afn, *args, trio_token=self._token)
 
     def close(self) -> None:
         if self._thread.is_alive() and self._stop is not None:
@@ -70,3 +70,13 @@ class Portal:
             except trio.RunFinishedError:
                 pass
             self._thread.join(5)
+
+
+async def _guarded(afn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run a background task; a bug in one must not stop the loop every job shares."""
+    try:
+        await afn(*args)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()

@@ -94,7 +94,7 @@ def _status(as_json: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a pipe gets whole rows
     console.print(f"[bold]Burla cluster[/bold] {data['url']}")
     nodes = Table("node", "host", "runtime", "python", "CPUs", "RAM", "workers", "busy", "idle", "seen", title="Nodes")
     for n in data["nodes"]:

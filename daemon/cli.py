@@ -90,7 +90,7 @@ def _serve(config: Config) -> int:
             running = await nursery.start(serve, config.daemon)
             print(f"burlad serving on {running.url}", file=sys.stderr)
             print(f"  state: {running.state_dir} (tokens in tokens.json there)", file=sys.stderr)
-            print(f"  start agents with: burlad agent {config.daemon.public_url or running.url} --token <node token>",
+            print(f"  start agents with: burlad agent {config.daemon.public_url or running.url} --token=<node token>",
                   file=sys.stderr)  # fmt: skip
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import secrets
 import sys
 import tomllib
 import types
@@ -194,7 +195,11 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
                 raise ValueError(f"{value!r} is not true or false")
             return bool(value)
         if hint is float:
-            return parse_duration(value) if isinstance(value, str) else float(value)
+            if isinstance(value, str):
+                return parse_duration(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{value!r} is not a duration (like 30, 250ms, 10min)")
+            return float(value)
         if hint is int:
             if isinstance(value, str):
                 return parse_size(value) if name in _SIZE_FIELDS else int(value)
@@ -208,6 +213,11 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"bad value for {key}{where}: {e}") from None
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def new_token(role: str) -> str:
+    """A fresh token; the prefix says what it is and keeps it from looking like a flag."""
+    return f"burla_{role}_{secrets.token_urlsafe(32)}"
 
 
 def python_minor() -> str:

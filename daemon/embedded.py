@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import Config, default_state_dir
+from .config import Config, default_state_dir, new_token
 
 DISCOVERY_FILE = "daemon.json"
 
@@ -40,7 +39,7 @@ def _tokens(state_dir: Path) -> dict[str, str]:
             return {"admin": tokens["admin"], "node": tokens["node"]}
     except (OSError, ValueError):
         pass
-    return {"admin": secrets.token_urlsafe(32), "node": secrets.token_urlsafe(32)}
+    return {"admin": new_token("admin"), "node": new_token("node")}
 
 
 def run_embedded(config: Config) -> None:
@@ -73,7 +72,7 @@ def run_embedded(config: Config) -> None:
 
 
 def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "burla.daemon", "agent", url, "--token", config.daemon.node_token,
+    cmd = [sys.executable, "-m", "burla.daemon", "agent", url, f"--token={config.daemon.node_token}",
            "--state-dir", str(home / "agent")]  # fmt: skip
     workers = config.embedded.workers or config.agent.workers
     if workers:

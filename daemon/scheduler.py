@@ -451,22 +451,21 @@ class Scheduler:
         job.n_inputs = n_inputs
         for lo, hi in sorted(done):
             job.done.add(lo, hi)
-        held = []
+        held, orphans = [], []
         for lease, agent_id in leases:
             node = self.nodes.get(agent_id)
             self._attach(job, node, ActiveLease(lease, agent_id, delivered=0))
+            held.append((lease.lo, lease.hi))
             if node is None:
-                self.requeue([lease.lease_id])
-            else:
-                held.append((lease.lo, lease.hi))
+                orphans.append(lease.lease_id)
             self.next_lease_id = max(self.next_lease_id, lease.lease_id + 1)
         for b in sorted(batches, key=lambda b: b.seq):
             job.batches[b.seq] = (b.start, b.count)
             job.n_uploaded += b.count
             for lo, hi in subtract(b.start, b.start + b.count, [*job.done, *held]):
-                if not any(iv.lo < hi and lo < iv.hi for iv in job.pending):
-                    job.pending.append(Interval(b.seq, b.start, lo, hi))
-                    job.n_pending += hi - lo
+                job.pending.append(Interval(b.seq, b.start, lo, hi))
+                job.n_pending += hi - lo
+        self.requeue(orphans)  # leases of agents that are gone: back to pending, after the batches
         return job
 
     # ---- views ---------------------------------------------------------------

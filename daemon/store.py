@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +23,8 @@ from typing import Any
 import sqlite_utils
 
 from burla.schemas import messages as m
+
+from .config import new_token
 
 SCHEMA_VERSION = 2
 
@@ -154,7 +155,7 @@ class Store:
             out = {}
             for role, given in (("admin", admin), ("node", node)):
                 existing = self._one("SELECT token FROM tokens WHERE role = ?", (role,))
-                token = given or existing or secrets.token_urlsafe(32)
+                token = given or existing or new_token(role)
                 if token != existing:
                     self.conn.execute("INSERT OR REPLACE INTO tokens (role, token) VALUES (?, ?)", (role, token))
                 out[role] = token

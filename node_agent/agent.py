@@ -469,12 +469,12 @@ class Agent:
         }
         proc = await self.runtime.start_worker(index, env)
         code: int | None = None
+        frames: FrameStream | None = None
         try:
             async with trio.open_nursery() as nursery:
                 for stream, which in ((proc.stdout, m.STDOUT), (proc.stderr, m.STDERR)):
                     if stream is not None:
                         nursery.start_soon(self._pump_output, index, stream, which)
-                frames = None
                 with trio.move_on_after(_HELLO_TIMEOUT) as hello_scope:
                     async with trio.open_nursery() as race:
 
@@ -517,6 +517,11 @@ class Agent:
             proc.kill()
             if self.conns.get(index) is not None and self.conns[index].proc is proc:
                 del self.conns[index]
+            with trio.CancelScope(shield=True):
+                if frames is not None:
+                    await frames.aclose()
+                with trio.move_on_after(5):
+                    await proc.wait()  # reap it, even when the agent itself is stopping
         self._worker_died(index, code, progress_path)
 
     async def _serve_worker(self, conn: WorkerConn) -> None:

@@ -56,8 +56,8 @@ def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[m
         pos += 4
         lengths = struct.unpack_from(f"<{count}Q", view, pos)
         pos += 8 * count
-    except (struct.error, ValueError) as e:
-        raise EnvelopeError(f"malformed envelope: {e}") from None
+    except (struct.error, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise EnvelopeError(f"malformed envelope: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
         raise EnvelopeError("malformed envelope: header is not an object")
     blobs = []

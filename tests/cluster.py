@@ -1,0 +1,153 @@
+"""A real cluster for end-to-end tests: `burlad serve` and agents as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """`burlad serve` plus node agents, each a real process, on 127.0.0.1."""
+
+    def __init__(self, root: Path, agents: int = 2, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
+        self.env = {
+            **os.environ,
+            "BURLA_DAEMON_POLL_TIMEOUT": "1",
+            "BURLA_DAEMON_AGENT_TIMEOUT": "3",
+            **(env or {}),
+        }
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.agents: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: list[Path] = []
+        self.start_daemon()
+        for i in range(agents):
+            self.start_agent(i)
+        self.wait_nodes(agents)
+
+    # ---- processes -------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = self.root / f"{name}.log"
+        self.logs.append(log)
+        with open(log, "ab") as f:
+            return subprocess.Popen(
+                [PYTHON, "-m", "burla.daemon", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(extra_env or {})},
+                start_new_session=True,
+            )
+
+    def start_daemon(self) -> None:
+        self.daemon = self._spawn(
+            "daemon",
+            ["serve", "--port", str(self.port), "--state-dir", str(self.root / "daemon"), "--log-level", "INFO"],
+        )
+        wait_for(self._healthy, 30, "burlad to serve")
+        tokens = json.loads((self.root / "daemon" / "tokens.json").read_text())
+        self.admin_token, self.node_token = tokens["admin"], tokens["node"]
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_agent(self, i: int, workers: int | None = None, extra: list[str] | None = None) -> None:
+        self.agents[i] = self._spawn(
+            f"agent{i}",
+            ["agent", self.url, f"--token={self.node_token}", "--state-dir", str(self.root / f"agent{i}"),
+             "--workers", str(workers or self.workers), "--log-level", "INFO", *(extra or [])],
+        )  # fmt: skip
+
+    def kill_agent(self, i: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.agents.pop(i)
+        os.killpg(proc.pid, sig)  # the agent and its workers, as a machine dying would
+        proc.wait(10)
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        assert self.daemon is not None
+        self.daemon.send_signal(sig)
+        self.daemon.wait(10)
+        self.daemon = None
+
+    def restart_daemon(self) -> None:
+        self.kill_daemon()
+        self.start_daemon()
+
+    def stop(self) -> None:
+        for i in list(self.agents):
+            proc = self.agents.pop(i)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.terminate()
+            self.daemon.wait(10)
+
+    # ---- views -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}/v1/cluster", headers={"authorization": f"Bearer {self.admin_token}"}, timeout=10)
+        r.raise_for_status()
+        return dict(r.json())
+
+    def wait_nodes(self, n: int, timeout: float = 60) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            nodes = self.status()["nodes"]
+            full = [node for node in nodes if node["workers"] >= 1 and node["stats"].get("idle", 0) >= 1]
+            return nodes if len(nodes) == n and len(full) == n else None
+
+        return wait_for(ready, timeout, f"{n} ready nodes")
+
+    def client_env(self) -> dict[str, str]:
+        return {"BURLA_CLUSTER_URL": self.url, "BURLA_API_KEY": self.admin_token}
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs if p.exists())
+
+
+def run_client(script: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `script` as a user would, in its own Python process."""
+    path = cwd / "client_script.py"
+    path.write_text(script)
+    return subprocess.run(
+        [PYTHON, str(path)], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

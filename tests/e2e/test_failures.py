@@ -1,0 +1,141 @@
+"""What happens when parts fail: workers die, agents vanish, burlad restarts, the user hits Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import burla
+from burla import remote_parallel_map
+from tests.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def exits_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(3)
+    return x
+
+
+def segfaults_on_two(x: int) -> int:
+    if x == 2:
+        import ctypes
+
+        ctypes.string_at(0)
+    return x
+
+
+def test_a_worker_that_exits_fails_its_input_and_is_replaced(cluster: Cluster) -> None:
+    with pytest.raises(burla.WorkerDiedError, match=r"input #3 exited with code 3") as info:
+        remote_parallel_map(exits_on_three, range(6), spinner=False)
+    assert info.value.input_index == 3
+    wait_for(lambda: sum(n["stats"].get("idle", 0) for n in cluster.status()["nodes"]) == 4, 10, "4 idle workers")
+    assert remote_parallel_map(abs, range(-4, 0), spinner=False) == [4, 3, 2, 1]
+
+
+def test_a_segfault_names_the_signal(cluster: Cluster) -> None:
+    with pytest.raises(burla.WorkerDiedError, match=r"input #2 was killed by SIGSEGV \(segmentation fault\)"):
+        remote_parallel_map(segfaults_on_two, range(4), spinner=False)
+
+
+def hog_memory(x: int) -> int:
+    if x == 1:
+        blocks = []
+        for _ in range(40):
+            blocks.append(bytearray(25 * 1024 * 1024))  # grows to 1 GB, 25 MB at a time
+            time.sleep(0.01)
+    return x
+
+
+def test_a_call_over_func_ram_is_killed_and_named(cluster: Cluster) -> None:
+    with pytest.raises(burla.MemoryLimitError) as info:
+        remote_parallel_map(hog_memory, range(3), func_ram=0.3, spinner=False)
+    assert info.value.input_index == 1
+    assert "input #1" in str(info.value) and "func_ram of 0.3 GB" in str(info.value)
+
+
+def numbered(x: int) -> tuple[int, int]:
+    time.sleep(0.2)
+    return x, os.getpid()
+
+
+def test_an_agent_killed_mid_job_loses_nothing(own_cluster: Cluster) -> None:
+    results: list[tuple[int, int]] = []
+    thread = threading.Thread(target=lambda: results.extend(remote_parallel_map(numbered, range(60), spinner=False)))
+    thread.start()
+    wait_for(lambda: any(n["busy"] for n in own_cluster.status()["nodes"]), 10, "the job to start")
+    time.sleep(0.5)
+    own_cluster.kill_agent(0)  # the agent and its workers, mid-lease
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [x for x, _ in results] == list(range(60))  # every input once, in order
+    assert own_cluster.status()["daemon"].get("agents_expired", 0) == 1
+
+
+def test_burlad_restarted_mid_job_loses_nothing(own_cluster: Cluster) -> None:
+    results: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.extend(remote_parallel_map(numbered, range(60), spinner=False))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: any(n["busy"] for n in own_cluster.status()["nodes"]), 10, "the job to start")
+    time.sleep(0.5)
+    own_cluster.restart_daemon()  # SIGKILL, then a new burlad on the same state
+    thread.join(90)
+    assert not thread.is_alive() and not errors, errors
+    assert [x for x, _ in results] == list(range(60))
+    assert own_cluster.status()["daemon"].get("jobs_restored", 0) == 1
+
+
+CTRL_C_CLIENT = """
+import time
+from burla import remote_parallel_map
+def slow(x):
+    time.sleep(60)
+    return x
+print("starting", flush=True)
+try:
+    remote_parallel_map(slow, range(4), spinner=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    raise
+"""
+
+
+def test_ctrl_c_cancels_the_job_on_the_cluster(own_cluster: Cluster, tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CTRL_C_CLIENT)
+    with subprocess.Popen(
+        [sys.executable, str(script)], env={**os.environ, **own_cluster.client_env()}, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        wait_for(lambda: sum(n["busy"] for n in own_cluster.status()["nodes"]) == 4, 20, "4 busy workers")
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        wait_for(lambda: all(n["busy"] == 0 for n in own_cluster.status()["nodes"]), 5, "the workers freed")
+        freed = time.monotonic() - sent
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode != 0 and "interrupted" in out
+    assert freed < 1.5
+    wait_for(lambda: sum(n["stats"].get("idle", 0) for n in own_cluster.status()["nodes"]) == 4, 10, "fresh workers")
+    assert own_cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+
+
+def test_an_abandoned_generator_cancels_its_job(cluster: Cluster) -> None:
+    results = remote_parallel_map(numbered, range(200), generator=True, spinner=False)
+    next(results)
+    results.close()  # type: ignore[attr-defined]
+    wait_for(lambda: all(j["state"] != "running" for j in cluster.status()["jobs"]), 5, "the job cancelled")

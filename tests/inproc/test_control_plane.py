@@ -1,0 +1,229 @@
+"""The control plane on a real SQLite file, driven directly, with a clock we move by hand."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from burla.daemon.config import DaemonConfig
+from burla.daemon.errors import Conflict, NotFound, Unsatisfiable
+from burla.daemon.service import ControlPlane
+from burla.daemon.store import MIGRATIONS, SCHEMA_VERSION, Store
+from burla.schemas import messages as m
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def node(node_id: str, workers: int = 2, python: str = "3.11") -> m.NodeInfo:
+    return m.NodeInfo(
+        node_id, f"host-{node_id}", cpus=workers, ram_bytes=64 * 10**9, python_version=python, workers=workers
+    )
+
+
+def spec(job_id: str = "job1", function_hash: str = "", **kw: object) -> m.JobSpec:
+    return m.JobSpec(job_id, "f", function_hash or "hash-" + job_id, "3.11", func_ram=1.0, **kw)  # type: ignore[arg-type]
+
+
+def batch(seq: int, start: int, count: int) -> tuple[m.BatchMeta, memoryview]:
+    return m.BatchMeta(seq, start, count), memoryview(pickle.dumps(list(range(start, start + count))))
+
+
+def plane(path: Path, clock: Clock, **config: object) -> ControlPlane:
+    cfg = DaemonConfig(agent_timeout=10, poll_timeout=1, **config)  # type: ignore[arg-type]
+    return ControlPlane(Store(path / "burla.db"), cfg, clock=clock)
+
+
+def report(p: ControlPlane, agent: str, results: list[m.LeaseResult] = (), blobs: list[bytes] = (), running=(), **kw):  # type: ignore[no-untyped-def,assignment]
+    rep = m.AgentReport(boot_id=p.boot_id, ready_workers=kw.pop("ready", 2), running=tuple(running),
+                        results=tuple(results), **kw)  # fmt: skip
+    return p.report(agent, rep, [memoryview(b) for b in blobs])
+
+
+def result_for(lease: m.Lease, value: list[int] | None = None) -> tuple[m.LeaseResult, bytes]:
+    values = value if value is not None else [x * 10 for x in range(lease.lo, lease.hi)]
+    return m.LeaseResult(lease.lease_id, lease.job_id, lease.lo, len(values), 0.001, 0), pickle.dumps(values)
+
+
+def finished(p: ControlPlane, job_id: str) -> bool:
+    events = p.store.events_after(job_id, 0)
+    return bool(events) and events[-1][0].kind in (m.DONE, m.FAILED, m.CANCELLED)
+
+
+def drive(
+    p: ControlPlane, agent: str, job_id: str = "job1", ready: int = 2, first: m.Delivery | None = None
+) -> list[m.Lease]:
+    """Play a well-behaved agent until the job ends: run every lease delivered, report its result."""
+    delivered: list[m.Lease] = list(first.leases) if first else []
+    todo = list(delivered)
+    for _ in range(100):
+        results = [result_for(lease) for lease in todo]
+        d, _ = report(p, agent, [r for r, _ in results], [b for _, b in results], ready=ready)
+        delivered += d.leases
+        todo = list(d.leases)
+        if finished(p, job_id):
+            return delivered
+    raise AssertionError("the job did not finish")
+
+
+def results_events(p: ControlPlane, job_id: str) -> list[tuple[int, int]]:
+    return [(e.lo, e.hi) for e, _ in p.store.events_after(job_id, 0) if e.kind == m.RESULTS]
+
+
+async def test_a_job_runs_to_done_and_each_result_is_accepted_once(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    agent = p.register(node("a")).agent_id
+    p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    delivery, blobs = report(p, agent)
+    assert [(x.lo, x.hi) for x in delivery.leases] == [(0, 1), (1, 2)]  # probes: the call time is unknown
+    assert len(blobs) == 2  # the function and the batch, each sent once
+    results = [result_for(lease) for lease in delivery.leases]
+    second, blobs = report(p, agent, [r for r, _ in results], [b for _, b in results])
+    assert [(x.lo, x.hi) for x in second.leases] == [(2, 3), (3, 4)] and blobs == []  # the agent has them
+    report(p, agent, [r for r, _ in results], [b for _, b in results])  # a retried report: dropped
+    assert p.counters["results_dropped"] == 2
+    drive(p, agent, first=second)
+    assert sorted(results_events(p, "job1")) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert p.store.events_after("job1", 0)[-1][0].kind == m.DONE
+    p.create_job(spec("job2", function_hash="hash-job1"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    quick, _ = report(p, agent)
+    assert [(x.lo, x.hi) for x in quick.leases] == [(0, 2), (2, 4)]  # same function: its call time is known
+
+
+async def test_leases_of_a_silent_agent_run_elsewhere(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a")).agent_id
+    p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    first, _ = report(p, a)
+    assert first.leases
+    clock.now += 11
+    assert p.expire_agents() == [a]  # silent past agent_timeout: its leases go back to the queue
+    b = p.register(node("b")).agent_id
+    second, _ = report(p, b)
+    assert {(x.lo, x.hi) for x in second.leases} == {(x.lo, x.hi) for x in first.leases}
+    drive(p, b, first=second)
+    late = [result_for(lease) for lease in first.leases]  # a comes back from the dead
+    with pytest.raises(NotFound, match="register again"):
+        report(p, a, [r for r, _ in late], [blob for _, blob in late])
+    a2 = p.register(node("a")).agent_id
+    dropped = p.counters["results_dropped"]
+    report(p, a2, [r for r, _ in late], [blob for _, blob in late])
+    assert p.counters["results_dropped"] == dropped + len(late)
+    assert sorted(x for lo, hi in results_events(p, "job1") for x in range(lo, hi)) == [0, 1, 2, 3]
+
+
+async def test_a_restart_restores_running_jobs_and_requeues_what_agents_lost(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a", workers=1)).agent_id
+    p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 3), batch(1, 3, 3)], final_count=6)
+    delivery, _ = report(p, a, ready=1)
+    (held,) = delivery.leases
+    p.store.close()
+
+    q = plane(tmp_path, clock)  # burlad restarted on the same file
+    job = q.scheduler.jobs["job1"]
+    assert job.n_inputs == 6 and job.n_pending == 6 - (held.hi - held.lo)
+    assert set(job.leases) == {held.lease_id}
+    again, _ = report(q, a, ready=1, running=[])  # the agent does not hold it any more
+    assert [(x.lo, x.hi) for x in again.leases] == [(held.lo, held.hi)]  # requeued, and delivered again
+    drive(q, a, ready=1, first=again)
+    assert sorted(x for lo, hi in results_events(q, "job1") for x in range(lo, hi)) == list(range(6))
+    assert q.counters["jobs_restored"] == 1 and q.counters["leases_lost"] == 1
+
+
+async def test_an_error_fails_the_job_and_tells_other_agents_to_stop(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a", workers=1)).agent_id
+    b = p.register(node("b", workers=1)).agent_id
+    p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 8)], final_count=8)
+    da, _ = report(p, a, ready=1)
+    db, _ = report(p, b, ready=1)
+    (lease,) = da.leases
+    error = m.CallError(lease.lo, m.EXCEPTION, "builtins.ValueError", "boom", exc_blob=1)
+    failed = m.LeaseResult(lease.lease_id, "job1", lease.lo, 0, 0.1, 0, error)
+    report(p, a, [failed], [pickle.dumps([]), pickle.dumps(ValueError("boom"))], ready=1)
+    kinds = [e.kind for e, _ in p.store.events_after("job1", 0)]
+    assert kinds[-1] == m.FAILED
+    stop, _ = report(p, b, ready=1)
+    assert stop.cancel_jobs == ("job1",) and db.leases
+
+
+async def test_create_job_checks(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock, max_function_bytes=10)
+    p.register(node("a"))
+    with pytest.raises(Unsatisfiable, match="no node runs Python 3.12"):
+        p.create_job(m.JobSpec("j2", "f", "h", "3.12"), memoryview(b"fn"), [batch(0, 0, 1)], 1)
+    from burla.daemon.errors import TooLarge
+
+    with pytest.raises(TooLarge, match="over this cluster's limit"):
+        p.create_job(spec("j3"), memoryview(b"f" * 11), [batch(0, 0, 1)], 1)
+    p.create_job(spec("j4"), memoryview(b"fn"), [batch(0, 0, 1)], None)
+    p.create_job(spec("j4"), memoryview(b"fn"), [batch(0, 0, 1)], None)  # a retried create is harmless
+    p.cancel_job("j4", "test")
+    p.ack_job("j4")
+    with pytest.raises(NotFound):
+        p.job_status("j4")
+    p.create_job(spec("j5"), memoryview(b"fn"), [batch(0, 0, 1)], None)
+    p.cancel_job("j5", "test")
+    p.create_job(spec("j5"), memoryview(b"fn"), [batch(1, 1, 1)], None)  # a late retry does not revive it
+    assert p.job_status("j5").state == m.JOB_CANCELLED and p.job_status("j5").n_uploaded == 1
+    p.store.set_job_state("j5", m.JOB_CANCELLED, clock.now)
+    p.scheduler.forget_job("j5")  # finished, and gone from memory: the id is taken
+    with pytest.raises(Conflict, match="already exists"):
+        p.create_job(spec("j5"), memoryview(b"fn"), [batch(0, 0, 1)], None)
+
+
+async def test_output_past_the_limit_is_dropped_and_counted(tmp_path: Path) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock, max_log_bytes_per_job=100)
+    a = p.register(node("a", workers=1)).agent_id
+    p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 1)], final_count=1)
+    d, _ = report(p, a, ready=1)
+    chunks = tuple(m.LogChunk("job1", lines=2, nbytes=60, blob=i) for i in range(3))
+    r, payload = result_for(d.leases[0])
+    logs = [pickle.dumps([(0, m.STDOUT, "x" * 29 + "\n") * 2]) for _ in range(3)]
+    report(p, a, [m.LeaseResult(r.lease_id, r.job_id, r.lo, r.n_ok, r.elapsed, 3)], [*logs, payload], ready=1,
+           logs=chunks)  # fmt: skip
+    events = p.store.events_after("job1", 0)
+    assert [e.kind for e, _ in events].count(m.LOGS) == 1
+    notice = next(e for e, _ in events if e.kind == m.NOTICE)
+    assert "4 lines" in notice.data["message"] and "max_log_bytes_per_job" in notice.data["message"]
+
+
+def test_an_older_database_file_is_migrated(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    path = tmp_path / "burla.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    MIGRATIONS[0](db)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO tokens (role, token) VALUES ('admin', 'kept-admin-token')")
+    conn.close()
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert "standby" in store.db.table_names()
+    assert store.tokens()["admin"] == "kept-admin-token"
+
+
+def test_a_newer_database_file_is_refused(tmp_path: Path) -> None:
+    from burla.daemon.store import StoreError
+
+    store = Store(tmp_path / "burla.db")
+    store.conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this burlad"):
+        Store(tmp_path / "burla.db")

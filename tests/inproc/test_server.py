@@ -1,0 +1,132 @@
+"""A real burlad bound to 127.0.0.1 port 0 inside the test's nursery, with an in-process agent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from httpx_ws import aconnect_ws
+
+from burla.daemon.config import AgentConfig, DaemonConfig
+from burla.daemon.server import Running, serve
+from burla.node_agent.agent import Agent
+from burla.schemas import envelope
+from burla.schemas import messages as m
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, nursery: trio.Nursery) -> Running:
+    config = DaemonConfig(port=0, state_dir=str(tmp_path / "daemon"), poll_timeout=0.5, agent_timeout=3)
+    running: Running = await nursery.start(serve, config)
+    return running
+
+
+@pytest.fixture
+async def agent(daemon: Running, tmp_path: Path, nursery: trio.Nursery) -> Agent:
+    config = AgentConfig(url=daemon.url, token=daemon.node_token, workers=2, state_dir=str(tmp_path / "agent"))
+    started: Agent = await nursery.start(Agent(config).run)
+    with trio.fail_after(30):
+        while daemon.plane.scheduler.nodes[started.agent_id].stats.get("idle", 0) < 2:
+            await trio.sleep(0.05)
+    return started
+
+
+@pytest.fixture
+async def admin(daemon: Running) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.admin_token}"}) as c:
+        yield c
+
+
+async def test_health_needs_no_token_but_everything_else_does(daemon: Running) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url) as client:
+        health = await client.get("/v1/health")
+        assert health.status_code == 200 and health.json()["boot_id"] == daemon.plane.boot_id
+        assert (await client.get("/v1/info")).status_code == 401
+        r = await client.get("/v1/info", headers={"authorization": f"Bearer {daemon.admin_token}"})
+        assert r.status_code == 200 and r.json()["max_input_bytes"] == DaemonConfig().max_input_bytes
+
+
+async def test_remote_parallel_map_against_the_in_process_daemon(
+    daemon: Running, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from burla import remote_parallel_map
+
+    monkeypatch.setenv("BURLA_CLUSTER_URL", daemon.url)
+    monkeypatch.setenv("BURLA_API_KEY", daemon.admin_token)
+    results = await trio.to_thread.run_sync(lambda: remote_parallel_map(str, range(100), spinner=False))
+    assert results == [str(x) for x in range(100)]
+    assert daemon.plane.counters["results_accepted"] >= 2
+    assert agent.counters["leases_done"] >= 2 and agent.statistics()["workers"] == 2
+
+
+async def submit(admin: httpx.AsyncClient, job_id: str, values: list[Any]) -> None:
+    import pickle
+    import sys
+
+    import cloudpickle
+
+    fn = cloudpickle.dumps(abs)
+    spec = m.JobSpec(job_id, "abs", "h-abs", f"{sys.version_info[0]}.{sys.version_info[1]}")
+    header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, len(values)).to_wire()], "final_count": len(values)}
+    r = await admin.post(
+        "/v1/jobs",
+        content=envelope.pack(header, [fn, pickle.dumps(values)]),
+        headers={"content-type": envelope.CONTENT_TYPE},
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_the_events_socket_replays_after_a_sequence_and_acks(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    await submit(admin, "replay", [-1, -2, -3])
+    seen: list[dict[str, Any]] = []
+    async with aconnect_ws("/v1/events", admin) as ws:
+        await ws.send_text(json.dumps({"op": "subscribe", "job": "replay", "after": 0}))
+        with trio.fail_after(20):
+            while not seen or seen[-1]["kind"] != m.DONE:
+                header, _ = envelope.unpack(await ws.receive_bytes())
+                seen += header.get("events", [])
+        middle = seen[0]["seq"]
+        await ws.send_text(json.dumps({"op": "subscribe", "job": "replay", "after": middle}))
+        replay: list[dict[str, Any]] = []
+        with trio.fail_after(20):
+            while not replay or replay[-1]["kind"] != m.DONE:
+                header, _ = envelope.unpack(await ws.receive_bytes())
+                replay += header.get("events", [])
+        assert [e["seq"] for e in replay] == [e["seq"] for e in seen if e["seq"] > middle]
+        await ws.send_text(json.dumps({"op": "ack", "job": "replay"}))
+        with trio.fail_after(5):
+            while daemon.plane.store.job_exists("replay"):
+                await trio.sleep(0.02)
+    assert (await admin.get("/v1/jobs/replay")).status_code == 404
+
+
+async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, admin: httpx.AsyncClient) -> None:
+    import pickle
+    import sys
+    import time
+
+    import cloudpickle
+
+    fn = cloudpickle.dumps(time.sleep)
+    spec = m.JobSpec("slow", "sleep", "h-sleep", f"{sys.version_info[0]}.{sys.version_info[1]}")
+    header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, 2).to_wire()], "final_count": 2}
+    body = envelope.pack(header, [fn, pickle.dumps([60, 60])])
+    r = await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
+    assert r.status_code == 200
+    with trio.fail_after(10):
+        while len(agent.pool.busy()) < 2:
+            await trio.sleep(0.02)
+    started = trio.current_time()
+    assert (await admin.post("/v1/jobs/slow/cancel", json={"reason": "test"})).status_code == 200
+    with trio.fail_after(5):
+        while agent.pool.busy():
+            await trio.sleep(0.01)
+    assert trio.current_time() - started < 1.0
+    assert (await admin.get("/v1/jobs/slow")).json()["state"] == m.JOB_CANCELLED

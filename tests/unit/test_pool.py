@@ -1,0 +1,160 @@
+"""burla.node_agent.pool.WorkerPool: which worker runs which lease."""
+
+from __future__ import annotations
+
+from burla.node_agent.pool import SlotState, WorkerPool
+from burla.schemas import messages as m
+
+
+def lease(lease_id: int, job_id: str = "j1") -> m.Lease:
+    return m.Lease(lease_id, job_id, "hash", 0, 0, lease_id * 10, lease_id * 10 + 10)
+
+
+def started(pairs: list) -> list[tuple[int, int]]:  # type: ignore[type-arg]
+    """(slot index, lease id) of what the pool says to start."""
+    return [(slot.index, ls.lease_id) for slot, ls in pairs]
+
+
+def ready_pool(n: int) -> WorkerPool:
+    pool = WorkerPool(n)
+    for i in range(n):
+        assert pool.worker_ready(i) == []
+    return pool
+
+
+def test_new_pool_has_no_ready_workers() -> None:
+    pool = WorkerPool(3)
+    assert pool.ready() == 0
+    assert pool.held() == set()
+    assert all(s.state == SlotState.STARTING for s in pool.slots)
+    assert pool.statistics() == {"workers": 3, "queued_leases": 0, "starting": 3}
+
+
+def test_offer_before_any_worker_is_ready_queues() -> None:
+    pool = WorkerPool(2)
+    assert pool.offer([lease(1), lease(2)]) == []
+    assert [ls.lease_id for ls in pool.queue] == [1, 2]
+    assert pool.held() == {1, 2}
+    assert started(pool.worker_ready(1)) == [(1, 1)]  # the queued lease goes to the first ready worker
+    assert pool.slots[1].state == SlotState.BUSY
+    assert pool.ready() == 1
+    assert started(pool.worker_ready(0)) == [(0, 2)]
+    assert not pool.queue
+
+
+def test_offer_fills_idle_workers_and_queues_the_rest() -> None:
+    pool = ready_pool(2)
+    assert pool.ready() == 2
+    assert started(pool.offer([lease(1), lease(2), lease(3)])) == [(0, 1), (1, 2)]
+    assert [ls.lease_id for ls in pool.queue] == [3]
+    assert pool.held() == {1, 2, 3}
+    assert [s.index for s in pool.busy()] == [0, 1]
+    assert pool.statistics() == {"workers": 2, "queued_leases": 1, "busy": 2}
+
+
+def test_finished_starts_the_next_queued_lease() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1), lease(2), lease(3), lease(4)])
+    assert started(pool.finished(1)) == [(1, 3)]
+    assert pool.held() == {1, 3, 4}
+    assert started(pool.finished(0)) == [(0, 4)]
+    assert pool.held() == {3, 4}
+    assert pool.finished(0) == []
+    assert pool.slots[0].state == SlotState.IDLE
+    assert pool.slots[0].lease is None
+    assert pool.held() == {3}
+    assert pool.ready() == 2
+
+
+def test_died_returns_the_unsettled_lease() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1), lease(2)])
+    ls, memory = pool.died(0)
+    assert ls is not None and ls.lease_id == 1
+    assert memory is None
+    assert pool.slots[0].state == SlotState.STARTING
+    assert pool.slots[0].deaths == 1
+    assert pool.ready() == 1
+    assert pool.held() == {2}
+
+
+def test_died_while_idle_returns_nothing() -> None:
+    pool = ready_pool(1)
+    assert pool.died(0) == (None, None)
+    assert pool.slots[0].deaths == 1
+    assert pool.died(0) == (None, None)
+    assert pool.slots[0].deaths == 2
+    pool.worker_ready(0)
+    assert pool.slots[0].deaths == 0
+
+
+def test_queued_lease_waits_for_the_replacement_worker() -> None:
+    pool = ready_pool(1)
+    pool.offer([lease(1), lease(2)])
+    ls, _ = pool.died(0)
+    assert ls is not None and ls.lease_id == 1
+    assert [q.lease_id for q in pool.queue] == [2]  # not started on a dead worker
+    assert started(pool.worker_ready(0)) == [(0, 2)]
+
+
+def test_kill_for_memory_is_reported_by_died() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1)])
+    pool.kill_for_memory(0, rss=5_000, limit=4_000)
+    assert pool.slots[0].memory_kill == (5_000, 4_000)
+    ls, memory = pool.died(0)
+    assert ls is not None and ls.lease_id == 1
+    assert memory == (5_000, 4_000)
+    assert pool.slots[0].memory_kill is None
+    assert pool.died(0) == (None, None)  # the memory kill is reported once
+
+
+def test_kill_for_memory_of_an_idle_worker_is_ignored() -> None:
+    pool = ready_pool(2)
+    pool.kill_for_memory(1, rss=1, limit=0)
+    assert pool.slots[1].memory_kill is None
+    assert pool.died(1) == (None, None)
+
+
+def test_cancel_job_returns_its_busy_workers_and_drops_its_queued_leases() -> None:
+    pool = ready_pool(3)
+    pool.offer([lease(1, "a"), lease(2, "b"), lease(3, "a"), lease(4, "a"), lease(5, "b")])
+    victims = pool.cancel_job("a")
+    assert sorted(s.index for s in victims) == [0, 2]
+    assert all(s.state == SlotState.STOPPING for s in victims)
+    assert [ls.lease_id for ls in pool.queue] == [5]
+    assert pool.slots[1].state == SlotState.BUSY  # job b keeps running
+    assert pool.ready() == 1  # stopping workers take no lease
+    # a stopped worker's death does not hand its lease back: it is already settled
+    assert pool.died(0) == (None, None)
+    assert pool.slots[0].state == SlotState.STARTING
+    assert started(pool.worker_ready(0)) == [(0, 5)]
+
+
+def test_cancel_unknown_job_changes_nothing() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1), lease(2), lease(3)])
+    assert pool.cancel_job("other") == []
+    assert pool.held() == {1, 2, 3}
+    assert pool.ready() == 2
+
+
+def test_finished_on_a_stopping_worker_keeps_it_stopping() -> None:
+    pool = ready_pool(1)
+    pool.offer([lease(1), lease(2, "j2")])
+    pool.cancel_job("j1")
+    assert pool.finished(0) == []  # the lease of the cancelled job must not be followed on this worker
+    assert pool.slots[0].state == SlotState.STOPPING
+    assert [ls.lease_id for ls in pool.queue] == [2]
+
+
+def test_ready_counts_idle_and_busy() -> None:
+    pool = WorkerPool(4)
+    pool.worker_ready(0)
+    pool.worker_ready(1)
+    pool.offer([lease(1)])
+    assert pool.ready() == 2
+    pool.worker_ready(2)
+    assert pool.ready() == 3
+    pool.died(1)
+    assert pool.ready() == 2
