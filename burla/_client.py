@@ -142,6 +142,14 @@ class Client:
             raise error_from_response(r.status_code, r.text, "read the cluster's limits")
         return dict(r.json())
 
+    def _local_payloads(self) -> tuple[str, str, int] | None:
+        """The daemon's payload dir, its proof and inline limit, if this process can write there."""
+        from burla.schemas import local
+
+        info = self.limits.get("payloads") or {}
+        proof = local.read_probe(info.get("dir", ""), info.get("host", ""))
+        return (info["dir"], proof, int(info.get("inline_limit", 0))) if proof else None
+
     def close(self) -> None:
         with self._lock:
             if self._portal is not None:
@@ -201,7 +209,9 @@ class Client:
             max_parallelism=max_parallelism,
             client_version=__version__,
         )
-        job = JobRun(self._portal, self._http, self._events, spec, blob, first, batcher, spinner=spinner)
+        job = JobRun(
+            self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()
+        )
         job.start()
         if generator:
             return ResultIterator(job)

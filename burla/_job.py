@@ -17,16 +17,18 @@ unpickles results, raises failures, and turns Ctrl-C into a cancelled job.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import pickle
 import queue
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from burla.schemas import envelope
+from burla.schemas import envelope, local
 from burla.schemas import messages as m
 
 from ._client import RECONNECT_SECONDS, error_from_response
@@ -34,6 +36,7 @@ from ._events import EventStream
 from ._pickling import InputBatcher
 from ._remote_errors import rebuild
 from ._spinner import Spinner
+from ._trace import trace
 from .errors import BurlaError, ClusterUnavailableError, JobCancelledError
 
 UPLOADS_IN_FLIGHT = 2
@@ -52,6 +55,7 @@ class JobRun:
         first: tuple[m.BatchMeta, bytes],
         batcher: InputBatcher,
         spinner: bool = True,
+        local_payloads: tuple[str, str, int] | None = None,
     ) -> None:
         self.portal = portal
         self.http = http
@@ -60,6 +64,7 @@ class JobRun:
         self.function_blob = function_blob
         self.first = first
         self.batcher = batcher
+        self.local_payloads = local_payloads  # (dir, proof, inline limit): large batches go as files
         self.spinner = Spinner(spinner, spec.function_name)
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.after = 0  # the last event seen
@@ -136,6 +141,7 @@ class JobRun:
             if event.seq <= self.after:
                 continue  # seen before a reconnect
             self.after = event.seq
+            trace("client", f"event {event.kind} [{event.lo},{event.hi})")
             blob = bytes(blobs[event.blob]) if event.blob is not None else None
             self._take(event, blob)
             if event.kind in _TERMINAL:
@@ -153,8 +159,10 @@ class JobRun:
         deadline = trio.current_time() + RECONNECT_SECONDS
         backoff = 0.02
         while True:
+            trace("client", f"post {path[-20:]} {len(content)}")
             try:
                 r = await self.http.post(path, content=content, headers={"content-type": content_type})
+                trace("client", f"posted {path[-20:]} {r.status_code}")
             except httpx.TransportError as e:
                 if trio.current_time() > deadline:
                     raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
@@ -171,11 +179,26 @@ class JobRun:
     async def _post_json(self, path: str, body: dict[str, Any]) -> None:
         await self._post(path, json.dumps(body).encode(), "application/json", "cancel the job")
 
+    def _place(self, batch: tuple[m.BatchMeta, bytes]) -> tuple[m.BatchMeta, list[bytes]]:
+        """A batch as it goes up: in the body, or as a file in the daemon's payload dir (same host)."""
+        meta, payload = batch
+        if self.local_payloads is None or len(payload) <= self.local_payloads[2]:
+            return meta, [payload]
+        ref = local.batch_ref(self.job_id, meta.seq)
+        local.write_file(Path(self.local_payloads[0]) / ref, payload)
+        return dataclasses.replace(meta, payload_ref=ref), []
+
+    def _header(self, metas: list[m.BatchMeta], final: int | None) -> dict[str, Any]:
+        header: dict[str, Any] = {"batches": [meta.to_wire() for meta in metas], "final_count": final}
+        if self.local_payloads is not None and any(meta.payload_ref for meta in metas):
+            header["payload_proof"] = self.local_payloads[1]
+        return header
+
     async def _upload(self) -> None:
-        meta, payload = self.first
+        meta, blobs = self._place(self.first)
         final = self.batcher.count if self.batcher.exhausted else None
-        header = {"spec": self.spec.to_wire(), "batches": [meta.to_wire()], "final_count": final}
-        await self._post("/v1/jobs", envelope.pack(header, [self.function_blob, payload]),
+        header = {"spec": self.spec.to_wire(), **self._header([meta], final)}
+        await self._post("/v1/jobs", envelope.pack(header, [self.function_blob, *blobs]),
                          envelope.CONTENT_TYPE, "create the job")  # fmt: skip
         self._created = True
         self.first = (meta, b"")  # let the first batch go
@@ -185,17 +208,20 @@ class JobRun:
         async with trio.open_nursery() as nursery:
             while final is None:
                 await slots.acquire()
-                batch = await trio.to_thread.run_sync(self.batcher.next_batch)
+                placed = await trio.to_thread.run_sync(self._next_placed)
                 final = self.batcher.count if self.batcher.exhausted else None
-                nursery.start_soon(self._send_batch, batch, final, slots)
+                nursery.start_soon(self._send_batch, placed, final, slots)
+
+    def _next_placed(self) -> tuple[m.BatchMeta, list[bytes]] | None:
+        batch = self.batcher.next_batch()
+        return None if batch is None else self._place(batch)
 
     async def _send_batch(
-        self, batch: tuple[m.BatchMeta, bytes] | None, final: int | None, slots: trio.Semaphore
+        self, placed: tuple[m.BatchMeta, list[bytes]] | None, final: int | None, slots: trio.Semaphore
     ) -> None:
         try:
-            metas = [batch[0].to_wire()] if batch else []
-            blobs = [batch[1]] if batch else []
-            body = envelope.pack({"batches": metas, "final_count": final}, blobs)
+            metas, blobs = ([placed[0]], placed[1]) if placed else ([], [])
+            body = envelope.pack(self._header(metas, final), blobs)
             await self._post(f"/v1/jobs/{self.job_id}/inputs", body, envelope.CONTENT_TYPE, "upload inputs")
         finally:
             slots.release()

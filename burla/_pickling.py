@@ -26,6 +26,7 @@ from burla.schemas import messages as m
 from .errors import NotCallableError, NotIterableError, TooLargeError, UnpicklableError
 
 FIRST_BATCH_INPUTS = 1024
+PROBE_INPUTS = 1  # pickle one input first: its size decides how many more to take
 MAX_BATCH_INPUTS = 100_000
 TARGET_BATCH_BYTES = 2 * 1024 * 1024
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -116,8 +117,9 @@ class InputBatcher:
         self.max_input_bytes = max_input_bytes
         self.count = 0  # inputs taken so far
         self.seq = 0
-        self.exhausted = False  # next_batch() has returned None
+        self.exhausted = False  # no batch is left: the last one has been returned
         self.drained = False  # the iterable has no more items (some may still be carried over)
+        self._per_item: float | None = None  # pickled bytes per input, once measured
         self._batch_inputs = FIRST_BATCH_INPUTS
         self._carry: list[Any] = []
 
@@ -132,27 +134,50 @@ class InputBatcher:
         """The next batch, or None once the iterable is exhausted."""
         if self.exhausted:
             return None
-        want = max(0, self._batch_inputs - len(self._carry))
-        taken = list(itertools.islice(self._it, want))
-        items = self._carry + taken
-        self._carry = []
-        self.drained = self.drained or len(taken) < want
+        items, self._carry = self._carry, []
+        if self._per_item is None:
+            # Sizes unknown: pickle a few inputs first, so 4 MiB inputs are not pickled a thousand at a time.
+            items += self._take(PROBE_INPUTS - len(items))
+            if not items:
+                self.exhausted = True
+                return None
+            probe = self._pickle(items, self.count)
+            self._per_item = len(probe) / len(items)
+            want = min(self._batch_inputs, self._count_for(self._per_item))
+            if want <= len(items) or self.drained:
+                return self._emit(items, probe)
+            items += self._take(want - len(items))
+        else:
+            items += self._take(self._batch_inputs - len(items))
         if not items:
             self.exhausted = True
             return None
-        payload = self._pickle(items, self.count)
+        return self._emit(items, self._pickle(items, self.count))
+
+    def _take(self, n: int) -> list[Any]:
+        taken = list(itertools.islice(self._it, max(0, n)))
+        self.drained = self.drained or len(taken) < n
+        return taken
+
+    @staticmethod
+    def _count_for(per_item: float) -> int:
+        return max(1, min(MAX_BATCH_INPUTS, int(TARGET_BATCH_BYTES / max(per_item, 1.0))))
+
+    def _emit(self, items: list[Any], payload: bytes) -> tuple[m.BatchMeta, bytes]:
         if len(items) > 1 and len(payload) > 2 * TARGET_BATCH_BYTES:
             # a few large inputs: send fewer per batch; the rest waits for the next one
             keep = max(1, int(len(items) * TARGET_BATCH_BYTES / len(payload)))
             self._carry = items[keep:]
             items = items[:keep]
             payload = self._pickle(items, self.count)
+        if not self._carry and not self.drained:
+            self._carry = self._take(1)  # peek: the last batch should know it is the last
         meta = m.BatchMeta(self.seq, self.count, len(items))
-        self.exhausted = self.drained and not self._carry
         self.seq += 1
         self.count += len(items)
-        per_item = len(payload) / len(items)
-        self._batch_inputs = max(1, min(MAX_BATCH_INPUTS, int(TARGET_BATCH_BYTES / max(per_item, 1.0))))
+        self.exhausted = self.drained and not self._carry
+        self._per_item = len(payload) / len(items)
+        self._batch_inputs = self._count_for(self._per_item)
         return meta, payload
 
     def check_sizes(self, batch: tuple[m.BatchMeta, bytes]) -> None:

@@ -76,14 +76,24 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     def batches_of(
         header: dict[str, Any], blobs: list[memoryview], first_blob: int
-    ) -> list[tuple[m.BatchMeta, memoryview]]:
+    ) -> list[tuple[m.BatchMeta, memoryview | None]]:
         metas = header.get("batches", [])
         if not isinstance(metas, list):
             raise BadRequest("'batches' must be a list")
-        out = []
-        for i, meta in enumerate(metas):
-            out.append((m.BatchMeta.from_wire(meta), blobs_at(blobs, first_blob + i, f"batch {i}")))
+        out: list[tuple[m.BatchMeta, memoryview | None]] = []
+        next_blob = first_blob
+        for i, wire in enumerate(metas):
+            meta = m.BatchMeta.from_wire(wire)
+            if meta.payload_ref:  # written by the client into the payload dir (schemas.local)
+                out.append((meta, None))
+            else:
+                out.append((meta, blobs_at(blobs, next_blob, f"batch {i}")))
+                next_blob += 1
         return out
+
+    def proof(header: dict[str, Any]) -> str:
+        value = header.get("payload_proof", "")
+        return value if isinstance(value, str) else ""
 
     def final_count(header: dict[str, Any]) -> int | None:
         value = header.get("final_count")
@@ -121,6 +131,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 "max_input_bytes": config.max_input_bytes,
                 "python_versions": sorted({n.info.python_version for n in plane.scheduler.nodes.values()}),
                 "nodes": len(plane.scheduler.nodes),
+                "payloads": plane.payload_info(),
             }
         )
 
@@ -130,14 +141,14 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         header, blobs = await read_envelope()
         spec = m.JobSpec.from_wire(header.get("spec"))
         fn = blobs_at(blobs, 0, "function")
-        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header))
+        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header), proof(header))
         return _json({"job_id": spec.job_id})
 
     @app.post("/v1/jobs/<job_id>/inputs")
     async def add_inputs(job_id: str) -> Response:
         check_token(request.headers, ADMIN)
         header, blobs = await read_envelope()
-        plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header))
+        plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header), proof(header))
         return _json({"ok": True})
 
     @app.post("/v1/jobs/<job_id>/cancel")

@@ -47,6 +47,7 @@ class DaemonConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     state_dir: str = ""  # default: $BURLA_HOME/daemon or ~/.local/state/burla/daemon
+    payload_dir: str = ""  # large inputs and results, one file each; default: <state_dir>/payloads
     public_url: str = ""  # the URL agents use to reach this daemon, when it differs
     poll_timeout: float = 2 * SECONDS  # how long an agent's long-poll waits for work
     agent_timeout: float = 10 * SECONDS  # silence after which an agent's leases run elsewhere

@@ -50,6 +50,14 @@ def run_embedded(config: Config) -> None:
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(state_dir)
+    if not config.daemon.payload_dir:
+        # Client and cluster share this machine, so a job cannot outlive a reboot: its payloads only
+        # need to outlive a crash of burlad, and memory (tmpfs) is many times faster than the disk.
+        from .payloads import ram_backed_dir
+
+        ram = ram_backed_dir("payloads")
+        if ram is not None:
+            config.daemon.payload_dir = str(ram)
     config.daemon.admin_token = config.daemon.admin_token or tokens["admin"]
     config.daemon.node_token = config.daemon.node_token or tokens["node"]
 

@@ -65,7 +65,7 @@ async def serve(
     """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(state_dir / "burla.db")
+    store = Store(state_dir / "burla.db", config.payload_dir or None)
     try:
         plane = ControlPlane(store, config)
         write_private(state_dir / "tokens.json", plane.tokens)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hmac
 import logging
 import time
 import uuid
@@ -21,6 +22,8 @@ from typing import Any
 
 import trio
 
+from burla._trace import trace
+from burla.schemas import local
 from burla.schemas import messages as m
 
 from .config import DaemonConfig
@@ -46,6 +49,7 @@ class AgentLink:
     sent_batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(
         default_factory=collections.OrderedDict
     )
+    reads_payloads: bool = False  # on this host, and proved it reads the payload dir
 
     def notify(self) -> None:
         self.wake.set()
@@ -108,13 +112,14 @@ class ControlPlane:
         self,
         spec: m.JobSpec,
         function_blob: memoryview,
-        batches: Sequence[tuple[m.BatchMeta, memoryview]],
+        batches: Sequence[tuple[m.BatchMeta, memoryview | None]],
         final_count: int | None,
+        payload_proof: str = "",
     ) -> None:
         self.last_activity = self.clock()
         if self.store.job_exists(spec.job_id):
             if spec.job_id in self.scheduler.jobs:  # a retried request: take the batches it carried
-                self.add_inputs(spec.job_id, batches, final_count)
+                self.add_inputs(spec.job_id, batches, final_count, payload_proof)
                 return
             raise Conflict(f"job {spec.job_id} already exists and has finished")
         if len(function_blob) > self.config.max_function_bytes:
@@ -129,21 +134,37 @@ class ControlPlane:
         reason = self.scheduler.infeasible(spec)
         if reason:
             raise Unsatisfiable(reason)
-        self._check_batches(batches)
+        self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
         self.feeds[spec.job_id] = JobFeed()
         self.counters["jobs"] += 1
         self._job_created.set()
         self._job_created = trio.Event()
-        self.add_inputs(spec.job_id, batches, final_count)
+        self.add_inputs(spec.job_id, batches, final_count, payload_proof)
 
-    def _check_batches(self, batches: Sequence[tuple[m.BatchMeta, memoryview]]) -> None:
+    def _check_batches(
+        self, job_id: str, batches: Sequence[tuple[m.BatchMeta, memoryview | None]], payload_proof: str
+    ) -> None:
         for meta, payload in batches:
             if meta.count < 0 or meta.start < 0:
                 raise BadRequest(f"batch {meta.seq}: negative start or count")
-            if len(payload) > self.config.max_input_bytes * max(1, meta.count):
+            if meta.payload_ref:
+                payloads = self.store.payloads
+                if not payload_proof or not hmac.compare_digest(payload_proof, payloads.secret):
+                    raise BadRequest(f"batch {meta.seq}: a payload_ref needs the payload directory's proof")
+                if meta.payload_ref != local.batch_ref(job_id, meta.seq) or not payloads.exists(meta.payload_ref):
+                    raise BadRequest(f"batch {meta.seq}: no payload file {meta.payload_ref!r} for this job")
+                size = (payloads.root / meta.payload_ref).stat().st_size
+            else:
+                size = len(payload) if payload is not None else 0
+            if size > self.config.max_input_bytes * max(1, meta.count):
                 raise TooLarge(f"batch {meta.seq} is over the input size limit")
+
+    def payload_info(self) -> dict[str, Any]:
+        """Where large payloads live, for clients on this host (schemas.local)."""
+        payloads = self.store.payloads
+        return {"host": payloads.host, "dir": str(payloads.root), "inline_limit": payloads.inline_limit}
 
     def _job(self, job_id: str) -> JobState:
         job = self.scheduler.jobs.get(job_id)
@@ -154,13 +175,18 @@ class ControlPlane:
         return job
 
     def add_inputs(
-        self, job_id: str, batches: Sequence[tuple[m.BatchMeta, memoryview]], final_count: int | None
+        self,
+        job_id: str,
+        batches: Sequence[tuple[m.BatchMeta, memoryview | None]],
+        final_count: int | None,
+        payload_proof: str = "",
     ) -> None:
         self.last_activity = self.clock()
+        trace("daemon", f"inputs {job_id[:8]} {[b.seq for b, _ in batches]} final={final_count}")
         job = self._job(job_id)
         if job.state != m.RUNNING:
             return  # a failed or cancelled job takes no more inputs; the client learns why from its events
-        self._check_batches(batches)
+        self._check_batches(job_id, batches, payload_proof)
         new = {b.seq for b in self.scheduler.add_batches(job_id, [b for b, _ in batches], final_count)}
         self.store.add_batches(job_id, [(b, p) for b, p in batches if b.seq in new], final_count)
         if job.complete():
@@ -252,7 +278,15 @@ class ControlPlane:
         self.counters["agents_registered"] += 1
         log.info("agent %s registered: %s, %d CPUs, %d workers", agent_id, info.hostname, info.cpus, info.workers)
         self._dispatch()
-        return m.Registered(agent_id, self.boot_id, self.config.poll_timeout, self.config.agent_timeout)
+        payloads = self.store.payloads
+        return m.Registered(
+            agent_id,
+            self.boot_id,
+            self.config.poll_timeout,
+            self.config.agent_timeout,
+            payload_host=payloads.host,
+            payload_dir=str(payloads.root),
+        )
 
     def _link(self, agent_id: str) -> AgentLink:
         link = self.links.get(agent_id)
@@ -265,6 +299,8 @@ class ControlPlane:
     ) -> tuple[m.Delivery, list[bytes]]:
         """Take an agent's results and logs; return whatever waits for it, without waiting."""
         link = self._link(agent_id)
+        if report.payload_proof:
+            link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
         self.scheduler.touch_node(agent_id, self.clock(), report.ready_workers, report.stats)
         for chunk in report.logs:  # lines printed by a lease come before its result
             self._append_logs(chunk, blobs)
@@ -299,9 +335,11 @@ class ControlPlane:
         if not leases and not cancels:
             return m.Delivery(self.boot_id), []
         link.delivery_seq += 1
+        trace("daemon", f"deliver {link.agent_id[:6]} leases={[(a.lease.lo, a.lease.hi) for a in leases]}")
         blobs: list[bytes] = []
         functions: dict[str, int] = {}
         batches: list[list[Any]] = []
+        batch_refs: list[list[Any]] = []
         for active in leases:
             active.delivered = link.delivery_seq
             lease = active.lease
@@ -312,8 +350,11 @@ class ControlPlane:
                     blobs.append(blob)
             key = (lease.job_id, lease.batch_seq)
             if key not in link.sent_batches:
-                payload = self.store.batch_payload(*key)
-                if payload is not None:
+                ref = self.store.batch_ref(*key) if link.reads_payloads else None
+                payload = None if ref else self.store.batch_payload(*key)
+                if ref:
+                    batch_refs.append([lease.job_id, lease.batch_seq, ref])
+                elif payload is not None:
                     batches.append([lease.job_id, lease.batch_seq, len(blobs)])
                     blobs.append(payload)
                 link.sent_batches[key] = None
@@ -330,6 +371,7 @@ class ControlPlane:
             cancels,
             functions,
             tuple(batches),
+            tuple(batch_refs),
         )
         return delivery, blobs
 
@@ -353,6 +395,7 @@ class ControlPlane:
 
     def _accept(self, agent_id: str, result: m.LeaseResult, blobs: Sequence[memoryview]) -> None:
         now = self.clock()
+        trace("daemon", f"result lease={result.lease_id} lo={result.lo} n={result.n_ok}")
         error = result.error
         c: Completion = self.scheduler.complete(
             result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error is not None, now
@@ -399,6 +442,7 @@ class ControlPlane:
         issued = self.scheduler.assign(self.clock())
         if not issued:
             return
+        trace("daemon", f"dispatch {[(a.agent_id[:6], a.lease.lo, a.lease.hi) for a in issued]}")
         self.store.put_leases([(a.lease, a.agent_id) for a in issued])
         self.counters["leases_issued"] += len(issued)
         for active in issued:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,8 +26,9 @@ import sqlite_utils
 from burla.schemas import messages as m
 
 from .config import new_token
+from .payloads import PayloadStore
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(RuntimeError):
@@ -71,14 +73,21 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["standby"].create({"image": str, "python_version": str, "per_cpu": float, "position": int}, pk="image")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    # Large payloads move to files (see payloads.py): a row names its file instead.
+    db["batches"].add_column("payload_ref", str)
+    db["events"].add_column("payload_ref", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, payload_dir: str | Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.payloads = PayloadStore(Path(payload_dir) if payload_dir else self.path.parent / "payloads")
         try:
             self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
@@ -90,6 +99,7 @@ class Store:
         self.db = sqlite_utils.Database(self.conn)
         self._depth = 0
         self.migrate()
+        self.payloads.sweep(r[0] for r in self.conn.execute("SELECT job_id FROM jobs"))
 
     def close(self) -> None:
         self.conn.close()
@@ -199,27 +209,54 @@ class Store:
         return None if blob is None else bytes(blob)
 
     def add_batches(
-        self, job_id: str, batches: Iterable[tuple[m.BatchMeta, bytes | memoryview]], final_count: int | None
+        self, job_id: str, batches: Iterable[tuple[m.BatchMeta, bytes | memoryview | None]], final_count: int | None
     ) -> None:
+        rows = []
+        for b, payload in batches:
+            if b.payload_ref:  # the client wrote the file itself (see schemas.local)
+                rows.append((job_id, b.seq, b.start, b.count, None, b.payload_ref))
+            elif payload is not None and self.payloads.is_large(payload):  # written before its row commits
+                rows.append((job_id, b.seq, b.start, b.count, None, self.payloads.put(job_id, f"b{b.seq}", payload)))
+            else:
+                rows.append((job_id, b.seq, b.start, b.count, payload, None))
         with self.tx() as c:
             c.executemany(
-                "INSERT OR IGNORE INTO batches (job_id, seq, start, count, payload) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, b.seq, b.start, b.count, payload) for b, payload in batches],
+                "INSERT OR IGNORE INTO batches (job_id, seq, start, count, payload, payload_ref)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
             )
             if final_count is not None:
                 c.execute("UPDATE jobs SET n_inputs = ? WHERE job_id = ?", (final_count, job_id))
 
+    def batch_ref(self, job_id: str, seq: int) -> str | None:
+        """The file a batch lives in, if it is kept as a file."""
+        ref = self._one("SELECT payload_ref FROM batches WHERE job_id = ? AND seq = ?", (job_id, seq))
+        return str(ref) if ref else None
+
     def batch_payload(self, job_id: str, seq: int) -> bytes | None:
-        blob = self._one("SELECT payload FROM batches WHERE job_id = ? AND seq = ?", (job_id, seq))
-        return None if blob is None else bytes(blob)
+        row = self.conn.execute(
+            "SELECT payload, payload_ref FROM batches WHERE job_id = ? AND seq = ?", (job_id, seq)
+        ).fetchone()
+        if row is None:
+            return None
+        return self.payloads.get(row[1]) if row[1] else bytes(row[0])
 
     def set_job_state(self, job_id: str, state: str, now: float) -> None:
+        """Record a job's state; a finished job's inputs and leases are dropped."""
+        finished = state in m.FINISHED_STATES
         with self.tx() as c:
-            finished = now if state in m.FINISHED_STATES else None
-            c.execute("UPDATE jobs SET state = ?, finished = ? WHERE job_id = ?", (state, finished, job_id))
-            if state in m.FINISHED_STATES:
-                c.execute("DELETE FROM batches WHERE job_id = ?", (job_id,))
-                c.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+            c.execute(
+                "UPDATE jobs SET state = ?, finished = ? WHERE job_id = ?", (state, now if finished else None, job_id)
+            )
+            if not finished:
+                return
+            refs = c.execute(
+                "SELECT payload_ref FROM batches WHERE job_id = ? AND payload_ref IS NOT NULL", (job_id,)
+            ).fetchall()
+            c.execute("DELETE FROM batches WHERE job_id = ?", (job_id,))
+            c.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+        for (ref,) in refs:
+            (self.payloads.root / ref).unlink(missing_ok=True)
 
     def delete_job(self, job_id: str) -> None:
         with self.tx() as c:
@@ -228,6 +265,7 @@ class Store:
             c.execute(
                 "DELETE FROM functions WHERE hash NOT IN (SELECT json_extract(spec, '$.function_hash') FROM jobs)"
             )
+        self.payloads.delete_job(job_id)
 
     def finished_jobs_before(self, cutoff: float) -> list[str]:
         rows = self.conn.execute(
@@ -312,10 +350,14 @@ class Store:
         data: dict[str, Any] | None = None,
         payload: bytes | memoryview | None = None,
     ) -> int:
+        ref = None
+        if payload is not None and self.payloads.is_large(payload):
+            ref = self.payloads.put(job_id, f"e{kind[0]}{lo}-{hi}-{secrets.token_hex(4)}", payload)
+            payload = None
         with self.tx() as c:
             cur = c.execute(
-                "INSERT INTO events (job_id, kind, lo, hi, data, payload) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, kind, lo, hi, json.dumps(data) if data else None, payload),
+                "INSERT INTO events (job_id, kind, lo, hi, data, payload, payload_ref) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, lo, hi, json.dumps(data) if data else None, payload, ref),
             )
             return int(cur.lastrowid or 0)
 
@@ -324,10 +366,13 @@ class Store:
         out: list[tuple[m.Event, bytes | None]] = []
         total = 0
         cursor = self.conn.execute(
-            "SELECT seq, kind, lo, hi, data, payload FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, kind, lo, hi, data, payload, payload_ref FROM events WHERE job_id = ? AND seq > ?"
+            " ORDER BY seq",
             (job_id, after),
         )
-        for seq, kind, lo, hi, data, payload in cursor:
+        for seq, kind, lo, hi, data, payload, ref in cursor:
+            if ref:
+                payload = self.payloads.get(ref)
             out.append((m.Event(seq, kind, lo, hi, json.loads(data) if data else {}), payload))
             total += len(payload or b"")
             if total >= max_bytes:

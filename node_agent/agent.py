@@ -31,8 +31,9 @@ import httpx
 import trio
 
 import burla
+from burla._trace import trace
 from burla.daemon.config import AgentConfig
-from burla.schemas import envelope
+from burla.schemas import envelope, local
 from burla.schemas import messages as m
 from burla.schemas import worker as proto
 
@@ -154,6 +155,9 @@ class Agent:
         self.batches: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
         self.batch_bytes = 0
         self.unacked: set[int] = set()  # leases whose results are sent but not yet acknowledged
+        self.payload_dir = ""
+        self.payload_proof = ""
+        self.batch_files: dict[tuple[str, int], str] = {}  # batches readable as files on this host
         self.counters: collections.Counter[str] = collections.Counter()
         self._hello: dict[str, trio.MemorySendChannel[FrameStream]] = {}
         self._registered = trio.Event()
@@ -234,6 +238,9 @@ class Agent:
             reg = m.Registered.from_wire(r.json())
             self.agent_id, self.boot_id, self.ack = reg.agent_id, reg.boot_id, 0
             self.poll_timeout = reg.poll_timeout
+            # on the daemon's host, large batches are read from its payload files instead of HTTP
+            self.payload_dir = reg.payload_dir
+            self.payload_proof = local.read_probe(reg.payload_dir, reg.payload_host) or ""
             self.counters["registrations"] += 1
             log.info("registered with %s as agent %s (%d workers)", self.config.url, self.agent_id, self.info.workers)
             self._registered.set()
@@ -250,11 +257,13 @@ class Agent:
             "results": list(results),
             "logs": list(logs),
             "stats": self.statistics(),
+            "payload_proof": self.payload_proof,
         }
 
     async def _post(self, route: str, header: dict[str, Any], blobs: Sequence[Any]) -> None:
         """POST a report to the daemon and take in what it delivers back."""
         agent_id = self.agent_id
+        trace("agent", f"{route} send results={[r['lease_id'] for r in header['results']]}")
         try:
             r = await self.http.post(
                 f"/v1/agents/{agent_id}/{route}",
@@ -273,6 +282,7 @@ class Agent:
         if r.status_code != 200:
             raise DaemonUnavailable(f"HTTP {r.status_code}: {r.text[:200]}")
         head, out = envelope.unpack(r.content)
+        trace("agent", f"{route} answered leases={[(x['lo'], x['hi']) for x in head.get('leases', [])]}")
         self._take_delivery(m.Delivery.from_wire(head), out)
 
     async def _poll_loop(self) -> None:
@@ -318,6 +328,8 @@ class Agent:
                 self.functions.popitem(last=False)
         for job_id, seq, i in delivery.batches:
             self._keep_batch((job_id, seq), blobs[i])
+        for job_id, seq, ref in delivery.batch_refs:
+            self.batch_files[(job_id, seq)] = str(Path(self.payload_dir) / ref)
         for job_id in delivery.cancel_jobs:
             self._cancel_job(job_id)
         self.counters["leases_received"] += len(delivery.leases)
@@ -339,6 +351,8 @@ class Agent:
                 conn.proc.kill()
         for key in [k for k in self.batches if k[0] == job_id]:
             self.batch_bytes -= len(self.batches.pop(key))
+        for key in [k for k in self.batch_files if k[0] == job_id]:
+            del self.batch_files[key]
         self.counters["jobs_cancelled"] += 1
 
     async def _fetch(self, path: str) -> bytes:
@@ -377,6 +391,7 @@ class Agent:
             "hi": lease.hi,
             "function_blob": None,
             "batch_blob": None,
+            "batch_file": None,
         }
         blobs: list[Any] = []
         key = (lease.job_id, lease.batch_seq)
@@ -389,17 +404,22 @@ class Agent:
                 header["function_blob"] = len(blobs)
                 blobs.append(fn)
             if key not in conn.batches:
-                batch = self.batches.get(key)
-                if batch is None:
-                    batch = await self._fetch(f"batches/{lease.job_id}/{lease.batch_seq}")
-                    self._keep_batch(key, batch)
-                header["batch_blob"] = len(blobs)
-                blobs.append(batch)
+                path = self.batch_files.get(key)
+                if path is not None and self.runtime.worker_path(path) is not None and os.path.exists(path):
+                    header["batch_file"] = self.runtime.worker_path(path)  # the worker reads it itself
+                else:
+                    batch = self.batches.get(key)
+                    if batch is None:
+                        batch = await self._fetch(f"batches/{lease.job_id}/{lease.batch_seq}")
+                        self._keep_batch(key, batch)
+                    header["batch_blob"] = len(blobs)
+                    blobs.append(batch)
         except LookupError:  # the job ended meanwhile: nothing to run
             self._settle(index, lease)
             return
         if self.pool.slots[index].lease is not lease or self.conns.get(index) is not conn:
             return  # cancelled or the worker died while we fetched
+        trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
         try:
             await conn.stream.send(header, blobs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -408,7 +428,7 @@ class Agent:
             conn.functions[lease.function_hash] = None
             while len(conn.functions) > _FUNCTIONS_KEPT:
                 conn.functions.popitem(last=False)
-        if header["batch_blob"] is not None:
+        if header["batch_blob"] is not None or header["batch_file"] is not None:
             conn.batches[key] = None
             while len(conn.batches) > _WORKER_BATCHES_KEPT:
                 conn.batches.popitem(last=False)
@@ -538,6 +558,7 @@ class Agent:
                 chunk = {"job_id": header["job_id"], "lines": header["lines"], "nbytes": header["nbytes"]}
                 await self.outbox.add_logs(chunk, blobs[0])
             elif kind == proto.DONE:
+                trace("agent", f"done w{conn.slot} lease={header['lease_id']}")
                 slot = self.pool.slots[conn.slot]
                 lease = slot.lease
                 if lease is None or lease.lease_id != header["lease_id"] or slot.state != SlotState.BUSY:

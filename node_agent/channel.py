@@ -19,9 +19,10 @@ class FrameStream:
         self._send_lock = trio.Lock()
 
     async def send(self, header: dict[str, Any], blobs: Sequence[bytes | memoryview] = ()) -> None:
-        data = envelope.frame(header, blobs)
-        async with self._send_lock:
-            await self.stream.send_all(data)
+        pieces = envelope.parts(header, blobs, framed=True)
+        async with self._send_lock:  # a frame's pieces go out back to back, uncopied
+            for piece in pieces:
+                await self.stream.send_all(piece)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buffer) < n:

@@ -70,5 +70,8 @@ class ProcessRuntime(Runtime):
         )
         return _Process(proc)
 
+    def worker_path(self, host_path: str) -> str | None:
+        return host_path  # same host, same user: workers read the agent's files as they are
+
     def statistics(self) -> dict[str, Any]:
         return {"runtime": self.name, "python": self.python, "python_version": self._version}

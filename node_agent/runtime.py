@@ -58,6 +58,10 @@ class Runtime(abc.ABC):
     async def start_worker(self, slot: int, env: dict[str, str]) -> WorkerProcess:
         """Start a worker for `slot`; `env` carries the socket and progress paths."""
 
+    def worker_path(self, host_path: str) -> str | None:
+        """Where a worker sees a file of this host, or None if it cannot read it."""
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional for runtimes with nothing to release
         """Release what `prepare` set up."""
 

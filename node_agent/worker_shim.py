@@ -228,8 +228,11 @@ class Worker:
             while len(self.functions) > _FUNCTIONS_KEPT:
                 del self.functions[next(iter(self.functions))]
         key = (header["batch"][0], header["batch"][1])
-        if header.get("batch_blob") is not None:
+        if header.get("batch_file"):
+            self.batches[key] = _load_file(header["batch_file"])
+        elif header.get("batch_blob") is not None:
             self.batches[key] = pickle.loads(blobs[header["batch_blob"]])
+        if header.get("batch_file") or header.get("batch_blob") is not None:
             while len(self.batches) > _BATCHES_KEPT:
                 del self.batches[next(iter(self.batches))]
         return self.functions[fn_hash], self.batches[key]
@@ -275,6 +278,20 @@ class Worker:
             payload = pickle.dumps(results)
         done.update(n_ok=len(results), elapsed=elapsed, error=error)
         self.channel.send(done, [payload] + ([exc_blob] if exc_blob is not None else []))
+
+
+def _load_file(path: str) -> Any:
+    """Unpickle a batch straight from the daemon's payload file (same host), without copying it first."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return pickle.loads(f.read())
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return pickle.loads(view)
+            finally:
+                view.release()
 
 
 def _pickle_results(results: list[Any], lo: int) -> tuple[bytes, dict[str, Any] | None]:

@@ -31,16 +31,20 @@ class EnvelopeError(ValueError):
 
 def pack(header: dict[str, Any], blobs: Sequence[bytes | bytearray | memoryview] = ()) -> bytes:
     """Return `header` and `blobs` as one envelope."""
+    return b"".join(parts(header, blobs))
+
+
+def parts(
+    header: dict[str, Any], blobs: Sequence[bytes | bytearray | memoryview] = (), framed: bool = False
+) -> list[bytes | bytearray | memoryview]:
+    """The pieces of an envelope (behind its frame length if `framed`), to write without joining them."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    parts: list[bytes | bytearray | memoryview] = [
-        MAGIC,
-        _U32.pack(len(head)),
-        head,
-        _U32.pack(len(blobs)),
-        struct.pack(f"<{len(blobs)}Q", *(len(b) for b in blobs)),
-    ]
-    parts.extend(blobs)
-    return b"".join(parts)
+    lengths = struct.pack(f"<{len(blobs)}Q", *(len(b) for b in blobs))
+    out: list[bytes | bytearray | memoryview] = [MAGIC + _U32.pack(len(head)) + head + _U32.pack(len(blobs)) + lengths]
+    out.extend(blobs)
+    if framed:
+        out.insert(0, _U64.pack(sum(len(p) for p in out)))
+    return out
 
 
 def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[memoryview]]:
@@ -74,8 +78,7 @@ def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[m
 
 def frame(header: dict[str, Any], blobs: Sequence[bytes | bytearray | memoryview] = ()) -> bytes:
     """An envelope behind a u64 length prefix, for stream sockets."""
-    body = pack(header, blobs)
-    return _U64.pack(len(body)) + body
+    return b"".join(parts(header, blobs, framed=True))
 
 
 FRAME_PREFIX = _U64.size

@@ -4,8 +4,9 @@ Bodies travel as envelopes (`schemas.envelope`): these dataclasses are the
 JSON header's parts, and integer `*_blob` fields index the envelope's blobs.
 
 Client -> daemon
-    POST /v1/jobs                 {"spec": JobSpec, "batches": [BatchMeta], "final_count": n|None}
-                                  blobs: [function, batch...]
+    POST /v1/jobs                 {"spec": JobSpec, "batches": [BatchMeta], "final_count": n|None,
+                                   "payload_proof": str?}
+                                  blobs: [function, batch...] (none for a batch with a payload_ref)
     POST /v1/jobs/{id}/inputs     {"batches": [BatchMeta], "final_count": n|None}  blobs: [batch...]
     POST /v1/jobs/{id}/cancel     {"reason": str}
     WS   /v1/events               one per client; it sends {"op": "subscribe", "job": ID, "after": SEQ}
@@ -74,6 +75,8 @@ class Registered(Wire):
     boot_id: str
     poll_timeout: float
     agent_timeout: float
+    payload_host: str = ""  # where the daemon's payload files are (schemas.local)
+    payload_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,7 @@ class BatchMeta(Wire):
     seq: int
     start: int
     count: int
+    payload_ref: str = ""  # set when the client wrote the batch into the daemon's payload dir itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,7 @@ class AgentReport(Wire):
     results: tuple[LeaseResult, ...] = ()
     logs: tuple[LogChunk, ...] = ()
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    payload_proof: str = ""  # the daemon's probe secret: this agent reads its payload files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +173,7 @@ class Delivery(Wire):
     cancel_jobs: tuple[str, ...] = ()
     functions: dict[str, int] = dataclasses.field(default_factory=dict)  # hash -> blob
     batches: tuple[Any, ...] = ()  # [job_id, seq, blob]
+    batch_refs: tuple[Any, ...] = ()  # [job_id, seq, file under the payload dir], for agents that read it
 
 
 @dataclasses.dataclass(frozen=True)

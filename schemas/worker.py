@@ -7,8 +7,9 @@ any number of ``logs`` frames and exactly one ``done`` frame.
     worker -> agent  {"kind": "hello", "pid": int, "python": "3.11", "executable": str}
     agent  -> worker {"kind": "run", "lease_id", "job_id", "function_hash",
                       "batch": [job_id, seq], "batch_start", "lo", "hi",
-                      "function_blob": int|None, "batch_blob": int|None}
-                     blobs: the function and the batch, when the worker lacks them
+                      "function_blob": int|None, "batch_blob": int|None, "batch_file": str|None}
+                     blobs: the function and the batch, when the worker lacks them; or
+                     batch_file: a file the worker can read the pickled batch from
     worker -> agent  {"kind": "logs", "job_id", "lines", "nbytes"}
                      blob: pickled list of (index, stream, text)
     worker -> agent  {"kind": "done", "lease_id", "lo", "n_ok", "elapsed",
@@ -45,8 +46,9 @@ IDLE = -1  # progress value while no call runs
 
 
 def send(sock: socket.socket, header: dict[str, Any], blobs: Sequence[bytes | memoryview] = ()) -> None:
-    """Send one frame on a blocking socket."""
-    sock.sendall(envelope.frame(header, blobs))
+    """Send one frame on a blocking socket (big blobs are written as they are, not copied)."""
+    for part in envelope.parts(header, blobs, framed=True):
+        sock.sendall(part)
 
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[memoryview]] | None:

@@ -189,13 +189,12 @@ def test_exhausted_right_after_a_short_final_batch() -> None:
 
 
 def test_exhausted_when_length_is_an_exact_multiple_of_the_batch() -> None:
-    # The batcher cannot know the iterable ended until it asks for more: after a final batch
-    # that filled its size, `exhausted` is still False; the next call returns None and sets it.
-    # (The client then sends the final count in an upload with no batch.)
+    # The batcher peeks one input ahead, so even a final batch that filled its size knows it is
+    # the last one: the client sends the final count with it, not in an extra upload.
     batcher = InputBatcher(list(range(FIRST_BATCH_INPUTS)))
     meta, _ = batcher.next_batch()  # type: ignore[misc]
     assert meta.count == FIRST_BATCH_INPUTS
-    assert not batcher.exhausted
+    assert batcher.exhausted
     assert batcher.next_batch() is None
     assert batcher.exhausted
     assert batcher.count == FIRST_BATCH_INPUTS
@@ -230,7 +229,7 @@ def test_generator_is_consumed_lazily() -> None:
     assert pulled == 0
     meta, _ = batcher.next_batch()  # type: ignore[misc]
     assert meta.count == FIRST_BATCH_INPUTS
-    assert pulled == FIRST_BATCH_INPUTS  # not one item more than the first batch needs
+    assert pulled == FIRST_BATCH_INPUTS + 1  # the batch, plus one input peeked to know if it was the last
     assert not batcher.exhausted
     total = meta.count + sum(meta.count for meta, _ in drain(batcher))
     assert total == 300_000

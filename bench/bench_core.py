@@ -1,0 +1,247 @@
+"""The core benchmark: Burla's embedded default beside multiprocessing, Dask and Ray.
+
+    python bench/bench_core.py [--quick] [--peers burla,multiprocessing,dask,ray] [--json OUT]
+
+Every system gets 2 workers on this machine and is called the way its users
+call it (one task per input). Each figure is measured in a fresh Python
+process, so one system's leftovers never slow another. Figures:
+
+  1. warm:   median time of a 4-input trivial map on a warm cluster, to all results
+  2. many:   wall time and inputs/s for 100,000 and 1,000,000 trivial inputs (x * 2)
+  3. bytes:  MB/s moving 64 inputs of 4 MiB each (the function returns len(x))
+  4. cold:   from nothing running to the results of a 4-input map
+
+Dask and Ray are measured only when installed (pip install burla[bench]).
+A measurement that runs past --timeout seconds is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any
+
+WORKERS = 2
+
+COMMON = """
+import json, os, statistics, sys, time
+def double(x):
+    return x * 2
+def size(x):
+    return len(x)
+def report(**figures):
+    print("RESULT " + json.dumps(figures), flush=True)
+"""
+
+# Each system: setup code (run before timing), then the code of each figure.
+# `run(fn, inputs)` must return the results of fn over inputs, in order.
+SYSTEMS: dict[str, dict[str, str]] = {
+    "burla": {
+        "setup": """
+from burla import remote_parallel_map
+def run(fn, inputs):
+    return remote_parallel_map(fn, inputs, spinner=False)
+run(double, range(4))
+""",
+        "cold": """
+t = time.perf_counter()
+from burla import remote_parallel_map
+out = remote_parallel_map(double, range(4), spinner=False)
+report(cold=time.perf_counter() - t)
+""",
+        "teardown": "from burla import _local; _local.stop()",
+    },
+    "multiprocessing": {
+        "setup": """
+import multiprocessing
+pool = multiprocessing.Pool(2)
+def run(fn, inputs):
+    return pool.map(fn, inputs)
+run(double, range(4))
+""",
+        "cold": """
+import multiprocessing
+t = time.perf_counter()
+pool = multiprocessing.Pool(2)
+out = pool.map(double, range(4))
+report(cold=time.perf_counter() - t)
+pool.terminate()
+""",
+        "teardown": "pool.terminate()",
+    },
+    "dask": {
+        "setup": """
+import logging
+logging.disable(logging.WARNING)
+from dask.distributed import Client, LocalCluster
+client = Client(LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None))
+def run(fn, inputs):
+    return client.gather(client.map(fn, list(inputs), pure=False))
+run(double, range(4))
+""",
+        "cold": """
+import logging
+logging.disable(logging.WARNING)
+from dask.distributed import Client, LocalCluster
+t = time.perf_counter()
+client = Client(LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None))
+out = client.gather(client.map(double, range(4), pure=False))
+report(cold=time.perf_counter() - t)
+client.close()
+""",
+        "teardown": "client.close()",
+    },
+    "ray": {
+        "setup": """
+import logging
+import ray
+ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+_remote = {}
+def run(fn, inputs):
+    f = _remote.get(fn) or _remote.setdefault(fn, ray.remote(fn))
+    return ray.get([f.remote(x) for x in inputs])
+run(double, range(4))
+""",
+        "cold": """
+import logging
+import ray
+t = time.perf_counter()
+ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+f = ray.remote(double)
+out = ray.get([f.remote(x) for x in range(4)])
+report(cold=time.perf_counter() - t)
+ray.shutdown()
+""",
+        "teardown": "ray.shutdown()",
+    },
+}
+
+FIGURES = {
+    "warm": """
+times = []
+for _ in range({repeats}):
+    t = time.perf_counter()
+    assert run(double, range(4)) == [0, 2, 4, 6]
+    times.append(time.perf_counter() - t)
+report(warm=statistics.median(times), warm_min=min(times))
+""",
+    "many": """
+n = {n}
+t = time.perf_counter()
+out = run(double, range(n))
+dt = time.perf_counter() - t
+assert len(out) == n and out[-1] == 2 * (n - 1)
+report(n=n, seconds=dt, per_second=n / dt)
+""",
+    "bytes": """
+data = [os.urandom(4 * 1024 * 1024) for _ in range(64)]
+t = time.perf_counter()
+out = run(size, data)
+dt = time.perf_counter() - t
+assert out == [4 * 1024 * 1024] * 64
+report(seconds=dt, mb_per_second=64 * 4 * 1.048576 / dt)
+""",
+}
+
+
+def available(system: str) -> bool:
+    module = {"dask": "distributed", "ray": "ray"}.get(system)
+    if module is None:
+        return True
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def measure(system: str, figure: str, timeout: float, home: str, **params: Any) -> dict[str, Any]:
+    spec = SYSTEMS[system]
+    if figure == "cold":
+        body = COMMON + spec["cold"]
+    else:
+        body = COMMON + spec["setup"] + FIGURES[figure].format(**params) + spec.get("teardown", "")
+    script = textwrap.dedent(body)
+    env = {**os.environ, "BURLA_HOME": home, "BURLA_EMBEDDED_WORKERS": str(WORKERS)}
+    env.pop("BURLA_CLUSTER_URL", None)
+    if figure == "cold" and system == "burla":
+        subprocess.run([sys.executable, "-m", "burla.cli", "local", "stop"], env=env, capture_output=True)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _cleanup(system, env)
+        return {"error": f"did not finish in {timeout:.0f}s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[7:]))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"failed after {time.monotonic() - started:.0f}s: {' | '.join(tail)}"}
+
+
+def _cleanup(system: str, env: dict[str, str]) -> None:
+    if system == "burla":
+        subprocess.run([sys.executable, "-m", "burla.cli", "local", "stop"], env=env, capture_output=True)
+    elif system == "ray":
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def fmt(result: dict[str, Any], key: str, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
+    if "error" in result:
+        return result["error"]
+    return f"{result[key] * scale:,.{digits}f}{unit}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", default="burla,multiprocessing,dask,ray")
+    parser.add_argument("--quick", action="store_true", help="skip the 1,000,000-input run")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a measurement is abandoned")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    systems = [s for s in args.peers.split(",") if s]
+    sizes = [100_000] if args.quick else [100_000, 1_000_000]
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="burla-bench-") as home:
+        for system in systems:
+            if not available(system):
+                print(f"{system}: not installed, skipped (pip install burla[bench])", file=sys.stderr)
+                continue
+            print(f"measuring {system}...", file=sys.stderr)
+            row: dict[str, Any] = {"cold": measure(system, "cold", args.timeout, home)}
+            row["warm"] = measure(system, "warm", args.timeout, home, repeats=50)
+            for n in sizes:
+                row[f"many_{n}"] = measure(system, "many", args.timeout, home, n=n)
+            row["bytes"] = measure(system, "bytes", args.timeout, home)
+            _cleanup(system, {**os.environ, "BURLA_HOME": home})
+            rows[system] = row
+    print(f"\nBurla core benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, {WORKERS} workers per system\n")  # fmt: skip
+    header = ["system", "warm 4-input map", *[f"{n:,} inputs" for n in sizes], "64 x 4 MiB", "cold start"]
+    table = [header, ["-" * len(h) for h in header]]
+    for system, row in rows.items():
+        many = []
+        for n in sizes:
+            r = row[f"many_{n}"]
+            many.append(r["error"] if "error" in r else f"{r['seconds']:.2f} s ({r['per_second']:,.0f}/s)")
+        table.append([
+            system,
+            fmt(row["warm"], "warm", 1000, " ms", 2),
+            *many,
+            fmt(row["bytes"], "mb_per_second", 1, " MB/s", 0),
+            fmt(row["cold"], "cold", 1, " s", 2),
+        ])  # fmt: skip
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    for r in table:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Large payloads between parts on the same machine: files, not HTTP bodies.
+
+The daemon keeps large payloads as files under its payload directory (in
+memory, on tmpfs, for the embedded cluster). A client or agent on the same
+host that can read that directory skips the HTTP copy of a large batch: the
+client writes ``<job_id>/b<seq>`` there itself and sends only its name; the
+daemon hands an agent the name instead of the bytes.
+
+A part proves it can use the directory by reading the daemon's probe file
+(a random secret, mode 0600) and sending the secret back. Same hostname is
+not enough: two containers, or two users, on one host may not share it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+PROBE = ".probe"
+_BATCH_REF = re.compile(r"^([0-9a-f]{8,64})/b([0-9]{1,9})$")
+
+
+def host_id() -> str:
+    """This machine, this boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def write_probe(payload_dir: Path) -> str:
+    secret = secrets.token_hex(16)
+    fd = os.open(payload_dir / PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return secret
+
+
+def read_probe(payload_dir: str, host: str) -> str | None:
+    """The probe secret, if this process is on `host` and can read `payload_dir`."""
+    if not payload_dir or host != host_id():
+        return None
+    try:
+        with open(Path(payload_dir) / PROBE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def batch_ref(job_id: str, seq: int) -> str:
+    return f"{job_id}/b{seq}"
+
+
+def parse_batch_ref(ref: str) -> tuple[str, int] | None:
+    m = _BATCH_REF.match(ref)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def write_file(path: Path, data: bytes | memoryview) -> None:
+    path.parent.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
