@@ -49,6 +49,8 @@ _WORKER_BATCHES_KEPT = 4  # the shim's cache of unpickled batches
 _AGENT_BATCH_BYTES = 512 * 1024**2  # input batches the agent keeps to hand to workers
 _OUTBOX_BYTES = 64 * 1024**2  # printed output waiting to be sent; past it, workers wait
 _HELLO_TIMEOUT = 120.0
+_REPORTS_IN_FLIGHT = 2
+_REPOLL_DELAY = 0.05  # with leases running, how long a report may take the place of a poll
 
 
 class AgentError(RuntimeError):
@@ -157,6 +159,11 @@ class Agent:
         self.unacked: set[int] = set()  # leases whose results are sent but not yet acknowledged
         self.payload_dir = ""
         self.payload_proof = ""
+        self._waiting = 0  # requests held at the daemon waiting for work (polls)
+        self._waiting_changed = trio.Event()
+        self._line_reports = 0  # reports in flight that carry printed lines
+        self._line_reports_done = trio.Event()
+        self._report_backoff = 0.05
         self.batch_files: dict[tuple[str, int], str] = {}  # batches readable as files on this host
         self.counters: collections.Counter[str] = collections.Counter()
         self._hello: dict[str, trio.MemorySendChannel[FrameStream]] = {}
@@ -286,8 +293,25 @@ class Agent:
         self._take_delivery(m.Delivery.from_wire(head), out)
 
     async def _poll_loop(self) -> None:
+        """Keep one request waiting at the daemon for work and cancellations.
+
+        After a delivery the agent does not poll again at once: the report of
+        the leases just delivered, sent when they finish, waits for the next
+        work itself (see `_report_loop`). Only if they are still running after
+        `_REPOLL_DELAY` does a plain poll go out, so a cancellation still
+        reaches the agent well within a second.
+        """
         backoff = 0.05
         while True:
+            while self._waiting:
+                await self._waiting_changed.wait()
+            if self.pool.busy():
+                with trio.move_on_after(_REPOLL_DELAY):
+                    while not self._waiting:
+                        await self._waiting_changed.wait()
+                if self._waiting:
+                    continue
+            self._set_waiting(+1)
             try:
                 await self._post("poll", self._report(), [])
                 backoff = 0.05
@@ -295,26 +319,67 @@ class Agent:
                 log.debug("poll failed: %s", e)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff)
+            finally:
+                self._set_waiting(-1)
+
+    def _set_waiting(self, delta: int) -> None:
+        self._waiting += delta
+        self._waiting_changed.set()
+        self._waiting_changed = trio.Event()
 
     async def _report_loop(self) -> None:
-        backoff = 0.05
-        while True:
-            await self.outbox.wait()
-            results, logs, blobs, taken = self.outbox.take()
-            lease_ids = {r["lease_id"] for r in results}
-            self.unacked |= lease_ids
-            try:
-                await self._post("report", self._report(results, logs), blobs)
-                backoff = 0.05
-                self.counters["results_sent"] += len(results)
-                self.counters["log_chunks_sent"] += len(logs)
-            except DaemonUnavailable as e:
-                log.debug("report failed: %s", e)
-                self.outbox.put_back(taken)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
-            finally:
-                self.unacked -= lease_ids
+        """Send results and lines as they come; up to two reports at once.
+
+        Printed lines must reach the daemon in order, and before the result of
+        their lease: while a report carrying lines is in flight, the next report
+        with lines or results waits for it. A report without lines, sent while
+        no request waits at the daemon, is itself that waiting request (the
+        daemon's poll takes results too): one request per job instead of two.
+        """
+        slots = trio.Semaphore(_REPORTS_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self.outbox.wait()
+                while self._line_reports and (self.outbox.logs or self.outbox.results):
+                    await self._line_reports_done.wait()
+                if not self._waiting and not self.outbox.logs:
+                    results, logs, blobs, taken = self.outbox.take()
+                    self._set_waiting(+1)
+                    nursery.start_soon(self._send_report, results, logs, blobs, taken, None)
+                    continue
+                await slots.acquire()
+                results, logs, blobs, taken = self.outbox.take()
+                nursery.start_soon(self._send_report, results, logs, blobs, taken, slots)
+
+    async def _send_report(
+        self, results: list[dict[str, Any]], logs: list[dict[str, Any]], blobs: list[Any], taken: Any,
+        slots: trio.Semaphore | None,
+    ) -> None:  # fmt: skip
+        """Send one report; without a slot it is the request that waits for work (a poll)."""
+        lease_ids = {r["lease_id"] for r in results}
+        self.unacked |= lease_ids
+        if logs:
+            self._line_reports += 1
+        try:
+            await self._post("report" if slots else "poll", self._report(results, logs), blobs)
+            self.counters["results_sent"] += len(results)
+            self.counters["log_chunks_sent"] += len(logs)
+            self._report_backoff = 0.05
+        except DaemonUnavailable as e:
+            log.debug("report failed: %s", e)
+            self.outbox.put_back(taken)
+            await trio.sleep(self._report_backoff)
+            self._report_backoff = min(self._report_backoff * 2, self.config.max_backoff)
+        finally:
+            self.unacked -= lease_ids
+            if logs:
+                self._line_reports -= 1
+                self._line_reports_done.set()
+                self._line_reports_done = trio.Event()
+            if slots is None:
+                self._set_waiting(-1)
+            else:
+                slots.release()
 
     def _take_delivery(self, delivery: m.Delivery, blobs: list[memoryview]) -> None:
         if delivery.boot_id != self.boot_id:

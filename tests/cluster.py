@@ -52,10 +52,14 @@ class Cluster:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: list[Path] = []
-        self.start_daemon()
-        for i in range(agents):
-            self.start_agent(i)
-        self.wait_nodes(agents)
+        try:
+            self.start_daemon()
+            for i in range(agents):
+                self.start_agent(i)
+            self.wait_nodes(agents)
+        except BaseException:
+            self.stop()  # a half-started cluster must not outlive its test
+            raise
 
     # ---- processes -------------------------------------------------------------------
 
