@@ -186,7 +186,7 @@ def _cleanup(system: str, env: dict[str, str]) -> None:
     if system == "burla":
         subprocess.run([sys.executable, "-m", "burla.cli", "local", "stop"], env=env, capture_output=True)
     elif system == "ray":
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
 def fmt(result: dict[str, Any], key: str, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:

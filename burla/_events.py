@@ -40,8 +40,10 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
 
 
 class Follower(Protocol):
-    job_id: str
     after: int
+
+    @property
+    def job_id(self) -> str: ...
 
     def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None: ...
 
@@ -54,7 +56,7 @@ class EventStream:
         self.nursery = nursery
         self.reconnect_seconds = reconnect_seconds
         self.jobs: dict[str, Follower] = {}
-        self._ws: Any = None
+        self._ws: Any = None  # the open websocket, for _send
         self._running = False
         self._wake = trio.Event()
         self._send_lock = trio.Lock()
@@ -103,6 +105,7 @@ class EventStream:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
+                ws: Any
                 try:
                     async with aconnect_ws(
                         "/v1/events",
@@ -119,9 +122,9 @@ class EventStream:
                             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
                         while True:
                             header, blobs = envelope.unpack(await ws.receive_bytes())
-                            job = self.jobs.get(header.get("job_id", ""))
-                            if job is not None:
-                                job.take_message(header, blobs)
+                            follower = self.jobs.get(header.get("job_id", ""))
+                            if follower is not None:
+                                follower.take_message(header, blobs)
                 except BaseException as e:  # noqa: BLE001 - httpx-ws raises inside exception groups
                     self._ws = None
                     self._handle(e)

@@ -76,7 +76,7 @@ def pickle_function(fn: Callable[..., Any], max_bytes: int | None = None) -> byt
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        blob: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as e:
         raise UnpicklableError(
             f"function {function_name(fn)!r} cannot be pickled to send it to the cluster: {type(e).__name__}: {e}. "
@@ -186,7 +186,7 @@ class InputBatcher:
 
     def _pickle(self, items: list[Any], first_index: int) -> bytes:
         try:
-            payload = cloudpickle.dumps(items, protocol=PROTOCOL)
+            payload: bytes = cloudpickle.dumps(items, protocol=PROTOCOL)
         except Exception:
             for offset, item in enumerate(items):
                 try:

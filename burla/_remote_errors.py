@@ -57,8 +57,8 @@ def _remember_source(filename: str, lineno: int, line: str) -> None:
     """Let linecache show a remote line whose file does not exist here."""
     if not line or os.path.exists(filename):
         return
-    entry = linecache.cache.get(filename)
-    lines = list(entry[2]) if entry and entry[1] is None else []
+    entry: Any = linecache.cache.get(filename)
+    lines = list(entry[2]) if entry and len(entry) == 4 and entry[1] is None else []
     if len(lines) < lineno:
         lines += ["\n"] * (lineno - len(lines))
     lines[lineno - 1] = line if line.endswith("\n") else line + "\n"

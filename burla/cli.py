@@ -116,14 +116,11 @@ def _status(as_json: bool) -> int:
 
 
 def _local_command(action: str) -> int:
-    if action == "start":
-        info = _local.ensure_started()
-        print(f"local cluster running at {info['url']} (pid {info['pid']})")
-    elif action == "stop":
+    if action == "stop":
         print("local cluster stopped" if _local.stop() else "no local cluster running")
-    else:
-        info = _local.discover()
-        print(f"local cluster running at {info['url']} (pid {info['pid']})" if info else "no local cluster running")
+        return 0
+    info = _local.ensure_started() if action == "start" else _local.discover()
+    print(f"local cluster running at {info['url']} (pid {info['pid']})" if info else "no local cluster running")
     return 0
 
 

@@ -60,7 +60,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def read_envelope() -> tuple[dict[str, Any], list[memoryview]]:
         if request.content_type != envelope.CONTENT_TYPE:
             raise BadRequest(f"expected a body of type {envelope.CONTENT_TYPE}")
-        return envelope.unpack(await request.get_data(cache=False))
+        data = await request.get_data(cache=False, as_text=False)
+        return envelope.unpack(data if isinstance(data, bytes) else data.encode())
 
     async def read_json() -> Any:
         data = await request.get_data(cache=False)

@@ -120,11 +120,11 @@ class Config:
                     raise ConfigError(f"{file}: [{section}] must be a table")
                 for key, value in values.items():
                     config.set(f"{section}.{key}", value, source=str(file))
-        for section in dataclasses.fields(config):
-            for f in dataclasses.fields(getattr(config, section.name)):
-                name = f"BURLA_{section.name}_{f.name}".upper()
+        for part in dataclasses.fields(config):
+            for f in dataclasses.fields(getattr(config, part.name)):
+                name = f"BURLA_{part.name}_{f.name}".upper()
                 if name in env:
-                    config.set(f"{section.name}.{f.name}", env[name], source=f"${name}")
+                    config.set(f"{part.name}.{f.name}", env[name], source=f"${name}")
         for key, value in (overrides or {}).items():
             if value is not None:
                 config.set(key, value, source="command line")

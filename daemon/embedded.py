@@ -12,8 +12,10 @@ so the agent's and its workers' start-up overlaps the daemon's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,14 +52,16 @@ def run_embedded(config: Config) -> None:
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(state_dir)
+    ram_dir: Path | None = None
     if not config.daemon.payload_dir:
         # Client and cluster share this machine, so a job cannot outlive a reboot: its payloads only
         # need to outlive a crash of burlad, and memory (tmpfs) is many times faster than the disk.
         from .payloads import ram_backed_dir
 
-        ram = ram_backed_dir("payloads")
+        ram = ram_backed_dir(f"{hashlib.sha256(str(home).encode()).hexdigest()[:12]}-payloads")  # one per home
         if ram is not None:
             config.daemon.payload_dir = str(ram)
+            ram_dir = ram
     config.daemon.admin_token = config.daemon.admin_token or tokens["admin"]
     config.daemon.node_token = config.daemon.node_token or tokens["node"]
 
@@ -77,6 +81,8 @@ def run_embedded(config: Config) -> None:
     finally:
         _stop(agents[-1])
         _remove_discovery(home)
+        if ram_dir is not None:  # a clean exit: nothing needs the payloads, give the memory back
+            shutil.rmtree(ram_dir, ignore_errors=True)
 
 
 def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:

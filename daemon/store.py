@@ -36,13 +36,13 @@ class StoreError(RuntimeError):
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key")
-    db["tokens"].create({"role": str, "token": str}, pk="role")
-    db["agents"].create(
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    db.table("tokens").create({"role": str, "token": str}, pk="role")
+    db.table("agents").create(
         {"agent_id": str, "node_id": str, "info": str, "registered": float, "last_seen": float}, pk="agent_id"
     )
-    db["functions"].create({"hash": str, "blob": bytes, "size": int, "created": float}, pk="hash")
-    db["jobs"].create(
+    db.table("functions").create({"hash": str, "blob": bytes, "size": int, "created": float}, pk="hash")
+    db.table("jobs").create(
         {
             "job_id": str, "spec": str, "state": str, "n_inputs": int, "created": float,
             "finished": float, "log_bytes": int, "dropped_log_bytes": int, "dropped_log_lines": int,
@@ -50,10 +50,10 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="job_id",
         defaults={"log_bytes": 0, "dropped_log_bytes": 0, "dropped_log_lines": 0},
     )  # fmt: skip
-    db["batches"].create(
+    db.table("batches").create(
         {"job_id": str, "seq": int, "start": int, "count": int, "payload": bytes}, pk=("job_id", "seq")
     )
-    db["leases"].create(
+    db.table("leases").create(
         {
             "lease_id": int, "job_id": str, "agent_id": str, "function_hash": str, "batch_seq": int,
             "batch_start": int, "lo": int, "hi": int, "func_cpu": float, "func_ram_bytes": int,
@@ -64,19 +64,19 @@ def _v1(db: sqlite_utils.Database) -> None:
         "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, kind TEXT NOT NULL,"
         " lo INTEGER NOT NULL DEFAULT 0, hi INTEGER NOT NULL DEFAULT 0, data TEXT, payload BLOB)"
     )
-    db["events"].create_index(["job_id", "seq"])
-    db["leases"].create_index(["job_id"])
+    db.table("events").create_index(["job_id", "seq"])
+    db.table("leases").create_index(["job_id"])
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     # The standby spec: which images nodes keep warm (node agents read it).
-    db["standby"].create({"image": str, "python_version": str, "per_cpu": float, "position": int}, pk="image")
+    db.table("standby").create({"image": str, "python_version": str, "per_cpu": float, "position": int}, pk="image")
 
 
 def _v3(db: sqlite_utils.Database) -> None:
     # Large payloads move to files (see payloads.py): a row names its file instead.
-    db["batches"].add_column("payload_ref", str)
-    db["events"].add_column("payload_ref", str)
+    db.table("batches").add_column("payload_ref", str)
+    db.table("events").add_column("payload_ref", str)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
@@ -211,7 +211,7 @@ class Store:
     def add_batches(
         self, job_id: str, batches: Iterable[tuple[m.BatchMeta, bytes | memoryview | None]], final_count: int | None
     ) -> None:
-        rows = []
+        rows: list[tuple[str, int, int, int, bytes | memoryview | None, str | None]] = []
         for b, payload in batches:
             if b.payload_ref:  # the client wrote the file itself (see schemas.local)
                 rows.append((job_id, b.seq, b.start, b.count, None, b.payload_ref))
@@ -394,7 +394,7 @@ class Store:
     # ---- standby ---------------------------------------------------------------------
 
     def standby(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db["standby"].rows_where(order_by="position")]
+        return [dict(r) for r in self.db.table("standby").rows_where(order_by="position")]
 
     def set_standby(self, images: list[dict[str, Any]]) -> None:
         with self.tx() as c:
