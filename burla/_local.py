@@ -72,7 +72,9 @@ def ensure_started(timeout: float = 60.0) -> dict[str, str]:
         log_path = home / "daemon.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "burla.daemon", "serve", "--embedded"],
+                # -P and cwd: a `burla/` folder in the caller's directory must not shadow the installed package
+                [sys.executable, "-P", "-m", "burla.daemon", "serve", "--embedded"],
+                cwd=home,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
