@@ -89,6 +89,9 @@ class Client:
         """Reach the cluster (starting the local one if need be) and learn its limits."""
         with self._lock:
             reopen = self._http is None
+            starting = None
+            if self.settings.embedded and _local.discover() is None:
+                starting = _local.start()  # boots while this process imports its network stack below
             if self._portal is None or not self._portal.alive():
                 from ._portal import Portal
 
@@ -96,7 +99,7 @@ class Client:
                 self._http = self._events = None
                 reopen = True
             if self.settings.embedded:
-                info = _local.discover() or _local.ensure_started()
+                info = _local.discover() or _local.ensure_started(starting=starting)
                 if info["url"] != self._url:  # first use, or the local cluster was restarted
                     self._url, self._key = info["url"], info["admin_token"]
                     self.limits = {}

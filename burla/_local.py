@@ -56,31 +56,50 @@ def discover() -> dict[str, str] | None:
     return info
 
 
-def ensure_started(timeout: float = 60.0) -> dict[str, str]:
-    """The local cluster, started if it is not running."""
+def start() -> subprocess.Popen[bytes] | None:
+    """Start the local cluster without waiting for it; None if another process is starting one."""
+    home = local_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "start.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # someone else is starting it: ensure_started waits for theirs
+        if discover() is not None:
+            return None
+        return _spawn(home)
+
+
+def _spawn(home: Path) -> subprocess.Popen[bytes]:
+    (home / DISCOVERY_FILE).unlink(missing_ok=True)
+    with open(home / "daemon.log", "ab") as log:
+        proc = subprocess.Popen(
+            # -P and cwd: a `burla/` folder in the caller's directory must not shadow the installed package
+            [sys.executable, "-P", "-m", "burla.daemon", "serve", "--embedded"],
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # outlives this process, and ignores its Ctrl-C
+        )
+    _STARTED[proc.pid] = proc
+    return proc
+
+
+def ensure_started(timeout: float = 60.0, starting: subprocess.Popen[bytes] | None = None) -> dict[str, str]:
+    """The local cluster, started if it is not running (or `starting`, one `start()` began)."""
     info = discover()
     if info is not None:
         return info
     home = local_home()
     home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "daemon.log"
     with open(home / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         info = discover()
         if info is not None:
             return info
-        (home / DISCOVERY_FILE).unlink(missing_ok=True)
-        log_path = home / "daemon.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                # -P and cwd: a `burla/` folder in the caller's directory must not shadow the installed package
-                [sys.executable, "-P", "-m", "burla.daemon", "serve", "--embedded"],
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # outlives this process, and ignores its Ctrl-C
-            )
-        _STARTED[proc.pid] = proc
+        proc = starting if starting is not None and starting.poll() is None else _spawn(home)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = discover()

@@ -92,9 +92,7 @@ def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]
     if workers:
         cmd += ["--workers", str(workers)]
     log = open(home / "agent.log", "ab")
-    return subprocess.Popen(
-        cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-    )
+    return subprocess.Popen(cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

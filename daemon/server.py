@@ -15,6 +15,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from burla._trace import trace
+
 from .app import create_app
 from .config import DaemonConfig
 from .service import ControlPlane
@@ -83,6 +85,7 @@ async def serve(
             nursery.start_soon(plane.housekeeping)
             url = _url_of(sock) if sock is not None else binds[0].replace("0.0.0.0", "127.0.0.1")
             log.info("burlad %s serving on %s (state in %s)", plane.boot_id, url, state_dir)
+            trace("daemon", "serving")
             task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
     finally:
         store.close()

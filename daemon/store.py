@@ -19,11 +19,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from burla.schemas import messages as m
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 from .config import new_token
 from .payloads import PayloadStore
@@ -96,7 +97,6 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=OFF")
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the control-plane database {self.path}: {e}") from None
-        self.db = sqlite_utils.Database(self.conn)
         self._depth = 0
         self.migrate()
         self.payloads.sweep(r[0] for r in self.conn.execute("SELECT job_id FROM jobs"))
@@ -139,7 +139,7 @@ class Store:
     # ---- schema --------------------------------------------------------------
 
     def schema_version(self) -> int:
-        if "meta" not in self.db.table_names():
+        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'") is None:
             return 0
         value = self._one("SELECT value FROM meta WHERE key = 'schema_version'")
         return int(value or 0)
@@ -150,9 +150,14 @@ class Store:
             raise StoreError(
                 f"{self.path} has schema version {current}, newer than this burlad ({SCHEMA_VERSION}); upgrade burla"
             )
+        if current == SCHEMA_VERSION:
+            return
+        import sqlite_utils  # only schema changes need it: a restart on a current file skips the import
+
+        db = sqlite_utils.Database(self.conn)
         for version in range(current + 1, SCHEMA_VERSION + 1):
             with self.tx():
-                MIGRATIONS[version - 1](self.db)
+                MIGRATIONS[version - 1](db)
                 self.conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),)
                 )
@@ -394,7 +399,8 @@ class Store:
     # ---- standby ---------------------------------------------------------------------
 
     def standby(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.table("standby").rows_where(order_by="position")]
+        rows = self.conn.execute("SELECT image, python_version, per_cpu, position FROM standby ORDER BY position")
+        return [dict(zip(("image", "python_version", "per_cpu", "position"), row, strict=True)) for row in rows]
 
     def set_standby(self, images: list[dict[str, Any]]) -> None:
         with self.tx() as c:

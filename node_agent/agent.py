@@ -250,6 +250,7 @@ class Agent:
             self.payload_proof = local.read_probe(reg.payload_dir, reg.payload_host) or ""
             self.counters["registrations"] += 1
             log.info("registered with %s as agent %s (%d workers)", self.config.url, self.agent_id, self.info.workers)
+            trace("agent", "registered")
             self._registered.set()
             return
 
@@ -584,6 +585,7 @@ class Agent:
                     nursery.cancel_scope.cancel()
                     self.pool.died(index)
                     return
+                trace("agent", f"worker {index} ready")
                 conn = WorkerConn(index, proc, frames, nonce)
                 self.conns[index] = conn
                 self._start(self.pool.worker_ready(index))

@@ -215,7 +215,9 @@ def test_an_older_database_file_is_migrated(tmp_path: Path) -> None:
     conn.close()
     store = Store(path)
     assert store.schema_version() == SCHEMA_VERSION
-    assert "standby" in store.db.table_names()
+    tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"standby", "batches", "events"} <= tables
+    assert "payload_ref" in {r[1] for r in store.conn.execute("PRAGMA table_info(batches)")}
     assert store.tokens()["admin"] == "kept-admin-token"
 
 
