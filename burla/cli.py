@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print raw JSON")
     local = sub.add_parser("local", help="the embedded local cluster")
     local.add_argument("action", choices=["start", "stop", "status"])
+    cluster = sub.add_parser("cluster", help="the cluster's settings")
+    cluster_sub = cluster.add_subparsers(dest="setting", required=True)
+    standby = cluster_sub.add_parser("standby", help="the images container nodes keep warm")
+    standby.add_argument("action", choices=["show", "set"])
+    standby.add_argument("images", nargs="*", help="with set: the images, the first one the default")
+    standby.add_argument("--per-cpu", type=float, default=1.0, help="warm containers per CPU, per image")
+    standby.add_argument("--python", default="", help="the images' Python minor version, checked by agents")
     return p
 
 
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.json)
         if args.command == "local":
             return _local_command(args.action)
+        if args.command == "cluster":
+            return _standby(args.action, args.images, args.per_cpu, args.python)
     except BurlaError as e:
         print(f"burla: {e}", file=sys.stderr)
         return 1
@@ -59,6 +68,46 @@ def _login(url: str, api_key: str | None) -> int:
         return 1
     path = _settings.write_login(url, key)
     print(f"Logged in to {url} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")
+    return 0
+
+
+def _cluster() -> tuple[str, str]:
+    """The URL and admin key of the configured cluster (or the running local one)."""
+    settings = _settings.resolve()
+    if settings.embedded:
+        info = _local.discover()
+        if info is None:
+            raise BurlaError("no cluster configured and the local cluster is not running (burla local start)")
+        return info["url"], info["admin_token"]
+    return settings.url or "", settings.api_key or ""
+
+
+def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int:
+    import httpx
+
+    from ._client import error_from_response
+
+    url, key = _cluster()
+    headers = {"authorization": f"Bearer {key}"}
+    try:
+        if action == "set":
+            if not images:
+                raise BurlaError("burla cluster standby set: name at least one image")
+            body = {"images": [{"image": i, "per_cpu": per_cpu, "python_version": python} for i in images]}
+            r = httpx.put(f"{url}/v1/standby", json=body, headers=headers, timeout=10)
+        else:
+            r = httpx.get(f"{url}/v1/standby", headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        raise BurlaError(f"cannot reach the cluster at {url}: {e}") from None
+    if r.status_code != 200:
+        raise error_from_response(r.status_code, r.text, f"{action} the standby spec")
+    spec = r.json()["images"]
+    if not spec:
+        print("No standby images: nodes with the Podman runtime keep no containers warm.")
+    for i, image in enumerate(spec):
+        default = " (default)" if i == 0 else ""
+        python = f", python {image['python_version']}" if image.get("python_version") else ""
+        print(f"{image['image']}{default}: {image['per_cpu']:g} per CPU{python}")
     return 0
 
 

@@ -173,7 +173,21 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/v1/standby")
     async def get_standby() -> Response:
         check_token(request.headers, NODE)
-        return _json({"images": plane.store.standby()})
+        return _json({"images": [i.to_wire() for i in plane.scheduler.standby], "version": plane.standby_version})
+
+    @app.put("/v1/standby")
+    async def set_standby() -> Response:
+        check_token(request.headers, ADMIN)
+        body = await read_json()
+        images = body.get("images") if isinstance(body, dict) else None
+        if not isinstance(images, list):
+            raise BadRequest('expected {"images": [{"image": NAME, "per_cpu": N, "python_version": "3.11"}, ...]}')
+        spec = [m.StandbyImage.from_wire(i) for i in images]
+        for image in spec:
+            if not image.image or image.per_cpu <= 0:
+                raise BadRequest(f"standby image {image.image!r}: needs a name and a positive per_cpu")
+        plane.set_standby(spec)
+        return _json({"images": [i.to_wire() for i in spec], "version": plane.standby_version})
 
     @app.websocket("/v1/events")
     async def events() -> Any:

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 from .config import Config, ConfigError
@@ -87,7 +88,7 @@ def _serve(config: Config) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(serve, config.daemon)
+            running = await nursery.start(partial(serve, config.daemon, standby=config.standby))
             print(f"burlad serving on {running.url}", file=sys.stderr)
             print(f"  state: {running.state_dir} (tokens in tokens.json there)", file=sys.stderr)
             print(f"  start agents with: burlad agent {config.daemon.public_url or running.url} --token=<node token>",

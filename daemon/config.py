@@ -79,9 +79,19 @@ class AgentConfig:
     memory_check_interval: float = 0.05 * SECONDS
     log_flush_interval: float = 0.1 * SECONDS
     max_backoff: float = 1 * SECONDS  # reconnect backoff cap when the daemon is unreachable
+    podman_socket: str = ""  # the Podman API; default: the agent starts `podman system service` itself
+    container_network: bool = True  # containers reach the network (rootless: slirp4netns)
+    registry_auth_file: str = ""  # credentials for private registries; default: the user's `podman login`
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir() / "agent"
+
+
+@dataclasses.dataclass
+class StandbyConfig:
+    images: list[str] = dataclasses.field(default_factory=list)  # kept warm on container nodes; first: default
+    per_cpu: float = 1.0  # warm containers per CPU, per image
+    python_version: str = ""  # the images' Python minor version, when you want it checked up front
 
 
 @dataclasses.dataclass
@@ -95,6 +105,7 @@ class Config:
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
     agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
     embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
+    standby: StandbyConfig = dataclasses.field(default_factory=StandbyConfig)
 
     @classmethod
     def load(
@@ -187,6 +198,12 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
     if isinstance(hint, types.UnionType):  # "str | None" and the like
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     try:
+        if typing.get_origin(hint) is list:
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{value!r} is not a list of strings")
+            return list(value)
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() in {"1", "true", "yes", "on"}:

@@ -122,7 +122,7 @@ async def _serve_embedded(
     from .server import serve, write_private
 
     async with trio.open_nursery() as nursery:
-        running = await nursery.start(partial(serve, config.daemon, sock=sock))
+        running = await nursery.start(partial(serve, config.daemon, sock=sock, standby=config.standby))
         write_private(
             home / DISCOVERY_FILE,
             {"url": url, "pid": os.getpid(), "admin_token": running.admin_token, "started": running.plane.started},

@@ -79,6 +79,9 @@ class JobState:
         return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
 
 
+PROCESS_POOL = "process"  # the one pool of a process-runtime node: its workers share the node
+
+
 @dataclasses.dataclass
 class NodeState:
     agent_id: str
@@ -89,28 +92,65 @@ class NodeState:
     cpu_used: float = 0.0
     ram_used: int = 0
     stats: dict[str, object] = dataclasses.field(default_factory=dict)
+    pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
+    pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
-    def capacity_for(self, job: JobState) -> int:
-        """How many calls of `job` this node could run at once, when idle."""
-        if self.info.python_version != job.spec.python_version:
-            return 0
-        by_cpu = (
-            math.floor(self.info.cpus / job.spec.func_cpu + _EPSILON) if job.spec.func_cpu > 0 else self.info.workers
-        )
-        by_ram = (
-            math.floor(self.info.ram_bytes / job.func_ram_bytes + _EPSILON)
-            if job.func_ram_bytes > 0
-            else self.info.workers
-        )
-        return max(0, min(self.info.workers, by_cpu, by_ram))
+    @property
+    def containers(self) -> bool:
+        """Workers are containers of given images and shapes (not processes sharing the node)."""
+        return self.info.runtime != "process"
+
+    def pool_views(self) -> list[m.PoolState]:
+        if self.pools:
+            return list(self.pools.values())
+        return [
+            m.PoolState(PROCESS_POOL, python_version=self.info.python_version, slots=self.info.workers,
+                        ready=self.ready_workers, default=True)
+        ]  # fmt: skip
+
+    def pool_fits(self, pool: m.PoolState, job: JobState) -> bool:
+        """Could `pool` run `job`'s calls (free slots aside)?"""
+        spec = job.spec
+        if pool.state != "ready" or (pool.job_id and pool.job_id != job.job_id):
+            return False
+        if (spec.image or spec.build) and pool.image != spec.image:
+            return False
+        if not (spec.image or spec.build) and not pool.default:
+            return False
+        if pool.python_version and pool.python_version != spec.python_version:
+            return False
+        if pool.cpus <= 0:  # shared by every call on the node: reserve per call
+            return (
+                self.cpu_used + spec.func_cpu <= self.info.cpus + _EPSILON
+                and self.ram_used + job.func_ram_bytes <= self.info.ram_bytes
+            )
+        return spec.func_cpu <= pool.cpus + _EPSILON and (pool.ram_bytes <= 0 or job.func_ram_bytes <= pool.ram_bytes)
+
+    def pick_pool(self, job: JobState) -> str | None:
+        """A pool with a free worker for one more call of `job`, if any."""
+        for pool in self.pool_views():
+            if pool.ready - self.pool_leases[pool.key] > 0 and self.pool_fits(pool, job):
+                return pool.key
+        return None
 
     def fits(self, job: JobState) -> bool:
-        return (
-            len(self.leases) < self.ready_workers
-            and self.info.python_version == job.spec.python_version
-            and self.cpu_used + job.spec.func_cpu <= self.info.cpus + _EPSILON
-            and self.ram_used + job.func_ram_bytes <= self.info.ram_bytes
-        )
+        return self.pick_pool(job) is not None
+
+    def capacity_for(self, job: JobState) -> int:
+        """How many calls of `job` this node could run at once, when idle (after reshaping its pools)."""
+        spec = job.spec
+        if not self.containers:
+            if self.info.python_version != spec.python_version or spec.image or spec.build:
+                return 0
+            limit = self.info.workers
+        else:
+            known = {p.python_version for p in self.pools.values() if p.image == spec.image and p.python_version}
+            if spec.image and known and spec.python_version not in known:
+                return 0
+            limit = 1 << 30
+        by_cpu = math.floor(self.info.cpus / spec.func_cpu + _EPSILON) if spec.func_cpu > 0 else limit
+        by_ram = math.floor(self.info.ram_bytes / job.func_ram_bytes + _EPSILON) if job.func_ram_bytes > 0 else limit
+        return max(0, min(limit, by_cpu, by_ram))
 
 
 @dataclasses.dataclass
@@ -138,6 +178,8 @@ class Scheduler:
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[str, JobState] = {}
         self.lease_owner: dict[int, str] = {}  # lease id -> job id
+        self.standby: list[m.StandbyImage] = []  # what container nodes keep warm between jobs
+        self.claims: dict[str, str] = {}  # agent id -> the job whose pool that container node is making
         self._estimates: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     # ---- nodes -------------------------------------------------------------
@@ -151,7 +193,12 @@ class Scheduler:
         return requeued
 
     def touch_node(
-        self, agent_id: str, now: float, ready_workers: int | None = None, stats: dict[str, object] | None = None
+        self,
+        agent_id: str,
+        now: float,
+        ready_workers: int | None = None,
+        stats: dict[str, object] | None = None,
+        pools: Iterable[m.PoolState] | None = None,
     ) -> None:
         node = self.nodes[agent_id]
         node.last_seen = now
@@ -159,6 +206,8 @@ class Scheduler:
             node.ready_workers = ready_workers
         if stats:
             node.stats = stats
+        if pools is not None:
+            node.pools = {p.key: p for p in pools}
 
     def silent_nodes(self, now: float, timeout: float) -> list[str]:
         return [a for a, n in self.nodes.items() if now - n.last_seen > timeout]
@@ -184,16 +233,23 @@ class Scheduler:
         probe = JobState(spec, 0.0)
         if any(n.capacity_for(probe) > 0 for n in self.nodes.values()):
             return None
-        versions = collections.Counter(n.info.python_version for n in self.nodes.values())
-        if spec.python_version not in versions:
+        if (spec.image or spec.build) and not any(n.containers for n in self.nodes.values()):
+            what = "dockerfile=" if spec.build else "image="
+            return (
+                f"{what} needs nodes that run containers, but this cluster's {len(self.nodes)} "
+                f"node{'s' * (len(self.nodes) != 1)} run plain processes. Start agents with "
+                "`burlad agent URL --runtime podman`, or leave out the image."
+            )
+        versions = collections.Counter(n.info.python_version for n in self.nodes.values() if not n.containers)
+        if versions and spec.python_version not in versions:
             have = ", ".join(f"Python {v} ({c} node{'s' * (c > 1)})" for v, c in sorted(versions.items()))
             return (
                 f"no node runs Python {spec.python_version}, the version of this client; the cluster has {have}. "
                 f"Call remote_parallel_map from a Python {' or '.join(sorted(versions))} environment, "
                 f"or add nodes that run Python {spec.python_version}."
             )
-        same = [n for n in self.nodes.values() if n.info.python_version == spec.python_version]
-        best = max(same, key=lambda n: (n.info.cpus, n.info.ram_bytes))
+        same = [n for n in self.nodes.values() if n.containers or n.info.python_version == spec.python_version]
+        best = max(same or self.nodes.values(), key=lambda n: (n.info.cpus, n.info.ram_bytes))
         return (
             f"func_cpu={spec.func_cpu:g} and func_ram={spec.func_ram:g} GB do not fit on any node; "
             f"the largest node has {best.info.cpus} CPUs and {best.info.ram_bytes / 1e9:.1f} GB of RAM. "
@@ -296,6 +352,7 @@ class Scheduler:
             hi=hi,
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
+            pool=node.pick_pool(job) or "",
         )
         self.next_lease_id += 1
         if hi == iv.hi:
@@ -312,6 +369,7 @@ class Scheduler:
         self.lease_owner[active.lease.lease_id] = job.job_id
         if node is not None:
             node.leases.add(active.lease.lease_id)
+            node.pool_leases[active.lease.pool or PROCESS_POOL] += 1
             node.cpu_used += job.spec.func_cpu
             node.ram_used += job.func_ram_bytes
 
@@ -322,6 +380,7 @@ class Scheduler:
             node = self.nodes.get(active.agent_id)
             if node is not None and lease_id in node.leases:
                 node.leases.discard(lease_id)
+                node.pool_leases[active.lease.pool or PROCESS_POOL] -= 1
                 node.cpu_used = max(0.0, node.cpu_used - job.spec.func_cpu)
                 node.ram_used = max(0, node.ram_used - job.func_ram_bytes)
         return active
@@ -435,6 +494,70 @@ class Scheduler:
         while len(self._estimates) > _ESTIMATE_MEMORY:
             self._estimates.popitem(last=False)
 
+    # ---- pools on container nodes -------------------------------------------
+
+    def standby_fits(self, node: NodeState, job: JobState) -> bool:
+        """Can `job` run on `node`'s standby containers, as they are?"""
+        spec = job.spec
+        if spec.build:
+            return False
+        for i, image in enumerate(self.standby):
+            if image.image == spec.image or (not spec.image and i == 0):
+                cpus = 1.0 / max(image.per_cpu, 1e-9)
+                ram = node.info.ram_bytes / max(1, node.info.cpus * image.per_cpu)
+                return spec.func_cpu <= cpus + _EPSILON and job.func_ram_bytes <= ram
+        return False
+
+    def want_for(self, node: NodeState, job: JobState) -> m.PoolWant | None:
+        """The pool `node` would make to run `job` (its image, one call per container)."""
+        spec = job.spec
+        image = spec.image or (self.standby[0].image if self.standby else "")
+        if not image:
+            return None  # no image named and no standby image to default to
+        count = node.capacity_for(job)
+        if spec.max_parallelism is not None:
+            count = min(count, spec.max_parallelism)
+        if count <= 0:
+            return None
+        return m.PoolWant(job.job_id, image, spec.build, spec.func_cpu, job.func_ram_bytes, count, spec.python_version)
+
+    def plan_wants(self) -> dict[str, tuple[m.PoolWant, ...]]:
+        """The pools each container node should make now; nodes not named go back to standby.
+
+        A job that no standby container fits (another image, a dockerfile=, more
+        CPU or RAM per call) claims container nodes, oldest job first, until it
+        has max_parallelism workers; a claim lasts until the job ends.
+        """
+        for agent_id, job_id in list(self.claims.items()):
+            job = self.jobs.get(job_id)
+            if agent_id not in self.nodes or job is None or job.state != m.RUNNING:
+                del self.claims[agent_id]
+        for job in self.jobs.values():
+            if job.state != m.RUNNING:
+                continue
+            needed = job.spec.max_parallelism or (1 << 30)
+            have = 0
+            for agent_id, job_id in self.claims.items():
+                if job_id == job.job_id:
+                    want = self.want_for(self.nodes[agent_id], job)
+                    have += want.count if want else 0
+            for node in sorted(self.nodes.values(), key=lambda n: (len(n.leases), n.agent_id)):
+                if have >= needed:
+                    break
+                if not node.containers or node.agent_id in self.claims or self.standby_fits(node, job):
+                    continue
+                want = self.want_for(node, job)
+                if want is not None:
+                    self.claims[node.agent_id] = job.job_id
+                    have += want.count
+        out: dict[str, tuple[m.PoolWant, ...]] = {}
+        for agent_id, node in self.nodes.items():
+            if node.containers:
+                job_id = self.claims.get(agent_id)
+                want = self.want_for(node, self.jobs[job_id]) if job_id else None
+                out[agent_id] = (want,) if want else ()
+        return out
+
     # ---- restore after a restart ------------------------------------------
 
     def restore_job(
@@ -474,8 +597,15 @@ class Scheduler:
         rate = 0.0
         if job.first_result_at is not None and job.last_result_at and job.last_result_at > job.first_result_at:
             rate = job.done.size / max(1e-6, now - job.first_result_at)
+        preparing = collections.Counter(
+            p.phase for n in self.nodes.values() for p in n.pools.values()
+            if p.job_id == job.job_id and p.state == "preparing" and p.phase
+        )  # fmt: skip
         if not self.nodes:
             phase = "waiting for a node to join the cluster"
+        elif preparing and not job.leases:
+            what, count = preparing.most_common(1)[0]
+            phase = f"{what} on {count} node{'s' * (count != 1)}"
         elif job.leases:
             phase = f"running on {len(job.leases)} worker{'s' * (len(job.leases) != 1)}"
         elif job.n_pending:

@@ -16,9 +16,10 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from burla._trace import trace
+from burla.schemas import messages as m
 
 from .app import create_app
-from .config import DaemonConfig
+from .config import DaemonConfig, StandbyConfig
 from .service import ControlPlane
 from .store import Store
 
@@ -62,7 +63,11 @@ def write_private(path: Path, data: dict[str, Any]) -> None:
 
 
 async def serve(
-    config: DaemonConfig, *, sock: socket.socket | None = None, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: DaemonConfig,
+    *,
+    sock: socket.socket | None = None,
+    standby: StandbyConfig | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
     state_dir = config.resolved_state_dir()
@@ -70,6 +75,10 @@ async def serve(
     store = Store(state_dir / "burla.db", config.payload_dir or None)
     try:
         plane = ControlPlane(store, config)
+        if standby is not None and standby.images:  # burla.toml's standby spec wins at start
+            images = [m.StandbyImage(i, standby.python_version, standby.per_cpu) for i in standby.images]
+            if images != plane.scheduler.standby:
+                plane.set_standby(images)
         write_private(state_dir / "tokens.json", plane.tokens)
         app = create_app(plane)
         _tune_hypercorn()

@@ -50,12 +50,18 @@ class AgentLink:
         default_factory=collections.OrderedDict
     )
     reads_payloads: bool = False  # on this host, and proved it reads the payload dir
+    wants: tuple[m.PoolWant, ...] = ()  # the pools the daemon wants of this node now
+    wants_sent: tuple[m.PoolWant, ...] | None = None  # what the agent was last told (None: nothing yet)
+    standby_sent: int = -1  # the standby version the agent was last told
 
     def notify(self) -> None:
         self.wake.set()
 
-    def has_mail(self) -> bool:
-        return bool(self.mailbox or self.cancel_jobs)
+    def has_mail(self, standby_version: int = -1) -> bool:
+        return bool(
+            self.mailbox or self.cancel_jobs or self.wants != self.wants_sent
+            or (standby_version >= 0 and self.standby_sent != standby_version)
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -86,6 +92,8 @@ class ControlPlane:
         self.started = clock()
         self.counters: collections.Counter[str] = collections.Counter()
         self._job_created = trio.Event()
+        self.standby_version = 0
+        self.scheduler.standby = [m.StandbyImage.from_wire(s) for s in store.standby()]
         self._restore()
 
     # ---- restart ---------------------------------------------------------------
@@ -253,6 +261,7 @@ class ControlPlane:
         self.store.set_job_state(job.job_id, state, self.clock())
         if feed is not None:
             feed.notify()
+        self._plan_pools()  # its nodes go back to standby
 
     def _stop_on_agents(self, job_id: str, stopped: list[tuple[str, int]]) -> None:
         self.store.delete_leases([lid for _, lid in stopped])
@@ -301,7 +310,9 @@ class ControlPlane:
         link = self._link(agent_id)
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
-        self.scheduler.touch_node(agent_id, self.clock(), report.ready_workers, report.stats)
+        self.scheduler.touch_node(agent_id, self.clock(), report.ready_workers, report.stats, report.pools)
+        for error in report.pool_errors:
+            self._pool_failed(error)
         for chunk in report.logs:  # lines printed by a lease come before its result
             self._append_logs(chunk, blobs)
         for result in report.results:
@@ -318,7 +329,7 @@ class ControlPlane:
         if delivery[0].delivery:
             return delivery
         link = self._link(agent_id)
-        if not link.has_mail():
+        if not link.has_mail(self.standby_version):
             with trio.move_on_after(self.config.poll_timeout):
                 await link.wake.wait()
         link = self._link(agent_id)
@@ -332,7 +343,13 @@ class ControlPlane:
         link.cancel_jobs = set()
         if link.wake.is_set():  # a poll may be waiting on an unset one: keep it
             link.wake = trio.Event()
-        if not leases and not cancels:
+        wants = link.wants if link.wants != link.wants_sent else None
+        standby = None
+        if link.standby_sent != self.standby_version:
+            standby = tuple(self.scheduler.standby)
+            link.standby_sent = self.standby_version
+        link.wants_sent = link.wants
+        if not leases and not cancels and wants is None and standby is None:
             return m.Delivery(self.boot_id), []
         link.delivery_seq += 1
         trace("daemon", f"deliver {link.agent_id[:6]} leases={[(a.lease.lo, a.lease.hi) for a in leases]}")
@@ -372,6 +389,8 @@ class ControlPlane:
             functions,
             tuple(batches),
             tuple(batch_refs),
+            wants,
+            standby,
         )
         return delivery, blobs
 
@@ -438,7 +457,40 @@ class ControlPlane:
             self.store.add_log_bytes(chunk.job_id, chunk.nbytes)
         feed.notify()
 
+    def _pool_failed(self, error: m.PoolError) -> None:
+        """A node cannot make the pool a job needs: the job fails, saying why and where."""
+        job = self.scheduler.jobs.get(error.job_id)
+        if job is None or job.state != m.RUNNING:
+            return
+        data = m.CallError(
+            index=-1,
+            kind=m.SYSTEM,
+            type_name="burla.errors.ImageError",
+            message=f"image {error.image} on node {error.node}: {error.message}",
+            node=error.node,
+        ).to_wire()
+        self.store.append_event(job.job_id, m.FAILED, data=data)
+        self.counters["jobs_failed"] += 1
+        self._finish(job, m.JOB_FAILED)
+
+    def set_standby(self, images: Sequence[m.StandbyImage]) -> None:
+        """Change what container nodes keep warm; agents converge on their next delivery."""
+        self.store.set_standby([i.to_wire() for i in images])
+        self.scheduler.standby = list(images)
+        self.standby_version += 1
+        for link in self.links.values():
+            link.notify()
+        self._dispatch()
+
+    def _plan_pools(self) -> None:
+        for agent_id, wants in self.scheduler.plan_wants().items():
+            link = self.links.get(agent_id)
+            if link is not None and wants != link.wants:
+                link.wants = wants
+                link.notify()
+
     def _dispatch(self) -> None:
+        self._plan_pools()
         issued = self.scheduler.assign(self.clock())
         if not issued:
             return
@@ -531,6 +583,7 @@ class ControlPlane:
                 runtime=n.info.runtime,
                 last_seen_ago=round(now - n.last_seen, 3),
                 stats=n.stats,
+                pools=tuple(n.pool_views()),
             )
             for n in self.scheduler.nodes.values()
         )

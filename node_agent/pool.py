@@ -1,8 +1,13 @@
 """Which worker runs which lease: the agent's worker pool as plain state.
 
 The agent tells the pool what happens (a worker became ready, a lease
-arrived, a worker finished or died, a job was cancelled) and the pool answers
-what to do (start this lease on that worker, kill these workers). No I/O.
+arrived, a worker finished or died, a job was cancelled, a worker is no
+longer wanted) and the pool answers what to do (start this lease on that
+worker, kill these workers). No I/O.
+
+Each worker slot belongs to a pool (`Slot.pool`): all process workers are
+in one pool; container workers are grouped by image and shape. A lease names
+its pool and runs only on a worker of it (a lease naming none runs anywhere).
 """
 
 from __future__ import annotations
@@ -10,54 +15,87 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 
 from burla.schemas import messages as m
+
+DEFAULT_POOL = "process"
 
 
 class SlotState(enum.Enum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
-    STOPPING = "stopping"  # killed on purpose (cancel, memory); its lease is already settled
+    STOPPING = "stopping"  # killed on purpose (cancel, memory, retired); its lease is already settled
 
 
 @dataclasses.dataclass
 class Slot:
     index: int
+    pool: str = DEFAULT_POOL
     state: SlotState = SlotState.STARTING
     lease: m.Lease | None = None
     lease_started: float = 0.0
     memory_kill: tuple[int, int] | None = None  # (rss, limit) when we killed it for memory
     deaths: int = 0  # consecutive deaths before becoming ready
+    retired: bool = False  # its pool is no longer wanted: stop it once idle
 
 
 class WorkerPool:
-    def __init__(self, n_slots: int) -> None:
-        self.slots = [Slot(i) for i in range(n_slots)]
+    def __init__(self, n_slots: int = 0, pool: str = DEFAULT_POOL) -> None:
+        self._next = itertools.count()
+        self.slots: dict[int, Slot] = {}
         self.queue: collections.deque[m.Lease] = collections.deque()
+        for _ in range(n_slots):
+            self.add_slot(pool)
 
     # ---- views -----------------------------------------------------------------
 
-    def ready(self) -> int:
+    def ready(self, pool: str | None = None) -> int:
         """Workers that can take a lease now or when their current one ends."""
-        return sum(s.state in (SlotState.IDLE, SlotState.BUSY) for s in self.slots)
+        return sum(
+            s.state in (SlotState.IDLE, SlotState.BUSY) and not s.retired and (pool is None or s.pool == pool)
+            for s in self.slots.values()
+        )
 
     def held(self) -> set[int]:
         """Leases this agent holds: queued or running."""
-        return {lease.lease_id for lease in self.queue} | {s.lease.lease_id for s in self.slots if s.lease}
+        return {lease.lease_id for lease in self.queue} | {s.lease.lease_id for s in self.slots.values() if s.lease}
 
     def busy(self) -> list[Slot]:
-        return [s for s in self.slots if s.state == SlotState.BUSY]
+        return [s for s in self.slots.values() if s.state == SlotState.BUSY]
+
+    def in_pool(self, pool: str) -> list[Slot]:
+        return [s for s in self.slots.values() if s.pool == pool and not s.retired]
 
     def statistics(self) -> dict[str, int]:
-        counts = collections.Counter(s.state.value for s in self.slots)
+        counts = collections.Counter(s.state.value for s in self.slots.values())
         return {"workers": len(self.slots), "queued_leases": len(self.queue), **counts}
+
+    # ---- slots come and go -------------------------------------------------------
+
+    def add_slot(self, pool: str = DEFAULT_POOL) -> Slot:
+        slot = Slot(next(self._next), pool)
+        self.slots[slot.index] = slot
+        return slot
+
+    def retire(self, index: int) -> bool:
+        """Its pool is no longer wanted. True if the worker is idle and can be stopped now."""
+        slot = self.slots[index]
+        slot.retired = True
+        if slot.state in (SlotState.IDLE, SlotState.STARTING):
+            slot.state = SlotState.STOPPING
+            return True
+        return False
+
+    def remove(self, index: int) -> None:
+        self.slots.pop(index, None)
 
     # ---- events ----------------------------------------------------------------
 
     def worker_ready(self, index: int) -> list[tuple[Slot, m.Lease]]:
         slot = self.slots[index]
-        slot.state = SlotState.IDLE
+        slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
         slot.lease = None
         slot.memory_kill = None
         slot.deaths = 0
@@ -72,7 +110,7 @@ class WorkerPool:
         """The worker in `index` answered its lease."""
         slot = self.slots[index]
         if slot.state == SlotState.BUSY:
-            slot.state = SlotState.IDLE
+            slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
         slot.lease = None
         return self._fill()
 
@@ -81,7 +119,7 @@ class WorkerPool:
         slot = self.slots[index]
         lease = slot.lease if slot.state == SlotState.BUSY else None
         memory = slot.memory_kill
-        slot.state = SlotState.STARTING
+        slot.state = SlotState.STOPPING if slot.retired else SlotState.STARTING
         slot.lease = None
         slot.memory_kill = None
         slot.deaths += 1
@@ -95,19 +133,24 @@ class WorkerPool:
     def cancel_job(self, job_id: str) -> list[Slot]:
         """Drop a job's queued leases; returns the workers running it, to kill."""
         self.queue = collections.deque(lease for lease in self.queue if lease.job_id != job_id)
-        victims = [s for s in self.slots if s.state == SlotState.BUSY and s.lease and s.lease.job_id == job_id]
+        victims = [s for s in self.slots.values() if s.state == SlotState.BUSY and s.lease and s.lease.job_id == job_id]
         for slot in victims:
             slot.state = SlotState.STOPPING
         return victims
 
     def _fill(self) -> list[tuple[Slot, m.Lease]]:
         started = []
-        for slot in self.slots:
-            if not self.queue:
-                break
-            if slot.state == SlotState.IDLE:
-                lease = self.queue.popleft()
-                slot.state = SlotState.BUSY
-                slot.lease = lease
-                started.append((slot, lease))
+        waiting: collections.deque[m.Lease] = collections.deque()
+        idle = [s for s in self.slots.values() if s.state == SlotState.IDLE and not s.retired]
+        while self.queue:
+            lease = self.queue.popleft()
+            slot = next((s for s in idle if not lease.pool or s.pool == lease.pool), None)
+            if slot is None:
+                waiting.append(lease)
+                continue
+            idle.remove(slot)
+            slot.state = SlotState.BUSY
+            slot.lease = lease
+            started.append((slot, lease))
+        self.queue = waiting
         return started

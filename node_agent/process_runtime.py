@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from .pools import PoolSpec
 from .runtime import Runtime, WorkerProcess, build_shim_tree, worker_env
 
 
@@ -51,7 +52,7 @@ class ProcessRuntime(Runtime):
     def python_version(self) -> str:
         return self._version
 
-    async def start_worker(self, slot: int, env: dict[str, str]) -> WorkerProcess:
+    async def start_worker(self, slot: int, env: dict[str, str], spec: PoolSpec) -> WorkerProcess:
         assert self.shim_root is not None and self.run_dir is not None, "prepare() first"
         full_env = worker_env()
         full_env.update(env)

@@ -13,6 +13,7 @@ import abc
 import os
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import trio
 
 import burla
 from burla.schemas import worker as proto
+
+from .pools import PoolSpec
 
 
 class WorkerProcess(abc.ABC):
@@ -43,8 +46,16 @@ class WorkerProcess(abc.ABC):
         return describe_exit(code)
 
 
+class PoolError(Exception):
+    """A pool's workers cannot run: its image cannot be pulled, built or used. Says why."""
+
+
 class Runtime(abc.ABC):
     name = "abstract"
+    #: Workers are containers of images (pools come from the standby spec and the daemon's wants).
+    containers = False
+    #: The runtime (the kernel, through cgroups) enforces each worker's RAM: no watchdog needed.
+    enforces_memory = False
 
     @abc.abstractmethod
     async def prepare(self, run_dir: Path) -> None:
@@ -52,11 +63,18 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def python_version(self) -> str:
-        """The Python minor version workers run ("3.11")."""
+        """The Python minor version workers run ("3.11"); for containers, the agent's own."""
+
+    async def prepare_pool(self, spec: PoolSpec, fetch_build: Callable[[str], Awaitable[bytes]]) -> str:
+        """Make a pool's workers startable (pull or build its image); returns their Python version.
+
+        Raises PoolError, saying why, when they cannot run.
+        """
+        return self.python_version()
 
     @abc.abstractmethod
-    async def start_worker(self, slot: int, env: dict[str, str]) -> WorkerProcess:
-        """Start a worker for `slot`; `env` carries the socket and progress paths."""
+    async def start_worker(self, slot: int, env: dict[str, str], spec: PoolSpec) -> WorkerProcess:
+        """Start a worker of pool `spec` in `slot`; `env` carries the socket and progress paths."""
 
     def worker_path(self, host_path: str) -> str | None:
         """Where a worker sees a file of this host, or None if it cannot read it."""

@@ -89,6 +89,8 @@ class JobSpec(Wire):
     func_ram: float = 4.0  # GB per call
     max_parallelism: int | None = None
     client_version: str = ""
+    image: str = ""  # an OCI image to run in ("": the nodes' default: processes, or the first standby image)
+    build: str = ""  # digest of a dockerfile= build context the nodes build `image` from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,57 @@ class Lease(Wire):
     hi: int
     func_cpu: float = 1.0
     func_ram_bytes: int = 4 * 1024**3
+    pool: str = ""  # the agent's pool of workers to run it on (PoolState.key)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandbyImage(Wire):
+    """An image every podman node keeps warm: `per_cpu` containers per CPU."""
+
+    image: str
+    python_version: str = ""  # what its python3 is expected to be; agents check
+    per_cpu: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolWant(Wire):
+    """The daemon asks a node for warm workers of one shape, for one job."""
+
+    job_id: str
+    image: str
+    build: str = ""
+    cpus: float = 1.0  # per container
+    ram_bytes: int = 0  # per container
+    count: int = 1
+    python_version: str = ""  # the client's: the image's python3 must be this minor version
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolState(Wire):
+    """A node's warm workers of one shape, as its agent reports them."""
+
+    key: str
+    image: str = ""  # "" for process workers
+    python_version: str = ""
+    cpus: float = 0.0  # per worker; 0: the node's CPUs are shared (process workers)
+    ram_bytes: int = 0  # per worker; 0: shared
+    slots: int = 0  # workers wanted
+    ready: int = 0  # workers connected and taking work
+    state: str = "ready"  # preparing (pulling/building/checking), ready, draining
+    phase: str = ""  # what it is doing, in words ("pulling image X")
+    job_id: str = ""  # the job it was made for ("": standby)
+    default: bool = False  # takes jobs that name no image
+    containers: tuple[Any, ...] = ()  # [id, state] per container, for `burla status`
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolError(Wire):
+    """A node could not make a pool: the image cannot be pulled, built or run."""
+
+    job_id: str
+    image: str
+    message: str
+    node: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +216,8 @@ class AgentReport(Wire):
     logs: tuple[LogChunk, ...] = ()
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     payload_proof: str = ""  # the daemon's probe secret: this agent reads its payload files
+    pools: tuple[PoolState, ...] | None = None  # None: unchanged since the last report
+    pool_errors: tuple[PoolError, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +229,8 @@ class Delivery(Wire):
     functions: dict[str, int] = dataclasses.field(default_factory=dict)  # hash -> blob
     batches: tuple[Any, ...] = ()  # [job_id, seq, blob]
     batch_refs: tuple[Any, ...] = ()  # [job_id, seq, file under the payload dir], for agents that read it
+    wants: tuple[PoolWant, ...] | None = None  # the pools the daemon wants now (None: unchanged)
+    standby: tuple[StandbyImage, ...] | None = None  # the standby spec (None: unchanged)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +273,7 @@ class NodeStatus(Wire):
     runtime: str = "process"
     last_seen_ago: float = 0.0
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pools: tuple[PoolState, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +285,12 @@ class ClusterStatus(Wire):
 
 nested("LeaseResult", "error", CallError)
 nested("AgentReport", "results", LeaseResult)
+nested("AgentReport", "pools", PoolState)
+nested("AgentReport", "pool_errors", PoolError)
+nested("Delivery", "wants", PoolWant)
+nested("Delivery", "standby", StandbyImage)
 nested("AgentReport", "logs", LogChunk)
 nested("Delivery", "leases", Lease)
 nested("ClusterStatus", "nodes", NodeStatus)
+nested("NodeStatus", "pools", PoolState)
 nested("ClusterStatus", "jobs", JobStatus)

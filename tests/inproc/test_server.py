@@ -61,7 +61,8 @@ async def test_remote_parallel_map_against_the_in_process_daemon(
     results = await trio.to_thread.run_sync(lambda: remote_parallel_map(str, range(100), spinner=False))
     assert results == [str(x) for x in range(100)]
     assert daemon.plane.counters["results_accepted"] >= 2
-    assert agent.counters["leases_done"] >= 2 and agent.statistics()["workers"] == 2
+    stats = agent.statistics()
+    assert stats["leases_done"] >= 2 and stats["workers"] == 2
 
 
 async def submit(admin: httpx.AsyncClient, job_id: str, values: list[Any]) -> None:
@@ -121,12 +122,12 @@ async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, 
     r = await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
     assert r.status_code == 200
     with trio.fail_after(10):
-        while len(agent.pool.busy()) < 2:
+        while len(agent.workers.pool.busy()) < 2:
             await trio.sleep(0.02)
     started = trio.current_time()
     assert (await admin.post("/v1/jobs/slow/cancel", json={"reason": "test"})).status_code == 200
     with trio.fail_after(5):
-        while agent.pool.busy():
+        while agent.workers.pool.busy():
             await trio.sleep(0.01)
     assert trio.current_time() - started < 1.0
     assert (await admin.get("/v1/jobs/slow")).json()["state"] == m.JOB_CANCELLED

@@ -26,7 +26,7 @@ def test_new_pool_has_no_ready_workers() -> None:
     pool = WorkerPool(3)
     assert pool.ready() == 0
     assert pool.held() == set()
-    assert all(s.state == SlotState.STARTING for s in pool.slots)
+    assert all(s.state == SlotState.STARTING for s in pool.slots.values())
     assert pool.statistics() == {"workers": 3, "queued_leases": 0, "starting": 3}
 
 
@@ -158,3 +158,39 @@ def test_ready_counts_idle_and_busy() -> None:
     assert pool.ready() == 3
     pool.died(1)
     assert pool.ready() == 2
+
+
+def pooled_lease(lease_id: int, pool: str, job: str = "j") -> m.Lease:
+    return m.Lease(lease_id, job, "fh", 0, 0, lease_id, lease_id + 1, pool=pool)
+
+
+def test_a_lease_runs_only_on_a_worker_of_its_pool() -> None:
+    pool = WorkerPool()
+    a = pool.add_slot("image-a")
+    b = pool.add_slot("image-b")
+    pool.worker_ready(a.index)
+    pool.worker_ready(b.index)
+    started = pool.offer([pooled_lease(1, "image-b"), pooled_lease(2, "image-b")])
+    assert [(s.index, x.lease_id) for s, x in started] == [(b.index, 1)]
+    assert [x.lease_id for x in pool.queue] == [2]  # waits for image-b, though image-a is idle
+    assert pool.ready("image-a") == 1 and pool.ready("image-b") == 1 and pool.ready() == 2
+    assert [(s.index, x.lease_id) for s, x in pool.finished(b.index)] == [(b.index, 2)]
+
+
+def test_retiring_an_idle_worker_stops_it_at_once_and_a_busy_one_after_its_lease() -> None:
+    pool = WorkerPool()
+    idle = pool.add_slot("old")
+    busy = pool.add_slot("old")
+    pool.worker_ready(idle.index)
+    pool.worker_ready(busy.index)
+    pool.offer([pooled_lease(1, "old")])
+    running = next(s for s in pool.slots.values() if s.state == SlotState.BUSY)
+    waiting = next(s for s in pool.slots.values() if s.state == SlotState.IDLE)
+    assert pool.retire(waiting.index) is True and waiting.state == SlotState.STOPPING
+    assert pool.retire(running.index) is False and running.state == SlotState.BUSY
+    assert pool.ready("old") == 0  # retired workers take no new work
+    pool.offer([pooled_lease(2, "old")])
+    assert pool.finished(running.index) == [] and running.state == SlotState.STOPPING
+    assert [x.lease_id for x in pool.queue] == [2]
+    pool.remove(waiting.index)
+    assert waiting.index not in pool.slots

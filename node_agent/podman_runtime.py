@@ -1,0 +1,366 @@
+"""Workers as warm rootless Podman containers, through the Podman API socket.
+
+Each worker is a container of its pool's image running the worker shim,
+which is bind-mounted read-only with `burla.schemas` and cloudpickle (the
+image needs nothing but a python3 of the clients' minor version). The shim
+connects to the agent's unix socket, bind-mounted too; no service listens
+inside a container.
+
+The agent starts ``podman system service`` as its own user unless a socket is
+configured, and talks to it with the `podman` package (in threads: it is
+synchronous). Images are pulled when missing (credentials: the user's
+``podman login``, or ``agent.registry_auth_file``), built from a client's
+build context for ``dockerfile=`` (tagged by the context's digest, so the
+second build is a cache hit), and checked once for python3 and its version.
+
+Limits: with cgroups v2 and delegated controllers, each container gets
+``--memory`` and ``--cpus`` and the kernel enforces them. Without (cgroups v1,
+as on some VMs), the agent enforces RAM itself by watching the container's
+processes, as for process workers, and pins each container to its CPUs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .pools import PoolSpec
+from .runtime import PoolError, Runtime, WorkerProcess, build_shim_tree
+
+log = logging.getLogger("burla.agent")
+
+SHIM_DIR = "/burla/shim"
+RUN_DIR = "/burla/run"
+_CHECK = "import sys; print('%d.%d' % sys.version_info[:2])"
+_SERVICE_WAIT = 30.0
+
+
+def _podman() -> Any:
+    try:
+        import podman
+    except ImportError as e:  # pragma: no cover - the extra is missing
+        raise PoolError("the podman runtime needs the podman package: pip install 'burla[podman]'") from e
+    return podman
+
+
+def _tail(lines: Any, n: int = 25) -> str:
+    """The last lines of a podman build log (JSON lines or text)."""
+    out: list[str] = []
+    for raw in lines or ():
+        try:
+            item = json.loads(raw)
+            text = item.get("stream") or item.get("error") or ""
+        except (ValueError, TypeError, AttributeError):
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        out.extend(line for line in str(text).splitlines() if line.strip())
+    return "\n".join(out[-n:])
+
+
+class _Container(WorkerProcess):
+    def __init__(self, runtime: PodmanRuntime, container_id: str, pid: int) -> None:
+        self.runtime = runtime
+        self.id = container_id
+        self.pid = pid or None
+        self.stdout = self.stderr = None  # the shim sends what calls print over its socket
+        self.oom_killed = False
+
+    async def wait(self) -> int:
+        if self.pid:
+            try:
+                fd = os.pidfd_open(self.pid)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    os.close(fd)
+        code, self.oom_killed = await trio.to_thread.run_sync(self.runtime._wait_and_remove, self.id)
+        return code
+
+    def kill(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # rootless: the container's init runs as our user
+                return
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+        threading.Thread(target=self.runtime._kill, args=(self.id,), daemon=True).start()
+
+    def describe_exit(self, code: int) -> str:
+        if self.oom_killed:
+            return "was killed by the kernel for using more than its memory limit (out of memory)"
+        return super().describe_exit(code)
+
+
+class PodmanRuntime(Runtime):
+    name = "podman"
+    containers = True
+
+    def __init__(
+        self,
+        socket_url: str = "",
+        network: bool = True,
+        registry_auth_file: str = "",
+        label: str = "burla",
+    ) -> None:
+        self.socket_url = socket_url
+        self.network = network
+        self.registry_auth_file = registry_auth_file
+        self.label = label
+        self.enforces_memory = False
+        self.limits = False
+        self._service: trio.Process | None = None
+        self._local = threading.local()
+        self._python: dict[str, str] = {}  # image id -> python minor version
+        self._prepare_lock = trio.Lock()
+        self.shim_root: Path | None = None
+        self.run_dir: Path | None = None
+        self.counters: dict[str, int] = {"pulls": 0, "builds": 0, "build_cache_hits": 0, "containers_started": 0}
+
+    @classmethod
+    def from_config(cls, config: Any) -> PodmanRuntime:
+        return cls(config.podman_socket, config.container_network, config.registry_auth_file)
+
+    # ---- the service -----------------------------------------------------------------
+
+    def client(self) -> Any:
+        """A PodmanClient for this thread (the package uses requests sessions)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = _podman().PodmanClient(base_url=self.socket_url, timeout=600)
+        return client
+
+    async def prepare(self, run_dir: Path) -> None:
+        _podman()
+        self.run_dir = run_dir
+        self.shim_root = build_shim_tree(run_dir / "shim")
+        if not self.socket_url:
+            socket_path = run_dir / "podman.sock"
+            env = dict(os.environ)
+            if self.registry_auth_file:
+                env["REGISTRY_AUTH_FILE"] = self.registry_auth_file
+            self._service = await trio.lowlevel.open_process(
+                ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+                env=env,
+                stdin=-3,  # DEVNULL
+                start_new_session=True,
+            )
+            self.socket_url = f"unix://{socket_path}"
+        with trio.move_on_after(_SERVICE_WAIT) as waited:
+            while True:
+                try:
+                    if await trio.to_thread.run_sync(lambda: self.client().ping()):
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                if self._service is not None and self._service.returncode is not None:
+                    raise PoolError(f"`podman system service` exited with code {self._service.returncode}")
+                await trio.sleep(0.05)
+        if waited.cancelled_caught:
+            raise PoolError(f"the Podman API at {self.socket_url} did not answer within {_SERVICE_WAIT:.0f}s")
+        info = await trio.to_thread.run_sync(lambda: self.client().info())
+        host = info.get("host", {})
+        controllers = set(host.get("cgroupControllers") or ())
+        self.limits = host.get("cgroupVersion") == "v2" and {"memory", "cpu"} <= controllers
+        self.enforces_memory = self.limits
+        removed = await trio.to_thread.run_sync(self._remove_stale)
+        log.info(
+            "podman %s at %s: cgroups %s, limits %s, %d stale containers removed",
+            info.get("version", {}).get("Version", "?"), self.socket_url, host.get("cgroupVersion"),
+            "enforced by the kernel" if self.limits else "enforced by the agent", removed,
+        )  # fmt: skip
+
+    def _remove_stale(self) -> int:
+        """Containers an earlier agent of this node left behind."""
+        stale = self.client().containers.list(all=True, filters={"label": [f"burla.node={self.label}"]})
+        for container in stale:
+            try:
+                container.remove(force=True)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+        return len(stale)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self._remove_stale)
+            except Exception:  # noqa: BLE001 - the service may be gone
+                pass
+            if self._service is not None and self._service.returncode is None:
+                self._service.terminate()
+                with trio.move_on_after(5):
+                    await self._service.wait()
+                self._service.kill()
+
+    def python_version(self) -> str:
+        import sys
+
+        return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    def statistics(self) -> dict[str, Any]:
+        return {"runtime": self.name, "limits": "kernel" if self.limits else "agent", **self.counters}
+
+    # ---- images --------------------------------------------------------------------------
+
+    async def prepare_pool(self, spec: PoolSpec, fetch_build: Callable[[str], Awaitable[bytes]]) -> str:
+        async with self._prepare_lock:  # one pull or build at a time; the second waiter finds it done
+            exists = await trio.to_thread.run_sync(lambda: self.client().images.exists(spec.image))
+            if not exists and spec.build:
+                context = await fetch_build(spec.build)
+                await trio.to_thread.run_sync(self._build, spec, context)
+            elif not exists:
+                await trio.to_thread.run_sync(self._pull, spec.image)
+            elif spec.build:
+                self.counters["build_cache_hits"] += 1
+            python = await trio.to_thread.run_sync(self._python_of, spec.image)
+        if spec.python_version and python != spec.python_version:
+            raise PoolError(
+                f"its python3 is Python {python}, but the client runs Python {spec.python_version}; "
+                f"use an image with Python {spec.python_version}"
+            )
+        return python
+
+    def _pull(self, image: str) -> None:
+        podman = _podman()
+        try:
+            self.client().images.pull(image)
+        except (podman.errors.APIError, podman.errors.ImageNotFound) as e:
+            raise PoolError(f"cannot pull it: {e}") from None
+        if not self.client().images.exists(image):
+            raise PoolError("cannot pull it: the registry returned no image")
+        self.counters["pulls"] += 1
+
+    def _build(self, spec: PoolSpec, context: bytes) -> None:
+        import tarfile
+
+        podman = _podman()
+        with tarfile.open(fileobj=io.BytesIO(context)) as tar:
+            names = set(tar.getnames())
+        dockerfile = next((n for n in (".burla/Dockerfile", "Dockerfile", "Containerfile") if n in names), None)
+        if dockerfile is None:
+            raise PoolError("the build context has no Dockerfile")
+        try:
+            self.client().images.build(
+                fileobj=io.BytesIO(context), custom_context=True, dockerfile=dockerfile, tag=spec.image, rm=True
+            )
+        except podman.errors.BuildError as e:
+            raise PoolError(f"the Dockerfile did not build: {e.msg}\n{_tail(e.build_log)}") from None
+        except podman.errors.APIError as e:
+            raise PoolError(f"the Dockerfile did not build: {e}") from None
+        self.counters["builds"] += 1
+
+    def _python_of(self, image: str) -> str:
+        podman = _podman()
+        image_id = self.client().images.get(image).id
+        if image_id in self._python:
+            return self._python[image_id]
+        try:
+            out = self.client().containers.run(
+                image, ["python3", "-c", _CHECK], remove=True, network_mode="none", stdout=True, stderr=True,
+                labels={"burla.node": self.label},
+            )  # fmt: skip
+        except podman.errors.ContainerError as e:
+            raise PoolError(f"python3 does not run in it: {_tail([e.stderr] if e.stderr else [])}") from None
+        except podman.errors.APIError as e:
+            if "not found" in str(e) or "no such file" in str(e).lower():
+                raise PoolError("it has no python3; Burla runs functions with the image's python3") from None
+            raise PoolError(f"cannot run it: {e}") from None
+        text = b"".join(out).decode() if not isinstance(out, (bytes, str)) else out
+        version = (text.decode() if isinstance(text, bytes) else text).strip().splitlines()[-1:]
+        if not version or "." not in version[0]:
+            raise PoolError(f"its python3 did not say its version (said {text!r})")
+        self._python[image_id] = version[0]
+        return version[0]
+
+    # ---- workers --------------------------------------------------------------------------
+
+    async def start_worker(self, slot: int, env: dict[str, str], spec: PoolSpec) -> WorkerProcess:
+        assert self.run_dir is not None and self.shim_root is not None, "prepare() first"
+        inside = {
+            key: value.replace(str(self.run_dir), RUN_DIR) if key.startswith("BURLA_WORKER_") else value
+            for key, value in env.items()
+        }
+        inside["PYTHONPATH"] = SHIM_DIR
+        inside["PYTHONUNBUFFERED"] = "1"
+        container_id, pid = await trio.to_thread.run_sync(self._start, slot, inside, spec)
+        self.counters["containers_started"] += 1
+        if pid and not self.limits and spec.cpus > 0:
+            _pin(pid, slot, spec.cpus)
+        return _Container(self, container_id, pid)
+
+    def _start(self, slot: int, env: dict[str, str], spec: PoolSpec) -> tuple[str, int]:
+        podman = _podman()
+        kwargs: dict[str, Any] = {
+            "command": ["python3", "-m", "burla.node_agent.worker_shim"],
+            "environment": env,
+            "mounts": [
+                {"type": "bind", "source": str(self.shim_root), "target": SHIM_DIR, "read_only": True},
+                {"type": "bind", "source": str(self.run_dir), "target": RUN_DIR},
+            ],
+            "labels": {"burla.node": self.label, "burla.pool": spec.key},
+            "name": f"burla-{self.label}-{slot}-{os.urandom(3).hex()}",
+            "working_dir": "/tmp",
+        }
+        if not self.network:
+            kwargs["network_mode"] = "none"
+        if self.limits:
+            if spec.ram_bytes:
+                kwargs["mem_limit"] = int(spec.ram_bytes)
+            if spec.cpus:
+                kwargs["nano_cpus"] = int(spec.cpus * 1e9)
+        try:
+            container = self.client().containers.create(spec.image, **kwargs)
+            container.start()
+            container.reload()
+        except podman.errors.APIError as e:
+            raise PoolError(f"cannot start a container of it: {e}") from None
+        return container.id, int(container.attrs.get("State", {}).get("Pid") or 0)
+
+    def _wait_and_remove(self, container_id: str) -> tuple[int, bool]:
+        client = self.client()
+        try:
+            container = client.containers.get(container_id)
+            code = int(container.wait())
+            container.reload()
+            oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
+        except Exception:  # noqa: BLE001 - removed underneath us
+            return -signal.SIGKILL, False
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        if code > 128:  # the shell convention: 128 + the signal that killed it
+            code = -(code - 128)
+        return code, oom
+
+    def _kill(self, container_id: str) -> None:
+        try:
+            self.client().containers.get(container_id).kill()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+
+def _pin(pid: int, slot: int, cpus: float) -> None:
+    """Without cgroup limits, keep a container on its share of CPUs (slot by slot, round robin)."""
+    available = sorted(os.sched_getaffinity(0))
+    width = max(1, int(round(cpus)))
+    if width >= len(available):
+        return
+    start = (slot * width) % len(available)
+    chosen = {available[(start + i) % len(available)] for i in range(width)}
+    try:
+        os.sched_setaffinity(pid, chosen)
+    except OSError:
+        pass

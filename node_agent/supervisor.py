@@ -1,0 +1,558 @@
+"""The agent's workers: which pools to keep, starting and replacing workers, feeding them leases.
+
+`Supervisor` converges the node on its desired pools (`pools.plan`): it
+prepares each pool's image, keeps its count of warm workers, retires workers
+of pools no longer wanted (idle ones at once, busy ones after their lease),
+starts each lease on a worker of its pool, and turns every worker death into
+the right error for the input it was running.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import pickle
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from burla._trace import trace
+from burla.daemon.config import AgentConfig
+from burla.schemas import envelope
+from burla.schemas import messages as m
+from burla.schemas import worker as proto
+
+from . import host, pools
+from .blobs import BlobCache
+from .channel import FrameStream
+from .outbox import Outbox
+from .pool import Slot, SlotState, WorkerPool
+from .runtime import PoolError, Runtime, WorkerProcess, describe_exit
+
+log = logging.getLogger("burla.agent")
+
+FUNCTIONS_KEPT = 16  # per worker; the shim keeps the same number
+WORKER_BATCHES_KEPT = 4  # the shim's cache of unpickled batches
+HELLO_TIMEOUT = 120.0
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+@dataclasses.dataclass
+class WorkerConn:
+    slot: int
+    proc: WorkerProcess
+    stream: FrameStream
+    nonce: str
+    functions: collections.OrderedDict[str, None] = dataclasses.field(default_factory=collections.OrderedDict)
+    batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(default_factory=collections.OrderedDict)
+
+
+@dataclasses.dataclass
+class PoolRun:
+    """A pool's progress on this node."""
+
+    spec: pools.PoolSpec
+    state: str = "preparing"  # preparing, ready, failed
+    phase: str = ""
+    python: str = ""
+    error: str = ""
+
+
+class Supervisor:
+    def __init__(
+        self, config: AgentConfig, runtime: Runtime, outbox: Outbox, blobs: BlobCache, fetch: Fetch, hostname: str
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.outbox = outbox
+        self.blobs = blobs
+        self.fetch = fetch
+        self.hostname = hostname
+        self.pool = WorkerPool()
+        self.conns: dict[int, WorkerConn] = {}
+        self.runs: dict[str, PoolRun] = {}  # pools prepared or being prepared
+        self.desired: dict[str, pools.PoolSpec] = {}
+        self.standby: tuple[m.StandbyImage, ...] = ()
+        self.wants: tuple[m.PoolWant, ...] = ()
+        self.pool_errors: list[m.PoolError] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.info: m.NodeInfo | None = None
+        self.run_dir = Path()
+        self.socket_path = ""
+        self._hello: dict[str, trio.MemorySendChannel[FrameStream]] = {}
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ---- what the node should run -----------------------------------------------------
+
+    def set_targets(self, standby: tuple[m.StandbyImage, ...] | None, wants: tuple[m.PoolWant, ...] | None) -> None:
+        if standby is not None:
+            self.standby = standby
+        if wants is not None:
+            self.wants = wants
+        self._changed.set()
+
+    def _reconcile(self) -> None:
+        """Converge on the desired pools: retire what is not wanted, prepare and fill what is."""
+        assert self.info is not None and self._nursery is not None
+        self.desired = {
+            spec.key: spec
+            for spec in pools.plan(
+                self.runtime.containers, self.info.cpus, self.info.ram_bytes, self.info.workers, self.standby,
+                self.wants,
+            )
+        }  # fmt: skip
+        for slot in list(self.pool.slots.values()):
+            if slot.pool not in self.desired and not slot.retired and self.pool.retire(slot.index):
+                self._kill(slot.index)
+        for key, spec in self.desired.items():
+            run = self.runs.get(key)
+            if run is None:
+                run = self.runs[key] = PoolRun(spec, phase=_phase(spec))
+                self._nursery.start_soon(self._prepare, key)
+            if run.state == "ready":
+                for _ in range(spec.count - len(self.pool.in_pool(key))):
+                    slot = self.pool.add_slot(key)
+                    self._nursery.start_soon(self._keep_worker, slot.index)
+        for key in [k for k in self.runs if k not in self.desired]:
+            if not any(s.pool == key for s in self.pool.slots.values()):
+                del self.runs[key]
+        self.outbox.mark_dirty()
+
+    async def _prepare(self, key: str) -> None:
+        run = self.runs[key]
+        try:
+            run.python = await self.runtime.prepare_pool(run.spec, self.fetch)
+        except PoolError as e:
+            self._pool_failed(run, str(e))
+        else:
+            run.state, run.phase = "ready", ""
+            trace("agent", f"pool {key} ready")
+        self._changed.set()
+
+    def _pool_failed(self, run: PoolRun, message: str) -> None:
+        run.state, run.error, run.phase = "failed", message, ""
+        log.error("pool %s (image %s) failed: %s", run.spec.key, run.spec.image, message)
+        if run.spec.job_id:
+            self.pool_errors.append(m.PoolError(run.spec.job_id, run.spec.image, message, self.hostname))
+        self.counters["pool_failures"] += 1
+        self.outbox.mark_dirty()
+
+    async def reconcile_loop(self) -> None:
+        while True:
+            self._changed = trio.Event()
+            self._reconcile()
+            await self._changed.wait()
+
+    def pool_states(self) -> tuple[m.PoolState, ...]:
+        out = []
+        for key, run in sorted(self.runs.items()):
+            spec = run.spec
+            slots = [s for s in self.pool.slots.values() if s.pool == key]
+            state = run.state if key in self.desired else "draining"
+            out.append(
+                m.PoolState(
+                    key=key,
+                    image=spec.image,
+                    python_version=run.python or spec.python_version,
+                    cpus=spec.cpus,
+                    ram_bytes=spec.ram_bytes,
+                    slots=spec.count,
+                    ready=self.pool.ready(key) if state == "ready" else 0,
+                    state={"failed": "failed"}.get(state, state),
+                    phase=run.phase,
+                    job_id=spec.job_id,
+                    default=spec.default,
+                    containers=tuple(
+                        [
+                            getattr(self.conns.get(s.index), "proc", None) and _short_id(self.conns[s.index]),
+                            s.state.value,
+                        ]
+                        for s in slots
+                    ),
+                )
+            )
+        return tuple(out)
+
+    # ---- leases ---------------------------------------------------------------------------
+
+    def offer(self, leases: list[m.Lease]) -> None:
+        self._start(self.pool.offer(leases))
+
+    def cancel_job(self, job_id: str) -> None:
+        for slot in self.pool.cancel_job(job_id):
+            self._kill(slot.index)
+        self.counters["jobs_cancelled"] += 1
+
+    def _kill(self, index: int) -> None:
+        conn = self.conns.get(index)
+        if conn is not None:
+            conn.proc.kill()
+
+    def kill_all(self) -> None:
+        for conn in self.conns.values():
+            conn.proc.kill()
+
+    def _start(self, started: list[tuple[Slot, m.Lease]]) -> None:
+        assert self._nursery is not None
+        for slot, lease in started:
+            self._nursery.start_soon(self._send_run, slot.index, lease)
+
+    async def _send_run(self, index: int, lease: m.Lease) -> None:
+        conn = self.conns.get(index)
+        if conn is None:
+            return
+        header: dict[str, Any] = {
+            "kind": proto.RUN,
+            "lease_id": lease.lease_id,
+            "job_id": lease.job_id,
+            "function_hash": lease.function_hash,
+            "batch": [lease.job_id, lease.batch_seq],
+            "batch_start": lease.batch_start,
+            "lo": lease.lo,
+            "hi": lease.hi,
+            "function_blob": None,
+            "batch_blob": None,
+            "batch_file": None,
+        }
+        blobs: list[Any] = []
+        key = (lease.job_id, lease.batch_seq)
+        try:
+            if lease.function_hash not in conn.functions:
+                fn = self.blobs.functions.get(lease.function_hash)
+                if fn is None:
+                    fn = await self.fetch(f"functions/{lease.function_hash}")
+                    self.blobs.add_function(lease.function_hash, fn)
+                header["function_blob"] = len(blobs)
+                blobs.append(fn)
+            if key not in conn.batches:
+                path = self.blobs.batch_files.get(key)
+                inside = self.runtime.worker_path(path) if path is not None else None
+                if inside is not None and path is not None and os.path.exists(path):
+                    header["batch_file"] = inside  # the worker reads it itself
+                else:
+                    batch = self.blobs.batches.get(key)
+                    if batch is None:
+                        batch = await self.fetch(f"batches/{lease.job_id}/{lease.batch_seq}")
+                        self.blobs.add_batch(key, batch)
+                    header["batch_blob"] = len(blobs)
+                    blobs.append(batch)
+        except LookupError:  # the job ended meanwhile: nothing to run
+            self._settle(index, lease)
+            return
+        slot = self.pool.slots.get(index)
+        if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
+            return  # cancelled or the worker died while we fetched
+        trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
+        try:
+            await conn.stream.send(header, blobs)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the worker died: its death reports the lease
+        if header["function_blob"] is not None:
+            conn.functions[lease.function_hash] = None
+            while len(conn.functions) > FUNCTIONS_KEPT:
+                conn.functions.popitem(last=False)
+        if header["batch_blob"] is not None or header["batch_file"] is not None:
+            conn.batches[key] = None
+            while len(conn.batches) > WORKER_BATCHES_KEPT:
+                conn.batches.popitem(last=False)
+
+    def _settle(self, index: int, lease: m.Lease) -> None:
+        """A lease that cannot run: give its slot the next one (the daemon already dropped it)."""
+        slot = self.pool.slots.get(index)
+        if slot is not None and slot.lease is lease:
+            self._after_lease(index)
+
+    def _after_lease(self, index: int) -> None:
+        self._start(self.pool.finished(index))
+        slot = self.pool.slots.get(index)
+        if slot is not None and slot.retired and slot.state == SlotState.STOPPING:
+            self._kill(index)  # its pool is no longer wanted
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    async def run(self, nursery: trio.Nursery, run_dir: Path, info: m.NodeInfo) -> None:
+        """Listen for workers, keep the pools and watch memory (in `nursery`)."""
+        self._nursery = nursery
+        self.info = info
+        self.run_dir = run_dir
+        self.socket_path = str(run_dir / "agent.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(self.socket_path)
+        os.chmod(self.socket_path, 0o777)  # rootless containers connect as another uid
+        listener.listen(256)
+        nursery.start_soon(self._accept_loop, trio.SocketListener(listener))
+        nursery.start_soon(self.reconcile_loop)
+        nursery.start_soon(self._memory_loop)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._greet, stream)
+
+    async def _greet(self, stream: trio.SocketStream) -> None:
+        frames = FrameStream(stream)
+        with trio.move_on_after(HELLO_TIMEOUT):
+            try:
+                hello = await frames.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, envelope.EnvelopeError):
+                hello = None
+            if hello is not None and hello[0].get("kind") == proto.HELLO:
+                channel = self._hello.get(hello[0].get("nonce", ""))
+                if channel is not None:
+                    await channel.send(frames)
+                    return
+        await stream.aclose()  # a stale or stray connection
+
+    async def _keep_worker(self, index: int) -> None:
+        """Keep a warm worker in slot `index` until its pool is no longer wanted."""
+        while True:
+            slot = self.pool.slots.get(index)
+            if slot is None or slot.retired:
+                break
+            spec = self.desired.get(slot.pool) or (self.runs[slot.pool].spec if slot.pool in self.runs else None)
+            if spec is None:
+                break
+            if slot.deaths:
+                await trio.sleep(min(0.05 * 2 ** min(slot.deaths, 6), 5.0))
+            try:
+                await self._run_worker(index, spec)
+            except PoolError as e:  # the runtime cannot start this pool's workers
+                run = self.runs.get(slot.pool)
+                if run is not None and run.state != "failed":
+                    self._pool_failed(run, str(e))
+                self.pool.died(index)
+                break
+            except Exception as e:  # a worker that cannot start must not take the agent down
+                log.error("cannot start worker %d: %s: %s", index, type(e).__name__, e)
+                self.pool.died(index)
+        self.pool.remove(index)
+        self._changed.set()
+        self.outbox.mark_dirty()
+
+    async def _run_worker(self, index: int, spec: pools.PoolSpec) -> None:
+        progress_path = self.run_dir / f"w{index}.progress"
+        progress_path.write_bytes(proto.PROGRESS.pack(proto.IDLE))
+        os.chmod(progress_path, 0o666)
+        nonce = secrets.token_hex(8)
+        send, receive = trio.open_memory_channel[FrameStream](1)
+        self._hello[nonce] = send
+        env = {
+            proto.SOCKET_ENV: self.socket_path,
+            proto.PROGRESS_ENV: str(progress_path),
+            proto.LOG_FLUSH_ENV: str(self.config.log_flush_interval),
+            "BURLA_WORKER_SLOT": str(index),
+            "BURLA_WORKER_NONCE": nonce,
+        }
+        try:
+            proc = await self.runtime.start_worker(index, env, spec)
+        except BaseException:
+            del self._hello[nonce]
+            raise
+        code: int | None = None
+        frames: FrameStream | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                for stream, which in ((proc.stdout, m.STDOUT), (proc.stderr, m.STDERR)):
+                    if stream is not None:
+                        nursery.start_soon(self._pump_output, index, stream, which)
+                with trio.move_on_after(HELLO_TIMEOUT) as hello_scope:
+                    async with trio.open_nursery() as race:
+
+                        async def exited() -> None:
+                            nonlocal code
+                            code = await proc.wait()
+                            race.cancel_scope.cancel()
+
+                        async def greeted() -> None:
+                            nonlocal frames
+                            frames = await receive.receive()
+                            race.cancel_scope.cancel()
+
+                        race.start_soon(exited)
+                        race.start_soon(greeted)
+                if frames is None:
+                    if hello_scope.cancelled_caught:
+                        log.error("worker %d did not connect within %.0fs", index, HELLO_TIMEOUT)
+                    proc.kill()
+                    code = await proc.wait() if code is None else code
+                    log.error(
+                        "worker %d (%s) %s before it was ready", index, spec.image or "process", describe_exit(code)
+                    )
+                    nursery.cancel_scope.cancel()
+                    self.pool.died(index)
+                    return
+                trace("agent", f"worker {index} ready")
+                conn = WorkerConn(index, proc, frames, nonce)
+                self.conns[index] = conn
+                self._start(self.pool.worker_ready(index))
+                if self.pool.slots[index].retired:
+                    proc.kill()
+                self.outbox.mark_dirty()
+                self.counters["workers_started"] += 1
+                await self._serve_worker(conn)
+                with trio.move_on_after(5):
+                    code = await proc.wait()
+                if code is None:
+                    proc.kill()
+                    code = await proc.wait()
+                # let the output pumps drain, unless a child of the worker holds its stdout open
+                nursery.cancel_scope.deadline = trio.current_time() + 0.5
+        finally:
+            del self._hello[nonce]
+            proc.kill()
+            if self.conns.get(index) is not None and self.conns[index].proc is proc:
+                del self.conns[index]
+            with trio.CancelScope(shield=True):
+                if frames is not None:
+                    await frames.aclose()
+                with trio.move_on_after(5):
+                    await proc.wait()  # reap it, even when the agent itself is stopping
+        self._worker_died(index, code, progress_path, proc, spec)
+
+    async def _serve_worker(self, conn: WorkerConn) -> None:
+        while True:
+            try:
+                message = await conn.stream.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, envelope.EnvelopeError):
+                return
+            if message is None:
+                return
+            header, blobs = message
+            kind = header.get("kind")
+            if kind == proto.LOGS:
+                chunk = {"job_id": header["job_id"], "lines": header["lines"], "nbytes": header["nbytes"]}
+                await self.outbox.add_logs(chunk, blobs[0])
+            elif kind == proto.DONE:
+                trace("agent", f"done w{conn.slot} lease={header['lease_id']}")
+                slot = self.pool.slots[conn.slot]
+                lease = slot.lease
+                if lease is None or lease.lease_id != header["lease_id"] or slot.state != SlotState.BUSY:
+                    continue  # a cancelled lease finishing: the daemon has dropped it
+                result = {
+                    "lease_id": lease.lease_id,
+                    "job_id": lease.job_id,
+                    "lo": header["lo"],
+                    "n_ok": header["n_ok"],
+                    "elapsed": header["elapsed"],
+                    "error": header.get("error"),
+                }
+                self.outbox.add_result(result, list(blobs))
+                self.counters["leases_done"] += 1
+                self._after_lease(conn.slot)
+
+    def _worker_died(
+        self, index: int, code: int | None, progress_path: Path, proc: WorkerProcess, spec: pools.PoolSpec
+    ) -> None:
+        lease, memory = self.pool.died(index)
+        self.outbox.mark_dirty()
+        if lease is None:
+            return
+        self.counters["worker_deaths"] += 1
+        try:
+            (at,) = proto.PROGRESS.unpack(progress_path.read_bytes()[: proto.PROGRESS.size])
+        except (OSError, ValueError):
+            at = proto.IDLE
+        if not lease.lo <= at < lease.hi:
+            at = lease.lo
+        where = f"on node {self.hostname}" + (f", in a container of image {spec.image}" if spec.image else "")
+        oom = getattr(proc, "oom_killed", False)
+        if memory is not None or oom:
+            rss, limit = memory if memory is not None else (0, lease.func_ram_bytes)
+            used = f"used {rss / 1e9:.2f} GB of memory, over" if rss else "went over"
+            error = m.CallError(
+                index=at,
+                kind=m.MEMORY,
+                type_name="burla.errors.MemoryLimitError",
+                message=(
+                    f"input #{at} {used} its func_ram of {limit / 1e9:g} GB {where}, and was killed. "
+                    "Pass a larger func_ram= (up to a node's RAM), or use less memory per call."
+                ),
+                node=self.hostname,
+            )
+        else:
+            how = proc.describe_exit(code) if code is not None else "stopped answering"
+            error = m.CallError(
+                index=at,
+                kind=m.WORKER_DIED,
+                type_name="burla.errors.WorkerDiedError",
+                message=f"the worker running input #{at} {how} {where}.",
+                node=self.hostname,
+            )
+        result = {
+            "lease_id": lease.lease_id,
+            "job_id": lease.job_id,
+            "lo": lease.lo,
+            "n_ok": 0,
+            "elapsed": 0.0,
+            "error": error.to_wire(),
+        }
+        self.outbox.add_result(result, [pickle.dumps([])])
+
+    async def _pump_output(self, index: int, stream: trio.abc.ReceiveStream, which: int) -> None:
+        """Forward what a worker writes to its raw stdout/stderr before its shim captures them."""
+        partial = b""
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    if partial:
+                        await self._forward_raw(index, which, partial)
+                    return
+                data = partial + data
+                cut = data.rfind(b"\n") + 1
+                partial = data[cut:]
+                if cut:
+                    await self._forward_raw(index, which, data[:cut])
+
+    async def _forward_raw(self, index: int, which: int, data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        slot = self.pool.slots.get(index)
+        lease = slot.lease if slot is not None else None
+        if lease is None:
+            print(f"[worker {index}] {text}", end="", file=sys.stderr)
+            return
+        blob = pickle.dumps([(-1, which, text)])
+        await self.outbox.add_logs({"job_id": lease.job_id, "lines": text.count("\n"), "nbytes": len(text)}, blob)
+
+    async def _memory_loop(self) -> None:
+        """Kill calls that go over their func_ram, where the kernel does not do it for us."""
+        if self.runtime.enforces_memory:
+            return
+        while True:
+            await trio.sleep(self.config.memory_check_interval)
+            for slot in self.pool.busy():
+                conn = self.conns.get(slot.index)
+                if conn is None or conn.proc.pid is None or slot.lease is None:
+                    continue
+                rss = host.rss_bytes(conn.proc.pid)
+                if rss > slot.lease.func_ram_bytes:
+                    log.warning("worker %d: %d bytes > func_ram %d: killed", slot.index, rss, slot.lease.func_ram_bytes)
+                    self.pool.kill_for_memory(slot.index, rss, slot.lease.func_ram_bytes)
+                    conn.proc.kill()
+                    self.counters["memory_kills"] += 1
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.pool.statistics(), **self.runtime.statistics(), **self.counters}
+
+
+def _phase(spec: pools.PoolSpec) -> str:
+    if not spec.image:
+        return ""
+    return f"building image {spec.image}" if spec.build else f"preparing image {spec.image}"
+
+
+def _short_id(conn: WorkerConn) -> str:
+    return str(getattr(conn.proc, "id", "") or conn.proc.pid or "")[:12]
