@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -17,6 +18,8 @@ def remote_parallel_map(
     spinner: bool = True,
     generator: bool = False,
     api_key: str | None = None,
+    image: str | None = None,
+    dockerfile: str | os.PathLike[str] | None = None,
 ) -> list[Any] | Iterator[Any]:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
@@ -36,6 +39,11 @@ def remote_parallel_map(
         generator: return an iterator that yields each result as it arrives
             (in completion order) instead of a list in input order.
         api_key: the cluster's API key (default: BURLA_API_KEY or `burla login`).
+        image: run the calls in containers of this OCI image (nodes with the Podman
+            runtime; its python3 must be this client's minor version). Pulled on
+            first use, then kept.
+        dockerfile: build the image from this Dockerfile (its folder is the build
+            context, honouring .dockerignore) on the nodes; built once per context.
 
     Returns:
         The return values in input order, or an iterator of them with
@@ -53,4 +61,6 @@ def remote_parallel_map(
         max_parallelism=max_parallelism,
         spinner=spinner,
         generator=generator,
+        image=image,
+        dockerfile=dockerfile,
     )

@@ -9,6 +9,7 @@ map on a warm cluster costs a few round trips and nothing more.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import uuid
@@ -145,6 +146,22 @@ class Client:
             raise error_from_response(r.status_code, r.text, "read the cluster's limits")
         return dict(r.json())
 
+    async def _upload_build(self, context: Any) -> None:
+        """Send a dockerfile= build context, unless the cluster has it already (same digest)."""
+        import httpx
+
+        try:
+            known = await self._http.get(f"/v1/builds/{context.digest}")
+            if known.status_code == 200:
+                return
+            r = await self._http.put(
+                f"/v1/builds/{context.digest}", content=context.tarball, headers={"content-type": "application/x-tar"}
+            )
+        except httpx.TransportError as e:
+            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
+        if r.status_code != 200:
+            raise error_from_response(r.status_code, r.text, "upload the build context")
+
     def _local_payloads(self) -> tuple[str, str, int] | None:
         """The daemon's payload dir, its proof and inline limit, if this process can write there."""
         from burla.schemas import local
@@ -182,6 +199,8 @@ class Client:
         max_parallelism: int | None = None,
         spinner: bool = True,
         generator: bool = False,
+        image: str | None = None,
+        dockerfile: str | os.PathLike[str] | None = None,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.schemas import messages as m
@@ -191,6 +210,15 @@ class Client:
         from ._pickling import InputBatcher, function_hash, function_name, pickle_function
 
         _check_resources(func_cpu, func_ram, max_parallelism)
+        if image is not None and dockerfile is not None:
+            raise InvalidArgumentError("pass image= or dockerfile=, not both")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise InvalidArgumentError(f"image must be an image name like 'python:3.11-slim', got {image!r}")
+        context = None
+        if dockerfile is not None:
+            from ._build_context import pack_build_context
+
+            context = pack_build_context(dockerfile)  # checks the Dockerfile before anything starts
         blob = pickle_function(function_, self.limits.get("max_function_bytes"))
         batcher = InputBatcher(inputs, self.limits.get("max_input_bytes"))
         first = batcher.next_batch()
@@ -199,6 +227,16 @@ class Client:
         self.connect()
         if self.limits.get("max_function_bytes") and len(blob) > self.limits["max_function_bytes"]:
             pickle_function(function_, self.limits["max_function_bytes"])  # raises with the full message
+        build = ""
+        if context is not None:
+            limit = self.limits.get("max_build_context_bytes")
+            if limit and context.size > limit:
+                from ._build_context import pack_build_context
+
+                pack_build_context(dockerfile, max_bytes=limit)  # type: ignore[arg-type]  # raises, naming the big files
+            self._portal.run(self._upload_build, context)
+            build = context.digest
+            image = f"localhost/burla-build:{context.digest[:16]}"
         batcher.max_input_bytes = self.limits.get("max_input_bytes")
         if batcher.max_input_bytes and len(first[1]) > batcher.max_input_bytes:
             batcher.check_sizes(first)  # the first batch was pickled before the limits were known
@@ -211,6 +249,8 @@ class Client:
             func_ram=float(func_ram),
             max_parallelism=max_parallelism,
             client_version=__version__,
+            image=image or "",
+            build=build,
         )
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()

@@ -26,6 +26,7 @@ _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
     "burla.errors.UnpicklingError": errors.UnpicklingError,
     "burla.errors.UnpicklableResultError": errors.UnpicklableResultError,
     "burla.errors.NoNodesError": errors.NoNodesError,
+    "burla.errors.ImageError": errors.ImageError,
 }
 
 

@@ -153,6 +153,16 @@ def _status(as_json: bool) -> int:
             f"{n['last_seen_ago']:.1f}s ago",
         )  # fmt: skip
     console.print(nodes if data["nodes"] else "No nodes.")
+    pools = [(n, p) for n in data["nodes"] for p in n.get("pools", ()) if p.get("image")]
+    if pools:
+        table = Table("node", "image", "for", "state", "ready", "CPUs each", "RAM each", "containers", title="Containers")
+        for n, p in pools:
+            containers = ", ".join(f"{cid or '-'} {state}" for cid, state in p.get("containers", ()))
+            table.add_row(
+                n["agent_id"][:8], p["image"], p["job_id"][:8] or "standby", p["phase"] or p["state"],
+                f"{p['ready']}/{p['slots']}", f"{p['cpus']:g}", f"{p['ram_bytes'] / 1e9:.1f} GB", containers or "-",
+            )  # fmt: skip
+        console.print(table)
     jobs = Table("job", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
     for j in data["jobs"]:
         total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"

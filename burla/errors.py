@@ -12,6 +12,7 @@ errors of Burla itself::
     │   ├── UnpicklableError        the function or an input cannot be pickled
     │   └── TooLargeError           the function or an input is over the cluster's size limits
     ├── UnsatisfiableError          no node can ever run the job (Python version, func_cpu, func_ram)
+    ├── ImageError                  image= or dockerfile= cannot be used: no pull, no build, no python3
     ├── ClusterError                the cluster cannot be reached or refused the request
     │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
     │   ├── AuthenticationError     the cluster refused the API key
@@ -66,6 +67,13 @@ class TooLargeError(InvalidArgumentError, ValueError):
 
 class UnsatisfiableError(BurlaError):
     """No node of the cluster can ever run this job as asked."""
+
+
+class ImageError(BurlaError):
+    """The image cannot run the job: it cannot be pulled or built, or its python3 is missing or another version.
+
+    The message names the image, the node, and (for a failed build) ends with the build log's tail.
+    """
 
 
 class ClusterError(BurlaError):
@@ -140,6 +148,7 @@ __all__ = [
     "ClusterError",
     "ClusterUnavailableError",
     "ConfigError",
+    "ImageError",
     "InvalidArgumentError",
     "JobCancelledError",
     "MemoryLimitError",

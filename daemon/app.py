@@ -22,7 +22,7 @@ from burla.schemas import envelope
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
-from .errors import ApiError, BadRequest, Unauthorized
+from .errors import ApiError, BadRequest, NotFound, Unauthorized
 from .service import ControlPlane
 
 log = logging.getLogger("burla.daemon")
@@ -130,6 +130,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 "version": __version__,
                 "max_function_bytes": config.max_function_bytes,
                 "max_input_bytes": config.max_input_bytes,
+                "max_build_context_bytes": config.max_build_context_bytes,
                 "python_versions": sorted({n.info.python_version for n in plane.scheduler.nodes.values()}),
                 "nodes": len(plane.scheduler.nodes),
                 "payloads": plane.payload_info(),
@@ -159,6 +160,27 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         body = await read_json()
         plane.cancel_job(job_id, str(body.get("reason", "cancelled by the client")))
         return _json({"ok": True})
+
+    @app.put("/v1/builds/<digest>")
+    async def put_build(digest: str) -> Response:
+        check_token(request.headers, ADMIN)
+        if plane.has_build(digest):
+            return _json({"ok": True, "known": True})
+        data = await request.get_data(cache=False, as_text=False)
+        plane.put_build(digest, data if isinstance(data, bytes) else data.encode())
+        return _json({"ok": True, "known": False})
+
+    @app.get("/v1/builds/<digest>")
+    async def has_build(digest: str) -> Response:
+        check_token(request.headers, ADMIN)
+        if not plane.has_build(digest):
+            raise NotFound(f"no build context {digest}")
+        return _json({"ok": True})
+
+    @app.get("/v1/agents/<agent_id>/builds/<digest>")
+    async def build_context(agent_id: str, digest: str) -> Response:
+        check_token(request.headers, NODE)
+        return Response(plane.build_context(digest), content_type="application/x-tar")
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:

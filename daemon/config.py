@@ -55,6 +55,7 @@ class DaemonConfig:
     max_lease_inputs: int = 100_000
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
+    max_build_context_bytes: int = 100 * MB  # a dockerfile= build context, packed
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
     no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
     job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
@@ -191,7 +192,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS.get(m.group(2).lower(), 1))
 
 
-_SIZE_FIELDS = {"max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "ram"}
+_SIZE_FIELDS = {"max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "max_build_context_bytes", "ram"}
 
 
 def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:

@@ -45,6 +45,10 @@ class PayloadStore:
         with open(self.root / ref, "rb") as f:
             return f.read()
 
+    def build_path(self, digest: str) -> Path:
+        """Where a dockerfile= build context is kept (content-addressed: one file per digest)."""
+        return self.root / ".builds" / f"{digest}.tar"
+
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
 

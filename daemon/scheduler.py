@@ -111,8 +111,10 @@ class NodeState:
     def pool_fits(self, pool: m.PoolState, job: JobState) -> bool:
         """Could `pool` run `job`'s calls (free slots aside)?"""
         spec = job.spec
-        if pool.state != "ready" or (pool.job_id and pool.job_id != job.job_id):
+        if pool.state != "ready":
             return False
+        if pool.job_id:  # made for one job, in its shape
+            return pool.job_id == job.job_id
         if (spec.image or spec.build) and pool.image != spec.image:
             return False
         if not (spec.image or spec.build) and not pool.default:
@@ -553,9 +555,9 @@ class Scheduler:
         out: dict[str, tuple[m.PoolWant, ...]] = {}
         for agent_id, node in self.nodes.items():
             if node.containers:
-                job_id = self.claims.get(agent_id)
-                want = self.want_for(node, self.jobs[job_id]) if job_id else None
-                out[agent_id] = (want,) if want else ()
+                claimed = self.claims.get(agent_id)
+                planned = self.want_for(node, self.jobs[claimed]) if claimed else None
+                out[agent_id] = (planned,) if planned else ()
         return out
 
     # ---- restore after a restart ------------------------------------------

@@ -139,6 +139,8 @@ class ControlPlane:
             raise BadRequest("func_cpu and func_ram must be positive")
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
             raise BadRequest("max_parallelism must be at least 1")
+        if spec.build and not self.has_build(spec.build):
+            raise BadRequest(f"no build context {spec.build}: upload it first (PUT /v1/builds/DIGEST)")
         reason = self.scheduler.infeasible(spec)
         if reason:
             raise Unsatisfiable(reason)
@@ -501,6 +503,30 @@ class ControlPlane:
             link = self.links[active.agent_id]
             link.mailbox.append(active)
             link.notify()
+
+    def put_build(self, digest: str, tarball: bytes) -> None:
+        """Keep a dockerfile= build context; its digest must be the sha256 of its bytes."""
+        import hashlib
+
+        if len(tarball) > self.config.max_build_context_bytes:
+            raise TooLarge(
+                f"the build context is {len(tarball) / 1e6:.1f} MB, over this cluster's limit of "
+                f"{self.config.max_build_context_bytes / 1e6:.0f} MB (daemon.max_build_context_bytes)"
+            )
+        if hashlib.sha256(tarball).hexdigest() != digest:
+            raise BadRequest("the build context does not match its digest")
+        path = self.store.payloads.build_path(digest)
+        path.parent.mkdir(exist_ok=True)
+        local.write_file(path, tarball)
+
+    def has_build(self, digest: str) -> bool:
+        return self.store.payloads.build_path(digest).is_file()
+
+    def build_context(self, digest: str) -> bytes:
+        path = self.store.payloads.build_path(digest)
+        if not path.is_file():
+            raise NotFound(f"no build context {digest}")
+        return path.read_bytes()
 
     def function_blob(self, function_hash: str) -> bytes:
         blob = self.store.function_blob(function_hash)

@@ -95,6 +95,7 @@ class Agent:
         # unix socket paths must stay under ~100 bytes: keep them in a short temp dir
         self.run_dir = Path(tempfile.mkdtemp(prefix="burla-agent-"))
         os.chmod(self.run_dir, 0o755)
+        self.runtime.label = lock.node_id[:12]  # one agent per state dir: its containers are its own
         try:
             try:
                 await self.runtime.prepare(self.run_dir)

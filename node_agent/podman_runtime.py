@@ -262,27 +262,47 @@ class PodmanRuntime(Runtime):
         self.counters["builds"] += 1
 
     def _python_of(self, image: str) -> str:
-        podman = _podman()
         image_id = self.client().images.get(image).id
         if image_id in self._python:
             return self._python[image_id]
-        try:
-            out = self.client().containers.run(
-                image, ["python3", "-c", _CHECK], remove=True, network_mode="none", stdout=True, stderr=True,
-                labels={"burla.node": self.label},
-            )  # fmt: skip
-        except podman.errors.ContainerError as e:
-            raise PoolError(f"python3 does not run in it: {_tail([e.stderr] if e.stderr else [])}") from None
-        except podman.errors.APIError as e:
-            if "not found" in str(e) or "no such file" in str(e).lower():
-                raise PoolError("it has no python3; Burla runs functions with the image's python3") from None
-            raise PoolError(f"cannot run it: {e}") from None
-        text = b"".join(out).decode() if not isinstance(out, (bytes, str)) else out
-        version = (text.decode() if isinstance(text, bytes) else text).strip().splitlines()[-1:]
+        code, output = self._run_once(image, ["python3", "-c", _CHECK])
+        text = output.decode(errors="replace").strip()
+        if code == 127 or "executable file" in text and "not found" in text:
+            raise PoolError("it has no python3; Burla runs functions with the image's python3")
+        if code != 0:
+            raise PoolError(f"its python3 does not run (exit code {code}): {text[-500:]}")
+        version = text.splitlines()[-1:] if text else []
         if not version or "." not in version[0]:
-            raise PoolError(f"its python3 did not say its version (said {text!r})")
+            raise PoolError(f"its python3 did not say its version (said {text[-200:]!r})")
         self._python[image_id] = version[0]
         return version[0]
+
+    def _run_once(self, image: str, command: list[str]) -> tuple[int, bytes]:
+        """Run a throwaway container to completion: its exit code and output."""
+        podman = _podman()
+        try:
+            container = self.client().containers.create(
+                image, command, network_mode="none", labels={"burla.node": self.label}
+            )
+        except podman.errors.APIError as e:
+            raise PoolError(f"cannot run it: {e}") from None
+        try:
+            try:
+                container.start()
+            except podman.errors.APIError as e:  # e.g. the command is not in the image
+                text = str(e)
+                if "not found" in text or "no such file" in text.lower():
+                    return 127, text.encode()
+                raise PoolError(f"cannot run it: {e}") from None
+            code = int(container.wait())
+            logs = container.logs(stdout=True, stderr=True)
+            output = logs if isinstance(logs, bytes) else b"".join(logs)
+            return code, output
+        finally:
+            try:
+                container.remove(force=True)
+            except podman.errors.APIError:
+                pass
 
     # ---- workers --------------------------------------------------------------------------
 

@@ -56,6 +56,8 @@ class Runtime(abc.ABC):
     containers = False
     #: The runtime (the kernel, through cgroups) enforces each worker's RAM: no watchdog needed.
     enforces_memory = False
+    #: Marks what this agent's runtime creates, so a restarted agent of the node can clean it up.
+    label = "burla"
 
     @abc.abstractmethod
     async def prepare(self, run_dir: Path) -> None:

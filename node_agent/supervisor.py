@@ -128,8 +128,15 @@ class Supervisor:
 
     async def _prepare(self, key: str) -> None:
         run = self.runs[key]
+
+        async def fetch_build(digest: str) -> bytes:
+            try:
+                return await self.fetch(f"builds/{digest}")
+            except LookupError:
+                raise PoolError(f"the daemon has no build context {digest}") from None
+
         try:
-            run.python = await self.runtime.prepare_pool(run.spec, self.fetch)
+            run.python = await self.runtime.prepare_pool(run.spec, fetch_build)
         except PoolError as e:
             self._pool_failed(run, str(e))
         else:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +40,19 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition", int
 class Cluster:
     """`burlad serve` plus node agents, each a real process, on 127.0.0.1."""
 
-    def __init__(self, root: Path, agents: int = 2, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        agents: int = 2,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        podman_user: str | None = None,
+        agent_args: list[str] | None = None,
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.podman_user = podman_user
+        self.agent_args = agent_args or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
@@ -52,6 +65,7 @@ class Cluster:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: list[Path] = []
+        self.cleanup: list[Path] = []
         try:
             self.start_daemon()
             for i in range(agents):
@@ -63,12 +77,14 @@ class Cluster:
 
     # ---- processes -------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], extra_env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.root / f"{name}.log"
         self.logs.append(log)
         with open(log, "ab") as f:
             return subprocess.Popen(
-                [PYTHON, "-m", "burla.daemon", *args],
+                [*(prefix or []), PYTHON, "-m", "burla.daemon", *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 env={**self.env, **(extra_env or {})},
@@ -91,11 +107,23 @@ class Cluster:
             return False
 
     def start_agent(self, i: int, workers: int | None = None, extra: list[str] | None = None) -> None:
+        args = ["agent", self.url, f"--token={self.node_token}", "--workers", str(workers or self.workers),
+                "--log-level", "INFO", *self.agent_args, *(extra or [])]  # fmt: skip
+        if self.podman_user is None:
+            self.agents[i] = self._spawn(f"agent{i}", [*args, "--state-dir", str(self.root / f"agent{i}")])
+            return
+        # A rootless Podman agent runs as its own user, in directories that user owns.
+        state = Path(tempfile.mkdtemp(prefix=f"burla-agent{i}-"))
+        shutil.chown(state, self.podman_user, self.podman_user)
+        self.cleanup.append(state)
+        # every rootless Podman process of a user must share its runtime dir (scripts/setup-podman makes it)
+        runtime_dir = Path(f"/tmp/burla-podman-{self.podman_user}")
+        home = pwd.getpwnam(self.podman_user).pw_dir
         self.agents[i] = self._spawn(
             f"agent{i}",
-            ["agent", self.url, f"--token={self.node_token}", "--state-dir", str(self.root / f"agent{i}"),
-             "--workers", str(workers or self.workers), "--log-level", "INFO", *(extra or [])],
-        )  # fmt: skip
+            [*args, "--runtime", "podman", "--state-dir", str(state)],
+            prefix=as_user(self.podman_user, home, runtime_dir),
+        )
 
     def kill_agent(self, i: int, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(i)
@@ -116,7 +144,12 @@ class Cluster:
         for i in list(self.agents):
             proc = self.agents.pop(i)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                # runuser SIGKILLs its child soon after a SIGTERM: stop the agent itself so it cleans up
+                children = _children(proc.pid) if self.podman_user else []
+                for pid in children or [proc.pid]:
+                    os.kill(pid, signal.SIGTERM)
+                if not children:
+                    os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
@@ -125,6 +158,8 @@ class Cluster:
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.terminate()
             self.daemon.wait(10)
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
     # ---- views -----------------------------------------------------------------------
 
@@ -146,6 +181,20 @@ class Cluster:
 
     def log_text(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs if p.exists())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def as_user(user: str, home: str, runtime_dir: Path) -> list[str]:
+    """A command prefix running as `user` with its own Podman configuration (not the tests' XDG dirs)."""
+    return ["runuser", "-u", user, "--", "env", "-u", "XDG_CONFIG_HOME", "-u", "XDG_DATA_HOME",
+            f"HOME={home}", f"XDG_RUNTIME_DIR={runtime_dir}"]  # fmt: skip
 
 
 def run_client(script: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

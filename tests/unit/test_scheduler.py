@@ -919,3 +919,24 @@ else:  # pragma: no cover
     @pytest.mark.skip(reason="hypothesis is not installed (the seeded random interleavings above still run)")
     def test_hypothesis_scheduler_state_machine() -> None:
         pass
+
+
+def test_a_pool_made_for_a_job_takes_that_job_even_when_it_named_no_image() -> None:
+    s = Scheduler()
+    info = m.NodeInfo("n1", "h", cpus=2, ram_bytes=16 * 10**9, python_version="3.11", workers=2, runtime="podman")
+    s.add_node("a", info, 0.0)
+    s.standby = [m.StandbyImage("base:1")]
+    spec = m.JobSpec("j", "f", "fh", "3.11", func_cpu=2, func_ram=1)
+    s.add_job(spec, 0.0)
+    s.add_batches("j", [m.BatchMeta(0, 0, 4)], final_count=4)
+    wants = s.plan_wants()
+    (want,) = wants["a"]
+    assert (want.image, want.cpus, want.count) == ("base:1", 2, 1)
+    pool = m.PoolState("job-x", want.image, "3.11", cpus=2, ram_bytes=want.ram_bytes, slots=1, ready=1, job_id="j")
+    s.touch_node("a", 1.0, pools=[pool])
+    (lease,) = s.assign(1.0)
+    assert lease.lease.pool == "job-x"
+    other = m.JobSpec("k", "f", "fh2", "3.11")
+    s.add_job(other, 1.0)
+    s.add_batches("k", [m.BatchMeta(0, 0, 1)], final_count=1)
+    assert s.assign(1.0) == []  # another job never runs on a pool made for j

@@ -1,0 +1,244 @@
+"""The Podman runtime, for real: warm rootless containers run by an agent of a non-root user.
+
+Needs what scripts/setup-podman makes (a user, rootless Podman, local images:
+no registry is reachable in CI). Skipped where that is missing, unless
+BURLA_REQUIRE_PODMAN=1 (as in CI), where its absence fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import burla
+from burla import remote_parallel_map
+from tests.cluster import Cluster, as_user, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.podman]
+
+USER = os.environ.get("BURLA_PODMAN_USER", "burla")
+BASE = "localhost/burla-base:py3"
+ALT = "localhost/burla-alt:py3"
+NO_PYTHON = "localhost/burla-nopython:latest"
+OTHER_PYTHON = "localhost/burla-otherpy:latest"
+
+
+def podman(*args: str) -> subprocess.CompletedProcess[str]:
+    home = pwd.getpwnam(USER).pw_dir
+    return subprocess.run(
+        [*as_user(USER, home, Path(f"/tmp/burla-podman-{USER}")), "podman", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def podman_missing() -> str | None:
+    if shutil.which("podman") is None or shutil.which("runuser") is None:
+        return "podman is not installed (scripts/setup-podman)"
+    if os.geteuid() != 0:
+        return "the Podman tests run agents as another user: run them as root"
+    if podman("image", "exists", BASE).returncode != 0:
+        return f"no {BASE} image for user {USER} (scripts/setup-podman)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    missing = podman_missing()
+    if missing:
+        if os.environ.get("BURLA_REQUIRE_PODMAN") == "1":
+            pytest.fail(f"BURLA_REQUIRE_PODMAN=1 but {missing}")
+        pytest.skip(missing)
+    cluster = Cluster(
+        tmp_path_factory.mktemp("podman"),
+        agents=1,
+        workers=2,
+        env={"BURLA_STANDBY_IMAGES": BASE, "BURLA_DAEMON_AGENT_TIMEOUT": "10"},
+        podman_user=USER,
+    )
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def containers(podman_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    for key, value in podman_cluster.client_env().items():
+        monkeypatch.setenv(key, value)
+    wait_for(lambda: standby_ready(podman_cluster), 60, "the node back on standby")
+    return podman_cluster
+
+
+def pools(cluster: Cluster) -> list[dict[str, object]]:
+    return list(cluster.status()["nodes"][0]["pools"])
+
+
+def standby_ready(cluster: Cluster) -> bool:
+    current = pools(cluster)
+    return any(p["image"] == BASE and p["state"] == "ready" and p["ready"] == 2 and not p["job_id"] for p in current)
+
+
+def agent_stats(cluster: Cluster) -> dict[str, int]:
+    return dict(cluster.status()["nodes"][0]["stats"])
+
+
+def in_container(x: int) -> tuple[int, str, int]:
+    with open("/proc/1/cmdline", "rb") as f:
+        pid1 = f.read().split(b"\0")[0].decode()
+    return x * 2, pid1, os.getpid()
+
+
+def test_a_job_runs_on_warm_containers(containers: Cluster, tmp_path: Path) -> None:
+    started = time.monotonic()
+    results = remote_parallel_map(in_container, range(6), spinner=False)
+    assert time.monotonic() - started < 1.0  # warm: no container starts for a job
+    assert [r[0] for r in results] == [x * 2 for x in range(6)]
+    assert {r[1] for r in results} == {"python3"}  # the shim is the container's first process
+    assert {r[2] for r in results} == {1}
+    names = podman("ps", "--format", "{{.Image}} {{.Labels}}").stdout
+    assert names.count(BASE) == 2  # one warm container per CPU of the standby image
+    from tests.cluster import run_client
+
+    status = run_client("import sys\nfrom burla.cli import main\nsys.exit(main(['status']))\n",
+                        containers.client_env(), tmp_path)  # fmt: skip
+    assert status.returncode == 0 and BASE in status.stdout and "Containers" in status.stdout
+
+
+def marker(_: int) -> str:
+    for path in ("/etc/burla-built", "/etc/burla-image"):
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+    return "base"
+
+
+def test_image_runs_another_local_image_and_the_node_returns_to_standby(containers: Cluster) -> None:
+    assert remote_parallel_map(marker, range(3), image=ALT, spinner=False) == ["burla-alt"] * 3
+    started = time.monotonic()
+    assert remote_parallel_map(marker, range(3), image=ALT, spinner=False) == ["burla-alt"] * 3
+    assert time.monotonic() - started < 3  # the image is kept: no pull the second time
+    wait_for(lambda: standby_ready(containers), 30, "standby restored")
+    assert all(p["image"] == BASE for p in pools(containers))
+    assert remote_parallel_map(marker, range(2), spinner=False) == ["base", "base"]
+
+
+def test_dockerfile_builds_once_then_hits_the_cache(containers: Cluster, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {BASE}\nCOPY note.txt /etc/burla-built\n")
+    (context / "note.txt").write_text(f"built {time.time()}\n")  # a context no earlier run built
+    (context / "big.bin").write_bytes(b"x" * 1000)
+    (context / ".dockerignore").write_text("big.bin\n")
+    expected = (context / "note.txt").read_text().strip()
+    builds = agent_stats(containers).get("builds", 0)
+    assert remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False) == [expected] * 2
+    assert agent_stats(containers)["builds"] == builds + 1
+    hits = agent_stats(containers).get("build_cache_hits", 0)
+    assert remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False) == [expected] * 2
+    stats = agent_stats(containers)
+    assert stats["builds"] == builds + 1 and stats["build_cache_hits"] == hits + 1
+
+
+def test_a_failed_build_shows_the_tail_of_its_log(containers: Cluster, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo about to fail && exit 3\n")
+    with pytest.raises(burla.ImageError) as info:
+        remote_parallel_map(marker, [1], dockerfile=tmp_path / "Dockerfile", spinner=False)
+    text = str(info.value)
+    assert "did not build" in text and "about to fail" in text and "on node" in text
+
+
+def overlap(intervals: list[tuple[float, float]]) -> int:
+    return max(sum(1 for s2, e2 in intervals if s2 < e and s < e2) for s, e in intervals)
+
+
+def timed(_: int) -> tuple[float, float, int]:
+    start = time.time()
+    time.sleep(0.4)
+    return start, time.time(), len(os.sched_getaffinity(0))
+
+
+def test_func_cpu_2_halves_the_calls_a_node_runs_at_once(containers: Cluster) -> None:
+    one = remote_parallel_map(timed, range(4), spinner=False)
+    two = remote_parallel_map(timed, range(4), func_cpu=2, spinner=False)
+    assert overlap([(s, e) for s, e, _ in one]) == 2
+    assert overlap([(s, e) for s, e, _ in two]) == 1
+    assert {cpus for _, _, cpus in two} == {2} and {cpus for _, _, cpus in one} == {1}
+
+
+def hog(x: int) -> int:
+    blocks = []
+    for _ in range(40):
+        blocks.append(bytearray(25 * 1024 * 1024))
+        time.sleep(0.01)
+    return x
+
+
+def test_a_call_over_func_ram_is_killed_and_named(containers: Cluster) -> None:
+    with pytest.raises(burla.MemoryLimitError) as info:
+        remote_parallel_map(hog, [7], func_ram=0.3, spinner=False)
+    assert info.value.input_index == 0
+    assert "func_ram of 0.3 GB" in str(info.value) and "image localhost/burla-base:py3" in str(info.value)
+
+
+def sleeper(x: int) -> int:
+    time.sleep(5)
+    return x
+
+
+def test_a_container_killed_mid_job_fails_its_input_and_the_node_recovers(containers: Cluster) -> None:
+    def kill_one() -> None:
+        wait_for(lambda: containers.status()["nodes"][0]["busy"] == 2, 10, "both containers busy")
+        ids = podman("ps", "-q", "--filter", f"ancestor={BASE}").stdout.split()
+        podman("kill", ids[0])
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    with pytest.raises(burla.WorkerDiedError) as info:
+        remote_parallel_map(sleeper, range(2), spinner=False)
+    killer.join()
+    assert "was killed by SIGKILL" in str(info.value) and f"image {BASE}" in str(info.value)
+    wait_for(lambda: standby_ready(containers), 30, "a fresh warm container")
+    assert remote_parallel_map(abs, [-1, -2], spinner=False) == [1, 2]
+
+
+def test_an_image_without_python3_or_with_another_python_is_refused(containers: Cluster) -> None:
+    with pytest.raises(burla.ImageError, match=rf"image {NO_PYTHON} on node .*: it has no python3"):
+        remote_parallel_map(abs, [1], image=NO_PYTHON, spinner=False)
+    if podman("image", "exists", OTHER_PYTHON).returncode == 0:
+        with pytest.raises(burla.ImageError, match=r"its python3 is Python 3\.\d+, but the client runs Python 3\.11"):
+            remote_parallel_map(abs, [1], image=OTHER_PYTHON, spinner=False)
+    with pytest.raises(burla.ImageError, match="cannot pull it"):
+        remote_parallel_map(abs, [1], image="localhost/no-such-image:1", spinner=False)
+    wait_for(lambda: standby_ready(containers), 30, "standby restored")
+    assert remote_parallel_map(abs, [-3], spinner=False) == [3]
+
+
+def interfaces(_: int) -> list[str]:
+    import socket
+
+    return sorted(name for _, name in socket.if_nameindex())
+
+
+def test_containers_have_network_unless_turned_off(containers: Cluster, tmp_path: Path) -> None:
+    assert remote_parallel_map(interfaces, [0], spinner=False)[0] != ["lo"]
+    offline = Cluster(
+        tmp_path / "offline",
+        agents=1,
+        workers=1,
+        env={"BURLA_STANDBY_IMAGES": BASE, "BURLA_AGENT_CONTAINER_NETWORK": "false"},
+        podman_user=USER,
+    )
+    try:
+        client = burla.Client(offline.url, offline.admin_token)
+        assert client.map(interfaces, [0], spinner=False) == [["lo"]]
+        client.close()
+    finally:
+        offline.stop()
