@@ -214,16 +214,24 @@ class PodmanRuntime(Runtime):
 
     # ---- images --------------------------------------------------------------------------
 
-    async def prepare_pool(self, spec: PoolSpec, fetch_build: Callable[[str], Awaitable[bytes]]) -> str:
+    async def prepare_pool(
+        self,
+        spec: PoolSpec,
+        fetch_build: Callable[[str], Awaitable[bytes]],
+        phase: Callable[[str], None] = lambda _: None,
+    ) -> str:
         async with self._prepare_lock:  # one pull or build at a time; the second waiter finds it done
             exists = await trio.to_thread.run_sync(lambda: self.client().images.exists(spec.image))
             if not exists and spec.build:
+                phase(f"building image {spec.image}")
                 context = await fetch_build(spec.build)
                 await trio.to_thread.run_sync(self._build, spec, context)
             elif not exists:
+                phase(f"pulling image {spec.image}")
                 await trio.to_thread.run_sync(self._pull, spec.image)
             elif spec.build:
                 self.counters["build_cache_hits"] += 1
+            phase(f"starting containers of {spec.image}")
             python = await trio.to_thread.run_sync(self._python_of, spec.image)
         if spec.python_version and python != spec.python_version:
             raise PoolError(

@@ -67,9 +67,15 @@ class Runtime(abc.ABC):
     def python_version(self) -> str:
         """The Python minor version workers run ("3.11"); for containers, the agent's own."""
 
-    async def prepare_pool(self, spec: PoolSpec, fetch_build: Callable[[str], Awaitable[bytes]]) -> str:
+    async def prepare_pool(
+        self,
+        spec: PoolSpec,
+        fetch_build: Callable[[str], Awaitable[bytes]],
+        phase: Callable[[str], None] = lambda _: None,
+    ) -> str:
         """Make a pool's workers startable (pull or build its image); returns their Python version.
 
+        `phase` hears what it is doing, in words ("pulling image X"), for the spinner.
         Raises PoolError, saying why, when they cannot run.
         """
         return self.python_version()

@@ -135,8 +135,12 @@ class Supervisor:
             except LookupError:
                 raise PoolError(f"the daemon has no build context {digest}") from None
 
+        def phase(text: str) -> None:
+            run.phase = text
+            self.outbox.mark_dirty()  # the daemon shows it in the job's status
+
         try:
-            run.python = await self.runtime.prepare_pool(run.spec, fetch_build)
+            run.python = await self.runtime.prepare_pool(run.spec, fetch_build, phase)
         except PoolError as e:
             self._pool_failed(run, str(e))
         else:
@@ -556,9 +560,7 @@ class Supervisor:
 
 
 def _phase(spec: pools.PoolSpec) -> str:
-    if not spec.image:
-        return ""
-    return f"building image {spec.image}" if spec.build else f"preparing image {spec.image}"
+    return f"preparing image {spec.image}" if spec.image else ""
 
 
 def _short_id(conn: WorkerConn) -> str:

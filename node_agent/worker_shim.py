@@ -13,12 +13,14 @@ Run as ``python -m burla.node_agent.worker_shim`` with ``BURLA_WORKER_SOCKET``
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import io
 import linecache
 import mmap
 import os
 import pickle
+import select
 import socket
 import sys
 import threading
@@ -60,6 +62,7 @@ class Output:
         self.entries: list[tuple[int, int, str]] = []
         self.partial: dict[tuple[int, int], str] = {}
         self.nbytes = 0
+        self.before_end: Callable[[], None] | None = None  # e.g. drain what fds 1 and 2 still hold
 
     def write(self, stream: int, text: str) -> None:
         with self.lock:
@@ -81,6 +84,8 @@ class Output:
 
     def end_lease(self) -> None:
         """A lease ended: lines left without a newline go out as they are."""
+        if self.before_end is not None:
+            self.before_end()
         with self.lock:
             for (index, stream), text in self.partial.items():
                 self.entries.append((index, stream, text))
@@ -105,6 +110,47 @@ class Output:
                 self.flush()
             except OSError:
                 return
+
+
+class FdCapture:
+    """What C code and subprocesses write to fds 1 and 2 goes through `Output` too.
+
+    The fds become pipes read by a thread; at the end of each lease the run
+    loop drains them, so a call's output reaches the agent before its result.
+    """
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self.lock = threading.Lock()
+        self.readers: list[tuple[int, int, Any]] = []  # (read fd, stream, incremental decoder)
+        for fd, stream in ((1, m.STDOUT), (2, m.STDERR)):
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self.readers.append((read_end, stream, codecs.getincrementaldecoder("utf-8")("replace")))
+        threading.Thread(target=self._run, daemon=True, name="burla-fd-capture").start()
+
+    def drain(self) -> None:
+        with self.lock:
+            for read_end, stream, decoder in self.readers:
+                while True:
+                    try:
+                        data = os.read(read_end, 65536)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        break
+                    text = decoder.decode(data)
+                    if text:
+                        self.output.write(stream, text)
+
+    def _run(self) -> None:
+        fds = [r for r, _, _ in self.readers]
+        while True:
+            ready, _, _ = select.select(fds, [], [], 0.5)
+            if ready:
+                self.drain()
 
 
 class Stream(io.TextIOBase):
@@ -321,6 +367,8 @@ def main() -> None:
     output = Output(channel)
     progress = Progress(os.environ.get(proto.PROGRESS_ENV))
     sys.stdin = open(os.devnull)
+    capture = FdCapture(output)
+    output.before_end = capture.drain
     sys.stdout = Stream(output, m.STDOUT, 1)
     sys.stderr = Stream(output, m.STDERR, 2)
     interval = float(os.environ.get(proto.LOG_FLUSH_ENV, "0.1"))

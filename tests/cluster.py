@@ -48,10 +48,13 @@ class Cluster:
         env: dict[str, str] | None = None,
         podman_user: str | None = None,
         agent_args: list[str] | None = None,
+        agent_user: str | None = None,
     ) -> None:
+        """`podman_user`: agents run the Podman runtime as that user; `agent_user`: they run as that user."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.podman_user = podman_user
+        self.podman = podman_user is not None
+        self.podman_user = podman_user or agent_user
         self.agent_args = agent_args or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -121,7 +124,7 @@ class Cluster:
         home = pwd.getpwnam(self.podman_user).pw_dir
         self.agents[i] = self._spawn(
             f"agent{i}",
-            [*args, "--runtime", "podman", "--state-dir", str(state)],
+            [*args, "--runtime", "podman" if self.podman else "process", "--state-dir", str(state)],
             prefix=as_user(self.podman_user, home, runtime_dir),
         )
 

@@ -245,3 +245,25 @@ def test_burla_status_shows_nodes_workers_and_running_jobs(cluster: Cluster, tmp
     assert result.stdout.count("│ process ") == 2  # two nodes, process runtime
     row = next(line for line in result.stdout.splitlines() if "sleepy" in line)
     assert "running" in row and "│ 8 " in row  # the job, its state and its input count
+
+
+def noisy_below_python(x: int) -> int:
+    import ctypes
+    import subprocess
+
+    os.write(1, f"raw fd write from {x}\n".encode())
+    subprocess.run(["echo", f"subprocess echo from {x}"], check=True)
+    libc = ctypes.CDLL(None)
+    libc.puts(f"C puts from {x}".encode())
+    libc.fflush(None)
+    os.write(2, f"raw stderr from {x}\n".encode())
+    return x
+
+
+def test_output_of_c_code_and_subprocesses_arrives_too(cluster: Cluster, capfd: pytest.CaptureFixture[str]) -> None:
+    assert remote_parallel_map(noisy_below_python, range(3), spinner=False) == [0, 1, 2]
+    out, err = capfd.readouterr()
+    for x in range(3):
+        for line in (f"raw fd write from {x}", f"subprocess echo from {x}", f"C puts from {x}"):
+            assert line in out.splitlines()
+        assert f"raw stderr from {x}" in err.splitlines()

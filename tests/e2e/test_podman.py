@@ -112,6 +112,17 @@ def test_a_job_runs_on_warm_containers(containers: Cluster, tmp_path: Path) -> N
     assert status.returncode == 0 and BASE in status.stdout and "Containers" in status.stdout
 
 
+def test_prints_of_python_c_and_subprocesses_in_containers_arrive(
+    containers: Cluster, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tests.e2e.test_map import noisy_below_python
+
+    remote_parallel_map(noisy_below_python, range(2), spinner=False)
+    out, err = capfd.readouterr()
+    assert {"raw fd write from 1", "subprocess echo from 1", "C puts from 1"} <= set(out.splitlines())
+    assert "raw stderr from 0" in err.splitlines()
+
+
 def marker(_: int) -> str:
     for path in ("/etc/burla-built", "/etc/burla-image"):
         if os.path.exists(path):
@@ -139,7 +150,23 @@ def test_dockerfile_builds_once_then_hits_the_cache(containers: Cluster, tmp_pat
     (context / ".dockerignore").write_text("big.bin\n")
     expected = (context / "note.txt").read_text().strip()
     builds = agent_stats(containers).get("builds", 0)
-    assert remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False) == [expected] * 2
+    phases: set[str] = set()
+
+    def watch() -> None:  # what the spinner shows while the image builds
+        while not done.is_set():
+            phases.update(j["phase"] for j in containers.status()["jobs"])
+            time.sleep(0.05)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False)
+    finally:
+        done.set()
+        watcher.join()
+    assert results == [expected] * 2
+    assert any(p.startswith("building image localhost/burla-build:") and p.endswith("on 1 node") for p in phases)
     assert agent_stats(containers)["builds"] == builds + 1
     hits = agent_stats(containers).get("build_cache_hits", 0)
     assert remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False) == [expected] * 2
