@@ -155,7 +155,9 @@ def _status(as_json: bool) -> int:
     console.print(nodes if data["nodes"] else "No nodes.")
     pools = [(n, p) for n in data["nodes"] for p in n.get("pools", ()) if p.get("image")]
     if pools:
-        table = Table("node", "image", "for", "state", "ready", "CPUs each", "RAM each", "containers", title="Containers")
+        table = Table(
+            "node", "image", "for", "state", "ready", "CPUs each", "RAM each", "containers", title="Containers"
+        )
         for n, p in pools:
             containers = ", ".join(f"{cid or '-'} {state}" for cid, state in p.get("containers", ()))
             table.add_row(
