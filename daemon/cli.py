@@ -132,12 +132,14 @@ def _agent(config: Config) -> int:
 
     try:
         trio.run(main)
-    except AgentError as e:
-        print(f"burlad agent: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # e.g. the state dir is taken by another agent
-        print(f"burlad agent: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:  # AgentError, or a taken state dir, maybe inside exception groups
+        error = e
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, (AgentError, RuntimeError)) and not isinstance(error, BaseExceptionGroup):
+            print(f"burlad agent: {error}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -173,6 +173,9 @@ class Cluster:
 
     def wait_nodes(self, n: int, timeout: float = 60) -> list[dict[str, Any]]:
         def ready() -> list[dict[str, Any]] | None:
+            dead = [i for i, proc in self.agents.items() if proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"agent {dead[0]} exited:\n{self.log_text()[-3000:]}")
             nodes = self.status()["nodes"]
             full = [node for node in nodes if node["workers"] >= 1 and node["stats"].get("idle", 0) >= 1]
             return nodes if len(nodes) == n and len(full) == n else None
