@@ -20,6 +20,8 @@ def remote_parallel_map(
     api_key: str | None = None,
     image: str | None = None,
     dockerfile: str | os.PathLike[str] | None = None,
+    exclude_packages: Iterable[str] | None = None,
+    requirements: Iterable[str] | None = None,
 ) -> list[Any] | Iterator[Any]:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
@@ -44,6 +46,13 @@ def remote_parallel_map(
             first use, then kept.
         dockerfile: build the image from this Dockerfile (its folder is the build
             context, honouring .dockerignore) on the nodes; built once per context.
+        exclude_packages: distributions of this environment not to install on the
+            workers (added to burla.toml's [client] exclude_packages).
+        requirements: extra exact pins ("name==version") to install on the workers.
+
+    This environment is replicated on the workers: every installed distribution,
+    pinned (nodes install what their workers lack, once, then cache it), and the
+    local code that is not installed (modules beside the script, a src folder).
 
     Returns:
         The return values in input order, or an iterator of them with
@@ -63,4 +72,6 @@ def remote_parallel_map(
         generator=generator,
         image=image,
         dockerfile=dockerfile,
+        exclude_packages=exclude_packages,
+        requirements=requirements,
     )

@@ -66,6 +66,7 @@ class Client:
         self._portal: Any = None
         self._http: Any = None
         self._events: Any = None
+        self._known_blobs: set[str] = set()  # blobs this cluster has (uploaded, or known to be there)
         self._url = self.settings.url or ""
         self._key = self.settings.api_key or ""
         self.limits: dict[str, Any] = {}
@@ -104,6 +105,7 @@ class Client:
                 if info["url"] != self._url:  # first use, or the local cluster was restarted
                     self._url, self._key = info["url"], info["admin_token"]
                     self.limits = {}
+                    self._known_blobs.clear()
                     reopen = True
             if reopen:
                 self._portal.run(self._open)
@@ -146,21 +148,66 @@ class Client:
             raise error_from_response(r.status_code, r.text, "read the cluster's limits")
         return dict(r.json())
 
-    async def _upload_build(self, context: Any) -> None:
-        """Send a dockerfile= build context, unless the cluster has it already (same digest)."""
+    def _snapshot(self, function_: Any, exclude: Iterable[str] | None, requirements: Iterable[str] | None) -> Any:
+        """This environment, as the workers should replicate it (None: replication is off)."""
+        from burla.daemon.config import Config, ConfigError
+
+        try:
+            settings = Config.load().client
+        except ConfigError as e:
+            from .errors import ConfigError as BurlaConfigError
+
+            raise BurlaConfigError(str(e)) from None
+        if not settings.replicate_environment:
+            return None
+        from ._environment import snapshot
+
+        return snapshot(
+            function_,
+            exclude=[*settings.exclude_packages, *(exclude or ())],
+            requirements=[*settings.requirements, *(requirements or ())],
+        )
+
+    async def _upload_environment(self, snapshot: Any) -> None:
+        """Send the manifest and the blobs it names that the cluster does not have yet."""
+        blobs: dict[str, Any] = {snapshot.digest: snapshot.manifest.canonical(), **snapshot.blobs}
+        unknown = [d for d in blobs if d not in self._known_blobs]
+        if not unknown:
+            return
+        missing = await self._missing(unknown)
+        for digest in missing:
+            data = blobs[digest]
+            await self._put_blob(digest, data() if callable(data) else data)
+        self._known_blobs.update(unknown)
+
+    async def _missing(self, digests: list[str]) -> list[str]:
         import httpx
 
         try:
-            known = await self._http.get(f"/v1/builds/{context.digest}")
-            if known.status_code == 200:
-                return
+            r = await self._http.post("/v1/blobs/missing", json={"digests": digests})
+        except httpx.TransportError as e:
+            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
+        if r.status_code != 200:
+            raise error_from_response(r.status_code, r.text, "check what the cluster has")
+        return list(r.json()["missing"])
+
+    async def _put_blob(self, digest: str, data: bytes) -> None:
+        import httpx
+
+        try:
             r = await self._http.put(
-                f"/v1/builds/{context.digest}", content=context.tarball, headers={"content-type": "application/x-tar"}
+                f"/v1/blobs/{digest}", content=data, headers={"content-type": "application/octet-stream"}
             )
         except httpx.TransportError as e:
             raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
         if r.status_code != 200:
-            raise error_from_response(r.status_code, r.text, "upload the build context")
+            raise error_from_response(r.status_code, r.text, "upload the environment")
+
+    async def _upload_build(self, context: Any) -> None:
+        """Send a dockerfile= build context, unless the cluster has it already (same digest)."""
+
+        if await self._missing([context.digest]):
+            await self._put_blob(context.digest, context.tarball)
 
     def _local_payloads(self) -> tuple[str, str, int] | None:
         """The daemon's payload dir, its proof and inline limit, if this process can write there."""
@@ -201,6 +248,8 @@ class Client:
         generator: bool = False,
         image: str | None = None,
         dockerfile: str | os.PathLike[str] | None = None,
+        exclude_packages: Iterable[str] | None = None,
+        requirements: Iterable[str] | None = None,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.schemas import messages as m
@@ -220,6 +269,7 @@ class Client:
 
             context = pack_build_context(dockerfile)  # checks the Dockerfile before anything starts
         blob = pickle_function(function_, self.limits.get("max_function_bytes"))
+        environment = self._snapshot(function_, exclude_packages, requirements)
         batcher = InputBatcher(inputs, self.limits.get("max_input_bytes"))
         first = batcher.next_batch()
         if first is None:
@@ -227,6 +277,10 @@ class Client:
         self.connect()
         if self.limits.get("max_function_bytes") and len(blob) > self.limits["max_function_bytes"]:
             pickle_function(function_, self.limits["max_function_bytes"])  # raises with the full message
+        env_digest = ""
+        if environment is not None:
+            self._portal.run(self._upload_environment, environment)
+            env_digest = environment.digest
         build = ""
         if context is not None:
             limit = self.limits.get("max_build_context_bytes")
@@ -251,6 +305,7 @@ class Client:
             client_version=__version__,
             image=image or "",
             build=build,
+            env=env_digest,
         )
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()

@@ -27,6 +27,7 @@ _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
     "burla.errors.UnpicklableResultError": errors.UnpicklableResultError,
     "burla.errors.NoNodesError": errors.NoNodesError,
     "burla.errors.ImageError": errors.ImageError,
+    "burla.errors.InstallError": errors.InstallError,
 }
 
 

@@ -13,6 +13,7 @@ errors of Burla itself::
     │   └── TooLargeError           the function or an input is over the cluster's size limits
     ├── UnsatisfiableError          no node can ever run the job (Python version, func_cpu, func_ram)
     ├── ImageError                  image= or dockerfile= cannot be used: no pull, no build, no python3
+    ├── InstallError                a package of the client's environment cannot be installed on a node
     ├── ClusterError                the cluster cannot be reached or refused the request
     │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
     │   ├── AuthenticationError     the cluster refused the API key
@@ -73,6 +74,14 @@ class ImageError(BurlaError):
     """The image cannot run the job: it cannot be pulled or built, or its python3 is missing or another version.
 
     The message names the image, the node, and (for a failed build) ends with the build log's tail.
+    """
+
+
+class InstallError(BurlaError):
+    """A package of the client's environment cannot be installed on a node.
+
+    The message names the package and the node, and ends with the installer's error tail; a
+    package built for another platform or Python version is refused before any call runs.
     """
 
 
@@ -149,6 +158,7 @@ __all__ = [
     "ClusterUnavailableError",
     "ConfigError",
     "ImageError",
+    "InstallError",
     "InvalidArgumentError",
     "JobCancelledError",
     "MemoryLimitError",

@@ -22,7 +22,7 @@ from burla.schemas import envelope
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
-from .errors import ApiError, BadRequest, NotFound, Unauthorized
+from .errors import ApiError, BadRequest, Unauthorized
 from .service import ControlPlane
 
 log = logging.getLogger("burla.daemon")
@@ -44,7 +44,9 @@ def _envelope(header: dict[str, Any], blobs: list[bytes] | None = None) -> Respo
 def create_app(plane: ControlPlane) -> QuartTrio:
     app = QuartTrio("burla.daemon")
     config = plane.config
-    app.config["MAX_CONTENT_LENGTH"] = config.max_function_bytes + config.max_input_bytes + 64 * 1024**2
+    app.config["MAX_CONTENT_LENGTH"] = max(
+        config.max_function_bytes + config.max_input_bytes + 64 * 1024**2, config.max_blob_bytes + 1024**2
+    )
     app.config["BODY_TIMEOUT"] = 600
     app.config["RESPONSE_TIMEOUT"] = 600
 
@@ -161,26 +163,29 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         plane.cancel_job(job_id, str(body.get("reason", "cancelled by the client")))
         return _json({"ok": True})
 
-    @app.put("/v1/builds/<digest>")
-    async def put_build(digest: str) -> Response:
+    @app.put("/v1/blobs/<digest>")
+    async def put_blob(digest: str) -> Response:
         check_token(request.headers, ADMIN)
-        if plane.has_build(digest):
+        if plane.has_blob(digest):
             return _json({"ok": True, "known": True})
         data = await request.get_data(cache=False, as_text=False)
-        plane.put_build(digest, data if isinstance(data, bytes) else data.encode())
+        plane.put_blob(digest, data if isinstance(data, bytes) else data.encode())
         return _json({"ok": True, "known": False})
 
-    @app.get("/v1/builds/<digest>")
-    async def has_build(digest: str) -> Response:
+    @app.post("/v1/blobs/missing")
+    async def missing_blobs() -> Response:
+        """Which of these digests the cluster lacks: the client uploads only those."""
         check_token(request.headers, ADMIN)
-        if not plane.has_build(digest):
-            raise NotFound(f"no build context {digest}")
-        return _json({"ok": True})
+        body = await read_json()
+        digests = body.get("digests") if isinstance(body, dict) else None
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            raise BadRequest('expected {"digests": [sha256 hex, ...]}')
+        return _json({"missing": [d for d in digests if not plane.has_blob(d)]})
 
-    @app.get("/v1/agents/<agent_id>/builds/<digest>")
-    async def build_context(agent_id: str, digest: str) -> Response:
+    @app.get("/v1/agents/<agent_id>/blobs/<digest>")
+    async def agent_blob(agent_id: str, digest: str) -> Response:
         check_token(request.headers, NODE)
-        return Response(plane.build_context(digest), content_type="application/x-tar")
+        return Response(plane.blob(digest), content_type="application/octet-stream")
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:

@@ -56,6 +56,7 @@ class DaemonConfig:
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
     max_build_context_bytes: int = 100 * MB  # a dockerfile= build context, packed
+    max_blob_bytes: int = 2 * GB  # one upload: a build context, or a package of the user's environment
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
     no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
     job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
@@ -83,9 +84,17 @@ class AgentConfig:
     podman_socket: str = ""  # the Podman API; default: the agent starts `podman system service` itself
     container_network: bool = True  # containers reach the network (rootless: slirp4netns)
     registry_auth_file: str = ""  # credentials for private registries; default: the user's `podman login`
+    installer: str = "auto"  # installs clients' packages: "uv", "pip", or "auto" (uv when there is one)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir() / "agent"
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    replicate_environment: bool = True  # send the client's packages and local code to the workers
+    exclude_packages: list[str] = dataclasses.field(default_factory=list)  # never sent, e.g. ["torch"]
+    requirements: list[str] = dataclasses.field(default_factory=list)  # extra exact pins, e.g. ["requests==2.32.3"]
 
 
 @dataclasses.dataclass
@@ -107,6 +116,7 @@ class Config:
     agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
     embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
     standby: StandbyConfig = dataclasses.field(default_factory=StandbyConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
 
     @classmethod
     def load(
@@ -192,7 +202,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS.get(m.group(2).lower(), 1))
 
 
-_SIZE_FIELDS = {"max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "max_build_context_bytes", "ram"}
+_SIZE_FIELDS = {
+    "max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "max_build_context_bytes", "max_blob_bytes", "ram",
+}  # fmt: skip
 
 
 def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:

@@ -13,6 +13,7 @@ at the next start.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from burla.schemas import local
 
 INLINE_LIMIT = 256 * 1024
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class PayloadStore:
@@ -45,9 +47,11 @@ class PayloadStore:
         with open(self.root / ref, "rb") as f:
             return f.read()
 
-    def build_path(self, digest: str) -> Path:
-        """Where a dockerfile= build context is kept (content-addressed: one file per digest)."""
-        return self.root / ".builds" / f"{digest}.tar"
+    def blob_path(self, digest: str) -> Path:
+        """Where a content-addressed blob is kept (build contexts, environment manifests, code, packages)."""
+        if not _DIGEST.match(digest):
+            raise ValueError(f"{digest!r} is not a sha256 digest")
+        return self.root / ".blobs" / digest[:2] / digest
 
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)

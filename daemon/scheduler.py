@@ -93,6 +93,7 @@ class NodeState:
     ram_used: int = 0
     stats: dict[str, object] = dataclasses.field(default_factory=dict)
     pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
+    job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # what it does for a job (installing)
     pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     @property
@@ -101,7 +102,7 @@ class NodeState:
         return self.info.runtime != "process"
 
     def pool_views(self) -> list[m.PoolState]:
-        if self.pools:
+        if self.pools or self.containers:  # a container node has only the pools it reports: none at first
             return list(self.pools.values())
         return [
             m.PoolState(PROCESS_POOL, python_version=self.info.python_version, slots=self.info.workers,
@@ -201,8 +202,11 @@ class Scheduler:
         ready_workers: int | None = None,
         stats: dict[str, object] | None = None,
         pools: Iterable[m.PoolState] | None = None,
+        job_phases: dict[str, str] | None = None,
     ) -> None:
         node = self.nodes[agent_id]
+        if job_phases is not None:
+            node.job_phases = job_phases
         node.last_seen = now
         if ready_workers is not None:
             node.ready_workers = ready_workers
@@ -355,6 +359,7 @@ class Scheduler:
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
             pool=node.pick_pool(job) or "",
+            env=job.spec.env,
         )
         self.next_lease_id += 1
         if hi == iv.hi:
@@ -603,6 +608,7 @@ class Scheduler:
             p.phase for n in self.nodes.values() for p in n.pools.values()
             if p.job_id == job.job_id and p.state == "preparing" and p.phase
         )  # fmt: skip
+        preparing.update(n.job_phases[job.job_id] for n in self.nodes.values() if n.job_phases.get(job.job_id))
         if not self.nodes:
             phase = "waiting for a node to join the cluster"
         elif preparing and not job.leases:

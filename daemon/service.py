@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -139,8 +142,9 @@ class ControlPlane:
             raise BadRequest("func_cpu and func_ram must be positive")
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
             raise BadRequest("max_parallelism must be at least 1")
-        if spec.build and not self.has_build(spec.build):
-            raise BadRequest(f"no build context {spec.build}: upload it first (PUT /v1/builds/DIGEST)")
+        for what, digest in (("build context", spec.build), ("environment", spec.env)):
+            if digest and not self.has_blob(digest):
+                raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
         if reason:
             raise Unsatisfiable(reason)
@@ -312,7 +316,9 @@ class ControlPlane:
         link = self._link(agent_id)
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
-        self.scheduler.touch_node(agent_id, self.clock(), report.ready_workers, report.stats, report.pools)
+        self.scheduler.touch_node(
+            agent_id, self.clock(), report.ready_workers, report.stats, report.pools, report.job_phases
+        )
         for error in report.pool_errors:
             self._pool_failed(error)
         for chunk in report.logs:  # lines printed by a lease come before its result
@@ -464,13 +470,11 @@ class ControlPlane:
         job = self.scheduler.jobs.get(error.job_id)
         if job is None or job.state != m.RUNNING:
             return
-        data = m.CallError(
-            index=-1,
-            kind=m.SYSTEM,
-            type_name="burla.errors.ImageError",
-            message=f"image {error.image} on node {error.node}: {error.message}",
-            node=error.node,
-        ).to_wire()
+        if error.kind == "install":
+            type_name, message = "burla.errors.InstallError", f"node {error.node}: {error.message}"
+        else:
+            type_name, message = "burla.errors.ImageError", f"image {error.image} on node {error.node}: {error.message}"
+        data = m.CallError(index=-1, kind=m.SYSTEM, type_name=type_name, message=message, node=error.node).to_wire()
         self.store.append_event(job.job_id, m.FAILED, data=data)
         self.counters["jobs_failed"] += 1
         self._finish(job, m.JOB_FAILED)
@@ -504,28 +508,34 @@ class ControlPlane:
             link.mailbox.append(active)
             link.notify()
 
-    def put_build(self, digest: str, tarball: bytes) -> None:
-        """Keep a dockerfile= build context; its digest must be the sha256 of its bytes."""
-        import hashlib
-
-        if len(tarball) > self.config.max_build_context_bytes:
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Keep a content-addressed blob (a build context, an environment's manifest, code or package)."""
+        if len(data) > self.config.max_blob_bytes:
             raise TooLarge(
-                f"the build context is {len(tarball) / 1e6:.1f} MB, over this cluster's limit of "
-                f"{self.config.max_build_context_bytes / 1e6:.0f} MB (daemon.max_build_context_bytes)"
+                f"the upload is {len(data) / 1e6:.1f} MB, over this cluster's limit of "
+                f"{self.config.max_blob_bytes / 1e6:.0f} MB (daemon.max_blob_bytes)"
             )
-        if hashlib.sha256(tarball).hexdigest() != digest:
-            raise BadRequest("the build context does not match its digest")
-        path = self.store.payloads.build_path(digest)
-        path.parent.mkdir(exist_ok=True)
-        local.write_file(path, tarball)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BadRequest("the upload does not match its digest (its sha256)")
+        path = self._blob_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        local.write_file(tmp, data)
+        os.replace(tmp, path)  # complete or absent, never half written
 
-    def has_build(self, digest: str) -> bool:
-        return self.store.payloads.build_path(digest).is_file()
+    def _blob_path(self, digest: str) -> Path:
+        try:
+            return self.store.payloads.blob_path(digest)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
-    def build_context(self, digest: str) -> bytes:
-        path = self.store.payloads.build_path(digest)
+    def has_blob(self, digest: str) -> bool:
+        return self._blob_path(digest).is_file()
+
+    def blob(self, digest: str) -> bytes:
+        path = self._blob_path(digest)
         if not path.is_file():
-            raise NotFound(f"no build context {digest}")
+            raise NotFound(f"no blob {digest}")
         return path.read_bytes()
 
     def function_blob(self, function_hash: str) -> bytes:

@@ -117,7 +117,7 @@ class Agent:
             timeout = httpx.Timeout(60.0, connect=10.0)
             async with httpx.AsyncClient(base_url=self.config.url, headers=headers, timeout=timeout) as self.http:
                 async with trio.open_nursery() as nursery:
-                    await self.workers.run(nursery, self.run_dir, self.info)
+                    await self.workers.run(nursery, self.run_dir, self.info, lock.state_dir)
                     await self._register()
                     nursery.start_soon(self._poll_loop)
                     nursery.start_soon(self._report_loop)
@@ -166,11 +166,12 @@ class Agent:
             "boot_id": self.boot_id,
             "ack_delivery": self.ack,
             "ready_workers": self.workers.pool.ready(),
-            "running": sorted(self.workers.pool.held() | self.unacked | self.outbox.lease_ids()),
+            "running": sorted(self.workers.held() | self.unacked | self.outbox.lease_ids()),
             "results": list(results),
             "logs": list(logs),
             "stats": self.statistics(),
             "payload_proof": self.payload_proof,
+            "job_phases": dict(self.workers.job_phases),
             "pools": None if pools == self._pools_acked else [p.to_wire() for p in pools],
             "pool_errors": [e.to_wire() for e in self.workers.pool_errors],
         }

@@ -34,13 +34,13 @@ from typing import Any
 import trio
 
 from .pools import PoolSpec
-from .runtime import PoolError, Runtime, WorkerProcess, build_shim_tree
+from .runtime import LIST_DISTRIBUTIONS, PoolError, Runtime, WorkerProcess, build_shim_tree
 
 log = logging.getLogger("burla.agent")
 
 SHIM_DIR = "/burla/shim"
 RUN_DIR = "/burla/run"
-_CHECK = "import sys; print('%d.%d' % sys.version_info[:2])"
+ENV_DIR = "/burla/env"
 _SERVICE_WAIT = 30.0
 
 
@@ -123,7 +123,7 @@ class PodmanRuntime(Runtime):
         self.limits = False
         self._service: trio.Process | None = None
         self._local = threading.local()
-        self._python: dict[str, str] = {}  # image id -> python minor version
+        self._images: dict[str, dict[str, Any]] = {}  # image id -> {"python": "3.11", "dists": {name: version}}
         self._prepare_lock = trio.Lock()
         self.shim_root: Path | None = None
         self.run_dir: Path | None = None
@@ -204,6 +204,11 @@ class PodmanRuntime(Runtime):
                     await self._service.wait()
                 self._service.kill()
 
+    def worker_path(self, host_path: str) -> str | None:
+        if self.env_root is not None and Path(host_path).is_relative_to(self.env_root):
+            return str(Path(ENV_DIR) / Path(host_path).relative_to(self.env_root))
+        return None  # other host files are not visible in containers
+
     def python_version(self) -> str:
         import sys
 
@@ -270,20 +275,30 @@ class PodmanRuntime(Runtime):
         self.counters["builds"] += 1
 
     def _python_of(self, image: str) -> str:
+        return str(self._inspect(image)["python"])
+
+    async def distributions(self, spec: PoolSpec) -> dict[str, str]:
+        found = await trio.to_thread.run_sync(self._inspect, spec.image)
+        return dict(found["dists"])
+
+    def _inspect(self, image: str) -> dict[str, Any]:
+        """The python3 version of an image and its distributions, once per image id."""
         image_id = self.client().images.get(image).id
-        if image_id in self._python:
-            return self._python[image_id]
-        code, output = self._run_once(image, ["python3", "-c", _CHECK])
+        if image_id in self._images:
+            return self._images[image_id]
+        code, output = self._run_once(image, ["python3", "-c", LIST_DISTRIBUTIONS])
         text = output.decode(errors="replace").strip()
         if code == 127 or "executable file" in text and "not found" in text:
             raise PoolError("it has no python3; Burla runs functions with the image's python3")
         if code != 0:
             raise PoolError(f"its python3 does not run (exit code {code}): {text[-500:]}")
-        version = text.splitlines()[-1:] if text else []
-        if not version or "." not in version[0]:
-            raise PoolError(f"its python3 did not say its version (said {text[-200:]!r})")
-        self._python[image_id] = version[0]
-        return version[0]
+        try:
+            found: dict[str, Any] = json.loads(text.splitlines()[-1])
+            str(found["python"])
+        except (ValueError, KeyError, IndexError):
+            raise PoolError(f"its python3 did not say its version (said {text[-200:]!r})") from None
+        self._images[image_id] = found
+        return found
 
     def _run_once(self, image: str, command: list[str]) -> tuple[int, bytes]:
         """Run a throwaway container to completion: its exit code and output."""
@@ -330,13 +345,16 @@ class PodmanRuntime(Runtime):
 
     def _start(self, slot: int, env: dict[str, str], spec: PoolSpec) -> tuple[str, int]:
         podman = _podman()
+        mounts = [
+            {"type": "bind", "source": str(self.shim_root), "target": SHIM_DIR, "read_only": True},
+            {"type": "bind", "source": str(self.run_dir), "target": RUN_DIR},
+        ]
+        if self.env_root is not None:  # the node's cache of users' packages and code, read-only
+            mounts.append({"type": "bind", "source": str(self.env_root), "target": ENV_DIR, "read_only": True})
         kwargs: dict[str, Any] = {
             "command": ["python3", "-m", "burla.node_agent.worker_shim"],
             "environment": env,
-            "mounts": [
-                {"type": "bind", "source": str(self.shim_root), "target": SHIM_DIR, "read_only": True},
-                {"type": "bind", "source": str(self.run_dir), "target": RUN_DIR},
-            ],
+            "mounts": mounts,
             "labels": {"burla.node": self.label, "burla.pool": spec.key},
             "name": f"burla-{self.label}-{slot}-{os.urandom(3).hex()}",
             "working_dir": "/tmp",

@@ -8,6 +8,11 @@ worker, kill these workers). No I/O.
 Each worker slot belongs to a pool (`Slot.pool`): all process workers are
 in one pool; container workers are grouped by image and shape. A lease names
 its pool and runs only on a worker of it (a lease naming none runs anywhere).
+
+A worker runs one environment (`Slot.env`: the import path it was started
+with). A lease goes to an idle worker of its environment if there is one;
+otherwise an idle worker is switched: restarted with the lease's environment,
+the lease waiting on it. A worker never carries one job's packages into another's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class SlotState(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     STOPPING = "stopping"  # killed on purpose (cancel, memory, retired); its lease is already settled
+    SWITCHING = "switching"  # being restarted with another environment for the lease it holds
 
 
 @dataclasses.dataclass
@@ -39,6 +45,7 @@ class Slot:
     memory_kill: tuple[int, int] | None = None  # (rss, limit) when we killed it for memory
     deaths: int = 0  # consecutive deaths before becoming ready
     retired: bool = False  # its pool is no longer wanted: stop it once idle
+    env: str = ""  # the environment (import path) its worker runs with
 
 
 class WorkerPool:
@@ -54,7 +61,9 @@ class WorkerPool:
     def ready(self, pool: str | None = None) -> int:
         """Workers that can take a lease now or when their current one ends."""
         return sum(
-            s.state in (SlotState.IDLE, SlotState.BUSY) and not s.retired and (pool is None or s.pool == pool)
+            s.state in (SlotState.IDLE, SlotState.BUSY, SlotState.SWITCHING)
+            and not s.retired
+            and (pool is None or s.pool == pool)
             for s in self.slots.values()
         )
 
@@ -95,10 +104,13 @@ class WorkerPool:
 
     def worker_ready(self, index: int) -> list[tuple[Slot, m.Lease]]:
         slot = self.slots[index]
-        slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
-        slot.lease = None
         slot.memory_kill = None
         slot.deaths = 0
+        if slot.lease is not None and not slot.retired:  # restarted for the lease it holds: run it now
+            slot.state = SlotState.BUSY
+            return [(slot, slot.lease), *self._fill()]
+        slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
+        slot.lease = None
         return self._fill()
 
     def offer(self, leases: list[m.Lease]) -> list[tuple[Slot, m.Lease]]:
@@ -117,6 +129,9 @@ class WorkerPool:
     def died(self, index: int) -> tuple[m.Lease | None, tuple[int, int] | None]:
         """The worker in `index` exited. Returns the lease it ran, if that lease is unsettled."""
         slot = self.slots[index]
+        if slot.state == SlotState.SWITCHING:  # stopped on purpose: its lease waits for the new worker
+            slot.state = SlotState.STARTING
+            return None, None
         lease = slot.lease if slot.state == SlotState.BUSY else None
         memory = slot.memory_kill
         slot.state = SlotState.STOPPING if slot.retired else SlotState.STARTING
@@ -136,20 +151,33 @@ class WorkerPool:
         victims = [s for s in self.slots.values() if s.state == SlotState.BUSY and s.lease and s.lease.job_id == job_id]
         for slot in victims:
             slot.state = SlotState.STOPPING
+        for slot in self.slots.values():
+            if slot.lease is not None and slot.lease.job_id == job_id and slot.state != SlotState.BUSY:
+                slot.lease = None  # a switch for a cancelled job: the new worker just becomes idle
         return victims
 
     def _fill(self) -> list[tuple[Slot, m.Lease]]:
+        """Give queued leases to idle workers: of their environment first, else switch one.
+
+        Returned slots in state SWITCHING must have their worker stopped; the others run the lease now.
+        """
         started = []
         waiting: collections.deque[m.Lease] = collections.deque()
         idle = [s for s in self.slots.values() if s.state == SlotState.IDLE and not s.retired]
         while self.queue:
             lease = self.queue.popleft()
-            slot = next((s for s in idle if not lease.pool or s.pool == lease.pool), None)
+            fitting = [s for s in idle if not lease.pool or s.pool == lease.pool]
+            slot = next((s for s in fitting if s.env == lease.env), None)
+            if slot is None and fitting:
+                slot = fitting[0]
+                slot.state = SlotState.SWITCHING
+                slot.env = lease.env
             if slot is None:
                 waiting.append(lease)
                 continue
             idle.remove(slot)
-            slot.state = SlotState.BUSY
+            if slot.state != SlotState.SWITCHING:
+                slot.state = SlotState.BUSY
             slot.lease = lease
             started.append((slot, lease))
         self.queue = waiting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import trio
 
 from .pools import PoolSpec
-from .runtime import Runtime, WorkerProcess, build_shim_tree, worker_env
+from .runtime import LIST_DISTRIBUTIONS, Runtime, WorkerProcess, build_shim_tree, worker_env
 
 
 class _Process(WorkerProcess):
@@ -34,6 +35,7 @@ class ProcessRuntime(Runtime):
     def __init__(self, python: str = "") -> None:
         self.python = python or sys.executable
         self._version = ""
+        self._dists: dict[str, str] | None = None
         self.shim_root: Path | None = None
         self.run_dir: Path | None = None
 
@@ -51,6 +53,16 @@ class ProcessRuntime(Runtime):
 
     def python_version(self) -> str:
         return self._version
+
+    async def distributions(self, spec: PoolSpec) -> dict[str, str]:
+        if self._dists is None:
+            env = worker_env()
+            env["PYTHONPATH"] = str(self.shim_root)
+            result = await trio.run_process(
+                [self.python, "-c", LIST_DISTRIBUTIONS], capture_stdout=True, env=env, cwd=str(self.run_dir)
+            )
+            self._dists = dict(json.loads(result.stdout)["dists"])
+        return self._dists
 
     async def start_worker(self, slot: int, env: dict[str, str], spec: PoolSpec) -> WorkerProcess:
         assert self.shim_root is not None and self.run_dir is not None, "prepare() first"

@@ -58,6 +58,8 @@ class Runtime(abc.ABC):
     enforces_memory = False
     #: Marks what this agent's runtime creates, so a restarted agent of the node can clean it up.
     label = "burla"
+    #: The node's cache of users' environments (the agent sets it): workers must be able to read it.
+    env_root: Path | None = None
 
     @abc.abstractmethod
     async def prepare(self, run_dir: Path) -> None:
@@ -80,6 +82,10 @@ class Runtime(abc.ABC):
         """
         return self.python_version()
 
+    async def distributions(self, spec: PoolSpec) -> dict[str, str]:
+        """The distributions a pool's workers already have ({name: version}): not installed again."""
+        return {}
+
     @abc.abstractmethod
     async def start_worker(self, slot: int, env: dict[str, str], spec: PoolSpec) -> WorkerProcess:
         """Start a worker of pool `spec` in `slot`; `env` carries the socket and progress paths."""
@@ -93,6 +99,14 @@ class Runtime(abc.ABC):
 
     def statistics(self) -> dict[str, Any]:
         return {"runtime": self.name}
+
+
+# Run by a worker's python3: its version and its distributions.
+LIST_DISTRIBUTIONS = (
+    "import importlib.metadata as m, json, sys; "
+    "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
+    "'dists': {d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}}))"
+)
 
 
 def describe_exit(code: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 import pickle
@@ -31,6 +32,7 @@ from burla.schemas import worker as proto
 from . import host, pools
 from .blobs import BlobCache
 from .channel import FrameStream
+from .environments import EnvCache
 from .outbox import Outbox
 from .pool import Slot, SlotState, WorkerPool
 from .runtime import PoolError, Runtime, WorkerProcess, describe_exit
@@ -82,6 +84,11 @@ class Supervisor:
         self.standby: tuple[m.StandbyImage, ...] = ()
         self.wants: tuple[m.PoolWant, ...] = ()
         self.pool_errors: list[m.PoolError] = []
+        self.envs: EnvCache | None = None
+        self.env_paths: dict[str, list[str]] = {"": []}  # environment key -> the host paths its workers start with
+        self.env_ready: dict[tuple[str, str], str] = {}  # (manifest digest, pool) -> environment key
+        self.env_waiting: dict[tuple[str, str], list[m.Lease]] = {}  # leases whose environment is being prepared
+        self.job_phases: dict[str, str] = {}  # job -> what this node is doing for it ("installing 3 packages")
         self.counters: collections.Counter[str] = collections.Counter()
         self.info: m.NodeInfo | None = None
         self.run_dir = Path()
@@ -131,7 +138,7 @@ class Supervisor:
 
         async def fetch_build(digest: str) -> bytes:
             try:
-                return await self.fetch(f"builds/{digest}")
+                return await self.fetch(f"blobs/{digest}")
             except LookupError:
                 raise PoolError(f"the daemon has no build context {digest}") from None
 
@@ -195,11 +202,63 @@ class Supervisor:
     # ---- leases ---------------------------------------------------------------------------
 
     def offer(self, leases: list[m.Lease]) -> None:
-        self._start(self.pool.offer(leases))
+        """New leases: each runs once its environment is ready on this node."""
+        assert self._nursery is not None
+        ready = []
+        for lease in leases:
+            if not lease.env:
+                ready.append(lease)
+                continue
+            key = (lease.env, lease.pool)
+            if key in self.env_ready:
+                ready.append(dataclasses.replace(lease, env=self.env_ready[key]))
+            elif key in self.env_waiting:
+                self.env_waiting[key].append(lease)
+            else:
+                self.env_waiting[key] = [lease]
+                self._nursery.start_soon(self._prepare_env, key, lease.job_id)
+        self._start(self.pool.offer(ready))
+
+    async def _prepare_env(self, key: tuple[str, str], job_id: str) -> None:
+        digest, pool_key = key
+        assert self.envs is not None
+        run = self.runs.get(pool_key)
+        spec = run.spec if run is not None else pools.PoolSpec(pool_key)
+
+        def phase(text: str) -> None:
+            self.job_phases[job_id] = text
+            self.outbox.mark_dirty()
+
+        try:
+            present = await self.runtime.distributions(spec)
+            python = (run.python if run is not None and run.python else "") or self.runtime.python_version()
+            paths = await self.envs.prepare(digest, present, python, phase)
+        except Exception as e:  # an InstallError says why; anything else must not take the agent down either
+            message = str(e) if isinstance(e, PoolError) else f"{type(e).__name__}: {e}"
+            log.error("environment %s for job %s: %s", digest[:12], job_id, message)
+            self.pool_errors.append(m.PoolError(job_id, spec.image, message, self.hostname, kind="install"))
+            self.env_waiting.pop(key, None)  # the daemon fails the job, and cancels these
+            self.counters["environment_failures"] += 1
+        else:
+            env_key = hashlib.sha256(os.pathsep.join(paths).encode()).hexdigest()[:16] if paths else ""
+            self.env_paths[env_key] = paths
+            self.env_ready[key] = env_key
+            waiting = self.env_waiting.pop(key, [])
+            self._start(self.pool.offer([dataclasses.replace(lease, env=env_key) for lease in waiting]))
+        finally:
+            self.job_phases.pop(job_id, None)
+            self.outbox.mark_dirty()
+
+    def held(self) -> set[int]:
+        """Leases this node holds: running, queued, or waiting for their environment."""
+        waiting = {lease.lease_id for leases in self.env_waiting.values() for lease in leases}
+        return self.pool.held() | waiting
 
     def cancel_job(self, job_id: str) -> None:
         for slot in self.pool.cancel_job(job_id):
             self._kill(slot.index)
+        for key, waiting in list(self.env_waiting.items()):
+            self.env_waiting[key] = [lease for lease in waiting if lease.job_id != job_id]
         self.counters["jobs_cancelled"] += 1
 
     def _kill(self, index: int) -> None:
@@ -214,7 +273,11 @@ class Supervisor:
     def _start(self, started: list[tuple[Slot, m.Lease]]) -> None:
         assert self._nursery is not None
         for slot, lease in started:
-            self._nursery.start_soon(self._send_run, slot.index, lease)
+            if slot.state == SlotState.SWITCHING:
+                self._kill(slot.index)  # its keeper starts a worker of the lease's environment, which runs it
+                self.counters["environment_switches"] += 1
+            else:
+                self._nursery.start_soon(self._send_run, slot.index, lease)
 
     async def _send_run(self, index: int, lease: m.Lease) -> None:
         conn = self.conns.get(index)
@@ -289,11 +352,13 @@ class Supervisor:
 
     # ---- workers ---------------------------------------------------------------------------
 
-    async def run(self, nursery: trio.Nursery, run_dir: Path, info: m.NodeInfo) -> None:
+    async def run(self, nursery: trio.Nursery, run_dir: Path, info: m.NodeInfo, state_dir: Path) -> None:
         """Listen for workers, keep the pools and watch memory (in `nursery`)."""
         self._nursery = nursery
         self.info = info
         self.run_dir = run_dir
+        self.runtime.env_root = state_dir / "envs"
+        self.envs = EnvCache(self.runtime.env_root, self.fetch, self.hostname, self.config.installer)
         self.socket_path = str(run_dir / "agent.sock")
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await listener.bind(self.socket_path)
@@ -357,10 +422,13 @@ class Supervisor:
         nonce = secrets.token_hex(8)
         send, receive = trio.open_memory_channel[FrameStream](1)
         self._hello[nonce] = send
+        slot = self.pool.slots[index]
+        paths = [self.runtime.worker_path(p) for p in self.env_paths.get(slot.env, [])]
         env = {
             proto.SOCKET_ENV: self.socket_path,
             proto.PROGRESS_ENV: str(progress_path),
             proto.LOG_FLUSH_ENV: str(self.config.log_flush_interval),
+            proto.PATHS_ENV: os.pathsep.join(p for p in paths if p),
             "BURLA_WORKER_SLOT": str(index),
             "BURLA_WORKER_NONCE": nonce,
         }
@@ -556,7 +624,8 @@ class Supervisor:
                     self.counters["memory_kills"] += 1
 
     def statistics(self) -> dict[str, Any]:
-        return {**self.pool.statistics(), **self.runtime.statistics(), **self.counters}
+        envs = self.envs.statistics() if self.envs is not None else {}
+        return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters}
 
 
 def _phase(spec: pools.PoolSpec) -> str:

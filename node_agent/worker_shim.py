@@ -360,6 +360,9 @@ def _pickle_results(results: list[Any], lo: int) -> tuple[bytes, dict[str, Any] 
 
 
 def main() -> None:
+    # The job's environment first: its local code, then its packages, ahead of the image's own.
+    extra = [p for p in os.environ.get(proto.PATHS_ENV, "").split(os.pathsep) if p]
+    sys.path[0:0] = extra
     path = os.environ[proto.SOCKET_ENV]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)

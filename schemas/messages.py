@@ -9,6 +9,8 @@ Client -> daemon
                                   blobs: [function, batch...] (none for a batch with a payload_ref)
     POST /v1/jobs/{id}/inputs     {"batches": [BatchMeta], "final_count": n|None}  blobs: [batch...]
     POST /v1/jobs/{id}/cancel     {"reason": str}
+    PUT  /v1/blobs/{sha256}       a content-addressed upload: build context, environment manifest, code, package
+    POST /v1/blobs/missing        {"digests": [...]} -> {"missing": [...]}
     WS   /v1/events               one per client; it sends {"op": "subscribe", "job": ID, "after": SEQ}
                                   and {"op": "ack", "job": ID}; the daemon sends envelopes
                                   {"job_id": ID, "events": [Event], "status": JobStatus} + blobs.
@@ -91,6 +93,7 @@ class JobSpec(Wire):
     client_version: str = ""
     image: str = ""  # an OCI image to run in ("": the nodes' default: processes, or the first standby image)
     build: str = ""  # digest of a dockerfile= build context the nodes build `image` from
+    env: str = ""  # digest of the client's environment manifest (schemas.environment); "": none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Lease(Wire):
     func_cpu: float = 1.0
     func_ram_bytes: int = 4 * 1024**3
     pool: str = ""  # the agent's pool of workers to run it on (PoolState.key)
+    env: str = ""  # the job's environment manifest (JobSpec.env)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +165,13 @@ class PoolState(Wire):
 
 @dataclasses.dataclass(frozen=True)
 class PoolError(Wire):
-    """A node could not make a pool: the image cannot be pulled, built or run."""
+    """A node cannot run a job: its image cannot be pulled, built or run, or its packages installed."""
 
     job_id: str
     image: str
     message: str
     node: str = ""
+    kind: str = "image"  # "image" or "install"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +221,7 @@ class AgentReport(Wire):
     logs: tuple[LogChunk, ...] = ()
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     payload_proof: str = ""  # the daemon's probe secret: this agent reads its payload files
+    job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # job -> what the node does for it
     pools: tuple[PoolState, ...] | None = None  # None: unchanged since the last report
     pool_errors: tuple[PoolError, ...] = ()
 

@@ -40,6 +40,7 @@ FORGET = "forget"
 SOCKET_ENV = "BURLA_WORKER_SOCKET"
 PROGRESS_ENV = "BURLA_WORKER_PROGRESS"
 LOG_FLUSH_ENV = "BURLA_LOG_FLUSH_SECONDS"
+PATHS_ENV = "BURLA_WORKER_PATHS"  # the job environment's import path, os.pathsep-separated, put first
 
 PROGRESS = struct.Struct("<q")
 IDLE = -1  # progress value while no call runs

@@ -69,6 +69,7 @@ class Cluster:
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: list[Path] = []
         self.cleanup: list[Path] = []
+        self.agent_dirs: dict[int, Path] = {}
         try:
             self.start_daemon()
             for i in range(agents):
@@ -115,10 +116,12 @@ class Cluster:
         if self.podman_user is None:
             self.agents[i] = self._spawn(f"agent{i}", [*args, "--state-dir", str(self.root / f"agent{i}")])
             return
-        # A rootless Podman agent runs as its own user, in directories that user owns.
-        state = Path(tempfile.mkdtemp(prefix=f"burla-agent{i}-"))
-        shutil.chown(state, self.podman_user, self.podman_user)
-        self.cleanup.append(state)
+        # An agent of another user runs in directories that user owns (kept across restarts: its cache).
+        state = self.agent_dirs.get(i)
+        if state is None:
+            state = self.agent_dirs[i] = Path(tempfile.mkdtemp(prefix=f"burla-agent{i}-"))
+            shutil.chown(state, self.podman_user, self.podman_user)
+            self.cleanup.append(state)
         # every rootless Podman process of a user must share its runtime dir (scripts/setup-podman makes it)
         runtime_dir = Path(f"/tmp/burla-podman-{self.podman_user}")
         home = pwd.getpwnam(self.podman_user).pw_dir
@@ -130,8 +133,13 @@ class Cluster:
 
     def kill_agent(self, i: int, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(i)
-        os.killpg(proc.pid, sig)  # the agent and its workers, as a machine dying would
-        proc.wait(10)
+        children = _children(proc.pid) if self.podman_user else []
+        if children and sig != signal.SIGKILL:  # runuser would SIGKILL its child: signal the agent itself
+            for pid in children:
+                os.kill(pid, sig)
+        else:
+            os.killpg(proc.pid, sig)  # the agent and its workers, as a machine dying would
+        proc.wait(30)
 
     def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
         assert self.daemon is not None

@@ -73,6 +73,9 @@ def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 def containers(podman_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
     for key, value in podman_cluster.client_env().items():
         monkeypatch.setenv(key, value)
+    # These tests are about containers: the tests' own environment (dozens of packages) is not
+    # replicated into them; test_environment.py covers replication into containers.
+    monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
     wait_for(lambda: standby_ready(podman_cluster), 60, "the node back on standby")
     return podman_cluster
 

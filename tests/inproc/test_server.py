@@ -131,3 +131,31 @@ async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, 
             await trio.sleep(0.01)
     assert trio.current_time() - started < 1.0
     assert (await admin.get("/v1/jobs/slow")).json()["state"] == m.JOB_CANCELLED
+
+
+async def test_leases_waiting_for_their_environment_are_not_run_twice(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """While a node prepares a job's environment, its report still holds the job's leases."""
+    import pickle
+    import sys
+
+    import cloudpickle
+
+    from burla.schemas.environment import Environment
+
+    manifest = Environment(f"{sys.version_info[0]}.{sys.version_info[1]}", "linux-x86_64")
+    import hashlib
+
+    body = manifest.canonical()
+    assert (await admin.put(f"/v1/blobs/{hashlib.sha256(body).hexdigest()}", content=body)).status_code == 200
+    spec = m.JobSpec("withenv", "abs", "h-abs-env", manifest.python_version, env=manifest.digest())
+    header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, 6).to_wire()], "final_count": 6}
+    body = envelope.pack(header, [cloudpickle.dumps(abs), pickle.dumps([-1, -2, -3, -4, -5, -6])])
+    r = await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
+    assert r.status_code == 200, r.text
+    with trio.fail_after(30):
+        while daemon.plane.store.job_exists("withenv") and daemon.plane.job_status("withenv").state == m.RUNNING:
+            await trio.sleep(0.05)
+    assert daemon.plane.job_status("withenv").state == m.JOB_DONE
+    assert daemon.plane.counters["leases_lost"] == 0 and daemon.plane.counters["results_dropped"] == 0

@@ -194,3 +194,33 @@ def test_retiring_an_idle_worker_stops_it_at_once_and_a_busy_one_after_its_lease
     assert [x.lease_id for x in pool.queue] == [2]
     pool.remove(waiting.index)
     assert waiting.index not in pool.slots
+
+
+def env_lease(lease_id: int, env: str, job: str = "j") -> m.Lease:
+    return m.Lease(lease_id, job, "fh", 0, 0, lease_id, lease_id + 1, env=env)
+
+
+def test_a_lease_prefers_a_worker_of_its_environment_and_else_switches_one() -> None:
+    pool = WorkerPool(2)
+    for index in pool.slots:
+        pool.worker_ready(index)
+    plain = pool.offer([env_lease(1, "")])
+    assert [s.state for s, _ in plain] == [SlotState.BUSY]  # env "" matches fresh workers
+    ((slot, lease),) = pool.offer([env_lease(2, "E")])
+    assert slot.state == SlotState.SWITCHING and slot.env == "E" and slot.lease is lease
+    assert pool.died(slot.index) == (None, None)  # stopped on purpose: not a failure
+    assert slot.lease is lease and slot.state == SlotState.STARTING
+    assert pool.worker_ready(slot.index)[0] == (slot, lease) and slot.state == SlotState.BUSY
+    assert pool.finished(slot.index) == [] and slot.state == SlotState.IDLE
+    ((again, _),) = pool.offer([env_lease(3, "E")])
+    assert again is slot and again.state == SlotState.BUSY  # the warm worker of E, no switch
+
+
+def test_cancelling_a_job_mid_switch_leaves_an_idle_worker() -> None:
+    pool = WorkerPool(1)
+    pool.worker_ready(0)
+    ((slot, _),) = pool.offer([env_lease(1, "E", job="gone")])
+    assert slot.state == SlotState.SWITCHING
+    pool.cancel_job("gone")
+    pool.died(slot.index)
+    assert pool.worker_ready(slot.index) == [] and slot.state == SlotState.IDLE and slot.env == "E"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 
 import pytest
@@ -940,3 +941,19 @@ def test_a_pool_made_for_a_job_takes_that_job_even_when_it_named_no_image() -> N
     s.add_job(other, 1.0)
     s.add_batches("k", [m.BatchMeta(0, 0, 1)], final_count=1)
     assert s.assign(1.0) == []  # another job never runs on a pool made for j
+
+
+def test_a_container_node_gets_no_lease_before_it_reports_a_ready_pool() -> None:
+    s = Scheduler()
+    info = m.NodeInfo("n1", "h", cpus=2, ram_bytes=16 * 10**9, python_version="3.11", workers=2, runtime="podman")
+    s.add_node("a", info, 0.0)
+    s.standby = [m.StandbyImage("base:1")]
+    s.add_job(m.JobSpec("j", "f", "fh", "3.11", func_ram=1), 0.0)
+    s.add_batches("j", [m.BatchMeta(0, 0, 4)], final_count=4)
+    assert s.assign(0.0) == []  # registered, but no warm container yet
+    preparing = m.PoolState("standby-x", "base:1", "3.11", cpus=1, slots=2, ready=0, state="preparing", default=True)
+    s.touch_node("a", 1.0, pools=[preparing])
+    assert s.assign(1.0) == []
+    ready = dataclasses.replace(preparing, ready=2, state="ready")
+    s.touch_node("a", 2.0, pools=[ready])
+    assert [lease.lease.pool for lease in s.assign(2.0)] == ["standby-x", "standby-x"]
