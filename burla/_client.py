@@ -279,7 +279,8 @@ class Client:
             pickle_function(function_, self.limits["max_function_bytes"])  # raises with the full message
         env_digest = ""
         if environment is not None:
-            self._portal.run(self._upload_environment, environment)
+            if not self._known_blobs.issuperset([environment.digest, *environment.blobs]):
+                self._portal.run(self._upload_environment, environment)
             env_digest = environment.digest
         build = ""
         if context is not None:

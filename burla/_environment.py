@@ -116,10 +116,7 @@ def snapshot(
     for name, version in pins.items():
         dists[name] = Distribution(name, version, INDEX)
 
-    owned = tuple(sorted({os.path.realpath(unit[1]) for dist in found if dist.kind == EDITABLE for unit in dist.units}))
-    install_dirs = tuple(
-        sorted({os.path.realpath(d.site) for d in found if d.kind != EDITABLE and d.meta_dir.endswith(".dist-info")})
-    )
+    owned, install_dirs = _dirs_of(found)
     code_files = _local_code_files(function, excluded, owned, install_dirs)
     code = ""
     if code_files:
@@ -135,7 +132,31 @@ def snapshot(
         index_url=index_url,
         extra_index_urls=tuple(os.environ.get("PIP_EXTRA_INDEX_URL", "").split()),
     )
-    return Snapshot(manifest=manifest, digest=manifest.digest(), blobs=blobs)
+    return Snapshot(manifest=manifest, digest=_digest_of(manifest), blobs=blobs)
+
+
+# One entry each: a process calls snapshot() for every job, and its environment rarely changes.
+_DIRS_MEMO: list[Any] = [None, None]
+_DIGEST_MEMO: list[Any] = [None, ""]
+
+
+def _dirs_of(found: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Source folders of editable installs, and the install folders, of a (cached) scan."""
+    if _DIRS_MEMO[0] is not found:
+        owned = tuple(sorted({os.path.realpath(u[1]) for d in found if d.kind == EDITABLE for u in d.units}))
+        install_dirs = tuple(
+            sorted(
+                {os.path.realpath(d.site) for d in found if d.kind != EDITABLE and d.meta_dir.endswith(".dist-info")}
+            )
+        )
+        _DIRS_MEMO[:] = [found, (owned, install_dirs)]
+    return _DIRS_MEMO[1]  # type: ignore[no-any-return]
+
+
+def _digest_of(manifest: Environment) -> str:
+    if _DIGEST_MEMO[0] != manifest:  # frozen dataclasses compare by value, far faster than hashing JSON
+        _DIGEST_MEMO[:] = [manifest, manifest.digest()]
+    return str(_DIGEST_MEMO[1])
 
 
 # --------------------------------------------------------------------------- arguments
