@@ -64,7 +64,9 @@ def handful() -> list[str]:
     return chosen
 
 
-def run_client(cluster: Cluster, site: Path, modules: list[str], exclude: list[str], jobs: int, cwd: Path) -> list[float]:
+def run_client(
+    cluster: Cluster, site: Path, modules: list[str], exclude: list[str], jobs: int, cwd: Path
+) -> list[float]:
     script = cwd / "client.py"
     script.write_text(CLIENT)
     env = {**os.environ, **cluster.client_env(), "PYTHONPATH": str(site)}

@@ -611,7 +611,7 @@ class Scheduler:
         preparing.update(n.job_phases[job.job_id] for n in self.nodes.values() if n.job_phases.get(job.job_id))
         if not self.nodes:
             phase = "waiting for a node to join the cluster"
-        elif preparing and not job.leases:
+        elif preparing:  # nodes pulling, building or installing for it (its leases wait on them)
             what, count = preparing.most_common(1)[0]
             phase = f"{what} on {count} node{'s' * (count != 1)}"
         elif job.leases:

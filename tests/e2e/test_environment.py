@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,8 +99,23 @@ def node_stats(cluster: Cluster) -> dict[str, int]:
 
 def check_replication(cluster: Cluster, client_site: Path, tmp_path: Path) -> None:
     root = project(tmp_path / "project")
-    first = run_project(root, cluster, client_site)
+    phases: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # what the spinner shows while the node installs
+        while not done.is_set():
+            phases.update(j["phase"] for j in cluster.status()["jobs"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        first = run_project(root, cluster, client_site)
+    finally:
+        done.set()
+        watcher.join()
     assert first.returncode == 0, first.stderr[-3000:]
+    assert any(re.fullmatch(r"installing \d+ packages? on 1 node", p) for p in phases), phases
     results = json.loads(first.stdout.split("RESULT", 1)[1])
     assert [r[:3] for r in results] == [[0, 42, "4.9.0"], [2, 42, "4.9.0"], [4, 42, "4.9.0"]]
     assert all("/envs/" in r[3] or "/burla/env/" in r[3] for r in results)  # from the node's cache
