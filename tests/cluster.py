@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 PYTHON = sys.executable
 
@@ -192,6 +193,11 @@ class Cluster:
 
     def client_env(self) -> dict[str, str]:
         return {"BURLA_CLUSTER_URL": self.url, "BURLA_API_KEY": self.admin_token}
+
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Choose this cluster for the test's client, by the environment, as a user would."""
+        for key, value in self.client_env().items():
+            monkeypatch.setenv(key, value)
 
     def log_text(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs if p.exists())

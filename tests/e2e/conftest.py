@@ -21,8 +21,7 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 @pytest.fixture
 def cluster(shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
     """The shared cluster, chosen by BURLA_CLUSTER_URL / BURLA_API_KEY as a user would."""
-    for key, value in shared_cluster.client_env().items():
-        monkeypatch.setenv(key, value)
+    shared_cluster.use(monkeypatch)
     return shared_cluster
 
 
@@ -34,7 +33,6 @@ def own_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest
     """
     kwargs = getattr(request, "param", {})
     cluster = Cluster(tmp_path / "cluster", **kwargs)
-    for key, value in cluster.client_env().items():
-        monkeypatch.setenv(key, value)
+    cluster.use(monkeypatch)
     yield cluster
     cluster.stop()

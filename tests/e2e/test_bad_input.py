@@ -32,8 +32,7 @@ def small_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def limited(small_limits: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
-    for key, value in small_limits.client_env().items():
-        monkeypatch.setenv(key, value)
+    small_limits.use(monkeypatch)
     return small_limits
 
 

@@ -193,13 +193,9 @@ def test_a_package_built_for_another_platform_is_refused_before_any_call(
 
 @pytest.fixture(scope="module")
 def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from tests.e2e.test_podman import BASE, USER, podman_missing
+    from tests.e2e.test_podman import BASE, USER, require_podman
 
-    missing = podman_missing()
-    if missing:
-        if os.environ.get("BURLA_REQUIRE_PODMAN") == "1":
-            pytest.fail(f"BURLA_REQUIRE_PODMAN=1 but {missing}")
-        pytest.skip(missing)
+    require_podman()
     cluster = Cluster(
         tmp_path_factory.mktemp("podman-env"),
         agents=1,

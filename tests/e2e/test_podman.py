@@ -51,13 +51,18 @@ def podman_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def require_podman() -> None:
+    """Skip the calling test where Podman is missing; fail it under BURLA_REQUIRE_PODMAN=1."""
     missing = podman_missing()
     if missing:
         if os.environ.get("BURLA_REQUIRE_PODMAN") == "1":
             pytest.fail(f"BURLA_REQUIRE_PODMAN=1 but {missing}")
         pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_podman()
     cluster = Cluster(
         tmp_path_factory.mktemp("podman"),
         agents=1,
@@ -71,8 +76,7 @@ def podman_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 
 @pytest.fixture
 def containers(podman_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
-    for key, value in podman_cluster.client_env().items():
-        monkeypatch.setenv(key, value)
+    podman_cluster.use(monkeypatch)
     # These tests are about containers: the tests' own environment (dozens of packages) is not
     # replicated into them; test_environment.py covers replication into containers.
     monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
