@@ -116,14 +116,7 @@ def _fetch_status() -> dict[str, Any]:
 
     from ._client import error_from_response
 
-    settings = _settings.resolve()
-    if settings.embedded:
-        info = _local.discover()
-        if info is None:
-            raise BurlaError("no cluster configured and the local cluster is not running (burla local start)")
-        url, key = info["url"], info["admin_token"]
-    else:
-        url, key = settings.url or "", settings.api_key or ""
+    url, key = _cluster()
     try:
         r = httpx.get(f"{url}/v1/cluster", headers={"authorization": f"Bearer {key}"}, timeout=10)
     except httpx.HTTPError as e:
