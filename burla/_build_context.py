@@ -44,6 +44,7 @@ import stat
 import tarfile
 from collections.abc import Iterable
 
+from ._units import size_text
 from .errors import InvalidArgumentError, TooLargeError
 
 DEFAULT_MAX_BYTES = 100 * 1000**2
@@ -307,14 +308,6 @@ class _Entry:
     data: bytes | None = None  # contents given rather than read
 
 
-def _mb(n: int) -> str:
-    if n < 1000:
-        return f"{n:,} bytes"
-    if n < 1000**2:
-        return f"{n / 1000:.1f} kB"
-    return f"{n / 1000**2:,.1f} MB".replace(".0 MB", " MB")
-
-
 def _inside(path: str, root: str) -> bool:
     try:
         return os.path.commonpath([path, root]) == root
@@ -339,12 +332,12 @@ def _too_large(root: str, entries: dict[str, _Entry], total: int, max_bytes: int
     largest_tops = heapq.nlargest(LARGEST_SHOWN, tops.items(), key=lambda kv: (kv[1], kv[0]))
     largest_files = heapq.nlargest(LARGEST_SHOWN, files, key=lambda e: (e.size, e.name))
     lines = [
-        f"The build context {root} holds at least {_mb(total)} of files (counting stopped there), "
-        f"over the {_mb(max_bytes)} limit on what Burla sends to the cluster to build a dockerfile=.",
-        "Largest top-level entries: " + ", ".join(f"{name} ({_mb(n)})" for name, n in largest_tops) + ".",
+        f"The build context {root} holds at least {size_text(total)} of files (counting stopped there), "
+        f"over the {size_text(max_bytes)} limit on what Burla sends to the cluster to build a dockerfile=.",
+        "Largest top-level entries: " + ", ".join(f"{name} ({size_text(n)})" for name, n in largest_tops) + ".",
     ]
     if any("/" in e.name for e in largest_files):
-        lines.append("Largest files: " + ", ".join(f"{e.name} ({_mb(e.size)})" for e in largest_files) + ".")
+        lines.append("Largest files: " + ", ".join(f"{e.name} ({size_text(e.size)})" for e in largest_files) + ".")
     lines.append(
         f"If the build does not need them, add them to {ignore_name} ({os.path.join(root, ignore_name)}), "
         "or pass context= a smaller directory."
@@ -538,7 +531,7 @@ def pack_build_context(
                 f"Cannot read the Dockerfile {dockerfile_path}: {e.strerror or e}. Make it readable."
             ) from None
         if len(outside_data) > max_bytes:
-            raise TooLargeError(f"The Dockerfile {dockerfile_path} alone is over the limit of {_mb(max_bytes)}.")
+            raise TooLargeError(f"The Dockerfile {dockerfile_path} alone is over the limit of {size_text(max_bytes)}.")
         dockerfile_name = ""
 
     forced = set(IGNORE_FILES) | ({dockerfile_name} if inside else set())

@@ -51,6 +51,7 @@ from typing import IO, Any
 from burla.schemas import environment as env
 from burla.schemas.environment import Distribution, Environment
 
+from ._units import size_text
 from .errors import BurlaError, InvalidArgumentError, TooLargeError
 
 MAX_CODE_BYTES = 50 * 1000**2  # default limit of the local code, in file bytes before compression
@@ -679,19 +680,15 @@ def _check_code_size(files: tuple[_File, ...], max_bytes: int) -> None:
     tops = sorted(by_top, key=lambda top: (-by_top[top], top))[:LARGEST_SHOWN]
     biggest = sorted(files, key=lambda f: (-f[3], f[0]))[:LARGEST_SHOWN]
     raise TooLargeError(
-        f"the local code to send to the cluster is {_size(total)}, over max_code_bytes ({_size(max_bytes)}). "
+        f"the local code to send to the cluster is {size_text(total)}, over max_code_bytes ({size_text(max_bytes)}). "
         "Local code is every imported module of yours that is not installed, with the whole folder of its "
         "package, and the .py files beside your script. Biggest: "
-        + ", ".join(f"{where[top]} ({_size(by_top[top])})" for top in tops)
+        + ", ".join(f"{where[top]} ({size_text(by_top[top])})" for top in tops)
         + "; biggest files: "
-        + ", ".join(f"{f[1]} ({_size(f[3])})" for f in biggest)
+        + ", ".join(f"{f[1]} ({size_text(f[3])})" for f in biggest)
         + ". Move data files out of the code folders (read them inside the function from shared storage, or pass "
         f'them as inputs), or leave a package or module out with exclude=["{tops[0].split(".")[0]}"].'
     )
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB" if n >= 1000 else f"{n} bytes"
 
 
 # --------------------------------------------------------------------------- blobs
