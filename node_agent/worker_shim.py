@@ -52,7 +52,12 @@ class Channel:
 
 
 class Output:
-    """Collects what calls print; sends whole lines, tagged (index, stream), in batches."""
+    """Collects what calls print; sends whole lines, tagged (index, stream), in batches.
+
+    A line is assembled per stream, whoever wrote its pieces (Python's sys.stdout or C code
+    and subprocesses through fd 1): each stream is one ordered sequence of bytes, as in a
+    terminal. A whole line is tagged with the input being called when it completes.
+    """
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -60,15 +65,14 @@ class Output:
         self.job_id: str | None = None
         self.index = -1
         self.entries: list[tuple[int, int, str]] = []
-        self.partial: dict[tuple[int, int], str] = {}
+        self.partial: dict[int, str] = {}  # stream -> text after its last newline
         self.nbytes = 0
         self.before_end: Callable[[], None] | None = None  # e.g. drain what fds 1 and 2 still hold
 
     def write(self, stream: int, text: str) -> None:
         with self.lock:
-            key = (self.index, stream)
-            if key in self.partial:
-                text = self.partial.pop(key) + text
+            if stream in self.partial:
+                text = self.partial.pop(stream) + text
             if "\n" in text:
                 cut = text.rindex("\n") + 1
                 whole, rest = text[:cut], text[cut:]
@@ -77,18 +81,18 @@ class Output:
             else:
                 rest = text
             if rest:
-                self.partial[key] = rest
+                self.partial[stream] = rest
             full = self.nbytes >= _LOG_BATCH_BYTES
         if full:
             self.flush()
 
     def end_lease(self) -> None:
-        """A lease ended: lines left without a newline go out as they are."""
+        """A lease ended: what fds 1 and 2 still hold comes first, then lines left without a newline go out."""
         if self.before_end is not None:
             self.before_end()
         with self.lock:
-            for (index, stream), text in self.partial.items():
-                self.entries.append((index, stream, text))
+            for stream, text in self.partial.items():
+                self.entries.append((self.index, stream, text))
                 self.nbytes += len(text)
             self.partial.clear()
         self.flush()
@@ -315,8 +319,8 @@ class Worker:
             error, exc_blob = describe_exception(e, i, skip_frames=1)
         elapsed = time.perf_counter() - started
         progress.set(proto.IDLE)
+        output.end_lease()  # still tagged with the last input called: its output may still be in the pipes
         output.index = -1
-        output.end_lease()
         payload, results_error = _pickle_results(results, lo)
         if results_error is not None:
             error, exc_blob = results_error, None
