@@ -42,6 +42,7 @@ SHIM_DIR = "/burla/shim"
 RUN_DIR = "/burla/run"
 ENV_DIR = "/burla/env"
 _SERVICE_WAIT = 30.0
+_EXIT_RECORD_WAIT = 10  # seconds for Podman to record the exit of a container whose process is gone
 
 
 def _podman() -> Any:
@@ -74,17 +75,22 @@ class _Container(WorkerProcess):
         self.oom_killed = False
 
     async def wait(self) -> int:
+        gone = False  # its process is known to have exited: Podman's record of it is all we wait for
         if self.pid:
             try:
                 fd = os.pidfd_open(self.pid)
-            except OSError:
-                fd = -1
-            if fd >= 0:
+            except ProcessLookupError:
+                gone = True
+            except OSError:  # no pidfds here: Podman tells us when it exits
+                pass
+            else:
                 try:
                     await trio.lowlevel.wait_readable(fd)
+                    gone = True
                 finally:
                     os.close(fd)
-        code, self.oom_killed = await trio.to_thread.run_sync(self.runtime._wait_and_remove, self.id)
+        timeout = _EXIT_RECORD_WAIT if gone else None
+        code, self.oom_killed = await trio.to_thread.run_sync(self.runtime._wait_and_remove, self.id, timeout)
         return code
 
     def kill(self) -> None:
@@ -374,15 +380,24 @@ class PodmanRuntime(Runtime):
             raise PoolError(f"cannot start a container of it: {e}") from None
         return container.id, int(container.attrs.get("State", {}).get("Pid") or 0)
 
-    def _wait_and_remove(self, container_id: str) -> tuple[int, bool]:
+    def _wait_and_remove(self, container_id: str, timeout: float | None) -> tuple[int, bool]:
+        """The container's exit code and whether it ran out of memory; then it is removed.
+
+        `timeout` bounds the wait where its process is known to be gone: Podman's wait
+        endpoint has been seen to hang now and then, and a slot must never wait on it forever.
+        """
         client = self.client()
+        code, oom = -signal.SIGKILL, False
         try:
             container = client.containers.get(container_id)
-            code = int(container.wait())
+        except Exception:  # noqa: BLE001 - removed underneath us
+            return code, oom
+        try:
+            code = int(container.wait(condition=["exited", "stopped"], timeout=timeout))
             container.reload()
             oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
-        except Exception:  # noqa: BLE001 - removed underneath us
-            return -signal.SIGKILL, False
+        except Exception as e:  # noqa: BLE001 - removed underneath us, or the wait timed out
+            log.warning("container %s: no exit code from Podman (%s: %s)", container_id[:12], type(e).__name__, e)
         try:
             container.remove(force=True)
         except Exception:  # noqa: BLE001

@@ -80,7 +80,7 @@ def containers(podman_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Clus
     # These tests are about containers: the tests' own environment (dozens of packages) is not
     # replicated into them; test_environment.py covers replication into containers.
     monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
-    wait_for(lambda: standby_ready(podman_cluster), 60, "the node back on standby")
+    wait_standby(podman_cluster, 60, "the node back on standby")
     return podman_cluster
 
 
@@ -89,8 +89,18 @@ def pools(cluster: Cluster) -> list[dict[str, object]]:
 
 
 def standby_ready(cluster: Cluster) -> bool:
+    """The node is on standby: its standby pool is warm and a job's pools have finished draining."""
     current = pools(cluster)
-    return any(p["image"] == BASE and p["state"] == "ready" and p["ready"] == 2 and not p["job_id"] for p in current)
+    return len(current) == 1 and all(
+        p["image"] == BASE and p["state"] == "ready" and p["ready"] == 2 and not p["job_id"] for p in current
+    )
+
+
+def wait_standby(cluster: Cluster, timeout: float, what: str) -> None:
+    try:
+        wait_for(lambda: standby_ready(cluster), timeout, what)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; the node's pools: {pools(cluster)}\n{cluster.log_text()[-4000:]}") from None
 
 
 def agent_stats(cluster: Cluster) -> dict[str, int]:
@@ -143,8 +153,7 @@ def test_image_runs_another_local_image_and_the_node_returns_to_standby(containe
     started = time.monotonic()
     assert remote_parallel_map(marker, range(3), image=ALT, spinner=False) == ["burla-alt"] * 3
     assert time.monotonic() - started < 3  # the image is kept: no pull the second time
-    wait_for(lambda: standby_ready(containers), 30, "standby restored")
-    assert all(p["image"] == BASE for p in pools(containers))
+    wait_standby(containers, 30, "standby restored, the image's containers gone")
     assert remote_parallel_map(marker, range(2), spinner=False) == ["base", "base"]
 
 
@@ -239,7 +248,7 @@ def test_a_container_killed_mid_job_fails_its_input_and_the_node_recovers(contai
         remote_parallel_map(sleeper, range(2), spinner=False)
     killer.join()
     assert "was killed by SIGKILL" in str(info.value) and f"image {BASE}" in str(info.value)
-    wait_for(lambda: standby_ready(containers), 30, "a fresh warm container")
+    wait_standby(containers, 30, "a fresh warm container")
     assert remote_parallel_map(abs, [-1, -2], spinner=False) == [1, 2]
 
 
@@ -251,7 +260,7 @@ def test_an_image_without_python3_or_with_another_python_is_refused(containers: 
             remote_parallel_map(abs, [1], image=OTHER_PYTHON, spinner=False)
     with pytest.raises(burla.ImageError, match="cannot pull it"):
         remote_parallel_map(abs, [1], image="localhost/no-such-image:1", spinner=False)
-    wait_for(lambda: standby_ready(containers), 30, "standby restored")
+    wait_standby(containers, 30, "standby restored")
     assert remote_parallel_map(abs, [-3], spinner=False) == [3]
 
 
