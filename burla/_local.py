@@ -3,7 +3,10 @@
 The local cluster is ``burlad serve --embedded`` in the background, shared by
 every process of the user (as ``ray.init()`` starts a local Ray). It writes
 ``daemon.json`` once it serves; a file lock keeps two processes from starting
-two clusters at once. It stops itself after ``embedded.idle_timeout``.
+two clusters at once: the process that starts the cluster hands the lock to
+the new daemon, which lets go of it once ``daemon.json`` is written, so no
+other process starts a second cluster while the first is still coming up. It
+stops itself after ``embedded.idle_timeout``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from .errors import ClusterUnavailableError
 
 DISCOVERY_FILE = "daemon.json"
+START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"  # as burla.daemon.embedded reads it
 
 # Local daemons this process started: kept so they can be reaped when they exit.
 _STARTED: dict[int, subprocess.Popen[bytes]] = {}
@@ -67,10 +71,11 @@ def start() -> subprocess.Popen[bytes] | None:
             return None  # someone else is starting it: ensure_started waits for theirs
         if discover() is not None:
             return None
-        return _spawn(home)
+        return _spawn(home, lock.fileno())
 
 
-def _spawn(home: Path) -> subprocess.Popen[bytes]:
+def _spawn(home: Path, lock_fd: int) -> subprocess.Popen[bytes]:
+    """Start a local daemon, handing it the start lock (held as `lock_fd`) until it serves."""
     (home / DISCOVERY_FILE).unlink(missing_ok=True)
     with open(home / "daemon.log", "ab") as log:
         proc = subprocess.Popen(
@@ -81,6 +86,8 @@ def _spawn(home: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=log,
             start_new_session=True,  # outlives this process, and ignores its Ctrl-C
+            pass_fds=(lock_fd,),
+            env={**os.environ, START_LOCK_FD_ENV: str(lock_fd)},
         )
     _STARTED[proc.pid] = proc
     return proc
@@ -94,22 +101,31 @@ def ensure_started(timeout: float = 60.0, starting: subprocess.Popen[bytes] | No
     home = local_home()
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "daemon.log"
+    deadline = time.monotonic() + timeout
     with open(home / "start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:  # held by whoever is starting a cluster, and by that daemon until it serves
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ClusterUnavailableError(
+                        f"another process has been starting the local Burla cluster for {timeout:.0f}s. "
+                        f"Its log, {log_path}, ends with:\n{_tail(log_path)}"
+                    ) from None
+                time.sleep(0.005)
         info = discover()
         if info is not None:
             return info
-        proc = starting if starting is not None and starting.poll() is None else _spawn(home)
-        deadline = time.monotonic() + timeout
+        if starting is not None and starting.poll() is not None:
+            raise _failed(starting, log_path)
+        proc = starting if starting is not None else _spawn(home, lock.fileno())
         while time.monotonic() < deadline:
             info = discover()
             if info is not None and int(info["pid"]) == proc.pid:
                 return info
             if proc.poll() is not None:
-                raise ClusterUnavailableError(
-                    f"the local Burla cluster failed to start (exit code {proc.returncode}). "
-                    f"Its log, {log_path}, ends with:\n{_tail(log_path)}"
-                )
+                raise _failed(proc, log_path)
             time.sleep(0.005)
         proc.kill()
         raise ClusterUnavailableError(
@@ -132,6 +148,13 @@ def stop(timeout: float = 10.0) -> bool:
         os.kill(pid, signal.SIGKILL)
     (local_home() / DISCOVERY_FILE).unlink(missing_ok=True)
     return True
+
+
+def _failed(proc: subprocess.Popen[bytes], log_path: Path) -> ClusterUnavailableError:
+    return ClusterUnavailableError(
+        f"the local Burla cluster failed to start (exit code {proc.returncode}). "
+        f"Its log, {log_path}, ends with:\n{_tail(log_path)}"
+    )
 
 
 def _tail(path: Path, lines: int = 20) -> str:

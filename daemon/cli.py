@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(config: Config) -> int:
     import trio
 
-    from .server import serve
+    from .server import StateDirInUse, serve
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -98,7 +98,14 @@ def _serve(config: Config) -> int:
                     nursery.cancel_scope.cancel()
                     return
 
-    trio.run(main)
+    refused: BaseException | None = None
+    try:
+        trio.run(main)
+    except* StateDirInUse as group:
+        refused = group.exceptions[0]
+    if refused is not None:
+        print(f"burlad: {refused}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from .config import Config, default_state_dir, new_token
 
 DISCOVERY_FILE = "daemon.json"
+START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"  # the client's start lock, held until daemon.json is written
 
 
 def local_home() -> Path:
@@ -46,6 +47,7 @@ def _tokens(state_dir: Path) -> dict[str, str]:
 
 def run_embedded(config: Config) -> None:
     """Serve a local cluster until idle (blocks)."""
+    start_lock = os.environ.pop(START_LOCK_FD_ENV, "")
     home = local_home()
     home.mkdir(parents=True, exist_ok=True)
     config.daemon.state_dir = config.daemon.state_dir or str(home / "daemon")
@@ -77,7 +79,13 @@ def run_embedded(config: Config) -> None:
     try:
         import trio
 
-        trio.run(_serve_embedded, config, sock, url, agents, home)
+        from .server import StateDirInUse
+
+        try:
+            trio.run(_serve_embedded, config, sock, url, agents, home, int(start_lock) if start_lock else -1)
+        except* StateDirInUse as group:
+            print(f"burlad: {group.exceptions[0]}", file=sys.stderr)
+            raise SystemExit(1) from None
     finally:
         _stop(agents[-1])
         _remove_discovery(home)
@@ -115,7 +123,7 @@ def _remove_discovery(home: Path) -> None:
 
 
 async def _serve_embedded(
-    config: Config, sock: socket.socket, url: str, agents: list[subprocess.Popen[bytes]], home: Path
+    config: Config, sock: socket.socket, url: str, agents: list[subprocess.Popen[bytes]], home: Path, start_lock: int
 ) -> None:
     import trio
 
@@ -127,6 +135,8 @@ async def _serve_embedded(
             home / DISCOVERY_FILE,
             {"url": url, "pid": os.getpid(), "admin_token": running.admin_token, "started": running.plane.started},
         )
+        if start_lock >= 0:
+            os.close(start_lock)  # other clients waiting to start a cluster now find this one
         nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:

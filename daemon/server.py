@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import socket
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -62,6 +63,29 @@ def write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class StateDirInUse(RuntimeError):
+    """Another burlad serves from this state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold `state_dir` for this process: two daemons on one SQLite file would hand out the same inputs."""
+    lock = open(state_dir / "burlad.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StateDirInUse(
+            f"another burlad (pid {holder}) is serving from {state_dir}: stop it first, "
+            "or give this one another --state-dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 async def serve(
     config: DaemonConfig,
     *,
@@ -72,7 +96,12 @@ async def serve(
     """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(state_dir / "burla.db", config.payload_dir or None)
+    lock = lock_state_dir(state_dir)
+    try:
+        store = Store(state_dir / "burla.db", config.payload_dir or None)
+    except BaseException:
+        lock.close()
+        raise
     try:
         plane = ControlPlane(store, config)
         if standby is not None and standby.images:  # burla.toml's standby spec wins at start
@@ -98,6 +127,7 @@ async def serve(
             task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
     finally:
         store.close()
+        lock.close()
 
 
 def _url_of(sock: socket.socket) -> str:

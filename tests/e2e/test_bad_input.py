@@ -158,6 +158,25 @@ def test_an_agent_with_a_wrong_token_exits_with_a_clear_error(limited: Cluster, 
     assert "refused this agent's token" in result.stderr
 
 
+def test_a_second_daemon_on_the_same_state_dir_is_refused(limited: Cluster) -> None:
+    import subprocess
+    import sys
+
+    from tests.cluster import free_port
+
+    state_dir = limited.root / "daemon"
+    result = subprocess.run(
+        [sys.executable, "-m", "burla.daemon", "serve", "--port", str(free_port()), "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"another burlad (pid {limited.daemon.pid}) is serving from {state_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert remote_parallel_map(abs, [-1], spinner=False) == [1]  # the first one is untouched
+
+
 def test_malformed_requests_get_4xx_and_the_daemon_keeps_serving(limited: Cluster) -> None:
     auth = {"authorization": f"Bearer {limited.admin_token}"}
     envelope = {**auth, "content-type": "application/x-burla-envelope"}
