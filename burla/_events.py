@@ -16,6 +16,7 @@ import httpx
 import trio
 from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
 
+from burla._trace import trace
 from burla.schemas import envelope
 
 from .errors import BurlaError, ClusterUnavailableError
@@ -116,6 +117,7 @@ class EventStream:
                         keepalive_ping_timeout_seconds=60,
                     ) as ws:
                         self._ws = ws
+                        trace("client", f"events connected, following {len(self.jobs)}")
                         lost_since = None
                         backoff = 0.02
                         for job in list(self.jobs.values()):
@@ -126,6 +128,7 @@ class EventStream:
                             if follower is not None:
                                 follower.take_message(header, blobs)
                 except BaseException as e:  # noqa: BLE001 - httpx-ws raises inside exception groups
+                    trace("client", f"events lost: {e!r}")
                     self._ws = None
                     self._handle(e)
                 now = trio.current_time()

@@ -14,10 +14,11 @@ import logging
 from typing import Any
 
 import trio
-from quart import Response, request, websocket
+from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
 from burla import __version__
+from burla._trace import trace
 from burla.schemas import envelope
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
@@ -31,6 +32,9 @@ STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
 JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
 ADMIN = "admin"
 NODE = "node"
+
+
+_DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read before answering
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -59,14 +63,18 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
             raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
 
+    async def body() -> bytes:
+        g.body_read = True
+        data = await request.get_data(cache=False, as_text=False)
+        return data if isinstance(data, bytes) else data.encode()
+
     async def read_envelope() -> tuple[dict[str, Any], list[memoryview]]:
         if request.content_type != envelope.CONTENT_TYPE:
             raise BadRequest(f"expected a body of type {envelope.CONTENT_TYPE}")
-        data = await request.get_data(cache=False, as_text=False)
-        return envelope.unpack(data if isinstance(data, bytes) else data.encode())
+        return envelope.unpack(await body())
 
     async def read_json() -> Any:
-        data = await request.get_data(cache=False)
+        data = await body()
         try:
             return json.loads(data or b"{}")
         except ValueError as e:
@@ -103,6 +111,30 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         if value is not None and (not isinstance(value, int) or value < 0):
             raise BadRequest("'final_count' must be a non-negative integer or null")
         return value
+
+    @app.after_request
+    async def finish_reading(response: Response) -> Response:
+        """Answer only requests whose body has been read, or close their connection.
+
+        A route may answer before reading the body (a known blob, a bad token). Hypercorn
+        (0.18) then leaves the keep-alive connection half-recycled, and the next request
+        the client sends on it is never answered. Small bodies are read and dropped here;
+        for large ones the client is told not to reuse the connection.
+        """
+        if g.get("body_read") or request.method not in ("POST", "PUT", "PATCH"):
+            return response
+        length = request.content_length
+        if length is None and "transfer-encoding" not in request.headers:
+            return response
+        g.body_read = True
+        if length is not None and length <= _DRAIN_BYTES:
+            try:
+                await request.get_data(cache=False, as_text=False)
+                return response
+            except Exception:  # noqa: BLE001 - over the size limit, or the client went away
+                pass
+        response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(e: ApiError) -> Response:
@@ -168,8 +200,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, ADMIN)
         if plane.has_blob(digest):
             return _json({"ok": True, "known": True})
-        data = await request.get_data(cache=False, as_text=False)
-        plane.put_blob(digest, data if isinstance(data, bytes) else data.encode())
+        plane.put_blob(digest, await body())
         return _json({"ok": True, "known": False})
 
     @app.post("/v1/blobs/missing")
@@ -282,6 +313,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 old = follows.pop(job_id, None)
                 if old is not None:
                     old.cancel()
+                trace("daemon", f"events {op} {job_id[:8]} after={after}")
                 if op == "subscribe":
                     follows[job_id] = trio.CancelScope()
                     nursery.start_soon(follow, job_id, after, follows[job_id])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 
@@ -175,6 +178,45 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(limited: Cluster) -> N
     assert f"another burlad (pid {limited.daemon.pid}) is serving from {state_dir}" in result.stderr
     assert "Traceback" not in result.stderr
     assert remote_parallel_map(abs, [-1], spinner=False) == [1]  # the first one is untouched
+
+
+def _exchange(sock: socket.socket, client: h11.Connection, request: h11.Request, body: bytes = b"") -> int:
+    """Send a request on a kept-alive connection (its body after a pause); the response's status."""
+    sock.sendall(client.send(request))
+    if body:
+        time.sleep(0.3)  # the daemon may decide before the body arrives
+        sock.sendall(client.send(h11.Data(data=body)))
+    sock.sendall(client.send(h11.EndOfMessage()))
+    status = 0
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(sock.recv(65536))  # a connection left hanging times out here
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.EndOfMessage):
+            client.start_next_cycle()
+            return status
+        elif isinstance(event, h11.ConnectionClosed):
+            raise AssertionError("the daemon closed a kept-alive connection")
+
+
+@pytest.mark.parametrize("token", ["wrong", "admin"])
+def test_an_answer_before_the_body_is_read_leaves_the_connection_usable(limited: Cluster, token: str) -> None:
+    """A known blob or a bad token is answered without the body: the next request on the connection still is."""
+    digest = hashlib.sha256(b"a blob").hexdigest()
+    auth = ("Bearer " + (limited.admin_token if token == "admin" else "wrong")).encode()
+    host, port = limited.url.removeprefix("http://").split(":")
+    headers = [("host", host), ("authorization", auth)]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        client = h11.Connection(h11.CLIENT)
+        put = h11.Request(method="PUT", target=f"/v1/blobs/{digest}", headers=[*headers, ("content-length", "6")])
+        assert _exchange(sock, client, put, b"a blob") == (200 if token == "admin" else 401)
+        if token == "admin":  # now the blob is known: the second upload is answered at once
+            put = h11.Request(method="PUT", target=f"/v1/blobs/{digest}", headers=[*headers, ("content-length", "6")])
+            assert _exchange(sock, client, put, b"a blob") == 200
+        health = h11.Request(method="GET", target="/v1/health", headers=headers)
+        assert _exchange(sock, client, health) == 200
 
 
 def test_malformed_requests_get_4xx_and_the_daemon_keeps_serving(limited: Cluster) -> None:
