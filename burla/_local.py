@@ -20,20 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ClusterUnavailableError
+from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
-DISCOVERY_FILE = "daemon.json"
-START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"  # as burla.daemon.embedded reads it
+from .errors import ClusterUnavailableError
 
 # Local daemons this process started: kept so they can be reaped when they exit.
 _STARTED: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def local_home() -> Path:
-    base = os.environ.get("BURLA_HOME")
-    if base:
-        return Path(base) / "local"
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "burla" / "local"
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +44,7 @@ def _alive(pid: int) -> bool:
 def discover() -> dict[str, str] | None:
     """The running local cluster's URL and admin token, or None."""
     try:
-        info = json.loads((local_home() / DISCOVERY_FILE).read_text())
+        info = json.loads((local_cluster_home() / DISCOVERY_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
@@ -62,7 +54,7 @@ def discover() -> dict[str, str] | None:
 
 def start() -> subprocess.Popen[bytes] | None:
     """Start the local cluster without waiting for it; None if another process is starting one."""
-    home = local_home()
+    home = local_cluster_home()
     home.mkdir(parents=True, exist_ok=True)
     with open(home / "start.lock", "w") as lock:
         try:
@@ -98,7 +90,7 @@ def ensure_started(timeout: float = 60.0, starting: subprocess.Popen[bytes] | No
     info = discover()
     if info is not None:
         return info
-    home = local_home()
+    home = local_cluster_home()
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "daemon.log"
     deadline = time.monotonic() + timeout
@@ -146,7 +138,7 @@ def stop(timeout: float = 10.0) -> bool:
         time.sleep(0.02)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
-    (local_home() / DISCOVERY_FILE).unlink(missing_ok=True)
+    (local_cluster_home() / DISCOVERY_FILE).unlink(missing_ok=True)
     return True
 
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from burla.schemas import local
+
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 HOURS = 60 * MINUTES
@@ -36,10 +38,7 @@ class ConfigError(ValueError):
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("BURLA_HOME")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "burla"
+    return local.state_home()
 
 
 @dataclasses.dataclass

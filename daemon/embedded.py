@@ -24,14 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import Config, default_state_dir, new_token
+from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
-DISCOVERY_FILE = "daemon.json"
-START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"  # the client's start lock, held until daemon.json is written
-
-
-def local_home() -> Path:
-    return default_state_dir() / "local"
+from .config import Config, new_token
 
 
 def _tokens(state_dir: Path) -> dict[str, str]:
@@ -48,7 +43,7 @@ def _tokens(state_dir: Path) -> dict[str, str]:
 def run_embedded(config: Config) -> None:
     """Serve a local cluster until idle (blocks)."""
     start_lock = os.environ.pop(START_LOCK_FD_ENV, "")
-    home = local_home()
+    home = local_cluster_home()
     home.mkdir(parents=True, exist_ok=True)
     config.daemon.state_dir = config.daemon.state_dir or str(home / "daemon")
     state_dir = Path(config.daemon.state_dir)

@@ -9,6 +9,11 @@ daemon hands an agent the name instead of the bytes.
 A part proves it can use the directory by reading the daemon's probe file
 (a random secret, mode 0600) and sending the secret back. Same hostname is
 not enough: two containers, or two users, on one host may not share it.
+
+The embedded local cluster is found the same way by every process of the
+user: its daemon writes ``DISCOVERY_FILE`` in ``local_cluster_home()``, and
+the client that starts it hands it the start lock as the file descriptor
+named in ``START_LOCK_FD_ENV``, held until that file is written.
 """
 
 from __future__ import annotations
@@ -20,7 +25,22 @@ import socket
 from pathlib import Path
 
 PROBE = ".probe"
+DISCOVERY_FILE = "daemon.json"
+START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"
 _BATCH_REF = re.compile(r"^([0-9a-f]{8,64})/b([0-9]{1,9})$")
+
+
+def state_home() -> Path:
+    """Where Burla keeps this user's state: $BURLA_HOME, else the XDG state directory."""
+    base = os.environ.get("BURLA_HOME")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "burla"
+
+
+def local_cluster_home() -> Path:
+    """The embedded local cluster's directory: its discovery file, start lock and logs."""
+    return state_home() / "local"
 
 
 def host_id() -> str:

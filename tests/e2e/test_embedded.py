@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from burla import _local, remote_parallel_map
+from burla.schemas.local import local_cluster_home
 from tests.cluster import run_client, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +29,7 @@ print("ok")
 
 @pytest.fixture
 def local_home() -> Iterator[Path]:
-    yield _local.local_home()
+    yield local_cluster_home()
     _local.stop()
 
 
