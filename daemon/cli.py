@@ -18,7 +18,7 @@ import sys
 from functools import partial
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, StateDirInUse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,13 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"burlad: {e}", file=sys.stderr)
         return 2
-    if args.command == "serve" and args.embedded:
-        from .embedded import run_embedded
-
-        run_embedded(config)
-        return 0
     if args.command == "serve":
-        return _serve(config)
+        return _serve_unless_taken(config, args.embedded)
     if args.command == "agent":
         return _agent(config)
     if args.command == "tokens":
@@ -81,10 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     return 2  # pragma: no cover
 
 
-def _serve(config: Config) -> int:
+def _serve_unless_taken(config: Config, embedded: bool) -> int:
+    """Serve until stopped; 1, with a one-line error, where another burlad holds the state directory."""
+    refused: BaseException | None = None
+    try:
+        if embedded:
+            from .embedded import run_embedded
+
+            run_embedded(config)
+        else:
+            _serve(config)
+    except* StateDirInUse as group:
+        refused = group.exceptions[0]
+    if refused is not None:
+        print(f"burlad: {refused}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(config: Config) -> None:
     import trio
 
-    from .server import StateDirInUse, serve
+    from .server import serve
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -98,15 +111,7 @@ def _serve(config: Config) -> int:
                     nursery.cancel_scope.cancel()
                     return
 
-    refused: BaseException | None = None
-    try:
-        trio.run(main)
-    except* StateDirInUse as group:
-        refused = group.exceptions[0]
-    if refused is not None:
-        print(f"burlad: {refused}", file=sys.stderr)
-        return 1
-    return 0
+    trio.run(main)
 
 
 def _agent(config: Config) -> int:

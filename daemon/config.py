@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     """A config value is unknown or malformed; the message names the key."""
 
 
+class StateDirInUse(RuntimeError):
+    """Another burlad serves from this state directory."""
+
+
 def default_state_dir() -> Path:
     return local.state_home()
 

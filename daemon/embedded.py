@@ -74,13 +74,7 @@ def run_embedded(config: Config) -> None:
     try:
         import trio
 
-        from .server import StateDirInUse
-
-        try:
-            trio.run(_serve_embedded, config, sock, url, agents, home, int(start_lock) if start_lock else -1)
-        except* StateDirInUse as group:
-            print(f"burlad: {group.exceptions[0]}", file=sys.stderr)
-            raise SystemExit(1) from None
+        trio.run(_serve_embedded, config, sock, url, agents, home, int(start_lock) if start_lock else -1)
     finally:
         _stop(agents[-1])
         _remove_discovery(home)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -20,7 +21,7 @@ from burla._trace import trace
 from burla.schemas import messages as m
 
 from .app import create_app
-from .config import DaemonConfig, StandbyConfig
+from .config import DaemonConfig, StandbyConfig, StateDirInUse
 from .service import ControlPlane
 from .store import Store
 
@@ -63,10 +64,6 @@ def write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class StateDirInUse(RuntimeError):
-    """Another burlad serves from this state directory."""
-
-
 def lock_state_dir(state_dir: Path) -> IO[str]:
     """Hold `state_dir` for this process: two daemons on one SQLite file would hand out the same inputs."""
     lock = open(state_dir / "burlad.lock", "a+")
@@ -96,13 +93,10 @@ async def serve(
     """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_state_dir(state_dir)
-    try:
-        store = Store(state_dir / "burla.db", config.payload_dir or None)
-    except BaseException:
-        lock.close()
-        raise
-    try:
+    with (
+        lock_state_dir(state_dir),
+        contextlib.closing(Store(state_dir / "burla.db", config.payload_dir or None)) as store,
+    ):
         plane = ControlPlane(store, config)
         if standby is not None and standby.images:  # burla.toml's standby spec wins at start
             images = [m.StandbyImage(i, standby.python_version, standby.per_cpu) for i in standby.images]
@@ -125,9 +119,6 @@ async def serve(
             log.info("burlad %s serving on %s (state in %s)", plane.boot_id, url, state_dir)
             trace("daemon", "serving")
             task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
-    finally:
-        store.close()
-        lock.close()
 
 
 def _url_of(sock: socket.socket) -> str:
