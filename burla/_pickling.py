@@ -10,13 +10,15 @@ whatever the iterable's length.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import operator
 import pickle
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 import cloudpickle
@@ -30,6 +32,35 @@ PROBE_INPUTS = 1  # pickle one input first: its size decides how many more to ta
 MAX_BATCH_INPUTS = 100_000
 TARGET_BATCH_BYTES = 2 * 1024 * 1024
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, keeping the file name of each code object it pickles by value.
+
+    cloudpickle 3.1 writes ``<dynamic-code>`` as the file name of every code object it pickles by
+    value (so that its output does not depend on where the code was defined). Remote tracebacks
+    need the real one: the user must see ``File "their_script.py", line 6`` and its source line.
+    Each code object travels as cloudpickle sends it, then gets its file name back on the worker
+    with ``code.replace(co_filename=...)``: nothing but the standard library is needed there, and
+    the output stays deterministic with every cloudpickle version.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is CodeType and obj.co_filename != _DYNAMIC_CODE:
+            return operator.methodcaller("replace", co_filename=obj.co_filename), (
+                obj.replace(co_filename=_DYNAMIC_CODE),
+            )
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    """`cloudpickle.dumps`, with code objects keeping their file names (see `_Pickler`)."""
+    with io.BytesIO() as buffer:
+        _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+        return buffer.getvalue()
 
 
 def function_name(fn: Any) -> str:
@@ -76,7 +107,7 @@ def pickle_function(fn: Callable[..., Any], max_bytes: int | None = None) -> byt
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        blob: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        blob: bytes = dumps(fn)
     except Exception as e:
         raise UnpicklableError(
             f"function {function_name(fn)!r} cannot be pickled to send it to the cluster: {type(e).__name__}: {e}. "
@@ -186,11 +217,11 @@ class InputBatcher:
 
     def _pickle(self, items: list[Any], first_index: int) -> bytes:
         try:
-            payload: bytes = cloudpickle.dumps(items, protocol=PROTOCOL)
+            payload: bytes = dumps(items)
         except Exception:
             for offset, item in enumerate(items):
                 try:
-                    cloudpickle.dumps(item, protocol=PROTOCOL)
+                    dumps(item)
                 except Exception as e:
                     raise UnpicklableError(
                         f"input #{first_index + offset} ({type(item).__name__} {_short_repr(item)}) cannot be "
@@ -200,7 +231,7 @@ class InputBatcher:
             raise
         if self.max_input_bytes is not None and len(payload) > self.max_input_bytes:
             for offset, item in enumerate(items):
-                size = len(cloudpickle.dumps(item, protocol=PROTOCOL)) if len(items) > 1 else len(payload)
+                size = len(dumps(item)) if len(items) > 1 else len(payload)
                 if size > self.max_input_bytes:
                     raise TooLargeError(
                         f"input #{first_index + offset} ({type(item).__name__}) pickles to {size / 1e6:.1f} MB, over "

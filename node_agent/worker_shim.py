@@ -14,6 +14,7 @@ Run as ``python -m burla.node_agent.worker_shim`` with ``BURLA_WORKER_SOCKET``
 from __future__ import annotations
 
 import codecs
+import copyreg
 import ctypes
 import io
 import linecache
@@ -209,30 +210,109 @@ class Progress:
         self._cell.value = index
 
 
-def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[dict[str, Any], bytes | None]:
-    """A CallError for `e` (without the shim's own frames) and the pickled exception."""
+def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[dict[str, Any], bytes]:
+    """A CallError for `e` (without the shim's own frames), and its exception tree (`m.EXCEPTION_TREE`)."""
     tb = e.__traceback__
     for _ in range(skip_frames):
         if tb is not None:
             tb = tb.tb_next
-    summary = traceback.extract_tb(tb)
-    frames = [[f.filename, f.lineno, f.name, _raw_line(f.filename, f.lineno) or f.line or ""] for f in summary]
+    root_frames = _frames(tb)
     text = "".join(traceback.format_exception(type(e), e, tb))
-    try:
-        blob: bytes | None = cloudpickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        blob = None
     error = m.CallError(
         index=index,
         kind=m.EXCEPTION,
-        type_name=f"{type(e).__module__}.{type(e).__qualname__}",
+        type_name=_type_name(e),
         message=_safe_str(e),
         traceback=text,
-        frames=tuple(frames),
+        frames=tuple(root_frames),
         node=socket.gethostname(),
-        exc_blob=1 if blob is not None else None,
+        exc_blob=1,
     )
-    return error.to_wire(), blob
+    return error.to_wire(), pickle.dumps(exception_tree(e, root_frames), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def exception_tree(e: BaseException, root_frames: list[list[Any]]) -> dict[str, Any]:
+    """`e` with its causes, contexts and group members, as `m.EXCEPTION_TREE` describes.
+
+    Pickled exceptions lose `__cause__`, `__context__`, their tracebacks and the tracebacks of an
+    exception group's members: each exception of the graph becomes a node with its own frames and
+    links, so the client rebuilds the whole chain and prints it as Python prints a local one.
+    """
+    nodes: list[dict[str, Any]] = []
+    seen: dict[int, int] = {}
+
+    def visit(exc: BaseException, member: bool, frames: list[list[Any]] | None = None) -> int | None:
+        if id(exc) in seen:
+            return seen[id(exc)]
+        if len(nodes) >= m.EXCEPTION_TREE_MAX_NODES:
+            return None
+        i = seen[id(exc)] = len(nodes)
+        node: dict[str, Any] = {
+            "type_name": _type_name(exc),
+            "message": _safe_str(exc),
+            "frames": _frames(exc.__traceback__) if frames is None else frames,
+            "exc": None if member else _pickled(exc),  # a group's members travel inside the group
+            "cause": None,
+            "context": None,
+            "suppress_context": bool(exc.__suppress_context__),
+            "group": None,
+        }
+        nodes.append(node)
+        if exc.__cause__ is not None:
+            node["cause"] = visit(exc.__cause__, member=False)
+        if exc.__context__ is not None:
+            node["context"] = visit(exc.__context__, member=False)
+        if isinstance(exc, BaseExceptionGroup):
+            node["group"] = [visit(sub, member=True) for sub in exc.exceptions]
+        return i
+
+    visit(e, member=False, frames=root_frames)
+    return {"version": m.EXCEPTION_TREE_VERSION, "nodes": nodes}
+
+
+def _frames(tb: Any) -> list[list[Any]]:
+    """[filename, lineno, name, source line, module] of each frame of a traceback."""
+    frames: list[list[Any]] = [
+        [frame.f_code.co_filename, lineno or 0, frame.f_code.co_name, "", frame.f_globals.get("__name__")]
+        for frame, lineno in traceback.walk_tb(tb)
+    ]
+    if len(frames) > m.EXCEPTION_TREE_MAX_FRAMES:  # a RecursionError: its first and last frames tell the story
+        half = m.EXCEPTION_TREE_MAX_FRAMES // 2
+        frames = frames[:half] + frames[-half:]
+    for frame in frames:
+        frame[3] = _raw_line(frame[0], frame[1])
+        if not isinstance(frame[4], str):
+            frame[4] = ""
+    return frames
+
+
+class _ExceptionPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """Pickles an exception so that it loads whatever its ``__init__`` takes.
+
+    An exception pickles as ``cls(*self.args)`` plus its ``__dict__``, which fails to load for the
+    common ``def __init__(self, message, code)`` (``args`` holds only what ``super().__init__`` got).
+    An exception with the default ``__reduce__`` goes as ``cls.__new__(cls, *args)`` plus its
+    ``__dict__`` instead, as any other object is pickled: nothing calls ``__init__`` again.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if isinstance(obj, BaseException) and cls.__reduce__ is BaseException.__reduce__:  # type: ignore[comparison-overlap]
+            return copyreg.__newobj__, (cls, *obj.args), obj.__dict__ or None  # type: ignore[attr-defined]
+        return super().reducer_override(obj)
+
+
+def _pickled(e: BaseException) -> bytes | None:
+    buffer = io.BytesIO()
+    try:
+        _ExceptionPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(e)
+    except Exception:
+        return None
+    return buffer.getvalue()
+
+
+def _type_name(e: BaseException) -> str:
+    return f"{type(e).__module__}.{type(e).__qualname__}"
 
 
 def _raw_line(filename: str, lineno: int | None) -> str:

@@ -183,9 +183,30 @@ class CallError(Wire):
     type_name: str
     message: str
     traceback: str = ""  # the remote traceback, formatted
-    frames: tuple[Any, ...] = ()  # [filename, lineno, name, source line] per frame
+    frames: tuple[Any, ...] = ()  # [filename, lineno, name, source line, module] per frame
     node: str = ""
-    exc_blob: int | None = None  # the pickled exception, when it pickled
+    exc_blob: int | None = None  # the exception tree (EXCEPTION_TREE) of a kind EXCEPTION error
+
+
+EXCEPTION_TREE_VERSION = 1
+EXCEPTION_TREE_MAX_NODES = 64  # exceptions kept of one failure's chains and groups
+EXCEPTION_TREE_MAX_FRAMES = 1000  # frames kept per exception: the first and last halves
+EXCEPTION_TREE = """The blob of a CallError of kind EXCEPTION: a plain pickle of
+
+    {"version": 1, "nodes": [node, ...]}   # nodes[0] is the exception the call raised
+
+where each node is a dict of builtins:
+
+    type_name         "module.QualName" of the exception's class
+    message           str() of the exception
+    frames            [filename, lineno, name, source line, module] per frame of its traceback
+    exc               the exception pickled with cloudpickle, None if it did not pickle (or is a
+                      group member: members travel inside their group's pickle)
+    cause, context    index of the node of __cause__ / __context__, or None
+    suppress_context  __suppress_context__
+    group             for an exception group: the node index of each of .exceptions, else None
+
+An older worker sent the pickled exception itself."""
 
 
 @dataclasses.dataclass(frozen=True)

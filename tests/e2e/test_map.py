@@ -267,3 +267,61 @@ def test_output_of_c_code_and_subprocesses_arrives_too(cluster: Cluster, capfd: 
         for line in (f"raw fd write from {x}", f"subprocess echo from {x}", f"C puts from {x}"):
             assert line in out.splitlines()
         assert f"raw stderr from {x}" in err.splitlines()
+
+
+USER_SCRIPT = """
+import sys
+import traceback
+
+from burla import remote_parallel_map
+from helpers_beside import parse
+
+
+def check(x):
+    try:
+        parse(x)
+    except ValueError as e:
+        raise RuntimeError(f"input {x!r} is not a number") from e
+
+
+def several(x):
+    problems = []
+    for i in range(2):
+        try:
+            raise KeyError(f"member {i}")
+        except KeyError as e:
+            problems.append(e)
+    raise ExceptionGroup("two failed", problems)
+
+
+for fn in (check, several):
+    try:
+        remote_parallel_map(fn, ["1", "x"] if fn is check else [0], spinner=False)
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+    print("=====")
+"""
+
+
+def test_a_user_script_sees_its_files_lines_and_chained_causes(cluster: Cluster, tmp_path: Path) -> None:
+    """As run from a terminal: the script and a module beside it, their lines, the cause and the group."""
+    (tmp_path / "helpers_beside.py").write_text("def parse(text):\n    value = int(text)\n    return value\n")
+    result = run_client(USER_SCRIPT, cluster.client_env(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    chained, grouped, _ = result.stdout.split("=====\n")
+    script, helper = tmp_path / "client_script.py", tmp_path / "helpers_beside.py"
+    assert f'File "{helper}", line 2, in parse\n    value = int(text)\n' in chained
+    assert f'File "{script}", line 11, in check\n    parse(x)\n' in chained
+    assert "ValueError: invalid literal for int() with base 10: 'x'" in chained
+    assert "The above exception was the direct cause of the following exception:" in chained
+    assert (
+        f'File "{script}", line 13, in check\n    raise RuntimeError(f"input {{x!r}} is not a number") from e\n'
+        in chained
+    )
+    assert chained.index("ValueError: invalid literal") < chained.index("RuntimeError: input 'x' is not a number")
+    assert "raised remotely by input #1" in chained
+    assert "<dynamic-code>" not in chained + grouped
+    assert "ExceptionGroup: two failed (2 sub-exceptions)" in grouped
+    members = "\n".join(row.lstrip(" |") for row in grouped.splitlines())  # members print behind "  | "
+    assert f'File "{script}", line 20, in several\nraise KeyError(f"member {{i}}")\n' in members
+    assert "KeyError: 'member 1'" in grouped
