@@ -8,6 +8,7 @@ Importing burla is cheap: the network stack loads on the first call.
 
 __version__ = "0.1.0"
 
+from . import _source_layout  # noqa: F401  (first: in a source checkout it maps burla.schemas & co.)
 from ._api import remote_parallel_map
 from ._client import Client
 from .errors import (
