@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from typing import Any
 
 import trio
@@ -19,7 +20,7 @@ from quart_trio import QuartTrio
 
 from burla import __version__
 from burla._trace import trace
-from burla.schemas import envelope
+from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
@@ -35,6 +36,25 @@ NODE = "node"
 
 
 _DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read before answering
+
+
+_ID = re.compile(wire.ID)
+_SHA256 = re.compile(wire.SHA256)
+_REASON_CHARS = 4096  # of a cancel's reason
+_MAX_DIGESTS = 100_000  # in one POST /v1/blobs/missing
+
+
+def valid_id(value: Any, what: str) -> str:
+    """An id that names files and rows: only `wire.ID`'s alphabet, so it can never be a path."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise BadRequest(f"{what}: expected an id of 1 to 64 letters, digits, '-' or '_', got {str(value)[:80]!r}")
+    return value
+
+
+def valid_digest(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise BadRequest(f"{what}: expected a sha256 digest (64 lowercase hex digits), got {str(value)[:80]!r}")
+    return value
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -76,9 +96,15 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def read_json() -> Any:
         data = await body()
         try:
-            return json.loads(data or b"{}")
-        except ValueError as e:
-            raise BadRequest(f"body is not JSON: {e}") from None
+            return wire.loads(data or b"{}")
+        except WireError as e:
+            raise BadRequest(f"body: {e}") from None
+
+    async def read_object() -> dict[str, Any]:
+        value = await read_json()
+        if not isinstance(value, dict):
+            raise BadRequest(f"body: expected a JSON object, got {type(value).__name__}")
+        return value
 
     def blobs_at(blobs: list[memoryview], index: Any, what: str) -> memoryview:
         if not isinstance(index, int) or not 0 <= index < len(blobs):
@@ -90,11 +116,13 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     ) -> list[tuple[m.BatchMeta, memoryview | None]]:
         metas = header.get("batches", [])
         if not isinstance(metas, list):
-            raise BadRequest("'batches' must be a list")
+            raise BadRequest("batches: expected a list")
+        if len(metas) > 10_000:
+            raise BadRequest("batches: more than 10000 in one request")
         out: list[tuple[m.BatchMeta, memoryview | None]] = []
         next_blob = first_blob
-        for i, wire in enumerate(metas):
-            meta = m.BatchMeta.from_wire(wire)
+        for i, item in enumerate(metas):
+            meta = m.BatchMeta.from_wire(item)
             if meta.payload_ref:  # written by the client into the payload dir (schemas.local)
                 out.append((meta, None))
             else:
@@ -108,8 +136,10 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     def final_count(header: dict[str, Any]) -> int | None:
         value = header.get("final_count")
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise BadRequest("'final_count' must be a non-negative integer or null")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= m.MAX_INDEX
+        ):
+            raise BadRequest(f"final_count: expected an integer in [0, {m.MAX_INDEX}] or null, got {str(value)[:40]}")
         return value
 
     @app.after_request
@@ -184,6 +214,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.post("/v1/jobs/<job_id>/inputs")
     async def add_inputs(job_id: str) -> Response:
         check_token(request.headers, ADMIN)
+        valid_id(job_id, "job id")
         header, blobs = await read_envelope()
         plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header), proof(header))
         return _json({"ok": True})
@@ -191,13 +222,18 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.post("/v1/jobs/<job_id>/cancel")
     async def cancel_job(job_id: str) -> Response:
         check_token(request.headers, ADMIN)
-        body = await read_json()
-        plane.cancel_job(job_id, str(body.get("reason", "cancelled by the client")))
+        valid_id(job_id, "job id")
+        body = await read_object()
+        reason = body.get("reason", "cancelled by the client")
+        if not isinstance(reason, str) or len(reason) > _REASON_CHARS:
+            raise BadRequest(f"reason: expected a string of at most {_REASON_CHARS} characters")
+        plane.cancel_job(job_id, reason)
         return _json({"ok": True})
 
     @app.put("/v1/blobs/<digest>")
     async def put_blob(digest: str) -> Response:
         check_token(request.headers, ADMIN)
+        valid_digest(digest, "blob digest")
         if plane.has_blob(digest):
             return _json({"ok": True, "known": True})
         plane.put_blob(digest, await body())
@@ -209,18 +245,23 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, ADMIN)
         body = await read_json()
         digests = body.get("digests") if isinstance(body, dict) else None
-        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
-            raise BadRequest('expected {"digests": [sha256 hex, ...]}')
+        if not isinstance(digests, list) or len(digests) > _MAX_DIGESTS:
+            raise BadRequest(f'expected {{"digests": [sha256 hex, ...]}} with at most {_MAX_DIGESTS} digests')
+        for i, digest in enumerate(digests):
+            valid_digest(digest, f"digests[{i}]")
         return _json({"missing": [d for d in digests if not plane.has_blob(d)]})
 
     @app.get("/v1/agents/<agent_id>/blobs/<digest>")
     async def agent_blob(agent_id: str, digest: str) -> Response:
         check_token(request.headers, NODE)
+        valid_id(agent_id, "agent id")
+        valid_digest(digest, "blob digest")
         return Response(plane.blob(digest), content_type="application/octet-stream")
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
         check_token(request.headers, ADMIN)
+        valid_id(job_id, "job id")
         return _json(plane.job_status(job_id).to_wire())
 
     @app.get("/v1/cluster")
@@ -238,9 +279,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, ADMIN)
         body = await read_json()
         images = body.get("images") if isinstance(body, dict) else None
-        if not isinstance(images, list):
+        if not isinstance(images, list) or len(images) > 256:
             raise BadRequest('expected {"images": [{"image": NAME, "per_cpu": N, "python_version": "3.11"}, ...]}')
         spec = [m.StandbyImage.from_wire(i) for i in images]
+        if len({i.image for i in spec}) != len(spec):
+            raise BadRequest("images: an image is listed twice")
         for image in spec:
             if not image.image or image.per_cpu <= 0:
                 raise BadRequest(f"standby image {image.image!r}: needs a name and a positive per_cpu")
@@ -304,11 +347,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             while True:
                 raw = await websocket.receive()
                 try:
-                    message = json.loads(raw)
-                    op, job_id = message["op"], str(message["job"])
-                    after = int(message.get("after", 0))
-                except (ValueError, KeyError, TypeError):
-                    await send({"error": {"code": "bad_request", "message": 'expected {"op": ..., "job": ...}'}})
+                    op, job_id, after = _events_op(raw)
+                except (BadRequest, WireError) as e:
+                    await send({"error": {"code": "bad_request", "message": str(e)}})
                     continue
                 old = follows.pop(job_id, None)
                 if old is not None:
@@ -317,22 +358,21 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 if op == "subscribe":
                     follows[job_id] = trio.CancelScope()
                     nursery.start_soon(follow, job_id, after, follows[job_id])
-                elif op == "ack":
+                else:  # "ack"
                     plane.ack_job(job_id)
-                else:
-                    await send({"job_id": job_id, "error": {"code": "bad_request", "message": f"unknown op {op!r}"}})
 
     # ---- agent routes -----------------------------------------------------------------
 
     @app.post("/v1/agents/register")
     async def register() -> Response:
         check_token(request.headers, NODE)
-        info = m.NodeInfo.from_wire(await read_json())
+        info = m.NodeInfo.from_wire(await read_object())
         return _json(plane.register(info).to_wire())
 
     @app.post("/v1/agents/<agent_id>/poll")
     async def poll(agent_id: str) -> Response:
         check_token(request.headers, NODE)
+        valid_id(agent_id, "agent id")
         header, blobs = await read_envelope()
         delivery, out = await plane.poll(agent_id, m.AgentReport.from_wire(header), blobs)
         return _envelope(delivery.to_wire(), out)
@@ -340,6 +380,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.post("/v1/agents/<agent_id>/report")
     async def report(agent_id: str) -> Response:
         check_token(request.headers, NODE)
+        valid_id(agent_id, "agent id")
         header, blobs = await read_envelope()
         delivery, out = plane.report(agent_id, m.AgentReport.from_wire(header), blobs)
         if not delivery.delivery:
@@ -349,11 +390,34 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/v1/agents/<agent_id>/functions/<function_hash>")
     async def function(agent_id: str, function_hash: str) -> Response:
         check_token(request.headers, NODE)
+        valid_id(agent_id, "agent id")
+        valid_digest(function_hash, "function hash")
         return Response(plane.function_blob(function_hash), content_type="application/octet-stream")
 
     @app.get("/v1/agents/<agent_id>/batches/<job_id>/<int:seq>")
     async def batch(agent_id: str, job_id: str, seq: int) -> Response:
         check_token(request.headers, NODE)
+        valid_id(agent_id, "agent id")
+        valid_id(job_id, "job id")
+        if seq > m.MAX_INDEX:
+            raise BadRequest(f"batch seq: at most {m.MAX_INDEX}")
         return Response(plane.batch_payload(job_id, seq), content_type="application/octet-stream")
 
     return app
+
+
+def _events_op(raw: Any) -> tuple[str, str, int]:
+    """A client's message on the events websocket: {"op": "subscribe"|"ack", "job": ID, "after": SEQ}."""
+    if not isinstance(raw, (str, bytes)) or len(raw) > 4096:
+        raise BadRequest('expected a JSON text {"op": ..., "job": ...} of at most 4096 bytes')
+    message = wire.loads(raw)
+    if not isinstance(message, dict):
+        raise BadRequest('expected {"op": ..., "job": ...}')
+    op = message.get("op")
+    if op not in ("subscribe", "ack"):
+        raise BadRequest(f"op: expected 'subscribe' or 'ack', got {str(op)[:40]!r}")
+    job_id = valid_id(message.get("job"), "job")
+    after = message.get("after", 0)
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= wire.INT64[1]:
+        raise BadRequest(f"after: expected a non-negative integer event sequence, got {str(after)[:40]}")
+    return op, job_id, after

@@ -22,6 +22,13 @@ from burla.schemas import local
 
 INLINE_LIMIT = 256 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_PART = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z_.-]{0,79}$")  # a job id or a file name: never "..", never a "/"
+
+
+def _part(value: str, what: str) -> str:
+    if not _PART.match(value) or value.startswith(".."):
+        raise ValueError(f"{what} {value[:80]!r} cannot name a payload file")
+    return value
 
 
 class PayloadStore:
@@ -37,14 +44,22 @@ class PayloadStore:
 
     def put(self, job_id: str, name: str, data: bytes | memoryview) -> str:
         """Write a payload; returns the reference to keep in the database."""
-        local.write_file(self.root / job_id / name, data)
+        local.write_file(self.root / _part(job_id, "job id") / _part(name, "payload name"), data)
         return f"{job_id}/{name}"
 
+    def path(self, ref: str) -> Path:
+        """The file of a reference that `put` returned: only ever under `root`."""
+        job_id, _, name = ref.partition("/")
+        return self.root / _part(job_id, "job id") / _part(name, "payload name")
+
     def exists(self, ref: str) -> bool:
-        return (self.root / ref).is_file()
+        try:
+            return self.path(ref).is_file()
+        except ValueError:
+            return False
 
     def get(self, ref: str) -> bytes:
-        with open(self.root / ref, "rb") as f:
+        with open(self.path(ref), "rb") as f:
             return f.read()
 
     def blob_path(self, digest: str) -> Path:
@@ -54,7 +69,7 @@ class PayloadStore:
         return self.root / ".blobs" / digest[:2] / digest
 
     def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        shutil.rmtree(self.root / _part(job_id, "job id"), ignore_errors=True)
 
     def sweep(self, keep: Iterable[str]) -> int:
         """Remove the payloads of jobs not in `keep`; returns how many folders went."""

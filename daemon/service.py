@@ -138,6 +138,9 @@ class ControlPlane:
                 f"the pickled function {spec.function_name!r} is {len(function_blob) / 1e6:.1f} MB, over this "
                 f"cluster's limit of {self.config.max_function_bytes / 1e6:.0f} MB (daemon.max_function_bytes)"
             )
+        if hashlib.sha256(function_blob).hexdigest() != spec.function_hash:
+            # content addressing is only safe checked: another job's hash with other code would run in its place
+            raise BadRequest("spec.function_hash: not the sha256 of the pickled function sent with the job")
         if spec.func_cpu <= 0 or spec.func_ram <= 0:
             raise BadRequest("func_cpu and func_ram must be positive")
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
@@ -169,7 +172,7 @@ class ControlPlane:
                     raise BadRequest(f"batch {meta.seq}: a payload_ref needs the payload directory's proof")
                 if meta.payload_ref != local.batch_ref(job_id, meta.seq) or not payloads.exists(meta.payload_ref):
                     raise BadRequest(f"batch {meta.seq}: no payload file {meta.payload_ref!r} for this job")
-                size = (payloads.root / meta.payload_ref).stat().st_size
+                size = payloads.path(meta.payload_ref).stat().st_size
             else:
                 size = len(payload) if payload is not None else 0
             if size > self.config.max_input_bytes * max(1, meta.count):

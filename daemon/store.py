@@ -261,7 +261,7 @@ class Store:
             c.execute("DELETE FROM batches WHERE job_id = ?", (job_id,))
             c.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
         for (ref,) in refs:
-            (self.payloads.root / ref).unlink(missing_ok=True)
+            self.payloads.path(ref).unlink(missing_ok=True)
 
     def delete_job(self, job_id: str) -> None:
         with self.tx() as c:

@@ -18,6 +18,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from .wire import WireError, loads
+
 MAGIC = b"BRL1"
 CONTENT_TYPE = "application/x-burla-envelope"
 
@@ -55,12 +57,16 @@ def unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[m
     try:
         (head_len,) = _U32.unpack_from(view, 4)
         pos = 8 + head_len
-        header = json.loads(bytes(view[8:pos]))
+        if pos > len(view):
+            raise EnvelopeError("malformed envelope: header runs past the end")
+        header = loads(view[8:pos])  # no NaN or Infinity, bounded nesting
         (count,) = _U32.unpack_from(view, pos)
         pos += 4
         lengths = struct.unpack_from(f"<{count}Q", view, pos)
         pos += 8 * count
-    except (struct.error, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+    except WireError as e:
+        raise EnvelopeError(f"malformed envelope header: {e}") from None
+    except (struct.error, ValueError) as e:
         raise EnvelopeError(f"malformed envelope: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
         raise EnvelopeError("malformed envelope: header is not an object")

@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from .wire import Wire, nested
+from .wire import OPTIONAL_SHA256, Wire, field, loads, nested
 
 INDEX = "index"  # install `name==version` from a package index
 FILES = "files"  # unpack `blob`, a tar of the installed files (paths relative to site-packages)
@@ -36,21 +36,23 @@ def normalize(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Distribution(Wire):
-    name: str  # normalized
-    version: str
-    source: str = INDEX
-    blob: str = ""  # for FILES: the digest of the tar of its installed files
-    tags: tuple[str, ...] = ()  # wheel tags from its WHEEL file ("cp311-cp311-manylinux_2_17_x86_64"); () if unknown
+    name: str = field(pattern=r"[a-z0-9](?:[a-z0-9._-]{0,198}[a-z0-9])?")  # normalized; names a folder on nodes
+    version: str = field(pattern=r"[A-Za-z0-9][A-Za-z0-9.+!_-]{0,63}")  # names a folder on nodes too
+    source: str = field(INDEX, pattern=f"{INDEX}|{FILES}")
+    blob: str = field("", pattern=OPTIONAL_SHA256)  # for FILES: the digest of the tar of its installed files
+    tags: tuple[str, ...] = field(
+        (), max_items=256
+    )  # wheel tags from its WHEEL file ("cp311-cp311-manylinux_2_17_x86_64"); () if unknown
 
 
 @dataclasses.dataclass(frozen=True)
 class Environment(Wire):
-    python_version: str  # "3.11"
-    platform: str  # sysconfig.get_platform() of the client, e.g. "linux-x86_64"
-    distributions: tuple[Distribution, ...] = ()
-    code: str = ""  # digest of a zip of the client's local code, "" if none
-    index_url: str = ""  # the client's package index, when not PyPI
-    extra_index_urls: tuple[str, ...] = ()
+    python_version: str = field(max_len=16)  # "3.11"
+    platform: str = field(max_len=128)  # sysconfig.get_platform() of the client, e.g. "linux-x86_64"
+    distributions: tuple[Distribution, ...] = field((), max_items=100_000)
+    code: str = field("", pattern=OPTIONAL_SHA256)  # digest of a zip of the client's local code, "" if none
+    index_url: str = field("", max_len=4096)  # the client's package index, when not PyPI
+    extra_index_urls: tuple[str, ...] = field((), max_items=64)
 
     def canonical(self) -> bytes:
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":")).encode()
@@ -60,7 +62,7 @@ class Environment(Wire):
 
     @classmethod
     def loads(cls, data: bytes | str) -> Environment:
-        wire: Any = json.loads(data)
+        wire: Any = loads(data)
         return cls.from_wire(wire)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .wire import Wire, nested
+from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field, nested
 
 PROTOCOL_VERSION = 1
 
@@ -55,139 +55,6 @@ JOB_FAILED = "failed"
 JOB_CANCELLED = "cancelled"
 FINISHED_STATES = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
 
-
-@dataclasses.dataclass(frozen=True)
-class NodeInfo(Wire):
-    """What an agent tells the daemon about its host when it registers."""
-
-    node_id: str
-    hostname: str
-    cpus: int
-    ram_bytes: int
-    python_version: str  # "3.11": the minor version the workers run
-    workers: int  # warm worker slots
-    runtime: str = "process"
-    gpus: tuple[str, ...] = ()
-    agent_version: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Registered(Wire):
-    agent_id: str
-    boot_id: str
-    poll_timeout: float
-    agent_timeout: float
-    payload_host: str = ""  # where the daemon's payload files are (schemas.local)
-    payload_dir: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec(Wire):
-    job_id: str
-    function_name: str
-    function_hash: str
-    python_version: str
-    func_cpu: float = 1.0
-    func_ram: float = 4.0  # GB per call
-    max_parallelism: int | None = None
-    client_version: str = ""
-    image: str = ""  # an OCI image to run in ("": the nodes' default: processes, or the first standby image)
-    build: str = ""  # digest of a dockerfile= build context the nodes build `image` from
-    env: str = ""  # digest of the client's environment manifest (schemas.environment); "": none
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchMeta(Wire):
-    """A batch of consecutive inputs [start, start + count), pickled as one list."""
-
-    seq: int
-    start: int
-    count: int
-    payload_ref: str = ""  # set when the client wrote the batch into the daemon's payload dir itself
-
-
-@dataclasses.dataclass(frozen=True)
-class Lease(Wire):
-    """Inputs [lo, hi) of one batch, given to one worker slot."""
-
-    lease_id: int
-    job_id: str
-    function_hash: str
-    batch_seq: int
-    batch_start: int
-    lo: int
-    hi: int
-    func_cpu: float = 1.0
-    func_ram_bytes: int = 4 * 1024**3
-    pool: str = ""  # the agent's pool of workers to run it on (PoolState.key)
-    env: str = ""  # the job's environment manifest (JobSpec.env)
-
-
-@dataclasses.dataclass(frozen=True)
-class StandbyImage(Wire):
-    """An image every podman node keeps warm: `per_cpu` containers per CPU."""
-
-    image: str
-    python_version: str = ""  # what its python3 is expected to be; agents check
-    per_cpu: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolWant(Wire):
-    """The daemon asks a node for warm workers of one shape, for one job."""
-
-    job_id: str
-    image: str
-    build: str = ""
-    cpus: float = 1.0  # per container
-    ram_bytes: int = 0  # per container
-    count: int = 1
-    python_version: str = ""  # the client's: the image's python3 must be this minor version
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolState(Wire):
-    """A node's warm workers of one shape, as its agent reports them."""
-
-    key: str
-    image: str = ""  # "" for process workers
-    python_version: str = ""
-    cpus: float = 0.0  # per worker; 0: the node's CPUs are shared (process workers)
-    ram_bytes: int = 0  # per worker; 0: shared
-    slots: int = 0  # workers wanted
-    ready: int = 0  # workers connected and taking work
-    state: str = "ready"  # preparing (pulling/building/checking), ready, draining
-    phase: str = ""  # what it is doing, in words ("pulling image X")
-    job_id: str = ""  # the job it was made for ("": standby)
-    default: bool = False  # takes jobs that name no image
-    containers: tuple[Any, ...] = ()  # [id, state] per container, for `burla status`
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolError(Wire):
-    """A node cannot run a job: its image cannot be pulled, built or run, or its packages installed."""
-
-    job_id: str
-    image: str
-    message: str
-    node: str = ""
-    kind: str = "image"  # "image" or "install"
-
-
-@dataclasses.dataclass(frozen=True)
-class CallError(Wire):
-    """Why one input's call did not return."""
-
-    index: int
-    kind: str
-    type_name: str
-    message: str
-    traceback: str = ""  # the remote traceback, formatted
-    frames: tuple[Any, ...] = ()  # [filename, lineno, name, source line, module] per frame
-    node: str = ""
-    exc_blob: int | None = None  # the exception tree (EXCEPTION_TREE) of a kind EXCEPTION error
-
-
 EXCEPTION_TREE_VERSION = 1
 EXCEPTION_TREE_MAX_NODES = 64  # exceptions kept of one failure's chains and groups
 EXCEPTION_TREE_MAX_FRAMES = 1000  # frames kept per exception: the first and last halves
@@ -208,17 +75,157 @@ where each node is a dict of builtins:
 
 An older worker sent the pickled exception itself."""
 
+# Bounds of what a peer may send (see `wire.field`).
+MAX_INDEX = 2**53  # input indices and counts: exact as JSON numbers everywhere
+MAX_BATCH_INPUTS = 10_000_000  # inputs in one batch (the client sends at most 100,000)
+MAX_CPUS = 100_000
+MAX_BYTES = 2**53
+PYTHON_VERSION = r"(?:\d{1,2}\.\d{1,3})?"  # "3.11", or "" where unknown
+PAYLOAD_REF = r"(?:[0-9A-Za-z_-]{1,64}/[0-9A-Za-z_.-]{1,80})?"  # <job id>/<file>, see schemas.local
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo(Wire):
+    """What an agent tells the daemon about its host when it registers."""
+
+    node_id: str = field(pattern=ID)
+    hostname: str = field(max_len=255)
+    cpus: int = field(lo=1, hi=MAX_CPUS)
+    ram_bytes: int = field(lo=0, hi=MAX_BYTES)
+    python_version: str = field(pattern=PYTHON_VERSION)  # "3.11": the minor version the workers run
+    workers: int = field(lo=0, hi=MAX_CPUS)  # warm worker slots
+    runtime: str = field("process", max_len=32)
+    gpus: tuple[str, ...] = field((), max_items=64)
+    agent_version: str = field("", max_len=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered(Wire):
+    agent_id: str = field(pattern=ID)
+    boot_id: str = field(max_len=64)
+    poll_timeout: float = field(lo=0, hi=3600)
+    agent_timeout: float = field(lo=0, hi=86400)
+    payload_host: str = ""  # where the daemon's payload files are (schemas.local)
+    payload_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec(Wire):
+    job_id: str = field(pattern=ID)
+    function_name: str = field(max_len=1000)
+    function_hash: str = field(pattern=SHA256)  # sha256 of the pickled function: the daemon checks it
+    python_version: str = field(pattern=PYTHON_VERSION)
+    func_cpu: float = field(1.0, lo=0.001, hi=MAX_CPUS)
+    func_ram: float = field(4.0, lo=0.001, hi=1e9)  # GB per call
+    max_parallelism: int | None = field(None, lo=1, hi=MAX_INDEX)
+    client_version: str = field("", max_len=64)
+    image: str = field("", max_len=1024)  # an OCI image ("": the nodes' default: processes, or the first standby one)
+    build: str = field("", pattern=OPTIONAL_SHA256)  # digest of a dockerfile= build context to build `image` from
+    env: str = field("", pattern=OPTIONAL_SHA256)  # digest of the client's environment manifest; "": none
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMeta(Wire):
+    """A batch of consecutive inputs [start, start + count), pickled as one list."""
+
+    seq: int = field(lo=0, hi=MAX_INDEX)
+    start: int = field(lo=0, hi=MAX_INDEX)
+    count: int = field(lo=1, hi=MAX_BATCH_INPUTS)
+    payload_ref: str = field("", pattern=PAYLOAD_REF)  # set when the client wrote the batch into the payload dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease(Wire):
+    """Inputs [lo, hi) of one batch, given to one worker slot."""
+
+    lease_id: int = field(lo=0)
+    job_id: str = field(pattern=ID)
+    function_hash: str = field(pattern=SHA256)
+    batch_seq: int = field(lo=0, hi=MAX_INDEX)
+    batch_start: int = field(lo=0, hi=MAX_INDEX)
+    lo: int = field(lo=0, hi=MAX_INDEX)
+    hi: int = field(lo=0, hi=MAX_INDEX)
+    func_cpu: float = field(1.0, lo=0, hi=MAX_CPUS)
+    func_ram_bytes: int = field(4 * 1024**3, lo=0, hi=MAX_BYTES)
+    pool: str = field("", max_len=256)  # the agent's pool of workers to run it on (PoolState.key)
+    env: str = field("", pattern=OPTIONAL_SHA256)  # the job's environment manifest (JobSpec.env)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandbyImage(Wire):
+    """An image every podman node keeps warm: `per_cpu` containers per CPU."""
+
+    image: str = field(max_len=1024)
+    python_version: str = field("", pattern=PYTHON_VERSION)  # what its python3 is expected to be; agents check
+    per_cpu: float = field(1.0, lo=0, hi=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolWant(Wire):
+    """The daemon asks a node for warm workers of one shape, for one job."""
+
+    job_id: str = field(pattern=ID)
+    image: str = field(max_len=1024)
+    build: str = field("", pattern=OPTIONAL_SHA256)
+    cpus: float = field(1.0, lo=0, hi=MAX_CPUS)  # per container
+    ram_bytes: int = field(0, lo=0, hi=MAX_BYTES)  # per container
+    count: int = field(1, lo=0, hi=MAX_CPUS)
+    python_version: str = field("", pattern=PYTHON_VERSION)  # the client's: the image's python3 must be this
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolState(Wire):
+    """A node's warm workers of one shape, as its agent reports them."""
+
+    key: str = field(max_len=256)
+    image: str = field("", max_len=1024)  # "" for process workers
+    python_version: str = field("", pattern=PYTHON_VERSION)
+    cpus: float = field(0.0, lo=0, hi=MAX_CPUS)  # per worker; 0: the node's CPUs are shared (process workers)
+    ram_bytes: int = field(0, lo=0, hi=MAX_BYTES)  # per worker; 0: shared
+    slots: int = field(0, lo=0, hi=MAX_CPUS)  # workers wanted
+    ready: int = field(0, lo=0, hi=MAX_CPUS)  # workers connected and taking work
+    state: str = field("ready", max_len=32)  # preparing (pulling/building/checking), ready, draining
+    phase: str = field("", max_len=4096)  # what it is doing, in words ("pulling image X")
+    job_id: str = field("", max_len=64)  # the job it was made for ("": standby)
+    default: bool = False  # takes jobs that name no image
+    containers: tuple[Any, ...] = field((), max_items=MAX_CPUS)  # [id, state] per container, for `burla status`
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolError(Wire):
+    """A node cannot run a job: its image cannot be pulled, built or run, or its packages installed."""
+
+    job_id: str = field(pattern=ID)
+    image: str = field(max_len=1024)
+    message: str = field(max_len=256 * 1024)
+    node: str = field("", max_len=255)
+    kind: str = field("image", max_len=32)  # "image" or "install"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallError(Wire):
+    """Why one input's call did not return."""
+
+    index: int = field(lo=-1, hi=MAX_INDEX)
+    kind: str = field(max_len=32)
+    type_name: str = field(max_len=1024)
+    message: str = field(max_len=1024 * 1024)
+    traceback: str = field("", max_len=4 * 1024 * 1024)  # the remote traceback, formatted
+    frames: tuple[Any, ...] = field((), max_items=2 * EXCEPTION_TREE_MAX_FRAMES)  # [file, line, name, source, module]
+    node: str = field("", max_len=255)
+    exc_blob: int | None = field(None, lo=0, hi=1024)  # the exception tree (EXCEPTION_TREE) of a kind EXCEPTION error
+
 
 @dataclasses.dataclass(frozen=True)
 class LeaseResult(Wire):
     """The outcome of a lease: results of inputs [lo, lo + n_ok), then maybe an error."""
 
-    lease_id: int
-    job_id: str
-    lo: int
-    n_ok: int
-    elapsed: float
-    results_blob: int
+    lease_id: int = field(lo=0)
+    job_id: str = field(pattern=ID)
+    lo: int = field(lo=0, hi=MAX_INDEX)
+    n_ok: int = field(lo=0, hi=MAX_BATCH_INPUTS)
+    elapsed: float = field(lo=0, hi=1e9)
+    results_blob: int = field(lo=0, hi=1_000_000)
     error: CallError | None = None
 
 
@@ -226,23 +233,23 @@ class LeaseResult(Wire):
 class LogChunk(Wire):
     """Lines printed by calls of one job: a pickled list of (index, stream, text)."""
 
-    job_id: str
-    lines: int
-    nbytes: int
-    blob: int
+    job_id: str = field(pattern=ID)
+    lines: int = field(lo=0, hi=MAX_BYTES)
+    nbytes: int = field(lo=0, hi=MAX_BYTES)
+    blob: int = field(lo=0, hi=1_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
 class AgentReport(Wire):
-    boot_id: str = ""  # the daemon boot the agent's ack_delivery refers to
-    ack_delivery: int = 0  # highest delivery the agent has taken in
-    ready_workers: int = 0
+    boot_id: str = field("", max_len=64)  # the daemon boot the agent's ack_delivery refers to
+    ack_delivery: int = field(0, lo=0)  # highest delivery the agent has taken in
+    ready_workers: int = field(0, lo=0, hi=MAX_CPUS)
     running: tuple[int, ...] = ()  # leases the agent holds and has not had accepted
     results: tuple[LeaseResult, ...] = ()
     logs: tuple[LogChunk, ...] = ()
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    payload_proof: str = ""  # the daemon's probe secret: this agent reads its payload files
-    job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # job -> what the node does for it
+    stats: dict[str, Any] = field(default_factory=dict, max_items=256)
+    payload_proof: str = field("", max_len=256)  # the daemon's probe secret: this agent reads its payload files
+    job_phases: dict[str, str] = field(default_factory=dict, max_items=10_000)  # job -> what the node does for it
     pools: tuple[PoolState, ...] | None = None  # None: unchanged since the last report
     pool_errors: tuple[PoolError, ...] = ()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import sqlite3
 from pathlib import Path
@@ -29,8 +30,11 @@ def node(node_id: str, workers: int = 2, python: str = "3.11") -> m.NodeInfo:
     )
 
 
-def spec(job_id: str = "job1", function_hash: str = "", **kw: object) -> m.JobSpec:
-    return m.JobSpec(job_id, "f", function_hash or "hash-" + job_id, "3.11", func_ram=1.0, **kw)  # type: ignore[arg-type]
+FN_HASH = hashlib.sha256(b"fn").hexdigest()  # of the function most tests send: b"fn"
+
+
+def spec(job_id: str = "job1", function_hash: str = FN_HASH, **kw: object) -> m.JobSpec:
+    return m.JobSpec(job_id, "f", function_hash, "3.11", func_ram=1.0, **kw)  # type: ignore[arg-type]
 
 
 def batch(seq: int, start: int, count: int) -> tuple[m.BatchMeta, memoryview]:
@@ -94,7 +98,7 @@ async def test_a_job_runs_to_done_and_each_result_is_accepted_once(tmp_path: Pat
     drive(p, agent, first=second)
     assert sorted(results_events(p, "job1")) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert p.store.events_after("job1", 0)[-1][0].kind == m.DONE
-    p.create_job(spec("job2", function_hash="hash-job1"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    p.create_job(spec("job2"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
     quick, _ = report(p, agent)
     assert [(x.lo, x.hi) for x in quick.leases] == [(0, 2), (2, 4)]  # same function: its call time is known
 
@@ -165,7 +169,7 @@ async def test_create_job_checks(tmp_path: Path) -> None:
     p = plane(tmp_path, clock, max_function_bytes=10)
     p.register(node("a"))
     with pytest.raises(Unsatisfiable, match="no node runs Python 3.12"):
-        p.create_job(m.JobSpec("j2", "f", "h", "3.12"), memoryview(b"fn"), [batch(0, 0, 1)], 1)
+        p.create_job(m.JobSpec("j2", "f", FN_HASH, "3.12"), memoryview(b"fn"), [batch(0, 0, 1)], 1)
     from burla.daemon.errors import TooLarge
 
     with pytest.raises(TooLarge, match="over this cluster's limit"):

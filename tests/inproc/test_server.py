@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,7 +73,7 @@ async def submit(admin: httpx.AsyncClient, job_id: str, values: list[Any]) -> No
     import cloudpickle
 
     fn = cloudpickle.dumps(abs)
-    spec = m.JobSpec(job_id, "abs", "h-abs", f"{sys.version_info[0]}.{sys.version_info[1]}")
+    spec = m.JobSpec(job_id, "abs", hashlib.sha256(fn).hexdigest(), f"{sys.version_info[0]}.{sys.version_info[1]}")
     header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, len(values)).to_wire()], "final_count": len(values)}
     r = await admin.post(
         "/v1/jobs",
@@ -116,7 +117,7 @@ async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, 
     import cloudpickle
 
     fn = cloudpickle.dumps(time.sleep)
-    spec = m.JobSpec("slow", "sleep", "h-sleep", f"{sys.version_info[0]}.{sys.version_info[1]}")
+    spec = m.JobSpec("slow", "sleep", hashlib.sha256(fn).hexdigest(), f"{sys.version_info[0]}.{sys.version_info[1]}")
     header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, 2).to_wire()], "final_count": 2}
     body = envelope.pack(header, [fn, pickle.dumps([60, 60])])
     r = await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
@@ -149,9 +150,10 @@ async def test_leases_waiting_for_their_environment_are_not_run_twice(
 
     body = manifest.canonical()
     assert (await admin.put(f"/v1/blobs/{hashlib.sha256(body).hexdigest()}", content=body)).status_code == 200
-    spec = m.JobSpec("withenv", "abs", "h-abs-env", manifest.python_version, env=manifest.digest())
+    fn = cloudpickle.dumps(abs)
+    spec = m.JobSpec("withenv", "abs", hashlib.sha256(fn).hexdigest(), manifest.python_version, env=manifest.digest())
     header = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, 6).to_wire()], "final_count": 6}
-    body = envelope.pack(header, [cloudpickle.dumps(abs), pickle.dumps([-1, -2, -3, -4, -5, -6])])
+    body = envelope.pack(header, [fn, pickle.dumps([-1, -2, -3, -4, -5, -6])])
     r = await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
     assert r.status_code == 200, r.text
     with trio.fail_after(30):

@@ -40,7 +40,7 @@ SPEC = m.JobSpec(
     client_version="0.1.0",
 )
 LEASE = m.Lease(
-    lease_id=12, job_id="job-1", function_hash="ff", batch_seq=3, batch_start=3000, lo=3100, hi=3200, func_cpu=0.5,
+    lease_id=12, job_id="job-1", function_hash="ff" * 32, batch_seq=3, batch_start=3000, lo=3100, hi=3200, func_cpu=0.5,
     func_ram_bytes=123,
 )  # fmt: skip
 ERROR = m.CallError(
@@ -62,7 +62,7 @@ RESULT = m.LeaseResult(lease_id=12, job_id="job-1", lo=3100, n_ok=50, elapsed=0.
         NODE,
         m.NodeInfo("n", "h", 1, 1, "3.11", 1),  # all defaults
         SPEC,
-        m.JobSpec("j", "f", "h", "3.11"),
+        m.JobSpec("j", "f", "0" * 64, "3.11"),
         LEASE,
         RESULT,
         m.LeaseResult(lease_id=1, job_id="j", lo=0, n_ok=3, elapsed=0.0, results_blob=2),  # no error
@@ -79,9 +79,9 @@ RESULT = m.LeaseResult(lease_id=12, job_id="job-1", lo=3100, n_ok=50, elapsed=0.
         m.Delivery(
             boot_id="boot",
             delivery=9,
-            leases=(LEASE, m.Lease(13, "job-1", "ff", 3, 3000, 3200, 3300)),
+            leases=(LEASE, m.Lease(13, "job-1", "ff" * 32, 3, 3000, 3200, 3300)),
             cancel_jobs=("job-0",),
-            functions={"ff": 0},
+            functions={"ff" * 32: 0},
             batches=(["job-1", 3, 1],),
         ),
         m.ClusterStatus(
@@ -158,7 +158,9 @@ def test_missing_fields_with_defaults_are_filled() -> None:
     assert info.runtime == "process"
     assert info.gpus == ()
     assert info.agent_version == ""
-    spec = m.JobSpec.from_wire({"job_id": "j", "function_name": "f", "function_hash": "h", "python_version": "3.11"})
+    spec = m.JobSpec.from_wire(
+        {"job_id": "j", "function_name": "f", "function_hash": "0" * 64, "python_version": "3.11"}
+    )
     assert spec.func_cpu == 1.0
     assert spec.func_ram == 4.0
     assert spec.max_parallelism is None
@@ -184,7 +186,7 @@ def test_default_factories_are_not_shared() -> None:
     ("cls", "wire", "field"),
     [
         (m.NodeInfo, {"node_id": "n", "hostname": "h", "cpus": 1, "ram_bytes": 1, "python_version": "3.11"}, "workers"),
-        (m.JobSpec, {"function_name": "f", "function_hash": "h", "python_version": "3.11"}, "job_id"),
+        (m.JobSpec, {"function_name": "f", "function_hash": "0" * 64, "python_version": "3.11"}, "job_id"),
         (m.Lease, {k: v for k, v in LEASE.to_wire().items() if k != "hi"}, "hi"),
         (m.LeaseResult, {k: v for k, v in RESULT.to_wire().items() if k != "results_blob"}, "results_blob"),
         (m.Delivery, {"leases": []}, "boot_id"),
