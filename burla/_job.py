@@ -295,7 +295,18 @@ def collect(job: JobRun) -> list[Any]:
         if lo != len(results):
             raise BurlaError(f"results are missing for inputs {len(results)} to {lo - 1}: this is a bug in Burla")
         results.extend(pickle.loads(chunks.pop(lo)))
+    _check_all_arrived(job, len(results))
     return results
+
+
+def _check_all_arrived(job: JobRun, received: int) -> None:
+    """Never a short list: the cluster said done, so every input sent must have its result."""
+    sent = job.batcher.count
+    if received != sent:
+        raise BurlaError(
+            f"the cluster reported job {job.job_id} done with {received} results for {sent} inputs: "
+            "results were lost on the way (this is a bug in Burla; please report it)"
+        )
 
 
 class ResultIterator:
@@ -305,6 +316,7 @@ class ResultIterator:
         self._job = job
         self._buffer: collections.deque[Any] = collections.deque()
         self._done = False
+        self._received = 0
 
     def __iter__(self) -> ResultIterator:
         return self
@@ -320,10 +332,13 @@ class ResultIterator:
                 raise
             kind = item[0]
             if kind == "results":
-                self._buffer.extend(pickle.loads(item[3]))
+                values = pickle.loads(item[3])
+                self._received += len(values)
+                self._buffer.extend(values)
             elif kind == "done":
                 self._done = True
                 _finish(self._job)
+                _check_all_arrived(self._job, self._received)
             else:
                 self._done = True
                 _finish(self._job)

@@ -317,6 +317,7 @@ class ControlPlane:
     ) -> tuple[m.Delivery, list[bytes]]:
         """Take an agent's results and logs; return whatever waits for it, without waiting."""
         link = self._link(agent_id)
+        _check_blob_indices(report, len(blobs))  # before anything is decided: a bad report changes nothing
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
         self.scheduler.touch_node(
@@ -636,3 +637,18 @@ class ControlPlane:
             "database": str(self.store.path),
             **self.counters,
         }
+
+
+def _check_blob_indices(report: m.AgentReport, count: int) -> None:
+    """Every blob a report names is in its body: a result is accepted only with its payload at hand."""
+
+    def check(index: int | None, what: str) -> None:
+        if index is not None and not 0 <= index < count:
+            raise BadRequest(f"{what}: names blob {index}, but the report carries {count}")
+
+    for i, result in enumerate(report.results):
+        check(result.results_blob, f"results[{i}].results_blob")
+        if result.error is not None:
+            check(result.error.exc_blob, f"results[{i}].error.exc_blob")
+    for i, chunk in enumerate(report.logs):
+        check(chunk.blob, f"logs[{i}].blob")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +12,11 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
-from burla.daemon.config import AgentConfig, DaemonConfig
-from burla.daemon.server import Running, serve
+from burla.daemon.config import DaemonConfig
+from burla.daemon.server import Running
 from burla.node_agent.agent import Agent
 from burla.schemas import envelope
 from burla.schemas import messages as m
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path, nursery: trio.Nursery) -> Running:
-    config = DaemonConfig(port=0, state_dir=str(tmp_path / "daemon"), poll_timeout=0.5, agent_timeout=3)
-    running: Running = await nursery.start(serve, config)
-    return running
-
-
-@pytest.fixture
-async def agent(daemon: Running, tmp_path: Path, nursery: trio.Nursery) -> Agent:
-    config = AgentConfig(url=daemon.url, token=daemon.node_token, workers=2, state_dir=str(tmp_path / "agent"))
-    started: Agent = await nursery.start(Agent(config).run)
-    with trio.fail_after(30):
-        while daemon.plane.scheduler.nodes[started.agent_id].stats.get("idle", 0) < 2:
-            await trio.sleep(0.05)
-    return started
-
-
-@pytest.fixture
-async def admin(daemon: Running) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.admin_token}"}) as c:
-        yield c
 
 
 async def test_health_needs_no_token_but_everything_else_does(daemon: Running) -> None:

@@ -1,0 +1,292 @@
+"""What a hostile or buggy client or agent sends the daemon: refused with a 4xx that names the field, no state left.
+
+Each test reproduces a finding of the probe of a real cluster (issue 8) against a real burlad on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import httpx
+import pytest
+import trio
+from httpx_ws import aconnect_ws
+
+from burla.daemon.server import Running
+from burla.node_agent.agent import Agent
+from burla.schemas import envelope
+from burla.schemas import messages as m
+
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def job_header(job_id: str, fn: bytes, count: int, fn_hash: str | None = None, **spec: Any) -> dict[str, Any]:
+    wire = m.JobSpec(job_id, "f", fn_hash or hashlib.sha256(fn).hexdigest(), PY).to_wire() | spec
+    return {"spec": wire, "batches": [m.BatchMeta(0, 0, count).to_wire()], "final_count": count}
+
+
+async def post_job(admin: httpx.AsyncClient, header: dict[str, Any], blobs: list[bytes]) -> httpx.Response:
+    body = envelope.pack(header, blobs)
+    return await admin.post("/v1/jobs", content=body, headers={"content-type": envelope.CONTENT_TYPE})
+
+
+async def run_job(daemon: Running, admin: httpx.AsyncClient, job_id: str, fn: Any, values: list[Any]) -> list[Any]:
+    """A normal job, start to end, over the API: the daemon still works."""
+    blob = cloudpickle.dumps(fn)
+    r = await post_job(admin, job_header(job_id, blob, len(values)), [blob, pickle.dumps(values)])
+    assert r.status_code == 200, r.text
+    with trio.fail_after(30):
+        while daemon.plane.job_status(job_id).state == m.RUNNING:
+            await trio.sleep(0.02)
+    assert daemon.plane.job_status(job_id).state == m.JOB_DONE
+    chunks = sorted(
+        (e.lo, pickle.loads(p)) for e, p in daemon.plane.store.events_after(job_id, 0) if e.kind == m.RESULTS
+    )
+    return [v for _, values in chunks for v in values]
+
+
+# ---- 1. ids that become paths ------------------------------------------------------------
+
+
+async def test_an_ack_with_a_path_for_a_job_id_deletes_nothing(daemon: Running, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    relative = os.path.relpath(victim, daemon.plane.store.payloads.root)
+    async with aconnect_ws(f"{daemon.url}/v1/events", headers={"authorization": f"Bearer {daemon.admin_token}"}) as ws:
+        await ws.send_text(json.dumps({"op": "ack", "job": relative}))
+        reply = envelope.unpack(await ws.receive_bytes())[0]
+    assert reply["error"]["code"] == "bad_request" and "job" in reply["error"]["message"]
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+async def test_a_job_id_that_is_a_path_writes_nothing_outside_the_state_dir(
+    daemon: Running, admin: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    before = files_under(tmp_path)
+    fn = cloudpickle.dumps(abs)
+    big = pickle.dumps(list(range(100_000)))  # over the inline limit: it would go to a payload file
+    r = await post_job(admin, job_header("../../../escaped", fn, 100_000), [fn, big])
+    assert r.status_code == 400
+    assert "job_id" in r.json()["error"]["message"]
+    assert files_under(tmp_path) - before <= {p for p in files_under(tmp_path) if "daemon" in p.parts}
+    assert not list(tmp_path.parent.glob("escaped*")) and not (tmp_path / "escaped").exists()
+    assert daemon.plane.store.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/..%2F..%2Fx",
+        "/v1/jobs/a.b",
+        "/v1/jobs/" + "a" * 65,
+        "/v1/agents/..%2Fa/functions/" + "0" * 64,
+        "/v1/agents/a/functions/..%2F..%2Fetc",
+        "/v1/agents/a/blobs/" + "A" * 64,
+        "/v1/agents/a/batches/..%2Fx/0",
+    ],
+)
+async def test_ids_in_paths_are_checked(daemon: Running, path: str) -> None:
+    token = daemon.node_token if "/agents/" in path else daemon.admin_token
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {token}"}) as c:
+        r = await c.get(path)
+    assert r.status_code in (400, 404), r.text
+    if r.status_code == 400:
+        assert "expected" in r.json()["error"]["message"]
+
+
+# ---- 2. content addressing is checked -----------------------------------------------------
+
+
+async def test_a_function_hash_must_be_the_digest_of_the_function(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    theirs = cloudpickle.dumps(abs)  # a colleague's function: its pickle, so its hash, is predictable
+    mine = cloudpickle.dumps(str)
+    r = await post_job(admin, job_header("squatter", mine, 1, fn_hash=hashlib.sha256(theirs).hexdigest()),
+                       [mine, pickle.dumps([1])])  # fmt: skip
+    assert r.status_code == 400 and "function_hash" in r.json()["error"]["message"]
+    assert await run_job(daemon, admin, "colleague", abs, [-1, -2, -3]) == [1, 2, 3]
+
+
+async def test_a_blob_must_match_its_digest(admin: httpx.AsyncClient, daemon: Running) -> None:
+    digest = hashlib.sha256(b"the real manifest").hexdigest()
+    r = await admin.put(f"/v1/blobs/{digest}", content=b"something else")
+    assert r.status_code == 400 and "digest" in r.json()["error"]["message"]
+    assert not daemon.plane.has_blob(digest)
+
+
+# ---- 3 and 7. numbers, types and shapes -------------------------------------------------
+
+
+def raw_envelope(header_json: bytes, blobs: list[bytes]) -> bytes:
+    """An envelope around JSON written by hand (Python's json would not write Infinity inside a string)."""
+    head = envelope.pack({}, blobs)
+    lengths_and_blobs = head[8 + 2 :]  # after MAGIC, the u32 length and "{}"
+    return envelope.MAGIC + len(header_json).to_bytes(4, "little") + header_json + lengths_and_blobs
+
+
+@pytest.mark.parametrize(
+    ("count", "field"),
+    [(b"Infinity", "Infinity"), (b"NaN", "NaN"), (b"1e400", "overflows"), (str(10**30).encode(), "count")],
+)
+async def test_an_absurd_count_is_refused_and_poisons_nothing(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient, count: bytes, field: str
+) -> None:
+    fn = cloudpickle.dumps(abs)
+    spec = json.dumps(m.JobSpec("absurd", "f", hashlib.sha256(fn).hexdigest(), PY).to_wire()).encode()
+    header = (
+        b'{"spec": ' + spec + b', "batches": [{"seq": 0, "start": 0, "count": ' + count + b'}], "final_count": null}'
+    )
+    r = await admin.post("/v1/jobs", content=raw_envelope(header, [fn, pickle.dumps([1])]),
+                         headers={"content-type": envelope.CONTENT_TYPE})  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+    assert not daemon.plane.store.job_exists("absurd")
+    assert await run_job(daemon, admin, "after", abs, [-1, -2]) == [1, 2]
+
+
+BAD_SPECS = [
+    ({"job_id": 12}, "JobSpec.job_id"),
+    ({"job_id": ["a"]}, "JobSpec.job_id"),
+    ({"func_cpu": "2"}, "JobSpec.func_cpu"),
+    ({"func_cpu": [1]}, "JobSpec.func_cpu"),
+    ({"func_ram": -1}, "JobSpec.func_ram"),
+    ({"max_parallelism": 1.5}, "JobSpec.max_parallelism"),
+    ({"max_parallelism": 10**30}, "JobSpec.max_parallelism"),
+    ({"image": None}, "JobSpec.image"),
+    ({"function_hash": None}, "JobSpec.function_hash"),
+    ({"function_hash": True}, "JobSpec.function_hash"),
+    ({"env": "../../etc"}, "JobSpec.env"),
+    ({"python_version": "3.11; rm -rf /"}, "JobSpec.python_version"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_SPECS, ids=[str(c) for c, _ in BAD_SPECS])
+async def test_a_malformed_job_spec_gets_a_400_naming_the_field(
+    daemon: Running, admin: httpx.AsyncClient, change: dict[str, Any], field: str
+) -> None:
+    fn = cloudpickle.dumps(abs)
+    header = job_header("malformed", fn, 1)
+    header["spec"] |= change
+    r = await post_job(admin, header, [fn, pickle.dumps([1])])
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+    assert daemon.plane.store.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("batch", "field"),
+    [({"seq": "a", "start": 0, "count": 1}, "BatchMeta.seq"), ({"seq": 0, "start": -5, "count": 1}, "BatchMeta.start"),
+     ({"seq": 0, "start": 0, "count": 0}, "BatchMeta.count"), ("x", "BatchMeta")],
+)  # fmt: skip
+async def test_a_malformed_batch_is_refused(daemon: Running, admin: httpx.AsyncClient, batch: Any, field: str) -> None:
+    fn = cloudpickle.dumps(abs)
+    header = job_header("badbatch", fn, 1) | {"batches": [batch]}
+    r = await post_job(admin, header, [fn, pickle.dumps([1])])
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    assert not daemon.plane.store.job_exists("badbatch")
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b"42", b'"reason"', b'{"reason": 7}', b"[" * 100_000])
+async def test_a_malformed_cancel_body_is_refused(daemon: Running, admin: httpx.AsyncClient, body: bytes) -> None:
+    r = await admin.post("/v1/jobs/somejob/cancel", content=body)
+    assert r.status_code == 400, r.text
+
+
+async def test_deeply_nested_json_is_refused(admin: httpx.AsyncClient) -> None:
+    r = await admin.post("/v1/blobs/missing", content=b'{"digests": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"cpus": "a"}, "NodeInfo.cpus"), ({"workers": 1e400}, "overflows"), ({"ram_bytes": 10**30}, "NodeInfo.ram_bytes"),
+     ({"node_id": "../n"}, "NodeInfo.node_id"), ({"gpus": "A100"}, "NodeInfo.gpus")],
+)  # fmt: skip
+async def test_a_malformed_registration_is_refused(daemon: Running, change: dict[str, Any], field: str) -> None:
+    info = m.NodeInfo("n1", "h", 2, 10**9, PY, 2).to_wire() | change
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+        body = json.dumps(info).replace("Infinity", "1e400").encode()
+        r = await c.post("/v1/agents/register", content=body)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    assert not daemon.plane.scheduler.nodes
+
+
+async def test_a_report_with_bad_types_stalls_nothing(daemon: Running, agent: Agent, admin: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+        for header in ({"ready_workers": "5"}, {"running": ["a"]}, {"ack_delivery": 1.5}, {"results": [{}]}):
+            body = envelope.pack({"boot_id": daemon.plane.boot_id} | header)
+            r = await c.post(f"/v1/agents/{agent.agent_id}/report", content=body,
+                             headers={"content-type": envelope.CONTENT_TYPE})  # fmt: skip
+            assert r.status_code == 400, r.text
+    assert await run_job(daemon, admin, "still-runs", abs, [-3]) == [3]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"op": "subscribe", "job": "j", "after": 1e400}, {"op": "subscribe", "job": "j", "after": "a"},
+     {"op": "subscribe", "job": "j", "after": -1}, {"op": "drop", "job": "j"}, {"op": "ack"}, ["op"], "x"],
+)  # fmt: skip
+async def test_a_malformed_websocket_message_gets_an_error_and_the_socket_lives(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient, message: Any
+) -> None:
+    text = json.dumps(message).replace("Infinity", "1e400")
+    async with aconnect_ws(f"{daemon.url}/v1/events", headers={"authorization": f"Bearer {daemon.admin_token}"}) as ws:
+        await ws.send_text(text)
+        reply = envelope.unpack(await ws.receive_bytes())[0]
+        assert reply["error"]["code"] == "bad_request"
+        await ws.send_text("[" * 50_000)
+        reply = envelope.unpack(await ws.receive_bytes())[0]
+        assert reply["error"]["code"] == "bad_request"
+        await run_job(daemon, admin, "followed", abs, [-1])
+        await ws.send_text(json.dumps({"op": "subscribe", "job": "followed", "after": 0}))
+        with trio.fail_after(10):
+            reply = envelope.unpack(await ws.receive_bytes())[0]
+    assert reply["job_id"] == "followed" and "error" not in reply
+
+
+# ---- 4. results are never lost -----------------------------------------------------------
+
+
+async def test_a_report_naming_a_missing_blob_changes_nothing(daemon: Running, admin: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+        info = m.NodeInfo("fake-node", "h", 2, 64 * 10**9, PY, 2)
+        agent_id = (await c.post("/v1/agents/register", json=info.to_wire())).json()["agent_id"]
+        fn = cloudpickle.dumps(abs)
+        r = await post_job(admin, job_header("lossy", fn, 4), [fn, pickle.dumps([1, 2, 3, 4])])
+        assert r.status_code == 200, r.text
+        report = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2)
+        headers = {"content-type": envelope.CONTENT_TYPE}
+        r = await c.post(f"/v1/agents/{agent_id}/report", content=envelope.pack(report.to_wire()), headers=headers)
+        leases = m.Delivery.from_wire(envelope.unpack(r.content)[0]).leases
+        assert leases
+        lease = leases[0]
+        result = m.LeaseResult(lease.lease_id, "lossy", lease.lo, lease.hi - lease.lo, 0.01, results_blob=3)
+        bad = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2, running=(lease.lease_id,), results=(result,))
+        r = await c.post(f"/v1/agents/{agent_id}/report", content=envelope.pack(bad.to_wire(), [b"x"]), headers=headers)
+        assert r.status_code == 400 and "results_blob" in r.json()["error"]["message"], r.text
+        assert daemon.plane.job_status("lossy").n_done == 0  # the range is still pending
+        values = pickle.dumps(list(range(lease.lo, lease.hi)))
+        good = dataclasses_replace(bad, results=(dataclasses_replace(result, results_blob=0),))
+        r = await c.post(f"/v1/agents/{agent_id}/report", content=envelope.pack(good.to_wire(), [values]),
+                         headers=headers)  # fmt: skip
+        assert r.status_code == 200
+        assert daemon.plane.job_status("lossy").n_done == lease.hi - lease.lo
+
+
+def dataclasses_replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
