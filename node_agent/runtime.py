@@ -42,8 +42,24 @@ class WorkerProcess(abc.ABC):
     def kill(self) -> None:
         """Stop the worker now (SIGKILL or the runtime's equivalent)."""
 
+    #: The kernel's count of out-of-memory kills when the worker started (see `oom_kills`).
+    oom_kills_at_start: int | None = None
+
     def describe_exit(self, code: int) -> str:
-        return describe_exit(code)
+        kernel_oom = self.oom_kills_at_start is not None and (oom_kills() or 0) > self.oom_kills_at_start
+        return describe_exit(code, kernel_oom)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (None if unknown)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class PoolError(Exception):
@@ -109,7 +125,8 @@ LIST_DISTRIBUTIONS = (
 )
 
 
-def describe_exit(code: int) -> str:
+def describe_exit(code: int, kernel_oom: bool = False) -> str:
+    """How a worker ended, in words; a SIGKILL is blamed on memory only when the kernel counted an OOM kill."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -117,7 +134,11 @@ def describe_exit(code: int) -> str:
             name = f"signal {-code}"
         meaning = {
             "SIGSEGV": " (segmentation fault)",
-            "SIGKILL": " (killed, often by the kernel's out-of-memory killer)",
+            "SIGKILL": (
+                " (the kernel's out-of-memory killer killed a process meanwhile: most likely this one)"
+                if kernel_oom
+                else " (by another process: not Burla's memory limit, and the kernel counted no out-of-memory kill)"
+            ),
             "SIGABRT": " (aborted)",
             "SIGBUS": " (bus error)",
             "SIGFPE": " (floating point exception)",

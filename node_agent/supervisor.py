@@ -35,7 +35,7 @@ from .channel import FrameStream
 from .environments import EnvCache
 from .outbox import Outbox
 from .pool import Slot, SlotState, WorkerPool
-from .runtime import PoolError, Runtime, WorkerProcess, describe_exit
+from .runtime import PoolError, Runtime, WorkerProcess, describe_exit, oom_kills
 
 log = logging.getLogger("burla.agent")
 
@@ -325,6 +325,7 @@ class Supervisor:
         if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
             return  # cancelled or the worker died while we fetched
         trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
+        conn.proc.oom_kills_at_start = oom_kills()  # a SIGKILL during this lease is blamed on memory only if it rose
         try:
             await conn.stream.send(header, blobs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -46,6 +46,19 @@ def test_a_segfault_names_the_signal(cluster: Cluster) -> None:
         remote_parallel_map(segfaults_on_two, range(4), spinner=False)
 
 
+def sigkills_itself_on_one(x: int) -> int:
+    if x == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_a_sigkill_is_not_blamed_on_memory_without_an_oom_kill(cluster: Cluster) -> None:
+    with pytest.raises(burla.WorkerDiedError, match=r"input #1 was killed by SIGKILL") as info:
+        remote_parallel_map(sigkills_itself_on_one, range(3), spinner=False)
+    assert "out-of-memory killer killed" not in str(info.value)
+    assert "not Burla's memory limit" in str(info.value)
+
+
 def hog_memory(x: int) -> int:
     if x == 1:
         blocks = []
