@@ -16,6 +16,7 @@ One agent runs per node (``burlad agent URL --token T``). It
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import tempfile
@@ -42,6 +43,7 @@ log = logging.getLogger("burla.agent")
 
 _REPORTS_IN_FLIGHT = 2
 _REPOLL_DELAY = 0.05  # with leases running, how long a report may take the place of a poll
+_FETCH_PATIENCE = 60.0  # seconds a fetch retries an unreachable daemon before its lease fails
 
 
 class AgentError(RuntimeError):
@@ -303,9 +305,14 @@ class Agent:
             return
         self.ack = max(self.ack, delivery.delivery)
         for function_hash, i in delivery.functions.items():
-            self.blobs.add_function(function_hash, blobs[i])
+            # checked here as on the daemon: a worker runs only the code its lease names
+            if 0 <= i < len(blobs) and hashlib.sha256(blobs[i]).hexdigest() == function_hash:
+                self.blobs.add_function(function_hash, blobs[i])
+            else:
+                log.warning("delivery: function %s does not match its digest: not kept", function_hash[:12])
         for job_id, seq, i in delivery.batches:
-            self.blobs.add_batch((job_id, seq), blobs[i])
+            if isinstance(i, int) and 0 <= i < len(blobs):
+                self.blobs.add_batch((job_id, seq), blobs[i])
         for job_id, seq, ref in delivery.batch_refs:
             self.blobs.add_batch_file((job_id, seq), str(Path(self.payload_dir) / ref))
         for job_id in delivery.cancel_jobs:
@@ -317,17 +324,26 @@ class Agent:
         self.workers.offer(list(delivery.leases))
 
     async def _fetch(self, path: str) -> bytes:
-        """A function, batch or build context from the daemon; LookupError if it has none."""
+        """A function, batch or build context from the daemon; LookupError, saying why, if it cannot be had.
+
+        A refusal (4xx) is final; an unreachable daemon or a 5xx is retried for `_FETCH_PATIENCE` seconds
+        (a daemon restart takes about one), then given up, so no lease waits on it forever.
+        """
         backoff = 0.05
+        deadline = trio.current_time() + _FETCH_PATIENCE
         while True:
             try:
                 r = await self.http.get(f"/v1/agents/{self.agent_id}/{path}", timeout=httpx.Timeout(600.0, connect=10))
+            except httpx.TransportError as e:
+                why = f"the daemon is unreachable ({type(e).__name__}: {e})"
+            else:
                 if r.status_code == 200:
                     return r.content
-                if r.status_code in (404, 409):
-                    raise LookupError(f"{path}: {r.text}")
-            except httpx.TransportError:
-                pass
+                if 400 <= r.status_code < 500:
+                    raise LookupError(f"the daemon refused {path} (HTTP {r.status_code}): {r.text[:300]}")
+                why = f"the daemon answered HTTP {r.status_code}"
+            if trio.current_time() + backoff > deadline:
+                raise LookupError(f"gave up on {path} after {_FETCH_PATIENCE:.0f} s: {why}")
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.config.max_backoff)
 

@@ -303,6 +303,8 @@ class Supervisor:
                 fn = self.blobs.functions.get(lease.function_hash)
                 if fn is None:
                     fn = await self.fetch(f"functions/{lease.function_hash}")
+                    if hashlib.sha256(fn).hexdigest() != lease.function_hash:
+                        raise LookupError("the function the daemon sent is not the one the job names (its sha256)")
                     self.blobs.add_function(lease.function_hash, fn)
                 header["function_blob"] = len(blobs)
                 blobs.append(fn)
@@ -318,8 +320,8 @@ class Supervisor:
                         self.blobs.add_batch(key, batch)
                     header["batch_blob"] = len(blobs)
                     blobs.append(batch)
-        except LookupError:  # the job ended meanwhile: nothing to run
-            self._settle(index, lease)
+        except LookupError as e:  # never dropped silently: the daemon fails the job, or drops this if it ended
+            self._cannot_run(index, lease, str(e))
             return
         slot = self.pool.slots.get(index)
         if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
@@ -339,11 +341,23 @@ class Supervisor:
             while len(conn.batches) > WORKER_BATCHES_KEPT:
                 conn.batches.popitem(last=False)
 
-    def _settle(self, index: int, lease: m.Lease) -> None:
-        """A lease that cannot run: give its slot the next one (the daemon already dropped it)."""
+    def _cannot_run(self, index: int, lease: m.Lease, reason: str) -> None:
+        """A lease whose function or inputs cannot be had: report why (the job fails), free its slot."""
         slot = self.pool.slots.get(index)
-        if slot is not None and slot.lease is lease:
-            self._after_lease(index)
+        if slot is None or slot.lease is not lease:
+            return  # cancelled meanwhile
+        error = m.CallError(
+            index=lease.lo,
+            kind=m.SYSTEM,
+            type_name="burla.errors.CallError",
+            message=f"node {self.hostname} cannot run inputs #{lease.lo} to #{lease.hi - 1}: {reason}",
+            node=self.hostname,
+        )
+        result = {"lease_id": lease.lease_id, "job_id": lease.job_id, "lo": lease.lo, "n_ok": 0, "elapsed": 0.0,
+                  "error": error.to_wire()}  # fmt: skip
+        self.outbox.add_result(result, [pickle.dumps([])])
+        self.counters["leases_unrunnable"] += 1
+        self._after_lease(index)
 
     def _after_lease(self, index: int) -> None:
         self._start(self.pool.finished(index))

@@ -290,3 +290,23 @@ def dataclasses_replace(obj: Any, **changes: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+# ---- 6. a lease that cannot run fails its job, saying why -------------------------------
+
+
+async def test_a_job_whose_function_cannot_be_fetched_fails_with_the_reason(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    fn = cloudpickle.dumps(abs)
+    daemon.plane.store.function_blob = lambda function_hash: None  # type: ignore[method-assign]  # lost
+    r = await post_job(admin, job_header("nofunction", fn, 3), [fn, pickle.dumps([-1, -2, -3])])
+    assert r.status_code == 200, r.text
+    with trio.fail_after(20):
+        while daemon.plane.job_status("nofunction").state == m.RUNNING:
+            await trio.sleep(0.02)
+    assert daemon.plane.job_status("nofunction").state == m.JOB_FAILED
+    failed = [e for e, _ in daemon.plane.store.events_after("nofunction", 0) if e.kind == m.FAILED]
+    assert "cannot run inputs" in failed[0].data["message"] and "functions/" in failed[0].data["message"]
+    assert daemon.plane.counters["leases_lost"] == 0  # reported, not dropped and requeued
+    assert agent.workers.counters["leases_unrunnable"] >= 1
