@@ -16,12 +16,14 @@ unpickles results, raises failures, and turns Ctrl-C into a cancelled job.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import json
 import pickle
 import queue
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class JobRun:
         return self.spec.job_id
 
     def start(self) -> None:
+        _watch_for_exit(self)
         self.spinner.start()
         self.portal.start_soon(self._run)
 
@@ -95,6 +98,7 @@ class JobRun:
         if self.finished:
             return
         self.finished = True
+        _LIVE.discard(self)
         try:
             self.portal.run(self._cancel, reason)
         except Exception:
@@ -116,9 +120,11 @@ class JobRun:
         except BaseException as e:  # noqa: BLE001 - everything goes to the caller's thread
             self.stream.forget(self.job_id)
             error = _first_error(e)
-            if isinstance(error, BurlaError) and self._created and not isinstance(error, JobCancelledError):
+            if self._created and not isinstance(error, JobCancelledError):
+                # whatever ended it here (a Burla error, the caller's inputs raising), the job must not run on
+                reason = str(error) if isinstance(error, BurlaError) else f"the client's inputs raised {error!r}"
                 with trio.move_on_after(CANCEL_SECONDS):
-                    await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": str(error)[:500]})
+                    await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason[:500]})
             self.queue.put(("error", error))
             if not isinstance(e, Exception) and not isinstance(e, BaseExceptionGroup):
                 raise
@@ -266,7 +272,24 @@ def _first_error(e: BaseException) -> BaseException:
     return e
 
 
+_LIVE: weakref.WeakSet[JobRun] = weakref.WeakSet()  # jobs of this process still running
+
+
+def _watch_for_exit(job: JobRun) -> None:
+    if not _LIVE and not getattr(_watch_for_exit, "registered", False):
+        atexit.register(_cancel_at_exit)
+        _watch_for_exit.registered = True  # type: ignore[attr-defined]
+    _LIVE.add(job)
+
+
+def _cancel_at_exit() -> None:
+    """The process exits with jobs still running (an exception in a loop over results, sys.exit): cancel them."""
+    for job in list(_LIVE):
+        job.cancel("the client process exited")
+
+
 def _finish(job: JobRun) -> None:
+    _LIVE.discard(job)
     job.finished = True
     job.spinner.stop()
 

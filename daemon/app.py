@@ -310,6 +310,13 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 await websocket.send(data)
 
         async def follow(job_id: str, after: int, scope: trio.CancelScope) -> None:
+            plane.follow_started(job_id)
+            try:
+                await follow_events(job_id, after, scope)
+            finally:
+                plane.follow_ended(job_id)
+
+        async def follow_events(job_id: str, after: int, scope: trio.CancelScope) -> None:
             with scope:
                 try:
                     await plane.wait_job(job_id, JOB_WAIT)

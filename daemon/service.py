@@ -96,6 +96,8 @@ class ControlPlane:
         self.counters: collections.Counter[str] = collections.Counter()
         self._job_created = trio.Event()
         self.standby_version = 0
+        self.followers: collections.Counter[str] = collections.Counter()  # job -> events websockets following it
+        self.unfollowed_since: dict[str, float] = {}  # job -> since when nobody follows it
         self.scheduler.standby = [m.StandbyImage.from_wire(s) for s in store.standby()]
         self._restore()
 
@@ -112,6 +114,7 @@ class ControlPlane:
                 job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"]
             )
             self.feeds[state.job_id] = JobFeed(log_bytes=self.store.log_bytes(state.job_id))
+            self.unfollowed_since[state.job_id] = now  # its client has client_grace to reconnect
             self.counters["jobs_restored"] += 1
             if state.complete():
                 self._finish(state, m.JOB_DONE)
@@ -155,6 +158,7 @@ class ControlPlane:
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
         self.feeds[spec.job_id] = JobFeed()
+        self.unfollowed_since.setdefault(spec.job_id, self.clock())
         self.counters["jobs"] += 1
         self._job_created.set()
         self._job_created = trio.Event()
@@ -217,6 +221,33 @@ class ControlPlane:
             self.store.append_event(job_id, m.CANCELLED, data={"reason": reason})
             self._finish(job, m.JOB_CANCELLED)
             self.counters["jobs_cancelled"] += 1
+
+    def follow_started(self, job_id: str) -> None:
+        self.followers[job_id] += 1
+        self.unfollowed_since.pop(job_id, None)
+
+    def follow_ended(self, job_id: str) -> None:
+        self.followers[job_id] -= 1
+        if self.followers[job_id] <= 0:
+            del self.followers[job_id]
+            self.unfollowed_since[job_id] = self.clock()
+
+    def cancel_abandoned_jobs(self) -> list[str]:
+        """Cancel running jobs nobody has followed for `client_grace`: their caller left without cancelling."""
+        now = self.clock()
+        grace = self.config.client_grace
+        abandoned = [
+            job_id
+            for job_id, since in self.unfollowed_since.items()
+            if now - since > grace and (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING
+        ]
+        for job_id in abandoned:
+            log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)
+            self.cancel_job(job_id, f"its client has been gone for over {grace:.0f} s (daemon.client_grace)")
+            self.counters["jobs_abandoned"] += 1
+        for job_id in [j for j in self.unfollowed_since if j not in self.scheduler.jobs or j in abandoned]:
+            del self.unfollowed_since[job_id]
+        return abandoned
 
     def ack_job(self, job_id: str) -> None:
         """The client has every event of a finished job: forget it."""
@@ -605,6 +636,7 @@ class ControlPlane:
             await trio.sleep(interval)
             self.expire_agents()
             self.expire_jobs()
+            self.cancel_abandoned_jobs()
 
     # ---- views ------------------------------------------------------------------------
 

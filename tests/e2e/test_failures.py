@@ -9,12 +9,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import burla
 from burla import remote_parallel_map
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, run_client, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -152,3 +153,68 @@ def test_an_abandoned_generator_cancels_its_job(cluster: Cluster) -> None:
     next(results)
     results.close()  # type: ignore[attr-defined]
     wait_for(lambda: all(j["state"] != "running" for j in cluster.status()["jobs"]), 5, "the job cancelled")
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.05)
+    return x * x
+
+
+def inputs_that_raise() -> Any:
+    yield from range(5000)
+    raise OSError("the input file went away")
+
+
+def test_inputs_that_raise_cancel_the_job(own_cluster: Cluster) -> None:
+    with pytest.raises(OSError, match="the input file went away"):
+        remote_parallel_map(slow_square, inputs_that_raise(), spinner=False)
+    wait_for(lambda: all(j["state"] != "running" for j in own_cluster.status()["jobs"]), 10, "the job cancelled")
+    assert own_cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+
+
+LEAVES_A_LOOP = """
+from burla import remote_parallel_map
+import time
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+for result in remote_parallel_map(slow, range(5000), generator=True, spinner=False):
+    raise SystemExit("the caller's loop stops with the job running")
+"""
+
+
+def test_a_process_that_exits_mid_job_cancels_it(own_cluster: Cluster, tmp_path: Path) -> None:
+    result = run_client(LEAVES_A_LOOP, own_cluster.client_env(), tmp_path)
+    assert "the caller's loop stops" in result.stderr
+    wait_for(lambda: all(j["state"] != "running" for j in own_cluster.status()["jobs"]), 10, "the job cancelled")
+    assert own_cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+
+
+KILLED_CLIENT = """
+from burla import remote_parallel_map
+import time
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+remote_parallel_map(slow, range(5000), spinner=False)
+"""
+
+
+@pytest.mark.parametrize("own_cluster", [{"env": {"BURLA_DAEMON_CLIENT_GRACE": "2"}}], indirect=True)
+def test_a_job_whose_client_is_gone_is_cancelled_after_the_grace(own_cluster: Cluster, tmp_path: Path) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_CLIENT)
+    env = {**os.environ, **own_cluster.client_env()}
+    with subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path) as proc:
+        wait_for(lambda: sum(n["busy"] for n in own_cluster.status()["nodes"]) == 4, 20, "4 busy workers")
+        proc.kill()  # no atexit, no cancel: only the daemon can notice
+        proc.wait()
+    jobs = wait_for(
+        lambda: [j for j in own_cluster.status()["jobs"] if j["state"] != "running"] or None, 20, "the job cancelled"
+    )
+    assert jobs[0]["state"] == "cancelled"
+    assert own_cluster.status()["daemon"].get("jobs_abandoned", 0) == 1
