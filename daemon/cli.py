@@ -1,7 +1,8 @@
 """``burlad``: the daemon and the node agent, one binary.
 
     burlad serve  [--config F] [--host H] [--port P] [--state-dir D]
-    burlad agent  URL --token T [--workers N] [--runtime process|podman] [--state-dir D]
+    burlad agent  URL [--token-file F] [--workers N] [--runtime process|podman] [--state-dir D]
+                  (the node token in $BURLA_AGENT_TOKEN or the file: never on the command line)
     burlad tokens [--state-dir D]
 
 Settings come from burla.toml, then BURLA_* environment variables, then these
@@ -16,6 +17,7 @@ import logging
 import signal
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, StateDirInUse
@@ -39,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", parents=[common], help="run a node agent")
     agent.add_argument("url", help="the daemon's URL, e.g. http://10.0.0.2:8080")
-    agent.add_argument("--token", dest="agent.token", help="the daemon's node token (burlad tokens)")
+    agent.add_argument(
+        "--token-file", help="a file holding the daemon's node token (burlad tokens); or set $BURLA_AGENT_TOKEN"
+    )
+    agent.add_argument("--token", dest="token_in_argv", help=argparse.SUPPRESS)
     agent.add_argument("--workers", dest="agent.workers", type=int, help="warm workers (default: one per CPU)")
     agent.add_argument("--runtime", dest="agent.runtime", choices=["process", "podman"])
     agent.add_argument("--python", dest="agent.python", help="interpreter for process workers")
@@ -58,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if "." in k}
     if args.command == "agent":
         overrides["agent.url"] = args.url
+        if args.token_in_argv is not None:
+            print("burlad agent: --token is refused: a token on the command line is readable by every user of this "
+                  "machine (ps). Put it in $BURLA_AGENT_TOKEN or in a file only you can read and pass --token-file.",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if args.token_file:
+            try:
+                overrides["agent.token"] = Path(args.token_file).read_text().strip()
+            except OSError as e:
+                print(f"burlad agent: cannot read --token-file {args.token_file}: {e.strerror}", file=sys.stderr)
+                return 2
     try:
         config = Config.load(args.config, overrides=overrides)
     except ConfigError as e:
@@ -104,7 +120,7 @@ def _serve(config: Config) -> None:
             running = await nursery.start(partial(serve, config.daemon, standby=config.standby))
             print(f"burlad serving on {running.url}", file=sys.stderr)
             print(f"  state: {running.state_dir} (tokens in tokens.json there)", file=sys.stderr)
-            print(f"  start agents with: burlad agent {config.daemon.public_url or running.url} --token=<node token>",
+            print(f"  start agents with: BURLA_AGENT_TOKEN=<node token> burlad agent {config.daemon.public_url or running.url}",
                   file=sys.stderr)  # fmt: skip
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -120,7 +136,8 @@ def _agent(config: Config) -> int:
     from burla.node_agent.agent import Agent, AgentError
 
     if not config.agent.token:
-        print("burlad agent: --token is required (the daemon's node token; see `burlad tokens`)", file=sys.stderr)
+        print("burlad agent: the node token is required: set $BURLA_AGENT_TOKEN or pass --token-file "
+              "(see `burlad tokens` on the daemon's machine)", file=sys.stderr)  # fmt: skip
         return 2
     runtime = None
     if config.agent.runtime == "podman":

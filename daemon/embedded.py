@@ -83,13 +83,15 @@ def run_embedded(config: Config) -> None:
 
 
 def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-P", "-m", "burla.daemon", "agent", url, f"--token={config.daemon.node_token}",
-           "--state-dir", str(home / "agent")]  # fmt: skip
+    cmd = [sys.executable, "-P", "-m", "burla.daemon", "agent", url, "--state-dir", str(home / "agent")]
     workers = config.embedded.workers or config.agent.workers
     if workers:
         cmd += ["--workers", str(workers)]
     log = open(home / "agent.log", "ab")
-    return subprocess.Popen(cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    env = {**os.environ, "BURLA_AGENT_TOKEN": config.daemon.node_token}  # never in argv, where `ps` shows it
+    return subprocess.Popen(
+        cmd, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

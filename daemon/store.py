@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -87,9 +88,14 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 class Store:
     def __init__(self, path: str | Path, payload_dir: str | Path | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path.parent, 0o700)  # tokens and every job's data: for the daemon's user only
         self.payloads = PayloadStore(Path(payload_dir) if payload_dir else self.path.parent / "payloads")
         try:
+            self.path.touch(mode=0o600, exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):  # SQLite makes its WAL and shm files with the database's mode
+                if Path(f"{self.path}{suffix}").exists():
+                    os.chmod(f"{self.path}{suffix}", 0o600)
             self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")

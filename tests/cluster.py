@@ -112,10 +112,11 @@ class Cluster:
             return False
 
     def start_agent(self, i: int, workers: int | None = None, extra: list[str] | None = None) -> None:
-        args = ["agent", self.url, f"--token={self.node_token}", "--workers", str(workers or self.workers),
+        args = ["agent", self.url, "--workers", str(workers or self.workers),
                 "--log-level", "INFO", *self.agent_args, *(extra or [])]  # fmt: skip
+        token = {"BURLA_AGENT_TOKEN": self.node_token}  # as users are told to: never in argv
         if self.podman_user is None:
-            self.agents[i] = self._spawn(f"agent{i}", [*args, "--state-dir", str(self.root / f"agent{i}")])
+            self.agents[i] = self._spawn(f"agent{i}", [*args, "--state-dir", str(self.root / f"agent{i}")], token)
             return
         # An agent of another user runs in directories that user owns (kept across restarts: its cache).
         state = self.agent_dirs.get(i)
@@ -129,6 +130,7 @@ class Cluster:
         self.agents[i] = self._spawn(
             f"agent{i}",
             [*args, "--runtime", "podman" if self.podman else "process", "--state-dir", str(state)],
+            token,
             prefix=as_user(self.podman_user, home, runtime_dir),
         )
 

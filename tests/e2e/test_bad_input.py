@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -152,13 +153,36 @@ def test_an_agent_with_a_wrong_token_exits_with_a_clear_error(limited: Cluster, 
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "burla.daemon", "agent", limited.url, "--token", "wrong", "--state-dir", str(tmp_path)],
+        [sys.executable, "-m", "burla.daemon", "agent", limited.url, "--state-dir", str(tmp_path)],
+        env={**os.environ, "BURLA_AGENT_TOKEN": "wrong"},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
     assert "refused this agent's token" in result.stderr
+
+
+def test_a_token_on_the_command_line_is_refused(own_cluster: Cluster, tmp_path: Path) -> None:
+    """Every user of the machine reads argv (ps): the node token goes by file or environment only."""
+    import subprocess
+    import sys
+
+    agent = [sys.executable, "-m", "burla.daemon", "agent", own_cluster.url, "--state-dir", str(tmp_path)]
+    result = subprocess.run([*agent, f"--token={own_cluster.node_token}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--token is refused" in result.stderr and "BURLA_AGENT_TOKEN" in result.stderr
+    assert own_cluster.node_token not in result.stderr
+    token_file = tmp_path / "node-token"
+    token_file.write_text(own_cluster.node_token + "\n")
+    token_file.chmod(0o600)
+    with subprocess.Popen([*agent, "--token-file", str(token_file), "--workers", "1"], stderr=subprocess.PIPE) as proc:
+        try:
+            wait_for(lambda: len(own_cluster.status()["nodes"]) == 3, 30, "the agent to register")
+            assert own_cluster.node_token not in " ".join(Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0"))
+        finally:
+            proc.terminate()
+            proc.wait(20)
 
 
 def test_a_second_daemon_on_the_same_state_dir_is_refused(limited: Cluster) -> None:

@@ -310,3 +310,18 @@ async def test_a_job_whose_function_cannot_be_fetched_fails_with_the_reason(
     assert "cannot run inputs" in failed[0].data["message"] and "functions/" in failed[0].data["message"]
     assert daemon.plane.counters["leases_lost"] == 0  # reported, not dropped and requeued
     assert agent.workers.counters["leases_unrunnable"] >= 1
+
+
+# ---- 8. secrets are for the daemon's user only --------------------------------------------
+
+
+async def test_the_state_dir_and_every_file_in_it_are_private(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    await run_job(daemon, admin, "private", abs, [-1])  # the WAL has been written
+    state = Path(daemon.state_dir)
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("burla.db", "burla.db-wal", "burla.db-shm", "tokens.json"):
+        path = state / name
+        if path.exists():
+            assert path.stat().st_mode & 0o777 == 0o600, name
