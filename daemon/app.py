@@ -83,6 +83,15 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
             raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
 
+    def check_agent(headers: Any, agent_id: str) -> None:
+        """An agent's own routes take its own token (from its registration), and no other's."""
+        valid_id(agent_id, "agent id")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        if not plane.is_agent(agent_id, token):
+            raise Unauthorized(f"this token is not agent {agent_id}'s: register to get its own")
+
     async def body() -> bytes:
         g.body_read = True
         data = await request.get_data(cache=False, as_text=False)
@@ -253,10 +262,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/agents/<agent_id>/blobs/<digest>")
     async def agent_blob(agent_id: str, digest: str) -> Response:
-        check_token(request.headers, NODE)
-        valid_id(agent_id, "agent id")
+        check_agent(request.headers, agent_id)
         valid_digest(digest, "blob digest")
-        return Response(plane.blob(digest), content_type="application/octet-stream")
+        return Response(plane.blob(digest, agent_id), content_type="application/octet-stream")
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
@@ -378,16 +386,14 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.post("/v1/agents/<agent_id>/poll")
     async def poll(agent_id: str) -> Response:
-        check_token(request.headers, NODE)
-        valid_id(agent_id, "agent id")
+        check_agent(request.headers, agent_id)
         header, blobs = await read_envelope()
         delivery, out = await plane.poll(agent_id, m.AgentReport.from_wire(header), blobs)
         return _envelope(delivery.to_wire(), out)
 
     @app.post("/v1/agents/<agent_id>/report")
     async def report(agent_id: str) -> Response:
-        check_token(request.headers, NODE)
-        valid_id(agent_id, "agent id")
+        check_agent(request.headers, agent_id)
         header, blobs = await read_envelope()
         delivery, out = plane.report(agent_id, m.AgentReport.from_wire(header), blobs)
         if not delivery.delivery:
@@ -396,19 +402,17 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/agents/<agent_id>/functions/<function_hash>")
     async def function(agent_id: str, function_hash: str) -> Response:
-        check_token(request.headers, NODE)
-        valid_id(agent_id, "agent id")
+        check_agent(request.headers, agent_id)
         valid_digest(function_hash, "function hash")
-        return Response(plane.function_blob(function_hash), content_type="application/octet-stream")
+        return Response(plane.function_blob(function_hash, agent_id), content_type="application/octet-stream")
 
     @app.get("/v1/agents/<agent_id>/batches/<job_id>/<int:seq>")
     async def batch(agent_id: str, job_id: str, seq: int) -> Response:
-        check_token(request.headers, NODE)
-        valid_id(agent_id, "agent id")
+        check_agent(request.headers, agent_id)
         valid_id(job_id, "job id")
         if seq > m.MAX_INDEX:
             raise BadRequest(f"batch seq: at most {m.MAX_INDEX}")
-        return Response(plane.batch_payload(job_id, seq), content_type="application/octet-stream")
+        return Response(plane.batch_payload(job_id, seq, agent_id), content_type="application/octet-stream")
 
     return app
 

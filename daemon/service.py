@@ -28,15 +28,17 @@ import trio
 from burla._trace import trace
 from burla.schemas import local
 from burla.schemas import messages as m
+from burla.schemas.environment import Environment
 
 from .config import DaemonConfig
-from .errors import BadRequest, Conflict, NotFound, TooLarge, Unsatisfiable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .store import Store
 
 log = logging.getLogger("burla.daemon")
 
 _SENT_BATCHES_REMEMBERED = 256
+_REQUEUED_REMEMBERED = 4096  # per agent: leases requeued as lost whose late result is still its own
 
 
 @dataclasses.dataclass
@@ -56,6 +58,9 @@ class AgentLink:
     wants: tuple[m.PoolWant, ...] = ()  # the pools the daemon wants of this node now
     wants_sent: tuple[m.PoolWant, ...] | None = None  # what the agent was last told (None: nothing yet)
     standby_sent: int = -1  # the standby version the agent was last told
+    # leases of this agent requeued as lost: a result it still sends for one is its own, and is taken if
+    # none of its range is done (it may save running the range again)
+    requeued: collections.OrderedDict[int, None] = dataclasses.field(default_factory=collections.OrderedDict)
 
     def notify(self) -> None:
         self.wake.set()
@@ -91,6 +96,8 @@ class ControlPlane:
         self.links: dict[str, AgentLink] = {}
         self.feeds: dict[str, JobFeed] = {}
         self.tokens = store.tokens(config.admin_token, config.node_token)
+        self._agent_key = bytes.fromhex(store.secret("agent-key"))
+        self._blob_closure: dict[str, frozenset[str]] = {}  # job -> blobs its agents may read
         self.last_activity = clock()
         self.started = clock()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -335,7 +342,59 @@ class ControlPlane:
             self.config.agent_timeout,
             payload_host=payloads.host,
             payload_dir=str(payloads.root),
+            agent_token=self.agent_token(agent_id),
         )
+
+    # ---- who may act on what ------------------------------------------------------------
+
+    def agent_token(self, agent_id: str) -> str:
+        """The token of one agent: its routes take no other, so no agent can act as another.
+
+        Derived from a secret of the daemon's own (kept in SQLite), so it survives a restart
+        without a table of tokens; an agent that is forgotten (expired) must register again.
+        """
+        return hmac.new(self._agent_key, agent_id.encode(), hashlib.sha256).hexdigest()
+
+    def is_agent(self, agent_id: str, token: str) -> bool:
+        return hmac.compare_digest(self.agent_token(agent_id).encode(), token.encode())
+
+    def _held(self, agent_id: str) -> list[ActiveLease]:
+        """The leases an agent holds now."""
+        node = self.scheduler.nodes.get(agent_id)
+        if node is None:
+            return []
+        held = []
+        for lease_id in node.leases:
+            job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
+            active = job.leases.get(lease_id) if job is not None else None
+            if active is not None and active.agent_id == agent_id:
+                held.append(active)
+        return held
+
+    def _jobs_of(self, agent_id: str) -> set[str]:
+        """Jobs an agent works for: it holds one of their leases, or the daemon wants a pool of them there."""
+        link = self.links.get(agent_id)
+        wanted = {w.job_id for w in link.wants} if link is not None else set()
+        return wanted | {a.lease.job_id for a in self._held(agent_id)}
+
+    def _job_blobs(self, job_id: str) -> frozenset[str]:
+        """The content-addressed blobs a job's agents may read: its build context, manifest, code, packages."""
+        found = self._blob_closure.get(job_id)
+        if found is not None:
+            return found
+        job = self.scheduler.jobs.get(job_id)
+        if job is None:
+            return frozenset()
+        digests = {d for d in (job.spec.build, job.spec.env) if d}
+        if job.spec.env and self.has_blob(job.spec.env):
+            try:
+                manifest = Environment.loads(self._blob_path(job.spec.env).read_bytes())
+            except (OSError, ValueError) as e:
+                log.warning("job %s: its environment manifest does not load: %s", job_id, e)
+            else:
+                digests |= {manifest.code} | {d.blob for d in manifest.distributions}
+        found = self._blob_closure[job_id] = frozenset(d for d in digests if d)
+        return found
 
     def _link(self, agent_id: str) -> AgentLink:
         link = self.links.get(agent_id)
@@ -351,15 +410,28 @@ class ControlPlane:
         _check_blob_indices(report, len(blobs))  # before anything is decided: a bad report changes nothing
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
+        jobs = self._jobs_of(agent_id)  # an agent speaks only for the jobs it works for
+        held = {a.lease.lease_id for a in self._held(agent_id)}
         self.scheduler.touch_node(
             agent_id, self.clock(), report.ready_workers, report.stats, report.pools, report.job_phases
         )
         for error in report.pool_errors:
-            self._pool_failed(error)
+            if error.job_id in jobs:
+                self._pool_failed(error)
+            else:
+                self._refused(agent_id, f"a pool error for job {error.job_id}, which it does not work for")
         for chunk in report.logs:  # lines printed by a lease come before its result
-            self._append_logs(chunk, blobs)
+            if chunk.job_id in jobs:
+                self._append_logs(chunk, blobs)
+            else:
+                self._refused(agent_id, f"output of job {chunk.job_id}, which it does not work for")
         for result in report.results:
-            self._accept(agent_id, result, blobs)
+            if result.lease_id in held or result.lease_id in link.requeued:
+                link.requeued.pop(result.lease_id, None)
+                self._accept(agent_id, result, blobs)
+            else:  # never issued to it, or no longer its own: its range runs (or ran) elsewhere
+                self.counters["results_dropped"] += 1
+                log.debug("agent %s: result of lease %d it does not hold: dropped", agent_id, result.lease_id)
         self._reconcile(agent_id, report)
         self._dispatch()
         return self._drain(link)
@@ -451,6 +523,11 @@ class ControlPlane:
                 lost.append(lease_id)
         if lost:
             log.warning("agent %s does not hold leases %s: requeued", agent_id, lost)
+            link = self.links.get(agent_id)
+            if link is not None:
+                link.requeued.update(dict.fromkeys(lost))
+                while len(link.requeued) > _REQUEUED_REMEMBERED:
+                    link.requeued.popitem(last=False)
             self.scheduler.requeue(lost)
             self.store.delete_leases(lost)
             self.counters["leases_lost"] += len(lost)
@@ -567,19 +644,33 @@ class ControlPlane:
     def has_blob(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()
 
-    def blob(self, digest: str) -> bytes:
+    def blob(self, digest: str, agent_id: str | None = None) -> bytes:
+        """A blob; for an agent, only one of a job it works for."""
+        if agent_id is not None and not any(digest in self._job_blobs(j) for j in self._jobs_of(agent_id)):
+            raise Forbidden(f"agent {agent_id} works for no job that uses blob {digest[:12]}")
         path = self._blob_path(digest)
         if not path.is_file():
             raise NotFound(f"no blob {digest}")
         return path.read_bytes()
 
-    def function_blob(self, function_hash: str) -> bytes:
+    def function_blob(self, function_hash: str, agent_id: str | None = None) -> bytes:
+        """A job's function; for an agent, only while it holds a lease of a job that runs it."""
+        if agent_id is not None and not any(a.lease.function_hash == function_hash for a in self._held(agent_id)):
+            raise Forbidden(f"agent {agent_id} holds no lease that runs function {function_hash[:12]}")
         blob = self.store.function_blob(function_hash)
         if blob is None:
             raise NotFound(f"no function {function_hash}")
         return blob
 
-    def batch_payload(self, job_id: str, seq: int) -> bytes:
+    def _refused(self, agent_id: str, what: str) -> None:
+        self.counters["reports_refused"] += 1
+        log.warning("agent %s sent %s: ignored", agent_id, what)
+
+    def batch_payload(self, job_id: str, seq: int, agent_id: str | None = None) -> bytes:
+        if agent_id is not None and not any(
+            a.lease.job_id == job_id and a.lease.batch_seq == seq for a in self._held(agent_id)
+        ):
+            raise Forbidden(f"agent {agent_id} holds no lease of batch {seq} of job {job_id}")
         payload = self.store.batch_payload(job_id, seq)
         if payload is None:
             raise NotFound(f"no batch {seq} of job {job_id}")

@@ -182,6 +182,16 @@ class Store:
                 out[role] = token
         return out
 
+    def secret(self, role: str) -> str:
+        """A random secret of the daemon's own, made once and kept (e.g. the key of agents' tokens)."""
+        with self.tx():
+            existing = self._one("SELECT token FROM tokens WHERE role = ?", (role,))
+            if existing:
+                return str(existing)
+            value = secrets.token_hex(32)
+            self.conn.execute("INSERT INTO tokens (role, token) VALUES (?, ?)", (role, value))
+            return value
+
     # ---- agents --------------------------------------------------------------------
 
     def put_agent(self, agent_id: str, info: m.NodeInfo, now: float) -> None:

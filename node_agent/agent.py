@@ -66,6 +66,7 @@ class Agent:
         self.runtime = runtime
         self.hostname = host.hostname()
         self.agent_id = ""
+        self.agent_auth: dict[str, str] = {}
         self.boot_id = ""
         self.ack = 0
         self.poll_timeout = 2.0
@@ -150,6 +151,8 @@ class Agent:
                 continue
             reg = m.Registered.from_wire(r.json())
             self.agent_id, self.boot_id, self.ack = reg.agent_id, reg.boot_id, 0
+            # from now on this agent speaks with its own token: the shared node token only registers
+            self.agent_auth = {"authorization": f"Bearer {reg.agent_token or self.config.token}"}
             self.poll_timeout = reg.poll_timeout
             # on the daemon's host, large batches are read from its payload files instead of HTTP
             self.payload_dir = reg.payload_dir
@@ -186,7 +189,7 @@ class Agent:
             r = await self.http.post(
                 f"/v1/agents/{agent_id}/{route}",
                 content=envelope.pack(header, blobs),
-                headers={"content-type": envelope.CONTENT_TYPE},
+                headers={"content-type": envelope.CONTENT_TYPE, **self.agent_auth},
                 timeout=httpx.Timeout(self.poll_timeout + 30.0, connect=5.0),
             )
         except httpx.TransportError as e:
@@ -333,7 +336,11 @@ class Agent:
         deadline = trio.current_time() + _FETCH_PATIENCE
         while True:
             try:
-                r = await self.http.get(f"/v1/agents/{self.agent_id}/{path}", timeout=httpx.Timeout(600.0, connect=10))
+                r = await self.http.get(
+                    f"/v1/agents/{self.agent_id}/{path}",
+                    headers=self.agent_auth,
+                    timeout=httpx.Timeout(600.0, connect=10),
+                )
             except httpx.TransportError as e:
                 why = f"the daemon is unreachable ({type(e).__name__}: {e})"
             else:

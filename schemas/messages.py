@@ -107,6 +107,7 @@ class Registered(Wire):
     agent_timeout: float = field(lo=0, hi=86400)
     payload_host: str = ""  # where the daemon's payload files are (schemas.local)
     payload_dir: str = ""
+    agent_token: str = field("", max_len=256)  # this agent's own token: its agent routes take no other
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,7 +139,8 @@ def envelopes(draw: st.DrawFn, header: Any) -> bytes:
     return body
 
 
-ids = st.one_of(st.sampled_from(["fuzzjob", "fuzznode", "a", "0" * 64, "x" * 64]), st.sampled_from(HOSTILE_STRINGS),
+AGENT = "FUZZ-AGENT"  # stands for the id of an agent the run registered (see tests/e2e/test_fuzz.py)
+ids = st.one_of(st.sampled_from(["fuzzjob", "fuzznode", "a", "0" * 64, "x" * 64, AGENT, AGENT, AGENT]), st.sampled_from(HOSTILE_STRINGS),
                 st.text(alphabet=st.characters(codec="ascii"), max_size=70))  # fmt: skip
 
 
@@ -183,7 +184,11 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         "seq": draw(st.sampled_from(["0", "1", "-1", "a", str(2**64), "9" * 30])),
     }
     path = template.format(**params)
-    right = "node" if "/agents/" in template or template == "/v1/standby" and method == "GET" else "admin"
+    right = "admin"
+    if template == "/v1/agents/register" or template == "/v1/standby" and method == "GET":
+        right = "node"
+    elif "/agents/" in template:
+        right = "agent"
     # mostly the token the route takes, so most requests reach its checks; the others must be refused
     role = draw(st.sampled_from([right] * 6 + ["admin", "node", "agent", "wrong", "none"]))
     body: bytes = b""

@@ -295,13 +295,14 @@ def test_python_version_mismatch_fails_at_once(limited: Cluster, tmp_path: Path)
     )  # fmt: skip
     assert r.status_code == 200
     agent_id = r.json()["agent_id"]
+    own = {"authorization": f"Bearer {r.json()['agent_token']}"}  # an agent's routes take its own token
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.is_set():
             httpx.post(
                 f"{limited.url}/v1/agents/{agent_id}/poll",
-                headers={**headers, "content-type": env.CONTENT_TYPE},
+                headers={**own, "content-type": env.CONTENT_TYPE},
                 content=env.pack({"ready_workers": 4}),
                 timeout=10,
             )

@@ -92,13 +92,19 @@ async def test_a_job_id_that_is_a_path_writes_nothing_outside_the_state_dir(
         "/v1/jobs/a.b",
         "/v1/jobs/" + "a" * 65,
         "/v1/agents/..%2Fa/functions/" + "0" * 64,
-        "/v1/agents/a/functions/..%2F..%2Fetc",
-        "/v1/agents/a/blobs/" + "A" * 64,
-        "/v1/agents/a/batches/..%2Fx/0",
+        "/v1/agents/AGENT/functions/..%2F..%2Fetc",
+        "/v1/agents/AGENT/blobs/" + "A" * 64,
+        "/v1/agents/AGENT/batches/..%2Fx/0",
     ],
 )
 async def test_ids_in_paths_are_checked(daemon: Running, path: str) -> None:
-    token = daemon.node_token if "/agents/" in path else daemon.admin_token
+    token = daemon.admin_token
+    if "/agents/" in path:  # a registered agent, with its own token
+        async with httpx.AsyncClient(
+            base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}
+        ) as c:
+            reg = (await c.post("/v1/agents/register", json=m.NodeInfo("n", "h", 1, 10**9, PY, 1).to_wire())).json()
+        path, token = path.replace("AGENT", reg["agent_id"]), reg["agent_token"]
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {token}"}) as c:
         r = await c.get(path)
     assert r.status_code in (400, 404), r.text
@@ -225,7 +231,7 @@ async def test_a_malformed_registration_is_refused(daemon: Running, change: dict
 
 
 async def test_a_report_with_bad_types_stalls_nothing(daemon: Running, agent: Agent, admin: httpx.AsyncClient) -> None:
-    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+    async with httpx.AsyncClient(base_url=daemon.url, headers=agent.agent_auth) as c:
         for header in ({"ready_workers": "5"}, {"running": ["a"]}, {"ack_delivery": 1.5}, {"results": [{}]}):
             body = envelope.pack({"boot_id": daemon.plane.boot_id} | header)
             r = await c.post(f"/v1/agents/{agent.agent_id}/report", content=body,
@@ -263,7 +269,9 @@ async def test_a_malformed_websocket_message_gets_an_error_and_the_socket_lives(
 async def test_a_report_naming_a_missing_blob_changes_nothing(daemon: Running, admin: httpx.AsyncClient) -> None:
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
         info = m.NodeInfo("fake-node", "h", 2, 64 * 10**9, PY, 2)
-        agent_id = (await c.post("/v1/agents/register", json=info.to_wire())).json()["agent_id"]
+        registered = (await c.post("/v1/agents/register", json=info.to_wire())).json()
+        agent_id = registered["agent_id"]
+        c.headers["authorization"] = f"Bearer {registered['agent_token']}"  # its own token from now on
         fn = cloudpickle.dumps(abs)
         r = await post_job(admin, job_header("lossy", fn, 4), [fn, pickle.dumps([1, 2, 3, 4])])
         assert r.status_code == 200, r.text
@@ -325,3 +333,75 @@ async def test_the_state_dir_and_every_file_in_it_are_private(
         path = state / name
         if path.exists():
             assert path.stat().st_mode & 0o777 == 0o600, name
+
+
+# ---- 5. an agent is itself, and no other ------------------------------------------------
+
+
+async def register(daemon: Running, node_id: str, python: str = PY) -> httpx.AsyncClient:
+    """A hand-driven agent: registered with the shared node token, speaking with its own from then on."""
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+        info = m.NodeInfo(node_id, node_id, 2, 64 * 10**9, python, 2)
+        reg = (await c.post("/v1/agents/register", json=info.to_wire())).json()
+    client = httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {reg['agent_token']}"})
+    client.agent_id = reg["agent_id"]  # type: ignore[attr-defined]
+    return client
+
+
+async def agent_report(client: httpx.AsyncClient, daemon: Running, report: m.AgentReport, blobs: list[bytes] = (),
+                       agent_id: str | None = None) -> httpx.Response:  # fmt: skip
+    agent_id = agent_id or client.agent_id  # type: ignore[attr-defined]
+    return await client.post(f"/v1/agents/{agent_id}/report", content=envelope.pack(report.to_wire(), list(blobs)),
+                             headers={"content-type": envelope.CONTENT_TYPE})  # fmt: skip
+
+
+async def test_an_agent_cannot_act_as_another(daemon: Running, admin: httpx.AsyncClient) -> None:
+    # the impostor's workers run another Python: the scheduler never gives it a lease of the job
+    owner, impostor = await register(daemon, "owner"), await register(daemon, "impostor", python="3.99")
+    async with owner, impostor:
+        fn = cloudpickle.dumps(abs)
+        fn_hash = hashlib.sha256(fn).hexdigest()
+        assert (
+            await post_job(admin, job_header("owned", fn, 4), [fn, pickle.dumps([-1, -2, -3, -4])])
+        ).status_code == 200
+        idle = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2)
+        # the impostor, with its own valid token, polls and fetches as the owner: refused
+        assert (await agent_report(impostor, daemon, idle, agent_id=owner.agent_id)).status_code == 401  # type: ignore[attr-defined]
+        delivered = m.Delivery.from_wire(envelope.unpack((await agent_report(owner, daemon, idle)).content)[0])
+        owned = [lease for lease in delivered.leases if lease.job_id == "owned"]
+        assert owned
+        # results for the owner's lease, and for a lease never issued, with a forged pickled value
+        forged = pickle.dumps(["forged"])
+        for lease_id in (owned[0].lease_id, 10**6):
+            result = m.LeaseResult(lease_id, "owned", owned[0].lo, 1, 0.01, 0)
+            report = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2, results=(result,))
+            assert (await agent_report(impostor, daemon, report, [forged])).status_code == 200
+        assert daemon.plane.job_status("owned").n_done == 0
+        # the owner's function and inputs are not the impostor's to read
+        me = impostor.agent_id  # type: ignore[attr-defined]
+        assert (await impostor.get(f"/v1/agents/{me}/functions/{fn_hash}")).status_code == 403
+        assert (await impostor.get(f"/v1/agents/{me}/batches/owned/0")).status_code == 403
+        assert (await owner.get(f"/v1/agents/{owner.agent_id}/functions/{fn_hash}")).content == fn  # type: ignore[attr-defined]
+        # nor is the owner's job the impostor's to fail
+        error = m.PoolError("owned", "", "forged install error", kind="install")
+        report = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2, pool_errors=(error,))
+        assert (await agent_report(impostor, daemon, report)).status_code == 200
+        assert daemon.plane.job_status("owned").state == m.RUNNING
+        assert daemon.plane.counters["reports_refused"] >= 1
+        # the owner's own results are taken, and the job's values are the real ones
+        results = [m.LeaseResult(x.lease_id, "owned", x.lo, x.hi - x.lo, 0.01, i) for i, x in enumerate(owned)]
+        values = [pickle.dumps([abs(v) for v in [-1, -2, -3, -4][x.lo : x.hi]]) for x in owned]
+        report = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2, running=(), results=tuple(results))
+        assert (await agent_report(owner, daemon, report, values)).status_code == 200
+        events = daemon.plane.store.events_after("owned", 0)
+        assert all(pickle.loads(p) != ["forged"] for e, p in events if e.kind == m.RESULTS)
+        assert daemon.plane.job_status("owned").n_done == sum(x.hi - x.lo for x in owned)
+
+
+async def test_the_shared_node_token_only_registers(daemon: Running, agent: Agent) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
+        idle = envelope.pack(m.AgentReport(boot_id=daemon.plane.boot_id).to_wire())
+        r = await c.post(
+            f"/v1/agents/{agent.agent_id}/poll", content=idle, headers={"content-type": envelope.CONTENT_TYPE}
+        )
+        assert r.status_code == 401
