@@ -22,6 +22,7 @@ from .errors import (
     JobCancelledError,
     MemoryLimitError,
     RemoteError,
+    ResultTooLargeError,
     UnsatisfiableError,
     WorkerDiedError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "JobCancelledError",
     "MemoryLimitError",
     "RemoteError",
+    "ResultTooLargeError",
     "UnsatisfiableError",
     "WorkerDiedError",
     "__version__",

@@ -25,6 +25,7 @@ _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
     "burla.errors.MemoryLimitError": errors.MemoryLimitError,
     "burla.errors.UnpicklingError": errors.UnpicklingError,
     "burla.errors.UnpicklableResultError": errors.UnpicklableResultError,
+    "burla.errors.ResultTooLargeError": errors.ResultTooLargeError,
     "burla.errors.NoNodesError": errors.NoNodesError,
     "burla.errors.ImageError": errors.ImageError,
     "burla.errors.InstallError": errors.InstallError,

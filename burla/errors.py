@@ -23,6 +23,7 @@ errors of Burla itself::
         ├── RemoteError             your function raised something that cannot be rebuilt here
         ├── UnpicklingError         the worker could not load the function or an input
         ├── UnpicklableResultError  a return value cannot be pickled
+        ├── ResultTooLargeError     a return value is over the cluster's max_result_bytes
         └── WorkerDiedError         the worker process died mid-call (exit code or signal)
             └── MemoryLimitError    the call went over func_ram and was killed
 
@@ -142,6 +143,10 @@ class UnpicklableResultError(CallError):
     pass
 
 
+class ResultTooLargeError(CallError):
+    pass
+
+
 class WorkerDiedError(CallError):
     pass
 
@@ -166,6 +171,7 @@ __all__ = [
     "NotCallableError",
     "NotIterableError",
     "RemoteError",
+    "ResultTooLargeError",
     "TooLargeError",
     "UnpicklableError",
     "UnpicklableResultError",

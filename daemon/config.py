@@ -58,6 +58,7 @@ class DaemonConfig:
     max_lease_inputs: int = 100_000
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
+    max_result_bytes: int = 256 * MB  # one call's pickled return value; workers refuse a larger one, naming the input
     max_build_context_bytes: int = 100 * MB  # a dockerfile= build context, packed
     max_blob_bytes: int = 2 * GB  # one upload: a build context, or a package of the user's environment
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
@@ -209,7 +210,7 @@ def parse_size(text: str) -> int:
 
 
 _SIZE_FIELDS = {
-    "max_function_bytes", "max_input_bytes", "max_log_bytes_per_job", "max_build_context_bytes", "max_blob_bytes", "ram",
+    "max_function_bytes", "max_input_bytes", "max_result_bytes", "max_log_bytes_per_job", "max_build_context_bytes", "max_blob_bytes", "ram",
 }  # fmt: skip
 
 

@@ -343,6 +343,7 @@ class ControlPlane:
             payload_host=payloads.host,
             payload_dir=str(payloads.root),
             agent_token=self.agent_token(agent_id),
+            max_result_bytes=self.config.max_result_bytes,
         )
 
     # ---- who may act on what ------------------------------------------------------------

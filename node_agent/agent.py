@@ -154,6 +154,7 @@ class Agent:
             # from now on this agent speaks with its own token: the shared node token only registers
             self.agent_auth = {"authorization": f"Bearer {reg.agent_token or self.config.token}"}
             self.poll_timeout = reg.poll_timeout
+            self.workers.max_result_bytes = reg.max_result_bytes
             # on the daemon's host, large batches are read from its payload files instead of HTTP
             self.payload_dir = reg.payload_dir
             self.payload_proof = local.read_probe(reg.payload_dir, reg.payload_host) or ""

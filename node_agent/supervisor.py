@@ -71,6 +71,7 @@ class Supervisor:
     def __init__(
         self, config: AgentConfig, runtime: Runtime, outbox: Outbox, blobs: BlobCache, fetch: Fetch, hostname: str
     ) -> None:
+        self.max_result_bytes = 0  # the daemon's limit on one call's pickled result (0: none)
         self.config = config
         self.runtime = runtime
         self.outbox = outbox
@@ -295,6 +296,7 @@ class Supervisor:
             "function_blob": None,
             "batch_blob": None,
             "batch_file": None,
+            "max_result_bytes": self.max_result_bytes,
         }
         blobs: list[Any] = []
         key = (lease.job_id, lease.batch_seq)

@@ -401,7 +401,7 @@ class Worker:
         progress.set(proto.IDLE)
         output.end_lease()  # still tagged with the last input called: its output may still be in the pipes
         output.index = -1
-        payload, results_error = _pickle_results(results, lo)
+        payload, results_error = _pickle_results(results, lo, header.get("max_result_bytes") or 0)
         if results_error is not None:
             error, exc_blob = results_error, None
             results = results[: results_error["index"] - lo]
@@ -424,11 +424,25 @@ def _load_file(path: str) -> Any:
                 view.release()
 
 
-def _pickle_results(results: list[Any], lo: int) -> tuple[bytes, dict[str, Any] | None]:
+def _pickle_results(results: list[Any], lo: int, max_bytes: int = 0) -> tuple[bytes, dict[str, Any] | None]:
     try:
-        return cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL), None
+        payload = cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         pass
+    else:
+        if not max_bytes or len(payload) <= max_bytes:
+            return payload, None
+        for offset, value in enumerate(results):  # which call returned too much (the lease may hold many)
+            size = len(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) if len(results) > 1 else len(payload)
+            if size > max_bytes:
+                return b"", system_error(
+                    lo + offset,
+                    "burla.errors.ResultTooLargeError",
+                    f"the return value of input #{lo + offset} ({type(value).__name__}) pickles to {size / 1e6:.1f} MB, "
+                    f"over the cluster's limit of {max_bytes / 1e6:.0f} MB per result (daemon.max_result_bytes). "
+                    "Write large outputs to the shared disk or object storage and return their paths.",
+                )
+        return payload, None
     for offset, value in enumerate(results):
         try:
             cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

@@ -108,6 +108,7 @@ class Registered(Wire):
     payload_host: str = ""  # where the daemon's payload files are (schemas.local)
     payload_dir: str = ""
     agent_token: str = field("", max_len=256)  # this agent's own token: its agent routes take no other
+    max_result_bytes: int = field(0, lo=0, hi=MAX_BYTES)  # per call's pickled result; 0: no limit
 
 
 @dataclasses.dataclass(frozen=True)

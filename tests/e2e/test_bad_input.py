@@ -28,7 +28,11 @@ def small_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         tmp_path_factory.mktemp("small"),
         agents=1,
         workers=2,
-        env={"BURLA_DAEMON_MAX_INPUT_BYTES": "1MB", "BURLA_DAEMON_MAX_FUNCTION_BYTES": "2MB"},
+        env={
+            "BURLA_DAEMON_MAX_INPUT_BYTES": "1MB",
+            "BURLA_DAEMON_MAX_FUNCTION_BYTES": "2MB",
+            "BURLA_DAEMON_MAX_RESULT_BYTES": "3MB",
+        },  # fmt: skip
     )
     yield cluster
     cluster.stop()
@@ -323,3 +327,15 @@ def test_python_version_mismatch_fails_at_once(limited: Cluster, tmp_path: Path)
         thread.join()
         limited.start_agent(0)
     wait_for(lambda: any(n["python_version"] != "3.99" for n in limited.status()["nodes"]), 30, "the agent back")
+
+
+def returns_too_much(x: int) -> bytes:
+    return b"x" * (4 * 10**6 if x == 2 else 10)
+
+
+def test_a_result_over_the_limit_fails_naming_the_input(limited: Cluster) -> None:
+    with pytest.raises(burla.ResultTooLargeError, match=r"input #2 \(bytes\) pickles to 4\.0 MB") as info:
+        remote_parallel_map(returns_too_much, range(4), spinner=False)
+    assert info.value.input_index == 2
+    assert "daemon.max_result_bytes" in str(info.value) and "limit of 3 MB" in str(info.value)
+    assert remote_parallel_map(returns_too_much, [0, 1], spinner=False) == [b"x" * 10] * 2
