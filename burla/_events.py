@@ -46,7 +46,7 @@ class Follower(Protocol):
     @property
     def job_id(self) -> str: ...
 
-    def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None: ...
+    async def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None: ...
 
     def fail(self, error: BurlaError) -> None: ...
 
@@ -126,7 +126,7 @@ class EventStream:
                             header, blobs = envelope.unpack(await ws.receive_bytes())
                             follower = self.jobs.get(header.get("job_id", ""))
                             if follower is not None:
-                                follower.take_message(header, blobs)
+                                await follower.take_message(header, blobs)
                 except BaseException as e:  # noqa: BLE001 - httpx-ws raises inside exception groups
                     trace("client", f"events lost: {e!r}")
                     self._ws = None

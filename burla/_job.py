@@ -134,7 +134,7 @@ class JobRun:
         self.queue.put(("error", error))
         self._ended.set()
 
-    def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
+    async def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
         """A message of the event stream for this job."""
         if "error" in header:
             e = header["error"]
@@ -146,12 +146,38 @@ class JobRun:
             event = m.Event.from_wire(wire)
             if event.seq <= self.after:
                 continue  # seen before a reconnect
-            self.after = event.seq
             trace("client", f"event {event.kind} [{event.lo},{event.hi})")
-            blob = bytes(blobs[event.blob]) if event.blob is not None else None
+            blob: bytes | bytearray | None = bytes(blobs[event.blob]) if event.blob is not None else None
+            if blob is None and event.size:
+                blob = await self._fetch_payload(event)  # before later events: "done" must follow its results
+            self.after = event.seq
             self._take(event, blob)
             if event.kind in _TERMINAL:
                 self._ended.set()
+
+    async def _fetch_payload(self, event: m.Event) -> bytes | bytearray:
+        """A payload too large for the websocket: from the daemon's file on this host, or streamed over HTTP."""
+        if self.local_payloads is not None and event.ref:
+            path = Path(self.local_payloads[0]) / event.ref
+            try:
+                return await trio.to_thread.run_sync(path.read_bytes)
+            except OSError:
+                pass  # not readable after all: over HTTP
+        buffer = bytearray()
+        try:
+            async with self.http.stream("GET", f"/v1/jobs/{self.job_id}/events/{event.seq}/payload") as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise error_from_response(r.status_code, r.text, "fetch a result")
+                async for chunk in r.aiter_raw():
+                    buffer += chunk
+        except httpx.TransportError as e:
+            raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
+        if len(buffer) != event.size:
+            raise ClusterUnavailableError(
+                f"a result of job {self.job_id} arrived cut short: {len(buffer)} of {event.size} bytes"
+            )
+        return buffer  # unpickled as it is: no second copy of a big result
 
     async def _cancel(self, reason: str) -> None:
         with trio.move_on_after(CANCEL_SECONDS):
@@ -232,7 +258,7 @@ class JobRun:
         finally:
             slots.release()
 
-    def _take(self, event: m.Event, blob: bytes | None) -> None:
+    def _take(self, event: m.Event, blob: bytes | bytearray | None) -> None:
         if event.kind == m.RESULTS:
             self.queue.put(("results", event.lo, event.hi, blob))
         elif event.kind == m.LOGS and blob is not None:

@@ -103,7 +103,7 @@ def local_path(filename: str, module: str) -> str:
     return filename
 
 
-def rebuild(data: dict[str, Any], exc_blob: bytes | None) -> BaseException:
+def rebuild(data: dict[str, Any], exc_blob: bytes | bytearray | None) -> BaseException:
     """The exception to raise for a FAILED event."""
     kind = data.get("kind", m.EXCEPTION)
     index = int(data.get("index", -1))
@@ -147,7 +147,7 @@ def _unpickled_exception(blob: Any) -> BaseException | None:
     return loaded if isinstance(loaded, BaseException) else None
 
 
-def _rebuild_tree(blob: bytes | None, data: dict[str, Any], index: int, node: str) -> BaseException | None:
+def _rebuild_tree(blob: bytes | bytearray | None, data: dict[str, Any], index: int, node: str) -> BaseException | None:
     """The raised exception with its causes, contexts and group members (`m.EXCEPTION_TREE`)."""
     if blob is None:
         return None

@@ -40,6 +40,7 @@ _DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read be
 
 _ID = re.compile(wire.ID)
 _SHA256 = re.compile(wire.SHA256)
+_CHUNK_BYTES = 1024**2  # of a streamed payload
 _REASON_CHARS = 4096  # of a cancel's reason
 _MAX_DIGESTS = 100_000  # in one POST /v1/blobs/missing
 
@@ -271,6 +272,23 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
         return _json(plane.job_status(job_id).to_wire())
+
+    @app.get("/v1/jobs/<job_id>/events/<int:seq>/payload")
+    async def event_payload(job_id: str, seq: int) -> Response:
+        """A payload too large to push on the websocket, streamed from its file in chunks."""
+        check_token(request.headers, ADMIN)
+        valid_id(job_id, "job id")
+        path = plane.event_payload(job_id, seq)
+        size = path.stat().st_size
+
+        async def chunks() -> Any:
+            with open(path, "rb") as f:  # noqa: ASYNC230 - each read runs in a thread
+                while chunk := await trio.to_thread.run_sync(f.read, _CHUNK_BYTES):
+                    yield chunk
+
+        response = Response(chunks(), content_type="application/octet-stream")
+        response.headers["content-length"] = str(size)
+        return response
 
     @app.get("/v1/cluster")
     async def cluster() -> Response:

@@ -38,6 +38,7 @@ from .store import Store
 log = logging.getLogger("burla.daemon")
 
 _SENT_BATCHES_REMEMBERED = 256
+SPILL_BYTES = 8 * 1024**2  # an event payload larger than this is fetched by its reader, not pushed
 _REQUEUED_REMEMBERED = 4096  # per agent: leases requeued as lost whose late result is still its own
 
 
@@ -275,8 +276,11 @@ class ControlPlane:
         return self.scheduler.job_status(self._job(job_id), self.clock())
 
     async def wait_events(self, job_id: str, after: int, timeout: float) -> list[tuple[m.Event, bytes | None]]:
-        """A job's events after `after`; waits up to `timeout` for the first one."""
-        events = self.store.events_after(job_id, after)
+        """A job's events after `after`; waits up to `timeout` for the first one.
+
+        Payloads over `SPILL_BYTES` are not pushed: their events say where to fetch them.
+        """
+        events = self.store.events_after(job_id, after, spill=SPILL_BYTES)
         if events:
             return events
         feed = self.feeds.get(job_id)
@@ -286,7 +290,15 @@ class ControlPlane:
             return []
         with trio.move_on_after(timeout):
             await feed.changed.wait()
-        return self.store.events_after(job_id, after)
+        return self.store.events_after(job_id, after, spill=SPILL_BYTES)
+
+    def event_payload(self, job_id: str, seq: int) -> Path:
+        """The file of a payload too large to push (see `wait_events`)."""
+        self._job(job_id)
+        path = self.store.event_payload(job_id, seq)
+        if path is None or not path.is_file():
+            raise NotFound(f"no payload for event {seq} of job {job_id}")
+        return path
 
     def _finish(self, job: JobState, state: str) -> None:
         """A job ended: record it, stop its leases, tell its agents and its client."""

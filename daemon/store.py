@@ -13,6 +13,7 @@ an older file up to date when it is opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -382,8 +383,14 @@ class Store:
             )
             return int(cur.lastrowid or 0)
 
-    def events_after(self, job_id: str, after: int, max_bytes: int = 8 * 1024**2) -> list[tuple[m.Event, bytes | None]]:
-        """A job's events after sequence `after`, up to about `max_bytes` of payload."""
+    def events_after(
+        self, job_id: str, after: int, max_bytes: int = 8 * 1024**2, spill: int | None = None
+    ) -> list[tuple[m.Event, bytes | None]]:
+        """A job's events after sequence `after`, up to about `max_bytes` of payload.
+
+        A payload file larger than `spill` bytes is not read: its event names it (`ref`, `size`) and
+        its reader fetches it on its own, so a big result never sits whole in the daemon's memory.
+        """
         out: list[tuple[m.Event, bytes | None]] = []
         total = 0
         cursor = self.conn.execute(
@@ -392,9 +399,14 @@ class Store:
             (job_id, after),
         )
         for seq, kind, lo, hi, data, payload, ref in cursor:
+            event = m.Event(seq, kind, lo, hi, json.loads(data) if data else {})
             if ref:
+                size = self.payloads.path(ref).stat().st_size
+                if spill is not None and size > spill:
+                    out.append((dataclasses.replace(event, size=size, ref=ref), None))
+                    continue
                 payload = self.payloads.get(ref)
-            out.append((m.Event(seq, kind, lo, hi, json.loads(data) if data else {}), payload))
+            out.append((event, payload))
             total += len(payload or b"")
             if total >= max_bytes:
                 break
@@ -408,6 +420,11 @@ class Store:
                 " dropped_log_lines = dropped_log_lines + ? WHERE job_id = ?",
                 (nbytes, dropped_bytes, dropped_lines, job_id),
             )
+
+    def event_payload(self, job_id: str, seq: int) -> Path | None:
+        """The file of an event's payload, when it has one."""
+        ref = self._one("SELECT payload_ref FROM events WHERE job_id = ? AND seq = ?", (job_id, seq))
+        return self.payloads.path(str(ref)) if ref else None
 
     def log_bytes(self, job_id: str) -> int:
         return int(self._one("SELECT log_bytes FROM jobs WHERE job_id = ?", (job_id,)) or 0)

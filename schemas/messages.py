@@ -279,6 +279,10 @@ class Event(Wire):
     hi: int = 0
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     blob: int | None = None
+    # a payload too large to push on the websocket: GET /v1/jobs/{job}/events/{seq}/payload (`size` bytes),
+    # or, for a client on the daemon's host, the file `ref` under the payload dir
+    size: int = field(0, lo=0, hi=MAX_BYTES)
+    ref: str = field("", pattern=PAYLOAD_REF)
 
 
 @dataclasses.dataclass(frozen=True)
