@@ -186,11 +186,12 @@ class Agent:
         """POST a report to the daemon and take in what it delivers back."""
         agent_id = self.agent_id
         trace("agent", f"{route} send results={[r['lease_id'] for r in header['results']]}")
+        content, length = _body(envelope.parts(header, blobs))
         try:
             r = await self.http.post(
                 f"/v1/agents/{agent_id}/{route}",
-                content=envelope.pack(header, blobs),
-                headers={"content-type": envelope.CONTENT_TYPE, **self.agent_auth},
+                content=content,
+                headers={"content-type": envelope.CONTENT_TYPE, "content-length": str(length), **self.agent_auth},
                 timeout=httpx.Timeout(self.poll_timeout + 30.0, connect=5.0),
             )
         except httpx.TransportError as e:
@@ -357,6 +358,25 @@ class Agent:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.workers.statistics(), **self.blobs.statistics(), **self.counters}
+
+
+_STREAM_BYTES = 8 * 1024**2  # a report larger than this goes out in chunks, never joined into one copy
+_CHUNK_BYTES = 1024**2
+
+
+def _body(parts: Sequence[bytes | bytearray | memoryview]) -> tuple[Any, int]:
+    """A request body of envelope parts, and its length: small ones joined, big ones streamed in chunks."""
+    length = sum(len(p) for p in parts)
+    if length <= _STREAM_BYTES:
+        return b"".join(parts), length
+
+    async def chunks() -> Any:
+        for part in parts:
+            view = memoryview(part)
+            for i in range(0, len(view), _CHUNK_BYTES):
+                yield bytes(view[i : i + _CHUNK_BYTES])
+
+    return chunks(), length
 
 
 def _remove_tree(path: Path) -> None:
