@@ -7,6 +7,11 @@ two clusters at once: the process that starts the cluster hands the lock to
 the new daemon, which lets go of it once ``daemon.json`` is written, so no
 other process starts a second cluster while the first is still coming up. It
 stops itself after ``embedded.idle_timeout``.
+
+The daemon is a child of the process that started it, which reaps it (a
+thread waits on it), so it never lingers as that process's zombie. `stop`
+does not watch the daemon's pid but its state directory's lock, which the
+daemon lets go once it and its agent have finished.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
+from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home, state_dir_free
 
 from .errors import ClusterUnavailableError
 
@@ -30,7 +36,7 @@ _STARTED: dict[int, subprocess.Popen[bytes]] = {}
 
 def _alive(pid: int) -> bool:
     child = _STARTED.get(pid)
-    if child is not None:  # our own child: poll() reaps it once it has exited
+    if child is not None:  # our own child: its reaper sets returncode once it has exited
         return child.poll() is None
     try:
         os.kill(pid, 0)
@@ -38,7 +44,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) still answers kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def discover() -> dict[str, str] | None:
@@ -47,9 +57,16 @@ def discover() -> dict[str, str] | None:
         info = json.loads((local_cluster_home() / DISCOVERY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
+    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))) or _finished(info):
         return None
     return info
+
+
+def _finished(info: dict[str, str]) -> bool:
+    """Whether the daemon `info` describes has finished, its agent stopped too (or it died)."""
+    if "state_dir" in info:  # held until everything has stopped, whatever its pid looks like now
+        return state_dir_free(Path(info["state_dir"]))
+    return not _alive(int(info["pid"]))  # an older daemon, which lets go of its lock before its agent stops
 
 
 def start() -> subprocess.Popen[bytes] | None:
@@ -82,6 +99,8 @@ def _spawn(home: Path, lock_fd: int) -> subprocess.Popen[bytes]:
             env={**os.environ, START_LOCK_FD_ENV: str(lock_fd)},
         )
     _STARTED[proc.pid] = proc
+    # Reaped as soon as it exits, so it is never a zombie of this process that others take for alive.
+    threading.Thread(target=proc.wait, name=f"burla-reap-{proc.pid}", daemon=True).start()
     return proc
 
 
@@ -126,20 +145,26 @@ def ensure_started(timeout: float = 60.0, starting: subprocess.Popen[bytes] | No
         )
 
 
-def stop(timeout: float = 10.0) -> bool:
-    """Stop the local cluster; False if none was running."""
+def stop(timeout: float = 10.0) -> str | None:
+    """Stop the local cluster: "stopped", "killed" if it ignored SIGTERM for `timeout`; None if none ran."""
     info = discover()
     if info is None:
-        return False
+        return None
     pid = int(info["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    outcome = "stopped"
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while not _finished(info):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)  # the last resort: it ignored SIGTERM
+                outcome = "killed"
+                break
+            time.sleep(0.01)
+    except ProcessLookupError:
+        pass  # it exited meanwhile
     (local_cluster_home() / DISCOVERY_FILE).unlink(missing_ok=True)
-    return True
+    return outcome
 
 
 def _failed(proc: subprocess.Popen[bytes], log_path: Path) -> ClusterUnavailableError:
