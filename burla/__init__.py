@@ -22,6 +22,7 @@ from .errors import (
     MemoryLimitError,
     RemoteError,
     UnsatisfiableError,
+    VersionMismatchError,
     WorkerDiedError,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "MemoryLimitError",
     "RemoteError",
     "UnsatisfiableError",
+    "VersionMismatchError",
     "WorkerDiedError",
     "__version__",
     "remote_parallel_map",

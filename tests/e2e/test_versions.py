@@ -6,9 +6,12 @@ BURLA_TEST_REPORTED_PROTOCOL) set: burla._version states those instead of its ow
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import burla
+from burla import VersionMismatchError, remote_parallel_map
 from burla.schemas import messages as m
 from tests.cluster import Cluster
 
@@ -19,7 +22,25 @@ SAME_PROTOCOL = {"BURLA_TEST_REPORTED_VERSION": OLD_VERSION}  # another version,
 OTHER_PROTOCOL = {**SAME_PROTOCOL, "BURLA_TEST_REPORTED_PROTOCOL": str(m.PROTOCOL_VERSION + 100)}
 
 
-# ---- agents ---------------------------------------------------------------------------------
+# ---- a configured cluster and its agents ---------------------------------------------------
+
+
+@pytest.mark.parametrize("own_cluster", [{"agents": 1, "env": OTHER_PROTOCOL}], indirect=True)
+def test_a_cluster_of_an_incompatible_version_is_refused_at_once_naming_both(own_cluster: Cluster) -> None:
+    began = time.monotonic()
+    with pytest.raises(VersionMismatchError) as refused:
+        remote_parallel_map(abs, [-1], spinner=False)
+    assert time.monotonic() - began < 10
+    message = str(refused.value)
+    assert f"at {own_cluster.url} runs Burla {OLD_VERSION} (protocol {m.PROTOCOL_VERSION + 100})" in message
+    assert f"this process Burla {burla.__version__} (protocol {m.PROTOCOL_VERSION})" in message
+    assert f"Install burla=={OLD_VERSION} here" in message
+    assert own_cluster.status()["jobs"] == []  # nothing was sent
+
+
+@pytest.mark.parametrize("own_cluster", [{"agents": 1, "env": SAME_PROTOCOL}], indirect=True)
+def test_a_cluster_of_another_version_stating_the_same_protocol_is_used(own_cluster: Cluster) -> None:
+    assert remote_parallel_map(abs, [-1, -2], spinner=False) == [1, 2]
 
 
 @pytest.mark.parametrize("own_cluster", [{"agents": 1, "workers": 1}], indirect=True)
