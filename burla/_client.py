@@ -120,7 +120,7 @@ class Client:
                 self._http = self._events = None
                 reopen = True
             if self.settings.embedded:
-                info = _local.discover() or _local.ensure_started(starting=starting)
+                info = _local.ensure_started(starting=starting)  # of this Burla version, or one it can use
                 if info["url"] != self._url:  # first use, or the local cluster was restarted
                     self._url, self._key = info["url"], info["admin_token"]
                     self.limits = {}
@@ -138,7 +138,7 @@ class Client:
                     self._url, self._key = info["url"], info["admin_token"]
                     self._portal.run(self._open)
                     limits = self._portal.run(self._info)
-                if not self.settings.embedded:
+                if not self.settings.embedded:  # the local cluster's version was checked as it was found
                     check_version(limits, self._url)
                 self.limits = limits
 

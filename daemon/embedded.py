@@ -147,6 +147,8 @@ async def _serve_embedded(
             "admin_token": running.admin_token,
             "started": running.plane.started,
             "state_dir": str(running.state_dir),  # its lock is held until this daemon has finished
+            "version": running.plane.version,  # a client of another version replaces this cluster when idle
+            "protocol": running.plane.protocol,
         }
         write_private(home / DISCOVERY_FILE, discovery)
         if start_lock >= 0:
