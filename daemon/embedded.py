@@ -137,28 +137,33 @@ async def _serve_embedded(
 
     from .server import serve, write_private
 
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(
-            partial(serve, config.daemon, sock=sock, standby=config.standby, state_lock=state_lock)
-        )
-        discovery = {
-            "url": url,
-            "pid": os.getpid(),
-            "admin_token": running.admin_token,
-            "started": running.plane.started,
-            "state_dir": str(running.state_dir),  # its lock is held until this daemon has finished
-            "version": running.plane.version,  # a client of another version replaces this cluster when idle
-            "protocol": running.plane.protocol,
-        }
-        write_private(home / DISCOVERY_FILE, discovery)
-        if start_lock >= 0:
-            os.close(start_lock)  # other clients waiting to start a cluster now find this one
-        nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+    # Listening before daemon.json is written: a `burla local stop` as soon as it serves is a clean stop too.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            running = await nursery.start(
+                partial(serve, config.daemon, sock=sock, standby=config.standby, state_lock=state_lock)
+            )
+            discovery = {
+                "url": url,
+                "pid": os.getpid(),
+                "admin_token": running.admin_token,
+                "started": running.plane.started,
+                "state_dir": str(running.state_dir),  # its lock is held until this daemon has finished
+                "version": running.plane.version,  # a client of another version replaces this cluster when idle
+                "protocol": running.plane.protocol,
+            }
+            write_private(home / DISCOVERY_FILE, discovery)
+            if start_lock >= 0:
+                os.close(start_lock)  # other clients waiting to start a cluster now find this one
+            nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
+
+
+async def _cancel_on_signal(signals: Any, scope: Any) -> None:
+    async for signum in signals:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 async def _watch(config: Config, running: Any, agents: list[subprocess.Popen[bytes]], home: Path, scope: Any) -> None:

@@ -96,9 +96,12 @@ def stop_with_cli() -> float:
     return took
 
 
-def assert_stopped_cleanly(home: Path) -> None:
-    """The daemon stopped on SIGTERM, after its agent stopped on SIGTERM of itself (exit code 0)."""
-    log = (home / "daemon.log").read_text()
+def assert_stopped_cleanly(home: Path, since: int = 0) -> None:
+    """The daemon stopped on SIGTERM, after its agent stopped on SIGTERM of itself (exit code 0).
+
+    `since`: where the daemon's log stood before this daemon started.
+    """
+    log = (home / "daemon.log").read_text()[since:]
     assert "stopping on SIGTERM" in log, log[-3000:]
     assert "node agent" in log and "stopped: exit code 0" in log, log[-3000:]
     assert "killing it" not in log
@@ -135,6 +138,17 @@ def test_burla_local_stop_returns_at_once_and_stops_the_cluster_cleanly(
     if alive is not None:
         out, _ = alive.communicate("\n", timeout=30)
         assert out.strip() == "exit code 0"
+
+
+def test_a_stop_as_soon_as_the_cluster_serves_is_clean_too(local_home: Path) -> None:
+    # Before, the daemon and its agent listened for SIGTERM only once started: a stop just after the start
+    # killed the agent mid-start (exit code -15), or the daemon itself, leaving its agent behind.
+    for _ in range(3):
+        log = local_home / "daemon.log"
+        since = len(log.read_text()) if log.exists() else 0
+        _local.ensure_started()
+        assert _local.stop() == "stopped"
+        assert_stopped_cleanly(local_home, since)
 
 
 def test_the_wheel_installs_only_the_burla_package(tmp_path: Path) -> None:
