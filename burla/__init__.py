@@ -24,6 +24,7 @@ from .errors import (
     RemoteError,
     ResultTooLargeError,
     UnsatisfiableError,
+    VersionMismatchError,
     WorkerDiedError,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "RemoteError",
     "ResultTooLargeError",
     "UnsatisfiableError",
+    "VersionMismatchError",
     "WorkerDiedError",
     "__version__",
     "remote_parallel_map",

@@ -25,6 +25,7 @@ from .errors import (
     InvalidArgumentError,
     TooLargeError,
     UnsatisfiableError,
+    VersionMismatchError,
 )
 
 _DEFAULT_LOCK = threading.Lock()
@@ -44,6 +45,8 @@ def error_from_response(status: int, text: str, what: str) -> BurlaError:
         return AuthenticationError(
             f"the cluster refused the API key ({message}). Pass api_key=, set BURLA_API_KEY, or run `burla login URL`."
         )
+    if code == "version_mismatch":
+        return VersionMismatchError(message)
     if status == 413 or code == "too_large":
         return TooLargeError(message)
     if status == 422 or code == "unsatisfiable":
@@ -51,6 +54,22 @@ def error_from_response(status: int, text: str, what: str) -> BurlaError:
     if status == 400:
         return InvalidArgumentError(f"the cluster rejected the request to {what}: {message}")
     return ClusterError(f"the cluster answered {status} to {what}: {message}")
+
+
+def check_version(info: dict[str, Any], url: str) -> None:
+    """Refuse a cluster whose `/v1/info` states another Burla version and protocol than this process's."""
+    from burla.schemas.messages import compatible
+
+    from . import _version
+
+    theirs, their_protocol = str(info.get("version") or "(unknown)"), int(info.get("protocol") or 0)
+    ours, our_protocol = _version.version(), _version.protocol()
+    if not compatible(ours, our_protocol, theirs, their_protocol):
+        raise VersionMismatchError(
+            f"the Burla cluster at {url} runs Burla {theirs} (protocol {their_protocol}) and this process Burla "
+            f"{ours} (protocol {our_protocol}): they are not promised to work together, so nothing was sent. "
+            f"Install burla=={theirs} here, or upgrade the cluster's burlad and node agents to burla=={ours}."
+        )
 
 
 class Client:
@@ -101,7 +120,7 @@ class Client:
                 self._http = self._events = None
                 reopen = True
             if self.settings.embedded:
-                info = _local.discover() or _local.ensure_started(starting=starting)
+                info = _local.ensure_started(starting=starting)  # of this Burla version, or one it can use
                 if info["url"] != self._url:  # first use, or the local cluster was restarted
                     self._url, self._key = info["url"], info["admin_token"]
                     self.limits = {}
@@ -111,14 +130,17 @@ class Client:
                 self._portal.run(self._open)
             if not self.limits:
                 try:
-                    self.limits = self._portal.run(self._info)
+                    limits = self._portal.run(self._info)
                 except ClusterUnavailableError:
                     if not self.settings.embedded:
                         raise
                     info = _local.ensure_started()  # the local cluster went idle and stopped: start it again
                     self._url, self._key = info["url"], info["admin_token"]
                     self._portal.run(self._open)
-                    self.limits = self._portal.run(self._info)
+                    limits = self._portal.run(self._info)
+                if not self.settings.embedded:  # the local cluster's version was checked as it was found
+                    check_version(limits, self._url)
+                self.limits = limits
 
     async def _open(self) -> None:
         import httpx
@@ -254,7 +276,7 @@ class Client:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.schemas import messages as m
 
-        from . import __version__
+        from . import _version
         from ._job import JobRun, ResultIterator, collect
         from ._pickling import InputBatcher, function_hash, function_name, pickle_function
 
@@ -303,7 +325,7 @@ class Client:
             func_cpu=float(func_cpu),
             func_ram=float(func_ram),
             max_parallelism=max_parallelism,
-            client_version=__version__,
+            client_version=_version.version(),
             image=image or "",
             build=build,
             env=env_digest,

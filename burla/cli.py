@@ -171,10 +171,17 @@ def _status(as_json: bool) -> int:
 
 def _local_command(action: str) -> int:
     if action == "stop":
-        print("local cluster stopped" if _local.stop() else "no local cluster running")
+        outcome = _local.stop()
+        if outcome == "killed":
+            print("local cluster killed: it did not stop within 10s of SIGTERM", file=sys.stderr)
+        print("local cluster stopped" if outcome else "no local cluster running")
         return 0
     info = _local.ensure_started() if action == "start" else _local.discover()
-    print(f"local cluster running at {info['url']} (pid {info['pid']})" if info else "no local cluster running")
+    if info is None:
+        print("no local cluster running")
+        return 0
+    version = f", Burla {info['version']}" if info.get("version") else ""
+    print(f"local cluster running at {info['url']} (pid {info['pid']}{version})")
     return 0
 
 

@@ -17,7 +17,8 @@ errors of Burla itself::
     ├── ClusterError                the cluster cannot be reached or refused the request
     │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
     │   ├── AuthenticationError     the cluster refused the API key
-    │   └── NoNodesError            no node joined the cluster in time
+    │   ├── NoNodesError            no node joined the cluster in time
+    │   └── VersionMismatchError    the cluster runs a Burla version this one cannot work with
     ├── JobCancelledError           the job was cancelled on the cluster
     └── CallError                   one call failed inside Burla, not inside your code
         ├── RemoteError             your function raised something that cannot be rebuilt here
@@ -102,6 +103,13 @@ class NoNodesError(ClusterError):
     pass
 
 
+class VersionMismatchError(ClusterError):
+    """The cluster runs another Burla version, which does not state this one's protocol.
+
+    The message names both versions and what to install (or, for the local cluster, what it runs).
+    """
+
+
 class JobCancelledError(BurlaError):
     pass
 
@@ -177,5 +185,6 @@ __all__ = [
     "UnpicklableResultError",
     "UnpicklingError",
     "UnsatisfiableError",
+    "VersionMismatchError",
     "WorkerDiedError",
 ]

@@ -18,7 +18,6 @@ import trio
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from burla import __version__
 from burla._trace import trace
 from burla.schemas import envelope, wire
 from burla.schemas import messages as m
@@ -192,7 +191,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/health")
     async def health() -> Response:
-        return _json({"ok": True, "version": __version__, "boot_id": plane.boot_id})
+        return _json({"ok": True, "version": plane.version, "protocol": plane.protocol, "boot_id": plane.boot_id})
 
     # ---- client routes --------------------------------------------------------------
 
@@ -201,7 +200,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         check_token(request.headers, ADMIN)
         return _json(
             {
-                "version": __version__,
+                "version": plane.version,
+                "protocol": plane.protocol,
                 "max_function_bytes": config.max_function_bytes,
                 "max_input_bytes": config.max_input_bytes,
                 "max_build_context_bytes": config.max_build_context_bytes,

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    early_stop: list[int] = []
+    if args.command == "agent":  # a SIGTERM while it still imports is kept for when it listens, not fatal
+        signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if "." in k}
     if args.command == "agent":
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve_unless_taken(config, args.embedded)
     if args.command == "agent":
-        return _agent(config)
+        return _agent(config, early_stop)
     if args.command == "tokens":
         from .store import Store
 
@@ -130,7 +133,8 @@ def _serve(config: Config) -> None:
     trio.run(main)
 
 
-def _agent(config: Config) -> int:
+def _agent(config: Config, early_stop: list[int]) -> int:
+    """Run a node agent until SIGTERM or SIGINT; `early_stop` is not empty once one came before it listened."""
     import trio
 
     from burla.node_agent.agent import Agent, AgentError
@@ -152,13 +156,17 @@ def _agent(config: Config) -> int:
         return 2
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(Agent(config.agent, runtime).run)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
+        # Listening before the agent starts: a SIGTERM while it starts its workers or registers (a local
+        # cluster stopped right after it started) stops it cleanly too, its workers with it.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                if early_stop:
                     nursery.cancel_scope.cancel()
-                    return
+                nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                await nursery.start(Agent(config.agent, runtime).run)
 
+    if early_stop:
+        return 0
     try:
         trio.run(main)
     except BaseException as e:  # AgentError, or a taken state dir, maybe inside exception groups
@@ -170,6 +178,12 @@ def _agent(config: Config) -> int:
             return 1
         raise
     return 0
+
+
+async def _cancel_on_signal(signals: Any, scope: Any) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
 
 
 if __name__ == "__main__":

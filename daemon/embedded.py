@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,11 +23,13 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
-from .config import Config, new_token
+from .config import Config, lock_state_dir, new_token
+
+log = logging.getLogger("burla.daemon")
 
 
 def _tokens(state_dir: Path) -> dict[str, str]:
@@ -41,13 +44,20 @@ def _tokens(state_dir: Path) -> dict[str, str]:
 
 
 def run_embedded(config: Config) -> None:
-    """Serve a local cluster until idle (blocks)."""
+    """Serve a local cluster until idle or stopped (blocks)."""
     start_lock = os.environ.pop(START_LOCK_FD_ENV, "")
     home = local_cluster_home()
     home.mkdir(parents=True, exist_ok=True)
     config.daemon.state_dir = config.daemon.state_dir or str(home / "daemon")
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Held until the agent has stopped too: `burla local stop` knows by it that everything has finished.
+    with lock_state_dir(state_dir) as state_lock:
+        _run_embedded(config, home, state_dir, state_lock, int(start_lock) if start_lock else -1)
+    log.info("local cluster stopped")
+
+
+def _run_embedded(config: Config, home: Path, state_dir: Path, state_lock: IO[str], start_lock: int) -> None:
     tokens = _tokens(state_dir)
     ram_dir: Path | None = None
     if not config.daemon.payload_dir:
@@ -74,7 +84,7 @@ def run_embedded(config: Config) -> None:
     try:
         import trio
 
-        trio.run(_serve_embedded, config, sock, url, agents, home, int(start_lock) if start_lock else -1)
+        trio.run(_serve_embedded, config, sock, url, agents, home, state_lock, start_lock)
     finally:
         _stop(agents[-1])
         _remove_discovery(home)
@@ -94,14 +104,17 @@ def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(5)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            log.warning("node agent (pid %d) did not stop within %gs of SIGTERM: killing it", proc.pid, timeout)
             proc.kill()
             proc.wait()
+            return
+    log.info("node agent (pid %d) stopped: exit code %d", proc.pid, proc.returncode)
 
 
 def _remove_discovery(home: Path) -> None:
@@ -114,25 +127,45 @@ def _remove_discovery(home: Path) -> None:
 
 
 async def _serve_embedded(
-    config: Config, sock: socket.socket, url: str, agents: list[subprocess.Popen[bytes]], home: Path, start_lock: int
+    config: Config,
+    sock: socket.socket,
+    url: str,
+    agents: list[subprocess.Popen[bytes]],
+    home: Path,
+    state_lock: IO[str],
+    start_lock: int,
 ) -> None:
     import trio
 
     from .server import serve, write_private
 
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(partial(serve, config.daemon, sock=sock, standby=config.standby))
-        write_private(
-            home / DISCOVERY_FILE,
-            {"url": url, "pid": os.getpid(), "admin_token": running.admin_token, "started": running.plane.started},
-        )
-        if start_lock >= 0:
-            os.close(start_lock)  # other clients waiting to start a cluster now find this one
-        nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                return
+    # Listening before daemon.json is written: a `burla local stop` as soon as it serves is a clean stop too.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            running = await nursery.start(
+                partial(serve, config.daemon, sock=sock, standby=config.standby, state_lock=state_lock)
+            )
+            discovery = {
+                "url": url,
+                "pid": os.getpid(),
+                "admin_token": running.admin_token,
+                "started": running.plane.started,
+                "state_dir": str(running.state_dir),  # its lock is held until this daemon has finished
+                "version": running.plane.version,  # a client of another version replaces this cluster when idle
+                "protocol": running.plane.protocol,
+            }
+            write_private(home / DISCOVERY_FILE, discovery)
+            if start_lock >= 0:
+                os.close(start_lock)  # other clients waiting to start a cluster now find this one
+            nursery.start_soon(_watch, config, running, agents, home, nursery.cancel_scope)
+
+
+async def _cancel_on_signal(signals: Any, scope: Any) -> None:
+    async for signum in signals:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 async def _watch(config: Config, running: Any, agents: list[subprocess.Popen[bytes]], home: Path, scope: Any) -> None:

@@ -5,6 +5,7 @@
     ├── Unauthorized      401  missing or wrong token
     ├── NotFound          404  unknown job or agent
     ├── Conflict          409  the job is finished, or its id is taken
+    │   └── VersionMismatch 409  an agent of a Burla version this daemon cannot work with
     ├── TooLarge          413  a function or input over the configured limits
     └── Unsatisfiable     422  no node could ever run the job
 
@@ -50,6 +51,10 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status = 409
     code = "conflict"
+
+
+class VersionMismatch(Conflict):
+    code = "version_mismatch"
 
 
 class TooLarge(ApiError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from burla._trace import trace
 from burla.schemas import messages as m
 
 from .app import create_app
-from .config import DaemonConfig, StandbyConfig, StateDirInUse
+from .config import DaemonConfig, StandbyConfig, lock_state_dir
 from .service import ControlPlane
 from .store import Store
 
@@ -64,37 +63,22 @@ def write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold `state_dir` for this process: two daemons on one SQLite file would hand out the same inputs."""
-    lock = open(state_dir / "burlad.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise StateDirInUse(
-            f"another burlad (pid {holder}) is serving from {state_dir}: stop it first, "
-            "or give this one another --state-dir"
-        ) from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
-
-
 async def serve(
     config: DaemonConfig,
     *,
     sock: socket.socket | None = None,
     standby: StandbyConfig | None = None,
+    state_lock: IO[str] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled, on `sock` if given. Reports a `Running` once listening."""
+    """Serve until cancelled, on `sock` if given. Reports a `Running` once listening.
+
+    `state_lock`: the state dir's lock, taken by the caller (`lock_state_dir`), who lets it go.
+    """
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     with (
-        lock_state_dir(state_dir),
+        contextlib.nullcontext(state_lock) if state_lock is not None else lock_state_dir(state_dir),
         contextlib.closing(Store(state_dir / "burla.db", config.payload_dir or None)) as store,
     ):
         plane = ControlPlane(store, config)

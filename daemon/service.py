@@ -25,13 +25,14 @@ from typing import Any
 
 import trio
 
+from burla import _version
 from burla._trace import trace
 from burla.schemas import local
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
 from .config import DaemonConfig
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable
+from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .store import Store
 
@@ -93,6 +94,7 @@ class ControlPlane:
         self.config = config
         self.clock = clock
         self.boot_id = uuid.uuid4().hex[:12]
+        self.version, self.protocol = _version.version(), _version.protocol()
         self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
         self.links: dict[str, AgentLink] = {}
         self.feeds: dict[str, JobFeed] = {}
@@ -333,6 +335,13 @@ class ControlPlane:
     # ---- agents -----------------------------------------------------------------------
 
     def register(self, info: m.NodeInfo) -> m.Registered:
+        if not m.compatible(self.version, self.protocol, info.agent_version, info.protocol):
+            raise VersionMismatch(
+                f"the node agent on {info.hostname} runs Burla {info.agent_version or '(unknown)'} "
+                f"(protocol {info.protocol}), this daemon Burla {self.version} (protocol {self.protocol}): "
+                f"they cannot work together. Install burla=={self.version} on {info.hostname} and restart the "
+                "agent, or run a daemon of the agent's version."
+            )
         agent_id = uuid.uuid4().hex[:16]
         now = self.clock()
         requeued = self.scheduler.add_node(agent_id, info, now)

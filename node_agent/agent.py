@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import trio
 
-import burla
+from burla import _version
 from burla._trace import trace
 from burla.daemon.config import AgentConfig
 from burla.schemas import envelope, local
@@ -114,9 +114,13 @@ class Agent:
                 workers=self._n_workers(cpus),
                 runtime=self.runtime.name,
                 gpus=host.gpus(),
-                agent_version=burla.__version__,
+                agent_version=_version.version(),
+                protocol=_version.protocol(),
             )
-            headers = {"authorization": f"Bearer {self.config.token}", "user-agent": f"burla-agent/{burla.__version__}"}
+            headers = {
+                "authorization": f"Bearer {self.config.token}",
+                "user-agent": f"burla-agent/{_version.version()}",
+            }
             timeout = httpx.Timeout(60.0, connect=10.0)
             async with httpx.AsyncClient(base_url=self.config.url, headers=headers, timeout=timeout) as self.http:
                 async with trio.open_nursery() as nursery:
@@ -144,6 +148,8 @@ class Agent:
                 continue
             if r.status_code == 401:
                 raise AgentError(f"the daemon at {self.config.url} refused this agent's token: {r.text}")
+            if r.status_code == 409 and _error_code(r) == "version_mismatch":  # retrying cannot help
+                raise AgentError(f"the daemon at {self.config.url} refused this agent: {_error_message(r)}")
             if r.status_code != 200:
                 log.warning("register failed (%s): %s", r.status_code, r.text)
                 await trio.sleep(backoff)
@@ -358,6 +364,20 @@ class Agent:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.workers.statistics(), **self.blobs.statistics(), **self.counters}
+
+
+def _error_code(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:500]
 
 
 _STREAM_BYTES = 8 * 1024**2  # a report larger than this goes out in chunks, never joined into one copy

@@ -14,10 +14,15 @@ The embedded local cluster is found the same way by every process of the
 user: its daemon writes ``DISCOVERY_FILE`` in ``local_cluster_home()``, and
 the client that starts it hands it the start lock as the file descriptor
 named in ``START_LOCK_FD_ENV``, held until that file is written.
+
+A daemon holds ``STATE_LOCK`` in its state directory while it runs (the
+embedded one until its agent has stopped too): once `state_dir_free` is true,
+that daemon has finished, whatever its pid looks like to others.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -27,6 +32,7 @@ from pathlib import Path
 PROBE = ".probe"
 DISCOVERY_FILE = "daemon.json"
 START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"
+STATE_LOCK = "burlad.lock"
 _BATCH_REF = re.compile(r"^([0-9a-f]{8,64})/b([0-9]{1,9})$")
 
 
@@ -41,6 +47,21 @@ def state_home() -> Path:
 def local_cluster_home() -> Path:
     """The embedded local cluster's directory: its discovery file, start lock and logs."""
     return state_home() / "local"
+
+
+def state_dir_free(state_dir: Path) -> bool:
+    """Whether no daemon holds `state_dir` (tried without waiting; the lock is let go at once)."""
+    try:
+        fd = os.open(state_dir / STATE_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def host_id() -> str:

@@ -4,6 +4,8 @@ Bodies travel as envelopes (`schemas.envelope`): these dataclasses are the
 JSON header's parts, and integer `*_blob` fields index the envelope's blobs.
 
 Client -> daemon
+    GET  /v1/info                 -> {"version": str, "protocol": int, limits...}: the client checks
+                                  `compatible` against its own before it sends anything
     POST /v1/jobs                 {"spec": JobSpec, "batches": [BatchMeta], "final_count": n|None,
                                    "payload_proof": str?}
                                   blobs: [function, batch...] (none for a batch with a payload_ref)
@@ -15,7 +17,7 @@ Client -> daemon
                                   and {"op": "ack", "job": ID}; the daemon sends envelopes
                                   {"job_id": ID, "events": [Event], "status": JobStatus} + blobs.
 Agent -> daemon
-    POST /v1/agents/register      NodeInfo                    -> Registered
+    POST /v1/agents/register      NodeInfo                    -> Registered, or 409 "version_mismatch"
     POST /v1/agents/{id}/poll     AgentReport (long-poll)     -> Delivery
     POST /v1/agents/{id}/report   AgentReport + result blobs  -> Delivery (never waits)
 """
@@ -27,7 +29,17 @@ from typing import Any
 
 from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field, nested
 
+# Parts of two Burla versions work together only where they state the same protocol number (`compatible`).
+# Bump it with any change that a part of the previous version cannot speak: a message field without a
+# default, a changed meaning, the envelope, a route, the worker shim's socket protocol, how functions and
+# results are pickled. Parts older than this number state none (0).
 PROTOCOL_VERSION = 1
+
+
+def compatible(version: str, protocol: int, other_version: str, other_protocol: int) -> bool:
+    """Whether parts of these Burla versions and protocol numbers may work together."""
+    return version == other_version or (protocol > 0 and protocol == other_protocol)
+
 
 # Streams of a log line.
 STDOUT = 1
@@ -97,6 +109,7 @@ class NodeInfo(Wire):
     runtime: str = field("process", max_len=32)
     gpus: tuple[str, ...] = field((), max_items=64)
     agent_version: str = field("", max_len=64)
+    protocol: int = field(0, lo=0, hi=2**31)  # PROTOCOL_VERSION of the agent; 0: an agent older than protocol numbers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+import burla
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
@@ -63,7 +64,9 @@ def valid_messages() -> dict[str, dict[str, Any]]:
     return {
         "JobSpec": m.JobSpec("fuzzjob", "abs", hashlib.sha256(fn).hexdigest(), PY).to_wire(),
         "BatchMeta": m.BatchMeta(0, 0, 3).to_wire(),
-        "NodeInfo": m.NodeInfo("fuzznode", "h", 2, 10**9, PY, 2).to_wire(),
+        "NodeInfo": m.NodeInfo(
+            "fuzznode", "h", 2, 10**9, PY, 2, agent_version=burla.__version__, protocol=m.PROTOCOL_VERSION
+        ).to_wire(),  # fmt: skip
         "AgentReport": m.AgentReport(
             ready_workers=2,
             running=(1, 2),

@@ -288,13 +288,14 @@ def test_an_events_socket_answers_garbage_with_an_error(limited: Cluster) -> Non
 def test_python_version_mismatch_fails_at_once(limited: Cluster, tmp_path: Path) -> None:
     """A node that runs another Python (here a stand-in speaking the real agent API) cannot take the job."""
     from burla.schemas import envelope as env
+    from burla.schemas.messages import PROTOCOL_VERSION
 
     headers = {"authorization": f"Bearer {limited.node_token}"}
     r = httpx.post(
         limited.url + "/v1/agents/register",
         headers=headers,
         json={"node_id": "fake", "hostname": "other", "cpus": 4, "ram_bytes": 8 * 10**9, "python_version": "3.99",
-              "workers": 4},
+              "workers": 4, "agent_version": burla.__version__, "protocol": PROTOCOL_VERSION},
         timeout=5,
     )  # fmt: skip
     assert r.status_code == 200

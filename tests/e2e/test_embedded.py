@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,84 @@ def test_the_local_cluster_stops_when_idle_and_starts_again(local_home: Path, mo
     wait_for(lambda: not _local._alive(pid), 10, "the idle daemon process to exit")
     assert remote_parallel_map(abs, [-6], spinner=False) == [6]  # a new one, found by the same client
     assert int(discovery(local_home)["pid"]) != pid  # type: ignore[arg-type]
+
+
+STARTER = """
+import sys
+from burla import _local, remote_parallel_map
+assert remote_parallel_map(abs, [-1], spinner=False) == [1]
+print("started", flush=True)
+sys.stdin.readline()  # the test stops the cluster meanwhile
+(daemon,) = _local._STARTED.values()
+print("exit code", daemon.wait(10), flush=True)
+"""
+
+
+def stop_with_cli() -> float:
+    """`burla local stop` in a process of its own: the seconds it took."""
+    began = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "burla.cli", "local", "stop"], capture_output=True, text=True, timeout=60
+    )
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "local cluster stopped" and not result.stderr
+    return took
+
+
+def assert_stopped_cleanly(home: Path, since: int = 0) -> None:
+    """The daemon stopped on SIGTERM, after its agent stopped on SIGTERM of itself (exit code 0).
+
+    `since`: where the daemon's log stood before this daemon started.
+    """
+    log = (home / "daemon.log").read_text()[since:]
+    assert "stopping on SIGTERM" in log, log[-3000:]
+    assert "node agent" in log and "stopped: exit code 0" in log, log[-3000:]
+    assert "killing it" not in log
+    assert log.rstrip().endswith("local cluster stopped"), log[-3000:]
+
+
+@pytest.mark.parametrize("starter", ["this process", "another process, still running", "a process that exited"])
+def test_burla_local_stop_returns_at_once_and_stops_the_cluster_cleanly(
+    local_home: Path, tmp_path: Path, starter: str
+) -> None:
+    # The daemon is a child of the process that started it: before, that process kept it as a zombie,
+    # which answers kill(pid, 0), and `burla local stop` waited its full 10 s before SIGKILL.
+    alive = None
+    if starter == "this process":
+        assert remote_parallel_map(abs, [-1], spinner=False) == [1]
+    elif starter == "another process, still running":
+        (tmp_path / "starter.py").write_text(STARTER)
+        alive = subprocess.Popen(
+            [sys.executable, str(tmp_path / "starter.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert alive.stdout is not None and alive.stdin is not None
+        assert alive.stdout.readline().strip() == "started"
+    else:
+        subprocess.run([sys.executable, "-m", "burla.cli", "local", "start"], check=True, timeout=60)
+    pid = int(discovery(local_home)["pid"])  # type: ignore[arg-type]
+
+    took = stop_with_cli()
+
+    assert took < 5, f"`burla local stop` took {took:.1f}s"
+    assert _local.discover() is None
+    assert_stopped_cleanly(local_home)
+    if starter == "this process":
+        assert _local._STARTED[pid].wait(5) == 0  # exited of itself, not killed
+    if alive is not None:
+        out, _ = alive.communicate("\n", timeout=30)
+        assert out.strip() == "exit code 0"
+
+
+def test_a_stop_as_soon_as_the_cluster_serves_is_clean_too(local_home: Path) -> None:
+    # Before, the daemon and its agent listened for SIGTERM only once started: a stop just after the start
+    # killed the agent mid-start (exit code -15), or the daemon itself, leaving its agent behind.
+    for _ in range(3):
+        log = local_home / "daemon.log"
+        since = len(log.read_text()) if log.exists() else 0
+        _local.ensure_started()
+        assert _local.stop() == "stopped"
+        assert_stopped_cleanly(local_home, since)
 
 
 def test_the_wheel_installs_only_the_burla_package(tmp_path: Path) -> None:

@@ -115,6 +115,50 @@ def test_burlad_restarted_mid_job_loses_nothing(own_cluster: Cluster) -> None:
     assert own_cluster.status()["daemon"].get("jobs_restored", 0) == 1
 
 
+WAITING_CLIENT = """
+import os, time
+from burla import remote_parallel_map
+def wait_for_go(x):
+    while not os.path.exists(GO):
+        time.sleep(0.05)
+    return x
+print(remote_parallel_map(wait_for_go, range(2), spinner=False), flush=True)
+"""
+
+LONG_POLLS = {"BURLA_DAEMON_POLL_TIMEOUT": "30", "BURLA_DAEMON_AGENT_TIMEOUT": "90"}
+
+
+@pytest.mark.parametrize("own_cluster", [{"agents": 1, "workers": 2, "env": LONG_POLLS}], indirect=True)
+def test_burlad_stops_at_once_on_sigterm_and_its_job_in_flight_resumes(own_cluster: Cluster, tmp_path: Path) -> None:
+    # In flight at SIGTERM: the client's events websocket, the agent's 30 s long-poll, two leases.
+    go = tmp_path / "go"
+    script = tmp_path / "client.py"
+    script.write_text(f"GO = {str(go)!r}\n{WAITING_CLIENT}")
+    with subprocess.Popen(
+        [sys.executable, str(script)],
+        env={**os.environ, **own_cluster.client_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as client:
+        wait_for(lambda: sum(n["busy"] for n in own_cluster.status()["nodes"]) == 2, 30, "2 busy workers")
+        daemon = own_cluster.daemon
+        assert daemon is not None
+        daemon.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = daemon.wait(10)
+        took = time.monotonic() - sent
+        assert code == 0, own_cluster.log_text()[-3000:]
+        assert took < 3, f"burlad took {took:.2f}s to exit on SIGTERM"
+        own_cluster.daemon = None
+        own_cluster.start_daemon()  # the same state and address: the job was kept and goes on
+        go.touch()
+        out, err = client.communicate(timeout=90)
+    assert client.returncode == 0, err
+    assert out.strip() == "[0, 1]"
+    assert own_cluster.status()["daemon"].get("jobs_restored", 0) == 1
+
+
 CTRL_C_CLIENT = """
 import time
 from burla import remote_parallel_map

@@ -18,7 +18,9 @@ import pytest
 from httpx_ws import WebSocketDisconnect, connect_ws
 from hypothesis import HealthCheck, given, settings
 
+import burla
 from burla import remote_parallel_map
+from burla.schemas import messages as m
 from tests import fuzz
 from tests.cluster import Cluster
 
@@ -50,7 +52,7 @@ def fuzz_agent(target: Cluster) -> dict[str, str]:
     """An agent of the run's own, so agent routes are reached with a real agent's token; its Python is one
     no job asks for, so it never takes a lease."""
     info = {"node_id": "fuzz-agent", "hostname": "fuzz", "cpus": 1, "ram_bytes": 10**9, "python_version": "3.99",
-            "workers": 1}  # fmt: skip
+            "workers": 1, "agent_version": burla.__version__, "protocol": m.PROTOCOL_VERSION}  # fmt: skip
     headers = {"authorization": f"Bearer {target.node_token}"}
     return dict(httpx.post(f"{target.url}/v1/agents/register", json=info, headers=headers, timeout=10).json())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import sqlite3
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import burla
 from burla.daemon.config import DaemonConfig
-from burla.daemon.errors import Conflict, NotFound, Unsatisfiable
+from burla.daemon.errors import Conflict, NotFound, Unsatisfiable, VersionMismatch
 from burla.daemon.service import ControlPlane
 from burla.daemon.store import MIGRATIONS, SCHEMA_VERSION, Store
 from burla.schemas import messages as m
@@ -26,8 +28,9 @@ class Clock:
 
 def node(node_id: str, workers: int = 2, python: str = "3.11") -> m.NodeInfo:
     return m.NodeInfo(
-        node_id, f"host-{node_id}", cpus=workers, ram_bytes=64 * 10**9, python_version=python, workers=workers
-    )
+        node_id, f"host-{node_id}", cpus=workers, ram_bytes=64 * 10**9, python_version=python, workers=workers,
+        agent_version=burla.__version__, protocol=m.PROTOCOL_VERSION,
+    )  # fmt: skip
 
 
 FN_HASH = hashlib.sha256(b"fn").hexdigest()  # of the function most tests send: b"fn"
@@ -233,3 +236,17 @@ def test_a_newer_database_file_is_refused(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="schema version 99, newer than this burlad"):
         Store(tmp_path / "burla.db")
+
+
+def test_an_agent_of_another_version_and_protocol_is_refused_at_registration(tmp_path: Path) -> None:
+    p = plane(tmp_path, Clock())
+    with pytest.raises(VersionMismatch) as refused:
+        p.register(dataclasses.replace(node("a"), agent_version="0.0.1", protocol=0))  # older than protocol numbers
+    message = str(refused.value)
+    assert "host-a runs Burla 0.0.1 (protocol 0)" in message
+    assert f"this daemon Burla {burla.__version__} (protocol {m.PROTOCOL_VERSION})" in message
+    assert f"Install burla=={burla.__version__} on host-a" in message
+    assert not p.scheduler.nodes
+    # another version stating the same protocol number is welcome
+    p.register(dataclasses.replace(node("b"), agent_version="0.0.2"))
+    assert len(p.scheduler.nodes) == 1

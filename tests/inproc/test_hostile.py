@@ -19,12 +19,19 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
+import burla
 from burla.daemon.server import Running
 from burla.node_agent.agent import Agent
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def node_info(node_id: str, hostname: str, cpus: int, ram: int, python: str, workers: int) -> m.NodeInfo:
+    """What a real agent of this version registers with."""
+    return m.NodeInfo(node_id, hostname, cpus, ram, python, workers, agent_version=burla.__version__,
+                      protocol=m.PROTOCOL_VERSION)  # fmt: skip
 
 
 def files_under(root: Path) -> set[Path]:
@@ -103,7 +110,7 @@ async def test_ids_in_paths_are_checked(daemon: Running, path: str) -> None:
         async with httpx.AsyncClient(
             base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}
         ) as c:
-            reg = (await c.post("/v1/agents/register", json=m.NodeInfo("n", "h", 1, 10**9, PY, 1).to_wire())).json()
+            reg = (await c.post("/v1/agents/register", json=node_info("n", "h", 1, 10**9, PY, 1).to_wire())).json()
         path, token = path.replace("AGENT", reg["agent_id"]), reg["agent_token"]
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {token}"}) as c:
         r = await c.get(path)
@@ -222,7 +229,7 @@ async def test_deeply_nested_json_is_refused(admin: httpx.AsyncClient) -> None:
      ({"node_id": "../n"}, "NodeInfo.node_id"), ({"gpus": "A100"}, "NodeInfo.gpus")],
 )  # fmt: skip
 async def test_a_malformed_registration_is_refused(daemon: Running, change: dict[str, Any], field: str) -> None:
-    info = m.NodeInfo("n1", "h", 2, 10**9, PY, 2).to_wire() | change
+    info = node_info("n1", "h", 2, 10**9, PY, 2).to_wire() | change
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
         body = json.dumps(info).replace("Infinity", "1e400").encode()
         r = await c.post("/v1/agents/register", content=body)
@@ -268,7 +275,7 @@ async def test_a_malformed_websocket_message_gets_an_error_and_the_socket_lives(
 
 async def test_a_report_naming_a_missing_blob_changes_nothing(daemon: Running, admin: httpx.AsyncClient) -> None:
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
-        info = m.NodeInfo("fake-node", "h", 2, 64 * 10**9, PY, 2)
+        info = node_info("fake-node", "h", 2, 64 * 10**9, PY, 2)
         registered = (await c.post("/v1/agents/register", json=info.to_wire())).json()
         agent_id = registered["agent_id"]
         c.headers["authorization"] = f"Bearer {registered['agent_token']}"  # its own token from now on
@@ -341,7 +348,7 @@ async def test_the_state_dir_and_every_file_in_it_are_private(
 async def register(daemon: Running, node_id: str, python: str = PY) -> httpx.AsyncClient:
     """A hand-driven agent: registered with the shared node token, speaking with its own from then on."""
     async with httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {daemon.node_token}"}) as c:
-        info = m.NodeInfo(node_id, node_id, 2, 64 * 10**9, python, 2)
+        info = node_info(node_id, node_id, 2, 64 * 10**9, python, 2)
         reg = (await c.post("/v1/agents/register", json=info.to_wire())).json()
     client = httpx.AsyncClient(base_url=daemon.url, headers={"authorization": f"Bearer {reg['agent_token']}"})
     client.agent_id = reg["agent_id"]  # type: ignore[attr-defined]

@@ -227,3 +227,10 @@ def test_wire_error_is_a_value_error() -> None:
 def test_messages_are_frozen() -> None:
     with pytest.raises(AttributeError):
         setattr(NODE, "cpus", 3)  # noqa: B010
+
+
+def test_two_versions_are_compatible_when_the_same_or_stating_the_same_protocol() -> None:
+    assert m.compatible("0.2.0", 1, "0.2.0", 0)
+    assert m.compatible("0.2.0", 1, "0.3.0", 1)
+    assert not m.compatible("0.2.0", 1, "0.3.0", 2)
+    assert not m.compatible("0.2.0", 0, "0.3.0", 0)  # neither states a protocol: no promise
