@@ -25,6 +25,7 @@ from burla.schemas.wire import WireError
 
 from .errors import ApiError, BadRequest, Unauthorized
 from .service import ControlPlane
+from .store import hash_token
 
 log = logging.getLogger("burla.daemon")
 
@@ -79,8 +80,10 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        allowed = [plane.tokens[ADMIN]] + ([plane.tokens[NODE]] if role == NODE else [])
-        if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
+        hashes = plane.token_hashes
+        allowed = [hashes.get(ADMIN, "")] + ([hashes.get(NODE, "")] if role == NODE else [])
+        presented = hash_token(token)
+        if not any(hmac.compare_digest(presented.encode(), h.encode()) for h in allowed if h):
             raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
 
     def check_agent(headers: Any, agent_id: str) -> None:

@@ -86,7 +86,11 @@ async def serve(
             images = [m.StandbyImage(i, standby.python_version, standby.per_cpu) for i in standby.images]
             if images != plane.scheduler.standby:
                 plane.set_standby(images)
-        write_private(state_dir / "tokens.json", plane.tokens)
+        if set(plane.tokens) >= {"admin", "node"}:
+            write_private(state_dir / "tokens.json", plane.tokens)  # for people: SQLite keeps only hashes
+        else:
+            log.warning("%s/tokens.json is missing or stale: the tokens still work, but their plaintext is "
+                        "unknown here; set daemon.admin_token and daemon.node_token to choose new ones", state_dir)  # fmt: skip
         app = create_app(plane)
         _tune_hypercorn()
         hc = HypercornConfig()

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import os
 import time
@@ -98,7 +99,9 @@ class ControlPlane:
         self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
         self.links: dict[str, AgentLink] = {}
         self.feeds: dict[str, JobFeed] = {}
-        self.tokens = store.tokens(config.admin_token, config.node_token)
+        known = _read_tokens(store.path.parent / "tokens.json")  # the plaintext, kept for people in a 0600 file
+        self.tokens = store.tokens(config.admin_token, config.node_token, known)
+        self.token_hashes = store.token_hashes()
         self._agent_key = bytes.fromhex(store.secret("agent-key"))
         self._blob_closure: dict[str, frozenset[str]] = {}  # job -> blobs its agents may read
         self.last_activity = clock()
@@ -797,3 +800,13 @@ def _check_blob_indices(report: m.AgentReport, count: int) -> None:
             check(result.error.exc_blob, f"results[{i}].error.exc_blob")
     for i, chunk in enumerate(report.logs):
         check(chunk.blob, f"logs[{i}].blob")
+
+
+def _read_tokens(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    )

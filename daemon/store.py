@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,17 +173,35 @@ class Store:
 
     # ---- tokens ------------------------------------------------------------------
 
-    def tokens(self, admin: str = "", node: str = "") -> dict[str, str]:
-        """The admin and node tokens, made at first start (or set from config)."""
+    def tokens(self, admin: str = "", node: str = "", known: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The admin and node tokens in plaintext, where they can be known; SQLite keeps only their hashes.
+
+        A token is known when it is made now (first start), set from config (`admin`, `node`), found in
+        plaintext in a database of an older burlad (hashed here once and for all), or in `known` (the
+        state dir's tokens.json) and matching its hash. A role missing from the answer still works: its
+        hash checks requests; only its plaintext is lost.
+        """
         with self.tx():
             out = {}
             for role, given in (("admin", admin), ("node", node)):
-                existing = self._one("SELECT token FROM tokens WHERE role = ?", (role,))
-                token = given or existing or new_token(role)
-                if token != existing:
-                    self.conn.execute("INSERT OR REPLACE INTO tokens (role, token) VALUES (?, ?)", (role, token))
-                out[role] = token
+                stored = self._one("SELECT token FROM tokens WHERE role = ?", (role,))
+                plain = ""
+                if stored and not str(stored).startswith(TOKEN_HASH):
+                    plain, stored = str(stored), None  # an older burlad kept it as it is
+                candidate = given or plain or (known or {}).get(role, "")
+                if stored is None or (given and not hmac.compare_digest(hash_token(given), str(stored))):
+                    token = candidate or new_token(role)
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO tokens (role, token) VALUES (?, ?)", (role, hash_token(token))
+                    )
+                    out[role] = token
+                elif candidate and hmac.compare_digest(hash_token(candidate), str(stored)):
+                    out[role] = candidate
         return out
+
+    def token_hashes(self) -> dict[str, str]:
+        rows = self.conn.execute("SELECT role, token FROM tokens WHERE role IN ('admin', 'node')").fetchall()
+        return {str(role): str(token) for role, token in rows}
 
     def secret(self, role: str) -> str:
         """A random secret of the daemon's own, made once and kept (e.g. the key of agents' tokens)."""
@@ -443,6 +463,14 @@ class Store:
                     "INSERT INTO standby (image, python_version, per_cpu, position) VALUES (?, ?, ?, ?)",
                     (image["image"], image.get("python_version", ""), float(image.get("per_cpu", 1.0)), i),
                 )
+
+
+TOKEN_HASH = "sha256:"
+
+
+def hash_token(token: str) -> str:
+    """How a token is kept: tokens are long random strings, so one round of sha256 is enough."""
+    return TOKEN_HASH + hashlib.sha256(token.encode()).hexdigest()
 
 
 def now() -> float:

@@ -412,3 +412,26 @@ async def test_the_shared_node_token_only_registers(daemon: Running, agent: Agen
             f"/v1/agents/{agent.agent_id}/poll", content=idle, headers={"content-type": envelope.CONTENT_TYPE}
         )
         assert r.status_code == 401
+
+
+async def test_sqlite_keeps_only_hashes_of_the_tokens(daemon: Running, admin: httpx.AsyncClient) -> None:
+    rows = dict(daemon.plane.store.conn.execute("SELECT role, token FROM tokens WHERE role IN ('admin', 'node')"))
+    assert set(rows) == {"admin", "node"}
+    assert all(value.startswith("sha256:") for value in rows.values())
+    raw = Path(daemon.state_dir, "burla.db").read_bytes() + Path(daemon.state_dir, "burla.db-wal").read_bytes()
+    assert daemon.admin_token.encode() not in raw and daemon.node_token.encode() not in raw
+    assert (await admin.get("/v1/info")).status_code == 200  # checked against the hash
+    assert json.loads(Path(daemon.state_dir, "tokens.json").read_text())["admin"] == daemon.admin_token
+
+
+def test_a_plaintext_token_of_an_older_daemon_is_hashed_and_still_works(tmp_path: Path) -> None:
+    from burla.daemon.store import Store, hash_token
+
+    store = Store(tmp_path / "burla.db")
+    store.conn.execute("INSERT INTO tokens (role, token) VALUES ('admin', 'old-plain-token')")
+    assert store.tokens()["admin"] == "old-plain-token"
+    assert store.token_hashes()["admin"] == hash_token("old-plain-token")
+    reopened = Store(tmp_path / "burla.db")
+    assert "admin" not in reopened.tokens()  # the plaintext is gone from SQLite for good...
+    assert reopened.tokens(known={"admin": "old-plain-token"})["admin"] == "old-plain-token"  # ...tokens.json has it
+    assert "admin" not in reopened.tokens(known={"admin": "a forged one"})
