@@ -299,6 +299,7 @@ class Agent:
     def _take_delivery(self, delivery: m.Delivery, blobs: list[memoryview]) -> None:
         if delivery.boot_id != self.boot_id:
             self.boot_id, self.ack = delivery.boot_id, 0
+            self._pools_acked = None  # a restarted daemon knows nothing of our pools: the next report says them
         if not delivery.delivery:
             return
         self.ack = max(self.ack, delivery.delivery)

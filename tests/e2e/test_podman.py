@@ -285,3 +285,15 @@ def test_containers_have_network_unless_turned_off(containers: Cluster, tmp_path
         client.close()
     finally:
         offline.stop()
+
+
+def test_an_idle_podman_node_takes_jobs_after_burlad_restarts(containers: Cluster) -> None:
+    """A restarted burlad knows nothing of a node's pools until its agent reports them again."""
+    containers.restart_daemon()
+    containers.wait_nodes(1)
+    results: list[str] = []
+    thread = threading.Thread(target=lambda: results.extend(remote_parallel_map(marker, range(2), spinner=False)))
+    thread.daemon = True  # if the job never runs, do not hold the test session open
+    thread.start()
+    thread.join(30)
+    assert results == ["base", "base"], containers.status()["nodes"][0]["pools"]
