@@ -27,6 +27,7 @@ import httpx
 import trio
 
 import burla
+from burla._http import async_client
 from burla._trace import trace
 from burla.daemon.config import AgentConfig
 from burla.schemas import envelope, local
@@ -115,7 +116,7 @@ class Agent:
             )
             headers = {"authorization": f"Bearer {self.config.token}", "user-agent": f"burla-agent/{burla.__version__}"}
             timeout = httpx.Timeout(60.0, connect=10.0)
-            async with httpx.AsyncClient(base_url=self.config.url, headers=headers, timeout=timeout) as self.http:
+            async with async_client(self.config.url, headers, timeout) as self.http:
                 async with trio.open_nursery() as nursery:
                     await self.workers.run(nursery, self.run_dir, self.info, lock.state_dir)
                     await self._register()
