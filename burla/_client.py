@@ -146,16 +146,17 @@ class Client:
         import httpx
 
         from ._events import EventStream
+        from ._http import async_client
 
         if self._events is not None:
             self._events.close()
         if self._http is not None:
             await self._http.aclose()
-        self._http = httpx.AsyncClient(
-            base_url=self._url,
-            headers={"authorization": f"Bearer {self._key}", "user-agent": "burla-client"},
-            timeout=httpx.Timeout(120.0, connect=10.0),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        self._http = async_client(
+            self._url,
+            {"authorization": f"Bearer {self._key}", "user-agent": "burla-client"},
+            httpx.Timeout(120.0, connect=10.0),
+            httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )
         self._events = EventStream(self._http, self._portal.nursery, RECONNECT_SECONDS)
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from .config import new_token
 from .payloads import PayloadStore
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class StoreError(RuntimeError):
@@ -84,7 +84,23 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.table("events").add_column("payload_ref", str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    # A lease names the agent's pool it runs on and the job's environment, so a restarted daemon counts it
+    # against that pool. Leases of older files: their job's environment; pool "process" on process agents,
+    # unknown ("") on container agents.
+    db.table("leases").add_column("pool", str, not_null_default="")
+    db.table("leases").add_column("env", str, not_null_default="")
+    db.execute(
+        "UPDATE leases SET env = COALESCE((SELECT json_extract(spec, '$.env') FROM jobs"
+        " WHERE jobs.job_id = leases.job_id), '')"
+    )
+    db.execute(
+        "UPDATE leases SET pool = 'process' WHERE agent_id IN (SELECT agent_id FROM agents"
+        " WHERE COALESCE(json_extract(info, '$.runtime'), 'process') = 'process')"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -331,10 +347,10 @@ class Store:
                 "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
             ).fetchall()
             leases = [
-                (m.Lease(lid, job_id, fh, seq, start, lo, hi, cpu, ram), agent)
-                for lid, agent, fh, seq, start, lo, hi, cpu, ram in self.conn.execute(
+                (m.Lease(lid, job_id, fh, seq, start, lo, hi, cpu, ram, pool, env), agent)
+                for lid, agent, fh, seq, start, lo, hi, cpu, ram, pool, env in self.conn.execute(
                     "SELECT lease_id, agent_id, function_hash, batch_seq, batch_start, lo, hi, func_cpu,"
-                    " func_ram_bytes FROM leases WHERE job_id = ?",
+                    " func_ram_bytes, pool, env FROM leases WHERE job_id = ?",
                     (job_id,),
                 )
             ]
@@ -359,7 +375,7 @@ class Store:
         with self.tx() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start,"
-                " lo, hi, func_cpu, func_ram_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " lo, hi, func_cpu, func_ram_bytes, pool, env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         x.lease_id,
@@ -372,6 +388,8 @@ class Store:
                         x.hi,
                         x.func_cpu,
                         x.func_ram_bytes,
+                        x.pool,
+                        x.env,
                     )
                     for x, agent in leases
                 ],  # fmt: skip

@@ -28,6 +28,7 @@ import httpx
 import trio
 
 from burla import _version
+from burla._http import Chunks, async_client
 from burla._trace import trace
 from burla.daemon.config import AgentConfig
 from burla.schemas import envelope, local
@@ -122,7 +123,7 @@ class Agent:
                 "user-agent": f"burla-agent/{_version.version()}",
             }
             timeout = httpx.Timeout(60.0, connect=10.0)
-            async with httpx.AsyncClient(base_url=self.config.url, headers=headers, timeout=timeout) as self.http:
+            async with async_client(self.config.url, headers, timeout) as self.http:
                 async with trio.open_nursery() as nursery:
                     await self.workers.run(nursery, self.run_dir, self.info, lock.state_dir)
                     await self._register()
@@ -312,6 +313,7 @@ class Agent:
     def _take_delivery(self, delivery: m.Delivery, blobs: list[memoryview]) -> None:
         if delivery.boot_id != self.boot_id:
             self.boot_id, self.ack = delivery.boot_id, 0
+            self._pools_acked = None  # a restarted daemon knows nothing of our pools: the next report says them
         if not delivery.delivery:
             return
         self.ack = max(self.ack, delivery.delivery)
@@ -389,14 +391,7 @@ def _body(parts: Sequence[bytes | bytearray | memoryview]) -> tuple[Any, int]:
     length = sum(len(p) for p in parts)
     if length <= _STREAM_BYTES:
         return b"".join(parts), length
-
-    async def chunks() -> Any:
-        for part in parts:
-            view = memoryview(part)
-            for i in range(0, len(view), _CHUNK_BYTES):
-                yield bytes(view[i : i + _CHUNK_BYTES])
-
-    return chunks(), length
+    return Chunks(parts, _CHUNK_BYTES), length
 
 
 def _remove_tree(path: Path) -> None:

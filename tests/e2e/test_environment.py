@@ -172,6 +172,47 @@ def test_an_environment_does_not_leak_into_another_jobs_workers(
     assert plain.stdout.split("RESULT", 1)[1].strip() == "[[True, True, True], [True, True, True]]"
 
 
+SLOW_PROJECT_SCRIPT = """
+import json, time
+from burla import remote_parallel_map
+
+def slow_uses_everything(x):
+    import helpers, burlatestpkg, humanize
+    time.sleep(0.3)
+    return [helpers.double(x), burlatestpkg.answer(), humanize.__version__]
+
+print("RESULT", json.dumps(remote_parallel_map(slow_uses_everything, range(20), spinner=False)))
+"""
+
+
+def test_burlad_restarted_while_a_job_with_its_own_environment_installs_loses_nothing(
+    process_cluster: Cluster, client_site: Path, tmp_path: Path
+) -> None:
+    root = project(tmp_path / "project")
+    (root / "main.py").write_text(SLOW_PROJECT_SCRIPT)
+    env = {**os.environ, **process_cluster.client_env(), "PYTHONPATH": str(client_site)}
+    with subprocess.Popen(
+        [sys.executable, str(root / "main.py")], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as client:  # fmt: skip
+        try:
+            wait_for(
+                lambda: any(j["phase"].startswith("installing") for j in process_cluster.status()["jobs"]),
+                120,
+                "the node installing the job's packages",
+                interval=0.02,
+            )
+            process_cluster.restart_daemon()  # SIGKILL, then a new burlad on the same state
+            out, err = client.communicate(timeout=300)
+        finally:
+            client.kill()
+    assert client.returncode == 0, err[-3000:]
+    assert json.loads(out.split("RESULT", 1)[1]) == [[2 * x, 42, "4.9.0"] for x in range(20)]  # each once, in order
+    assert process_cluster.status()["daemon"].get("jobs_restored", 0) == 1
+    stats = node_stats(process_cluster)
+    assert stats["environments_prepared"] == 1 and stats.get("environment_failures", 0) == 0
+
+
 def test_a_package_built_for_another_platform_is_refused_before_any_call(
     process_cluster: Cluster, tmp_path: Path
 ) -> None:

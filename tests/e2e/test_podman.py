@@ -285,3 +285,67 @@ def test_containers_have_network_unless_turned_off(containers: Cluster, tmp_path
         client.close()
     finally:
         offline.stop()
+
+
+def long_first(x: int) -> tuple[int, str]:
+    time.sleep(8 if x == 0 else 0.2)  # the first call outlasts the restart; the others come and go around it
+    return x, marker(x)
+
+
+def test_burlad_restarted_mid_job_on_a_podman_node_keeps_each_lease_on_its_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two standby images, two containers each: the base image's calls never take more than its two."""
+    require_podman()
+    cluster = Cluster(
+        tmp_path / "cluster",
+        agents=1,
+        env={"BURLA_STANDBY_IMAGES": f"{BASE},{ALT}", "BURLA_DAEMON_AGENT_TIMEOUT": "10"},
+        podman_user=USER,
+        agent_args=["--cpus", "2"],
+    )
+    try:
+        cluster.use(monkeypatch)
+        monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
+        wait_for(lambda: cluster.status()["nodes"][0]["workers"] == 4, 120, "two warm containers per image")
+        results: list[tuple[int, str]] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                results.extend(remote_parallel_map(long_first, range(16), spinner=False))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: cluster.status()["nodes"][0]["busy"] == 2, 30, "both base containers busy")
+        time.sleep(0.3)
+        cluster.restart_daemon()  # SIGKILL, then a new burlad on the same state
+        busy: list[int] = []
+        deadline = time.monotonic() + 90
+        while thread.is_alive() and time.monotonic() < deadline:
+            busy.append(cluster.status()["nodes"][0]["busy"])
+            time.sleep(0.05)
+        thread.join(1)
+        assert not thread.is_alive(), cluster.log_text()[-4000:]
+        assert not errors, errors
+        assert results == [(x, "base") for x in range(16)]  # every input once, in order
+        assert cluster.status()["daemon"].get("jobs_restored", 0) == 1
+        assert max(busy) <= 2, busy  # never more calls on the base image than its two containers
+        assert remote_parallel_map(marker, range(4), image=ALT, spinner=False) == ["burla-alt"] * 4
+        assert remote_parallel_map(marker, range(4), spinner=False) == ["base"] * 4
+    finally:
+        cluster.stop()
+
+
+def test_an_idle_podman_node_takes_jobs_after_burlad_restarts(containers: Cluster) -> None:
+    """A restarted burlad knows nothing of a node's pools until its agent reports them again."""
+    containers.restart_daemon()
+    containers.wait_nodes(1)
+    results: list[str] = []
+    thread = threading.Thread(target=lambda: results.extend(remote_parallel_map(marker, range(2), spinner=False)))
+    thread.daemon = True  # if the job never runs, do not hold the test session open
+    thread.start()
+    thread.join(30)
+    assert results == ["base", "base"], containers.status()["nodes"][0]["pools"]

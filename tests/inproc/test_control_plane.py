@@ -149,6 +149,58 @@ async def test_a_restart_restores_running_jobs_and_requeues_what_agents_lost(tmp
     assert q.counters["jobs_restored"] == 1 and q.counters["leases_lost"] == 1
 
 
+def container_node(node_id: str, cpus: int = 4) -> m.NodeInfo:
+    return m.NodeInfo(node_id, f"host-{node_id}", cpus, 64 * 10**9, "3.11", workers=cpus, runtime="podman",
+                      agent_version=burla.__version__, protocol=m.PROTOCOL_VERSION)  # fmt: skip
+
+
+def standby_pools(per_pool: int = 2) -> tuple[m.PoolState, ...]:
+    """A container node warm with two standby images; jobs naming no image run on the first."""
+    return tuple(
+        m.PoolState(key, image, "3.11", cpus=1.0, ram_bytes=16 * 10**9, slots=per_pool, ready=per_pool,
+                    default=default)
+        for key, image, default in (("standby-base", "base:1", True), ("standby-alt", "alt:1", False))
+    )  # fmt: skip
+
+
+def with_environment(p: ControlPlane) -> str:
+    import hashlib
+
+    manifest = b'{"python_version": "3.11"}'
+    digest = hashlib.sha256(manifest).hexdigest()
+    p.put_blob(digest, manifest)
+    return digest
+
+
+async def test_a_restart_counts_restored_leases_against_their_pool_and_keeps_their_environment(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    p.set_standby([m.StandbyImage("base:1", "3.11"), m.StandbyImage("alt:1", "3.11")])
+    a = p.register(container_node("a")).agent_id
+    env = with_environment(p)
+    p.create_job(spec(env=env), memoryview(b"fn"), [batch(0, 0, 10)], final_count=10)
+    first, _ = report(p, a, ready=4, pools=standby_pools())
+    assert [(x.pool, x.env) for x in first.leases] == [("standby-base", env)] * 2  # the base image's 2 workers
+    running = [x.lease_id for x in first.leases]
+    p.store.close()
+
+    q = plane(tmp_path, clock)  # burlad restarted on the same file
+    job = q.scheduler.jobs["job1"]
+    assert {i: (a.lease.pool, a.lease.env) for i, a in job.leases.items()} == dict.fromkeys(
+        running, ("standby-base", env)
+    )
+    node = q.scheduler.nodes[a]
+    assert node.pool_leases["standby-base"] == 2 and node.pool_leases["process"] == 0
+    # the agent reports the same pools and leases: both base workers are busy, nothing more goes to them
+    again, _ = report(q, a, ready=4, pools=standby_pools(), running=running)
+    assert again.leases == ()
+    done = [result_for(x) for x in first.leases]
+    third, _ = report(q, a, [r for r, _ in done], [b for _, b in done], ready=4, running=[])
+    assert [(x.pool, x.env) for x in third.leases] == [("standby-base", env)] * 2
+
+
 async def test_an_error_fails_the_job_and_tells_other_agents_to_stop(tmp_path: Path) -> None:
     clock = Clock()
     p = plane(tmp_path, clock)
@@ -226,6 +278,47 @@ def test_an_older_database_file_is_migrated(tmp_path: Path) -> None:
     assert {"standby", "batches", "events"} <= tables
     assert "payload_ref" in {r[1] for r in store.conn.execute("PRAGMA table_info(batches)")}
     assert store.tokens()["admin"] == "kept-admin-token"
+
+
+def test_leases_of_a_version_3_file_get_their_jobs_environment_and_the_process_pool(tmp_path: Path) -> None:
+    import json
+
+    import sqlite_utils
+
+    path = tmp_path / "burla.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    for migration in MIGRATIONS[:3]:
+        migration(db)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '3')")
+    for agent, info in (("proc", node("p")), ("pod", container_node("c"))):
+        conn.execute(
+            "INSERT INTO agents (agent_id, node_id, info, registered, last_seen) VALUES (?, ?, ?, 1, 1)",
+            (agent, info.node_id, json.dumps(info.to_wire())),
+        )
+    conn.execute(
+        "INSERT INTO jobs (job_id, spec, state, n_inputs, created) VALUES ('job1', ?, ?, 4, 1)",
+        (json.dumps(spec(env="e" * 64).to_wire()), m.RUNNING),
+    )
+    conn.execute("INSERT INTO batches (job_id, seq, start, count, payload) VALUES ('job1', 0, 0, 4, x'00')")
+    for lease_id, agent in ((1, "proc"), (2, "pod")):
+        conn.execute(
+            "INSERT INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start, lo, hi,"
+            " func_cpu, func_ram_bytes) VALUES (?, 'job1', ?, 'hash-job1', 0, 0, ?, ?, 1.0, 1000000000)",
+            (lease_id, agent, lease_id - 1, lease_id),
+        )
+    conn.close()
+
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    (job,) = store.running_jobs()
+    assert [(x.lease_id, x.pool, x.env, agent) for x, agent in job["leases"]] == [
+        (1, "process", "e" * 64, "proc"),
+        (2, "", "e" * 64, "pod"),  # which of a container node's pools it ran on was never written down
+    ]
+    store.close()
+    restored = plane(tmp_path, Clock()).scheduler.jobs["job1"].leases
+    assert {i: restored[i].lease.pool for i in (1, 2)} == {1: "process", 2: ""}
 
 
 def test_a_newer_database_file_is_refused(tmp_path: Path) -> None:
