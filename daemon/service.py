@@ -123,15 +123,35 @@ class ControlPlane:
             self.scheduler.add_node(agent_id, info, now)  # a grace period: silent ones expire later
             self.links[agent_id] = AgentLink(agent_id)
         for job in self.store.running_jobs():
-            state = self.scheduler.restore_job(
-                job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"]
-            )
+            if "error" not in job:
+                try:
+                    state = self.scheduler.restore_job(
+                        job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"]
+                    )
+                except (ValueError, TypeError, OverflowError, KeyError) as e:
+                    self.scheduler.forget_job(job["spec"].job_id)
+                    job = {"job_id": job["spec"].job_id, "error": f"{type(e).__name__}: {e}"}
+            if "error" in job:  # a row this daemon cannot use: fail that job, saying why, and start anyway
+                self._fail_unrestorable(job["job_id"], job["error"])
+                continue
             self.feeds[state.job_id] = JobFeed(log_bytes=self.store.log_bytes(state.job_id))
             self.unfollowed_since[state.job_id] = now  # its client has client_grace to reconnect
             self.counters["jobs_restored"] += 1
             if state.complete():
                 self._finish(state, m.JOB_DONE)
         self._dispatch()
+
+    def _fail_unrestorable(self, job_id: str, why: str) -> None:
+        log.error("job %s cannot be restored from %s (%s): it fails", job_id, self.store.path, why)
+        message = (
+            f"job {job_id} could not be restored after burlad restarted: its record in {self.store.path.name} "
+            f"cannot be used ({why}). Run the job again."
+        )
+        self.store.append_event(
+            job_id, m.FAILED, data={"kind": m.SYSTEM, "index": -1, "type_name": "", "message": message}
+        )
+        self.store.set_job_state(job_id, m.JOB_FAILED, self.clock())
+        self.counters["jobs_unrestorable"] += 1
 
     # ---- jobs (client side) --------------------------------------------------------
 

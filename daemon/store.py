@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from burla.schemas import messages as m
+from burla.schemas import wire
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -243,8 +244,14 @@ class Store:
             c.executemany("DELETE FROM agents WHERE agent_id = ?", [(a,) for a in agent_ids])
 
     def agents(self) -> list[tuple[str, m.NodeInfo]]:
-        rows = self.conn.execute("SELECT agent_id, info FROM agents ORDER BY registered").fetchall()
-        return [(a, m.NodeInfo.from_wire(json.loads(info))) for a, info in rows]
+        """The agents registered before a restart; a row that does not load is dropped (that agent registers again)."""
+        out = []
+        for agent_id, info in self.conn.execute("SELECT agent_id, info FROM agents ORDER BY registered").fetchall():
+            try:
+                out.append((str(agent_id), m.NodeInfo.from_wire(wire.loads(info))))
+            except (ValueError, TypeError):
+                self.delete_agents([agent_id])
+        return out
 
     # ---- jobs ----------------------------------------------------------------------
 
@@ -332,39 +339,69 @@ class Store:
         return [r[0] for r in rows]
 
     def running_jobs(self) -> list[dict[str, Any]]:
-        """Everything needed to rebuild the scheduler's view of unfinished jobs."""
-        out = []
+        """Everything needed to rebuild the scheduler's view of unfinished jobs.
+
+        Every row is checked as a message from a peer would be. A job whose rows cannot be used
+        (written by a buggy or older burlad, or edited by hand) comes back as {"job_id", "error"},
+        for the daemon to fail with that reason: one bad row never stops the daemon from starting.
+        """
+        out: list[dict[str, Any]] = []
         for job_id, spec, n_inputs, created in self.conn.execute(
             "SELECT job_id, spec, n_inputs, created FROM jobs WHERE state = ? ORDER BY created", (m.RUNNING,)
         ).fetchall():
-            batches = [
-                m.BatchMeta(seq, start, count)
-                for seq, start, count in self.conn.execute(
-                    "SELECT seq, start, count FROM batches WHERE job_id = ?", (job_id,)
-                )
-            ]
-            done = self.conn.execute(
-                "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
-            ).fetchall()
-            leases = [
-                (m.Lease(lid, job_id, fh, seq, start, lo, hi, cpu, ram, pool, env), agent)
-                for lid, agent, fh, seq, start, lo, hi, cpu, ram, pool, env in self.conn.execute(
-                    "SELECT lease_id, agent_id, function_hash, batch_seq, batch_start, lo, hi, func_cpu,"
-                    " func_ram_bytes, pool, env FROM leases WHERE job_id = ?",
-                    (job_id,),
-                )
-            ]
-            out.append(
-                {
-                    "spec": m.JobSpec.from_wire(json.loads(spec)),
-                    "n_inputs": n_inputs,
-                    "created": created,
-                    "batches": batches,
-                    "done": [tuple(r) for r in done],
-                    "leases": leases,
-                }
-            )
+            try:
+                out.append(self._running_job(job_id, spec, n_inputs, created))
+            except (ValueError, TypeError, OverflowError, KeyError, sqlite3.Error) as e:
+                out.append({"job_id": str(job_id), "error": f"{type(e).__name__}: {e}"})
         return out
+
+    def _running_job(self, job_id: str, spec: Any, n_inputs: Any, created: Any) -> dict[str, Any]:
+        batches = [
+            m.BatchMeta.from_wire({"seq": seq, "start": start, "count": count})
+            for seq, start, count in self.conn.execute(
+                "SELECT seq, start, count FROM batches WHERE job_id = ?", (job_id,)
+            )
+        ]
+        done = self.conn.execute(
+            "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
+        ).fetchall()
+        leases = [
+            (
+                m.Lease.from_wire(
+                    {
+                        "lease_id": lid,
+                        "job_id": job_id,
+                        "function_hash": fh,
+                        "batch_seq": seq,
+                        "batch_start": start,
+                        "lo": lo,
+                        "hi": hi,
+                        "func_cpu": cpu,
+                        "func_ram_bytes": ram,
+                        "pool": pool,
+                        "env": env,
+                    }
+                ),
+                str(agent),
+            )  # fmt: skip
+            for lid, agent, fh, seq, start, lo, hi, cpu, ram, pool, env in self.conn.execute(
+                "SELECT lease_id, agent_id, function_hash, batch_seq, batch_start, lo, hi, func_cpu,"
+                " func_ram_bytes, pool, env FROM leases WHERE job_id = ?",
+                (job_id,),
+            )
+        ]
+        if n_inputs is not None and not (isinstance(n_inputs, int) and 0 <= n_inputs <= m.MAX_INDEX):
+            raise ValueError(f"n_inputs {n_inputs!r} is not a count of inputs")
+        if not all(isinstance(v, int) and 0 <= v <= m.MAX_INDEX for row in done for v in row):
+            raise ValueError("a result range is not a range of input indices")
+        return {
+            "spec": m.JobSpec.from_wire(wire.loads(spec)),
+            "n_inputs": n_inputs,
+            "created": float(created),
+            "batches": batches,
+            "done": [tuple(r) for r in done],
+            "leases": leases,
+        }
 
     def max_lease_id(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)

@@ -304,8 +304,8 @@ def test_leases_of_a_version_3_file_get_their_jobs_environment_and_the_process_p
     for lease_id, agent in ((1, "proc"), (2, "pod")):
         conn.execute(
             "INSERT INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start, lo, hi,"
-            " func_cpu, func_ram_bytes) VALUES (?, 'job1', ?, 'hash-job1', 0, 0, ?, ?, 1.0, 1000000000)",
-            (lease_id, agent, lease_id - 1, lease_id),
+            " func_cpu, func_ram_bytes) VALUES (?, 'job1', ?, ?, 0, 0, ?, ?, 1.0, 1000000000)",
+            (lease_id, agent, FN_HASH, lease_id - 1, lease_id),
         )
     conn.close()
 
@@ -343,3 +343,39 @@ def test_an_agent_of_another_version_and_protocol_is_refused_at_registration(tmp
     # another version stating the same protocol number is welcome
     p.register(dataclasses.replace(node("b"), agent_version="0.0.2"))
     assert len(p.scheduler.nodes) == 1
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        "UPDATE batches SET count = 1000000000000000000000000000000 WHERE job_id = 'bad'",
+        "UPDATE batches SET count = 'Infinity' WHERE job_id = 'bad'",
+        'UPDATE jobs SET spec = \'{"job_id": "bad", "function_hash": null}\' WHERE job_id = \'bad\'',
+        "UPDATE jobs SET spec = 'not json' WHERE job_id = 'bad'",
+        "UPDATE jobs SET n_inputs = -5 WHERE job_id = 'bad'",
+        "UPDATE leases SET lo = 'x' WHERE job_id = 'bad'",
+        'UPDATE agents SET info = \'{"cpus": "a"}\'',
+    ],
+)
+async def test_a_restart_survives_a_row_it_cannot_use(tmp_path: Path, poison: str) -> None:
+    """The bad job fails with the reason; the daemon starts, and the good job goes on."""
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    agent = p.register(node("a")).agent_id
+    p.create_job(spec("bad"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    p.create_job(spec("good"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    report(p, agent)  # leases out, kept in SQLite
+    p.store.conn.execute(poison)
+    p.store.close()
+    restarted = plane(tmp_path, clock)  # before: OverflowError or WireError, at every start
+    if "agents" not in poison:
+        assert restarted.store.conn.execute("SELECT state FROM jobs WHERE job_id = 'bad'").fetchone()[0] == m.JOB_FAILED
+        failed = [e for e, _ in restarted.store.events_after("bad", 0) if e.kind == m.FAILED]
+        assert "could not be restored" in failed[0].data["message"]
+        assert restarted.counters["jobs_unrestorable"] == 1
+    assert restarted.job_status("good").state == m.RUNNING
+    clock.now += 11  # the old agent never comes back: its leases run elsewhere
+    restarted.expire_agents()
+    agent = restarted.register(node("a2")).agent_id
+    drive(restarted, agent, job_id="good")
+    assert restarted.job_status("good").state == m.JOB_DONE
