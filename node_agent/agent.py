@@ -355,6 +355,10 @@ class Agent:
                 why = f"the daemon is unreachable ({type(e).__name__}: {e})"
             else:
                 if r.status_code == 200:
+                    kind, _, digest = path.partition("/")
+                    if kind in ("functions", "blobs") and hashlib.sha256(r.content).hexdigest() != digest:
+                        # content-addressed: checked here as on the daemon, so a node runs only what was named
+                        raise LookupError(f"the daemon sent {path} with bytes that are not its sha256")
                     return r.content
                 if 400 <= r.status_code < 500:
                     raise LookupError(f"the daemon refused {path} (HTTP {r.status_code}): {r.text[:300]}")

@@ -435,3 +435,19 @@ def test_a_plaintext_token_of_an_older_daemon_is_hashed_and_still_works(tmp_path
     assert "admin" not in reopened.tokens()  # the plaintext is gone from SQLite for good...
     assert reopened.tokens(known={"admin": "old-plain-token"})["admin"] == "old-plain-token"  # ...tokens.json has it
     assert "admin" not in reopened.tokens(known={"admin": "a forged one"})
+
+
+async def test_an_agent_runs_no_function_whose_bytes_are_not_its_digest(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    """As if the daemon's copy were swapped: the agent checks what it is sent, in a delivery or fetched."""
+    fn = cloudpickle.dumps(abs)
+    daemon.plane.store.function_blob = lambda function_hash: cloudpickle.dumps(str)  # type: ignore[method-assign]
+    r = await post_job(admin, job_header("swapped", fn, 2), [fn, pickle.dumps([-1, -2])])
+    assert r.status_code == 200, r.text
+    with trio.fail_after(20):
+        while daemon.plane.job_status("swapped").state == m.RUNNING:
+            await trio.sleep(0.02)
+    failed = [e for e, _ in daemon.plane.store.events_after("swapped", 0) if e.kind == m.FAILED]
+    assert failed and "not its sha256" in failed[0].data["message"]
+    assert not [e for e, _ in daemon.plane.store.events_after("swapped", 0) if e.kind == m.RESULTS]
