@@ -204,6 +204,11 @@ def slow_square(x: int) -> int:
     return x * x
 
 
+def wait_cancelled(cluster: Cluster) -> None:
+    wait_for(lambda: all(j["state"] != "running" for j in cluster.status()["jobs"]), 10, "the job cancelled")
+    assert cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+
+
 def inputs_that_raise() -> Any:
     yield from range(5000)
     raise OSError("the input file went away")
@@ -212,40 +217,38 @@ def inputs_that_raise() -> Any:
 def test_inputs_that_raise_cancel_the_job(own_cluster: Cluster) -> None:
     with pytest.raises(OSError, match="the input file went away"):
         remote_parallel_map(slow_square, inputs_that_raise(), spinner=False)
-    wait_for(lambda: all(j["state"] != "running" for j in own_cluster.status()["jobs"]), 10, "the job cancelled")
-    assert own_cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+    wait_cancelled(own_cluster)
 
 
-LEAVES_A_LOOP = """
+SLOW_JOB = """
 from burla import remote_parallel_map
 import time
 
 def slow(x):
     time.sleep(0.05)
     return x
-
+"""
+LEAVES_A_LOOP = (
+    SLOW_JOB
+    + """
 for result in remote_parallel_map(slow, range(5000), generator=True, spinner=False):
     raise SystemExit("the caller's loop stops with the job running")
 """
+)
 
 
 def test_a_process_that_exits_mid_job_cancels_it(own_cluster: Cluster, tmp_path: Path) -> None:
     result = run_client(LEAVES_A_LOOP, own_cluster.client_env(), tmp_path)
     assert "the caller's loop stops" in result.stderr
-    wait_for(lambda: all(j["state"] != "running" for j in own_cluster.status()["jobs"]), 10, "the job cancelled")
-    assert own_cluster.status()["daemon"].get("jobs_cancelled", 0) == 1
+    wait_cancelled(own_cluster)
 
 
-KILLED_CLIENT = """
-from burla import remote_parallel_map
-import time
-
-def slow(x):
-    time.sleep(0.05)
-    return x
-
+KILLED_CLIENT = (
+    SLOW_JOB
+    + """
 remote_parallel_map(slow, range(5000), spinner=False)
 """
+)
 
 
 @pytest.mark.parametrize("own_cluster", [{"env": {"BURLA_DAEMON_CLIENT_GRACE": "2"}}], indirect=True)
