@@ -244,10 +244,13 @@ class Client:
         with self._lock:
             if self._portal is not None:
                 if self._http is not None:
+                    import httpx
+                    import trio
+
                     try:
                         self._portal.run(self._http.aclose)
-                    except Exception:
-                        pass
+                    except (trio.RunFinishedError, httpx.HTTPError, OSError):
+                        pass  # the loop or the connection is gone already: nothing left to close
                 self._portal.close()
             self._portal = None
             self._http = None

@@ -101,8 +101,8 @@ class JobRun:
         _LIVE.discard(self)
         try:
             self.portal.run(self._cancel, reason)
-        except Exception:
-            pass
+        except (BurlaError, trio.RunFinishedError) as e:  # the cluster or this process's loop is gone
+            trace("client", f"cancel of {self.job_id[:8]} not sent: {e!r}")
         finally:
             self.spinner.stop()
 
@@ -403,5 +403,5 @@ class ResultIterator:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a finalizer must never raise (at exit, modules may be half gone)
             pass

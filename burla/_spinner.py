@@ -44,10 +44,6 @@ class Spinner:
             return
         self._spinner.update(text=describe(status, self.function_name))
 
-    def note(self, text: str) -> None:
-        if self._spinner is not None:
-            self._spinner.update(text=text)
-
     def stop(self) -> None:
         with self._lock:
             if self._live is not None:

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -526,7 +525,3 @@ TOKEN_HASH = "sha256:"
 def hash_token(token: str) -> str:
     """How a token is kept: tokens are long random strings, so one round of sha256 is enough."""
     return TOKEN_HASH + hashlib.sha256(token.encode()).hexdigest()
-
-
-def now() -> float:
-    return time.time()

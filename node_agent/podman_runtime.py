@@ -169,7 +169,7 @@ class PodmanRuntime(Runtime):
                 try:
                     if await trio.to_thread.run_sync(lambda: self.client().ping()):
                         break
-                except Exception:  # noqa: BLE001 - not up yet
+                except _podman_errors():  # not up yet
                     pass
                 if self._service is not None and self._service.returncode is not None:
                     raise PoolError(f"`podman system service` exited with code {self._service.returncode}")
@@ -194,16 +194,16 @@ class PodmanRuntime(Runtime):
         for container in stale:
             try:
                 container.remove(force=True)
-            except Exception:  # noqa: BLE001 - gone already
-                pass
+            except _podman_errors() as e:  # gone already, most likely
+                log.debug("stale container %s: not removed (%s)", container.id[:12], e)
         return len(stale)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(self._remove_stale)
-            except Exception:  # noqa: BLE001 - the service may be gone
-                pass
+            except _podman_errors() as e:  # the service may be gone
+                log.info("containers of this node not removed at exit: %s", e)
             if self._service is not None and self._service.returncode is None:
                 self._service.terminate()
                 with trio.move_on_after(5):
@@ -390,18 +390,18 @@ class PodmanRuntime(Runtime):
         code, oom = -signal.SIGKILL, False
         try:
             container = client.containers.get(container_id)
-        except Exception:  # noqa: BLE001 - removed underneath us
+        except _podman_errors():  # removed underneath us
             return code, oom
         try:
             code = int(container.wait(condition=["exited", "stopped"], timeout=timeout))
             container.reload()
             oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
-        except Exception as e:  # noqa: BLE001 - removed underneath us, or the wait timed out
+        except _podman_errors() as e:  # removed underneath us, or the wait timed out
             log.warning("container %s: no exit code from Podman (%s: %s)", container_id[:12], type(e).__name__, e)
         try:
             container.remove(force=True)
-        except Exception:  # noqa: BLE001
-            pass
+        except _podman_errors() as e:
+            log.debug("container %s: not removed (%s)", container_id[:12], e)
         if code > 128:  # the shell convention: 128 + the signal that killed it
             code = -(code - 128)
         return code, oom
@@ -409,8 +409,14 @@ class PodmanRuntime(Runtime):
     def _kill(self, container_id: str) -> None:
         try:
             self.client().containers.get(container_id).kill()
-        except Exception:  # noqa: BLE001 - gone already
+        except _podman_errors():  # gone already
             pass
+
+
+def _podman_errors() -> tuple[type[BaseException], ...]:
+    """What a call to Podman's API raises when it fails: connection and HTTP errors (requests' and
+    podman-py's, all OSErrors) and podman-py's own; anything else is a bug, and is not caught."""
+    return (OSError, _podman().errors.PodmanError)
 
 
 def _pin(pid: int, slot: int, cpus: float) -> None:

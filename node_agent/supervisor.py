@@ -40,6 +40,8 @@ from .runtime import PoolError, Runtime, WorkerProcess, describe_exit, oom_kills
 log = logging.getLogger("burla.agent")
 
 FUNCTIONS_KEPT = 16  # per worker; the shim keeps the same number
+_START_TRIES = 5  # a job's worker that fails to start this many times in a row fails its pool
+_RESTART_PAUSE = 30.0  # seconds between tries of a standby worker that keeps failing to start
 WORKER_BATCHES_KEPT = 4  # the shim's cache of unpickled batches
 HELLO_TIMEOUT = 120.0
 
@@ -405,7 +407,13 @@ class Supervisor:
         await stream.aclose()  # a stale or stray connection
 
     async def _keep_worker(self, index: int) -> None:
-        """Keep a warm worker in slot `index` until its pool is no longer wanted."""
+        """Keep a warm worker in slot `index` until its pool is no longer wanted.
+
+        A worker that cannot start is tried again with backoff. After `_START_TRIES` failures in a
+        row, a job's pool fails (the job fails, saying why) and the slot is given up; a standby pool
+        (the node's own) is tried again every `_RESTART_PAUSE` seconds, the error logged each time.
+        """
+        failures = 0
         while True:
             slot = self.pool.slots.get(index)
             if slot is None or slot.retired:
@@ -413,10 +421,13 @@ class Supervisor:
             spec = self.desired.get(slot.pool) or (self.runs[slot.pool].spec if slot.pool in self.runs else None)
             if spec is None:
                 break
-            if slot.deaths:
+            if failures >= _START_TRIES:
+                await trio.sleep(_RESTART_PAUSE)
+            elif slot.deaths:
                 await trio.sleep(min(0.05 * 2 ** min(slot.deaths, 6), 5.0))
             try:
                 await self._run_worker(index, spec)
+                failures = 0
             except PoolError as e:  # the runtime cannot start this pool's workers
                 run = self.runs.get(slot.pool)
                 if run is not None and run.state != "failed":
@@ -424,8 +435,17 @@ class Supervisor:
                 self.pool.died(index)
                 break
             except Exception as e:  # a worker that cannot start must not take the agent down
-                log.error("cannot start worker %d: %s: %s", index, type(e).__name__, e)
+                failures += 1
+                log.error("cannot start worker %d (try %d of %d): %s: %s", index, failures, _START_TRIES,
+                          type(e).__name__, e)  # fmt: skip
                 self.pool.died(index)
+                run = self.runs.get(slot.pool)
+                if failures >= _START_TRIES and run is not None and run.spec.job_id:
+                    why = f"a worker cannot start {_START_TRIES} times in a row: {type(e).__name__}: {e}"
+                    if run.state != "failed":
+                        self._pool_failed(run, why)
+                    log.error("worker slot %d given up: %s", index, why)
+                    break
         self.pool.remove(index)
         self._changed.set()
         self.outbox.mark_dirty()

@@ -347,9 +347,6 @@ class Worker:
             header, blobs = message
             if header["kind"] == proto.RUN:
                 self.run(header, blobs)
-            elif header["kind"] == proto.FORGET:
-                for key in [k for k in self.batches if k[0] == header["job_id"]]:
-                    del self.batches[key]
 
     def _load(self, header: dict[str, Any], blobs: list[memoryview]) -> tuple[Callable[[Any], Any], list[Any]]:
         fn_hash = header["function_hash"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import secrets
 import socket
 from pathlib import Path
@@ -33,7 +32,6 @@ PROBE = ".probe"
 DISCOVERY_FILE = "daemon.json"
 START_LOCK_FD_ENV = "BURLA_EMBEDDED_START_LOCK_FD"
 STATE_LOCK = "burlad.lock"
-_BATCH_REF = re.compile(r"^([0-9a-f]{8,64})/b([0-9]{1,9})$")
 
 
 def state_home() -> Path:
@@ -95,11 +93,6 @@ def read_probe(payload_dir: str, host: str) -> str | None:
 
 def batch_ref(job_id: str, seq: int) -> str:
     return f"{job_id}/b{seq}"
-
-
-def parse_batch_ref(ref: str) -> tuple[str, int] | None:
-    m = _BATCH_REF.match(ref)
-    return (m.group(1), int(m.group(2))) if m else None
 
 
 def write_file(path: Path, data: bytes | memoryview) -> None:

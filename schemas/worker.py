@@ -15,7 +15,6 @@ any number of ``logs`` frames and exactly one ``done`` frame.
     worker -> agent  {"kind": "done", "lease_id", "lo", "n_ok", "elapsed",
                       "error": CallError|None}
                      blobs: [pickled list of n_ok results, pickled exception?]
-    agent  -> worker {"kind": "forget", "job_id"}   drop cached batches of a job
 
 While it runs a lease the worker writes the index of the input it is calling,
 as a little-endian i64, at offset 0 of the file named by
@@ -35,7 +34,6 @@ HELLO = "hello"
 RUN = "run"
 LOGS = "logs"
 DONE = "done"
-FORGET = "forget"
 
 SOCKET_ENV = "BURLA_WORKER_SOCKET"
 PROGRESS_ENV = "BURLA_WORKER_PROGRESS"
