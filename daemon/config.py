@@ -94,9 +94,8 @@ class DaemonConfig:
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
     no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
     job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
-    client_grace: float = (
-        1 * MINUTES
-    )  # a running job whose client has followed none of its events this long is cancelled
+    # a running job that no client follows for this long is cancelled (longer than a client's reconnect window)
+    client_grace: float = 3 * MINUTES
     admin_token: str = ""  # default: generated at first start, kept in the state dir
     node_token: str = ""
 

@@ -191,7 +191,8 @@ class ControlPlane:
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
         self.feeds[spec.job_id] = JobFeed()
-        self.unfollowed_since.setdefault(spec.job_id, self.clock())
+        if not self.followers[spec.job_id]:  # a client usually subscribes before its job exists
+            self.unfollowed_since.setdefault(spec.job_id, self.clock())
         self.counters["jobs"] += 1
         self._job_created.set()
         self._job_created = trio.Event()
@@ -272,7 +273,10 @@ class ControlPlane:
         abandoned = [
             job_id
             for job_id, since in self.unfollowed_since.items()
-            if now - since > grace and (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING
+            if now - since > grace
+            and not self.followers[job_id]
+            and (job := self.scheduler.jobs.get(job_id)) is not None
+            and job.state == m.RUNNING
         ]
         for job_id in abandoned:
             log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)

@@ -379,3 +379,25 @@ async def test_a_restart_survives_a_row_it_cannot_use(tmp_path: Path, poison: st
     agent = restarted.register(node("a2")).agent_id
     drive(restarted, agent, job_id="good")
     assert restarted.job_status("good").state == m.JOB_DONE
+
+
+async def test_a_followed_job_is_never_abandoned_and_an_unfollowed_one_is(tmp_path: Path) -> None:
+    """The client subscribes before its job exists; only a job nobody follows for client_grace is cancelled."""
+    clock = Clock()
+    p = plane(tmp_path, clock, client_grace=5)
+    p.register(node("a"))
+    p.follow_started("job1")  # the websocket's subscribe arrives first
+    p.create_job(spec("job1"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    clock.now += 60
+    assert p.cancel_abandoned_jobs() == [] and p.job_status("job1").state == m.RUNNING
+    p.follow_ended("job1")  # the client went away
+    clock.now += 4
+    assert p.cancel_abandoned_jobs() == []
+    p.follow_started("job1")  # and came back (a reconnect) in time
+    p.follow_ended("job1")
+    clock.now += 6
+    assert p.cancel_abandoned_jobs() == ["job1"]
+    assert p.job_status("job1").state == m.JOB_CANCELLED
+    p.create_job(spec("job2"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)  # never followed at all
+    clock.now += 6
+    assert p.cancel_abandoned_jobs() == ["job2"]
