@@ -63,7 +63,7 @@ class AgentLink:
     standby_sent: int = -1  # the standby version the agent was last told
     # leases of this agent requeued as lost: a result it still sends for one is its own, and is taken if
     # none of its range is done (it may save running the range again)
-    requeued: collections.OrderedDict[int, None] = dataclasses.field(default_factory=collections.OrderedDict)
+    requeued: collections.OrderedDict[int, m.Lease] = dataclasses.field(default_factory=collections.OrderedDict)
 
     def notify(self) -> None:
         self.wake.set()
@@ -460,7 +460,7 @@ class ControlPlane:
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
         jobs = self._jobs_of(agent_id)  # an agent speaks only for the jobs it works for
-        held = {a.lease.lease_id for a in self._held(agent_id)}
+        held = {a.lease.lease_id: a.lease for a in self._held(agent_id)}
         self.scheduler.touch_node(
             agent_id, self.clock(), report.ready_workers, report.stats, report.pools, report.job_phases
         )
@@ -475,9 +475,12 @@ class ControlPlane:
             else:
                 self._refused(agent_id, f"output of job {chunk.job_id}, which it does not work for")
         for result in report.results:
-            if result.lease_id in held or result.lease_id in link.requeued:
+            lease = held.get(result.lease_id) or link.requeued.get(result.lease_id)
+            if lease is not None and _within(result, lease):
                 link.requeued.pop(result.lease_id, None)
                 self._accept(agent_id, result, blobs)
+            elif lease is not None:  # its own lease, but a result for another job or range: forged or broken
+                self._refused(agent_id, f"a result of lease {result.lease_id} outside its job or range")
             else:  # never issued to it, or no longer its own: its range runs (or ran) elsewhere
                 self.counters["results_dropped"] += 1
                 log.debug("agent %s: result of lease %d it does not hold: dropped", agent_id, result.lease_id)
@@ -574,7 +577,11 @@ class ControlPlane:
             log.warning("agent %s does not hold leases %s: requeued", agent_id, lost)
             link = self.links.get(agent_id)
             if link is not None:
-                link.requeued.update(dict.fromkeys(lost))
+                for lease_id in lost:
+                    job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
+                    active = job.leases.get(lease_id) if job is not None else None
+                    if active is not None:
+                        link.requeued[lease_id] = active.lease
                 while len(link.requeued) > _REQUEUED_REMEMBERED:
                     link.requeued.popitem(last=False)
             self.scheduler.requeue(lost)
@@ -809,6 +816,14 @@ class ControlPlane:
             "database": str(self.store.path),
             **self.counters,
         }
+
+
+def _within(result: m.LeaseResult, lease: m.Lease) -> bool:
+    """A result covers only its own lease: its job, and inputs inside the lease's range."""
+    end = result.lo + result.n_ok + (1 if result.error is not None else 0)
+    in_range = lease.lo <= result.lo and end <= lease.hi
+    error_in_range = result.error is None or result.error.index == -1 or lease.lo <= result.error.index < lease.hi
+    return result.job_id == lease.job_id and in_range and error_in_range
 
 
 def _check_blob_indices(report: m.AgentReport, count: int) -> None:

@@ -451,3 +451,28 @@ async def test_an_agent_runs_no_function_whose_bytes_are_not_its_digest(
     failed = [e for e, _ in daemon.plane.store.events_after("swapped", 0) if e.kind == m.FAILED]
     assert failed and "not its sha256" in failed[0].data["message"]
     assert not [e for e, _ in daemon.plane.store.events_after("swapped", 0) if e.kind == m.RESULTS]
+
+
+async def test_a_result_counts_only_for_its_own_leases_job_and_range(daemon: Running, admin: httpx.AsyncClient) -> None:
+    """An agent that holds one lease cannot use it to complete another job, or more of its job than the lease."""
+    agent = await register(daemon, "holder")
+    async with agent:
+        fn = cloudpickle.dumps(abs)
+        for job in ("mine", "other"):
+            r = await post_job(admin, job_header(job, fn, 10), [fn, pickle.dumps(list(range(-10, 0)))])
+            assert r.status_code == 200, r.text
+        idle = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2)
+        delivered = m.Delivery.from_wire(envelope.unpack((await agent_report(agent, daemon, idle)).content)[0])
+        lease = next(x for x in delivered.leases if x.job_id == "mine")
+        forged = pickle.dumps(["forged"] * 10)
+        for result in (
+            m.LeaseResult(lease.lease_id, "other", 0, 10, 0.01, 0),  # another job's inputs
+            m.LeaseResult(lease.lease_id, "mine", lease.lo, 10, 0.01, 0),  # past its lease's end
+            m.LeaseResult(lease.lease_id, "mine", lease.lo, 0, 0.01, 0, m.CallError(9, m.EXCEPTION, "x", "y")),
+        ):
+            report = m.AgentReport(boot_id=daemon.plane.boot_id, ready_workers=2, running=(lease.lease_id,),
+                                   results=(result,))  # fmt: skip
+            assert (await agent_report(agent, daemon, report, [forged])).status_code == 200
+        assert daemon.plane.job_status("other").n_done == 0 and daemon.plane.job_status("mine").n_done == 0
+        assert daemon.plane.job_status("mine").state == m.RUNNING
+        assert daemon.plane.counters["reports_refused"] >= 3
