@@ -19,6 +19,7 @@ import collections
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger("burla.agent")
 
 _REPORTS_IN_FLIGHT = 2
 _REPOLL_DELAY = 0.05  # with leases running, how long a report may take the place of a poll
+_REFUSED = "burla.errors.CallError"  # type of the error that stands for a result the daemon refused
 _FETCH_PATIENCE = 60.0  # seconds a fetch retries an unreachable daemon before its lease fails
 
 
@@ -53,6 +55,10 @@ class AgentError(RuntimeError):
 
 class DaemonUnavailable(Exception):
     pass
+
+
+class ReportRefused(Exception):
+    """The daemon answered a report 400: sending it again cannot help."""
 
 
 class Agent:
@@ -210,6 +216,8 @@ class Agent:
             raise DaemonUnavailable("re-registered")
         if r.status_code == 401:
             raise AgentError(f"the daemon at {self.config.url} refused this agent's token: {r.text}")
+        if r.status_code == 400:
+            raise ReportRefused(_error_message(r))
         if r.status_code != 200:
             raise DaemonUnavailable(f"HTTP {r.status_code}: {r.text[:200]}")
         head, out = envelope.unpack(r.content)
@@ -299,6 +307,18 @@ class Agent:
             self.outbox.put_back(taken)
             await trio.sleep(self._report_backoff)
             self._report_backoff = min(self._report_backoff * 2, self.config.max_backoff)
+        except ReportRefused as e:  # a bug of ours or of a worker: say so for each result, never resend it as is
+            log.error("the daemon refused a report of %d results: %s", len(results), e)
+            self.counters["reports_refused"] += 1
+            for result in results:
+                if (result.get("error") or {}).get("type_name") == _REFUSED:
+                    continue  # refused once already: dropped, the daemon requeues its lease
+                error = m.CallError(result["lo"], m.SYSTEM, _REFUSED,
+                                    f"node {self.hostname}: the daemon refused this result: {e}"[:4096],
+                                    node=self.hostname)  # fmt: skip
+                refused = {k: result[k] for k in ("lease_id", "job_id", "lo")}
+                self.outbox.add_result(refused | {"n_ok": 0, "elapsed": 0.0, "error": error.to_wire()},
+                                       [pickle.dumps([])])  # fmt: skip
         finally:
             self.unacked -= lease_ids
             if logs:

@@ -222,8 +222,8 @@ def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[
         index=index,
         kind=m.EXCEPTION,
         type_name=_type_name(e),
-        message=_safe_str(e),
-        traceback=text,
+        message=_bounded(_safe_str(e), m.MAX_ERROR_MESSAGE),
+        traceback=_bounded(text, m.MAX_ERROR_TRACEBACK),
         frames=tuple(root_frames),
         node=socket.gethostname(),
         exc_blob=1,
@@ -249,7 +249,7 @@ def exception_tree(e: BaseException, root_frames: list[list[Any]]) -> dict[str, 
         i = seen[id(exc)] = len(nodes)
         node: dict[str, Any] = {
             "type_name": _type_name(exc),
-            "message": _safe_str(exc),
+            "message": _bounded(_safe_str(exc), m.MAX_ERROR_MESSAGE),
             "frames": _frames(exc.__traceback__) if frames is None else frames,
             "exc": None if member else _pickled(exc),  # a group's members travel inside the group
             "cause": None,
@@ -320,8 +320,19 @@ def _raw_line(filename: str, lineno: int | None) -> str:
     return linecache.getline(filename, lineno or 0).rstrip("\r\n")
 
 
+def _bounded(text: str, limit: int) -> str:
+    """`text` within the wire's bound for it: its start and its end, which say the most."""
+    if len(text) <= limit:
+        return text
+    cut = f"\n... ({len(text) - limit + 100:,} characters left out) ...\n"
+    half = (limit - len(cut)) // 2
+    return text[:half] + cut + text[-half:]
+
+
 def system_error(index: int, type_name: str, message: str) -> dict[str, Any]:
-    return m.CallError(index, m.SYSTEM, type_name, message, node=socket.gethostname()).to_wire()
+    return m.CallError(
+        index, m.SYSTEM, type_name, _bounded(message, m.MAX_ERROR_MESSAGE), node=socket.gethostname()
+    ).to_wire()
 
 
 def _safe_str(e: BaseException) -> str:

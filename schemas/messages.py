@@ -91,6 +91,8 @@ An older worker sent the pickled exception itself."""
 MAX_INDEX = 2**53  # input indices and counts: exact as JSON numbers everywhere
 MAX_BATCH_INPUTS = 10_000_000  # inputs in one batch (the client sends at most 100,000)
 MAX_CPUS = 100_000
+MAX_ERROR_MESSAGE = 1024 * 1024  # characters of a CallError's message (workers cut longer ones)
+MAX_ERROR_TRACEBACK = 4 * 1024 * 1024
 MAX_BYTES = 2**53
 PYTHON_VERSION = r"(?:\d{1,2}\.\d{1,3})?"  # "3.11", or "" where unknown
 PAYLOAD_REF = r"(?:[0-9A-Za-z_-]{1,64}/[0-9A-Za-z_.-]{1,80})?"  # <job id>/<file>, see schemas.local
@@ -224,8 +226,8 @@ class CallError(Wire):
     index: int = field(lo=-1, hi=MAX_INDEX)
     kind: str = field(max_len=32)
     type_name: str = field(max_len=1024)
-    message: str = field(max_len=1024 * 1024)
-    traceback: str = field("", max_len=4 * 1024 * 1024)  # the remote traceback, formatted
+    message: str = field(max_len=MAX_ERROR_MESSAGE)
+    traceback: str = field("", max_len=MAX_ERROR_TRACEBACK)  # the remote traceback, formatted
     frames: tuple[Any, ...] = field((), max_items=2 * EXCEPTION_TREE_MAX_FRAMES)  # [file, line, name, source, module]
     node: str = field("", max_len=255)
     exc_blob: int | None = field(None, lo=0, hi=1024)  # the exception tree (EXCEPTION_TREE) of a kind EXCEPTION error

@@ -476,3 +476,45 @@ async def test_a_result_counts_only_for_its_own_leases_job_and_range(daemon: Run
         assert daemon.plane.job_status("other").n_done == 0 and daemon.plane.job_status("mine").n_done == 0
         assert daemon.plane.job_status("mine").state == m.RUNNING
         assert daemon.plane.counters["reports_refused"] >= 3
+
+
+async def test_an_exception_with_a_huge_message_fails_its_job_and_hangs_nothing(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    def shout(x: int) -> None:
+        raise ValueError("x" * (3 * 1024**2))  # over CallError.message's bound on the wire
+
+    fn = cloudpickle.dumps(shout)
+    r = await post_job(admin, job_header("loud", fn, 1), [fn, pickle.dumps([1])])
+    assert r.status_code == 200, r.text
+    with trio.fail_after(20):  # before: the report was refused (400) and sent again forever
+        while daemon.plane.job_status("loud").state == m.RUNNING:
+            await trio.sleep(0.02)
+    failed = [e for e, _ in daemon.plane.store.events_after("loud", 0) if e.kind == m.FAILED]
+    assert "characters left out" in failed[0].data["message"] and len(failed[0].data["message"]) <= m.MAX_ERROR_MESSAGE
+
+
+async def test_a_report_the_daemon_refuses_is_not_sent_again_forever(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the reason, a 400 for a report of results becomes a failure of those inputs, not a retry loop."""
+    from burla.daemon.errors import BadRequest
+
+    real = daemon.plane.report
+    refused: list[int] = []
+
+    def refusing(agent_id: str, report: m.AgentReport, blobs: Any) -> Any:
+        if any(r.job_id == "refused" and r.error is None for r in report.results):
+            refused.append(1)
+            raise BadRequest("results[0]: refused by this test")
+        return real(agent_id, report, blobs)
+
+    monkeypatch.setattr(daemon.plane, "report", refusing)
+    fn = cloudpickle.dumps(abs)
+    assert (await post_job(admin, job_header("refused", fn, 2), [fn, pickle.dumps([-1, -2])])).status_code == 200
+    with trio.fail_after(20):
+        while daemon.plane.job_status("refused").state == m.RUNNING:
+            await trio.sleep(0.02)
+    failed = [e for e, _ in daemon.plane.store.events_after("refused", 0) if e.kind == m.FAILED]
+    assert "the daemon refused this result" in failed[0].data["message"]
+    assert len(refused) <= 2
