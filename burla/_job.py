@@ -150,13 +150,19 @@ class JobRun:
             blob: bytes | bytearray | None = bytes(blobs[event.blob]) if event.blob is not None else None
             if blob is None and event.size:
                 blob = await self._fetch_payload(event)  # before later events: "done" must follow its results
+                if blob is None:
+                    return  # this job failed (said so); the stream goes on for the others
             self.after = event.seq
             self._take(event, blob)
             if event.kind in _TERMINAL:
                 self._ended.set()
 
-    async def _fetch_payload(self, event: m.Event) -> bytes | bytearray:
-        """A payload too large for the websocket: from the daemon's file on this host, or streamed over HTTP."""
+    async def _fetch_payload(self, event: m.Event) -> bytes | bytearray | None:
+        """A payload too large for the websocket: from the daemon's file on this host, or streamed over HTTP.
+
+        A lost connection propagates: the event stream reconnects and the event comes again, as
+        `after` has not moved past it. A refusal fails this job alone (None), not every job followed.
+        """
         if self.local_payloads is not None and event.ref:
             path = Path(self.local_payloads[0]) / event.ref
             try:
@@ -164,19 +170,17 @@ class JobRun:
             except OSError:
                 pass  # not readable after all: over HTTP
         buffer = bytearray()
-        try:
-            async with self.http.stream("GET", f"/v1/jobs/{self.job_id}/events/{event.seq}/payload") as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    raise error_from_response(r.status_code, r.text, "fetch a result")
-                async for chunk in r.aiter_raw():
-                    buffer += chunk
-        except httpx.TransportError as e:
-            raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
+        async with self.http.stream("GET", f"/v1/jobs/{self.job_id}/events/{event.seq}/payload") as r:
+            if r.status_code != 200:
+                await r.aread()
+                if r.status_code >= 500:
+                    raise httpx.RemoteProtocolError(f"HTTP {r.status_code}")  # the daemon restarting: retried
+                self.fail(error_from_response(r.status_code, r.text, "fetch a result"))
+                return None
+            async for chunk in r.aiter_raw():
+                buffer += chunk
         if len(buffer) != event.size:
-            raise ClusterUnavailableError(
-                f"a result of job {self.job_id} arrived cut short: {len(buffer)} of {event.size} bytes"
-            )
+            raise httpx.RemoteProtocolError(f"a result arrived cut short: {len(buffer)} of {event.size} bytes")
         return buffer  # unpickled as it is: no second copy of a big result
 
     async def _cancel(self, reason: str) -> None:

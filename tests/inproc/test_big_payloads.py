@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import sys
+from typing import Any
 
 import cloudpickle
 import httpx
@@ -56,3 +57,42 @@ async def test_remote_parallel_map_returns_big_results(
     monkeypatch.setenv("BURLA_API_KEY", daemon.admin_token)
     results = await trio.to_thread.run_sync(lambda: remote_parallel_map(big, [1, 2, 3], spinner=False))
     assert results == [big(1), big(2), big(3)]
+
+
+async def test_a_failed_fetch_is_retried_and_a_refused_one_fails_only_its_job(
+    daemon: Running, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from burla import Client
+    from burla.daemon.errors import NotFound
+    from burla.errors import ClusterError
+
+    real = daemon.plane.event_payload
+    calls: list[str] = []
+
+    def flaky(job_id: str, seq: int) -> Any:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise RuntimeError("the daemon broke for a moment")  # a 500: the client reconnects and fetches again
+        if job_id == refused_job[0]:
+            raise NotFound("this payload is gone")
+        return real(job_id, seq)
+
+    refused_job: list[str] = [""]
+    monkeypatch.setattr(daemon.plane, "event_payload", flaky)
+    monkeypatch.setattr("burla.schemas.local.read_probe", lambda *a: None)  # as from another host: over HTTP
+
+    def refuse_all(job_id: str, seq: int) -> Any:
+        refused_job[0] = job_id
+        return flaky(job_id, seq)
+
+    def as_a_user() -> None:
+        with Client(daemon.url, daemon.admin_token) as client:
+            assert client.map(big, [1], spinner=False) == [big(1)]
+            assert len(calls) == 2  # a 500, then the same payload again
+            monkeypatch.setattr(daemon.plane, "event_payload", refuse_all)
+            with pytest.raises(ClusterError, match="this payload is gone"):
+                client.map(big, [2], spinner=False)
+            monkeypatch.setattr(daemon.plane, "event_payload", real)
+            assert client.map(abs, [-3], spinner=False) == [3]  # the client's event stream lives on
+
+    await trio.to_thread.run_sync(as_a_user)
