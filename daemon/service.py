@@ -150,7 +150,9 @@ class ControlPlane:
         self.store.append_event(
             job_id, m.FAILED, data={"kind": m.SYSTEM, "index": -1, "type_name": "", "message": message}
         )
-        self.store.set_job_state(job_id, m.JOB_FAILED, self.clock())
+        self.store.set_job_state(job_id, m.JOB_FAILED, self.clock())  # its inputs and leases go too
+        for link in self.links.values():  # whoever still runs its leases stops
+            link.cancel_jobs.add(job_id)
         self.counters["jobs_unrestorable"] += 1
 
     # ---- jobs (client side) --------------------------------------------------------
@@ -302,7 +304,17 @@ class ControlPlane:
                 await self._job_created.wait()
 
     def job_status(self, job_id: str) -> m.JobStatus:
-        return self.scheduler.job_status(self._job(job_id), self.clock())
+        job = self.scheduler.jobs.get(job_id)
+        if job is None:  # finished before a restart (or failed restoring it): its record in SQLite is all there is
+            row = self.store.conn.execute(
+                "SELECT state, n_inputs, created FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            state, n_inputs, created = row
+            return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
+                               created=float(created or 0.0))  # fmt: skip
+        return self.scheduler.job_status(job, self.clock())
 
     async def wait_events(self, job_id: str, after: int, timeout: float) -> list[tuple[m.Event, bytes | None]]:
         """A job's events after `after`; waits up to `timeout` for the first one.

@@ -373,6 +373,8 @@ async def test_a_restart_survives_a_row_it_cannot_use(tmp_path: Path, poison: st
         failed = [e for e, _ in restarted.store.events_after("bad", 0) if e.kind == m.FAILED]
         assert "could not be restored" in failed[0].data["message"]
         assert restarted.counters["jobs_unrestorable"] == 1
+        assert restarted.job_status("bad").state == m.JOB_FAILED  # what a client following it is told
+        assert all("bad" in link.cancel_jobs for link in restarted.links.values())  # its leases stop
     assert restarted.job_status("good").state == m.RUNNING
     clock.now += 11  # the old agent never comes back: its leases run elsewhere
     restarted.expire_agents()
