@@ -120,12 +120,14 @@ class JobRun:
         except BaseException as e:  # noqa: BLE001 - everything goes to the caller's thread
             self.stream.forget(self.job_id)
             error = _first_error(e)
-            if self._created and not isinstance(error, JobCancelledError):
-                # whatever ended it here (a Burla error, the caller's inputs raising), the job must not run on
-                reason = str(error) if isinstance(error, BurlaError) else f"the client's inputs raised {error!r}"
-                with trio.move_on_after(CANCEL_SECONDS):
-                    await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason[:500]})
-            self.queue.put(("error", error))
+            try:
+                if self._created and not isinstance(error, (JobCancelledError, trio.Cancelled)):
+                    # whatever ended it here (a Burla error, the caller's inputs raising), the job must not run on
+                    reason = str(error) if isinstance(error, BurlaError) else f"the client's inputs raised {error!r}"
+                    with trio.move_on_after(CANCEL_SECONDS):
+                        await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason[:500]})
+            finally:
+                self.queue.put(("error", error))  # the caller's thread must always hear how it ended
             if not isinstance(e, Exception) and not isinstance(e, BaseExceptionGroup):
                 raise
 

@@ -217,11 +217,11 @@ class InputBatcher:
 
     def _pickle(self, items: list[Any], first_index: int) -> bytes:
         try:
-            payload: bytes = dumps(items)
+            payload: bytes = cloudpickle.dumps(items, protocol=PROTOCOL)  # not `dumps`: inputs are the hot path
         except Exception:
             for offset, item in enumerate(items):
                 try:
-                    dumps(item)
+                    cloudpickle.dumps(item, protocol=PROTOCOL)
                 except Exception as e:
                     raise UnpicklableError(
                         f"input #{first_index + offset} ({type(item).__name__} {_short_repr(item)}) cannot be "
@@ -231,7 +231,7 @@ class InputBatcher:
             raise
         if self.max_input_bytes is not None and len(payload) > self.max_input_bytes:
             for offset, item in enumerate(items):
-                size = len(dumps(item)) if len(items) > 1 else len(payload)
+                size = len(cloudpickle.dumps(item, protocol=PROTOCOL)) if len(items) > 1 else len(payload)
                 if size > self.max_input_bytes:
                     raise TooLargeError(
                         f"input #{first_index + offset} ({type(item).__name__}) pickles to {size / 1e6:.1f} MB, over "

@@ -281,6 +281,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         """A payload too large to push on the websocket, streamed from its file in chunks."""
         check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
+        if seq > wire.INT64[1]:
+            raise BadRequest(f"event seq: at most {wire.INT64[1]}")
         path = plane.event_payload(job_id, seq)
         size = path.stat().st_size
 

@@ -3,6 +3,7 @@
     ApiError
     ├── BadRequest        400  malformed body, envelope or field
     ├── Unauthorized      401  missing or wrong token
+    ├── Forbidden         403  an agent asks for what belongs to a job it does not work for
     ├── NotFound          404  unknown job or agent
     ├── Conflict          409  the job is finished, or its id is taken
     │   └── VersionMismatch 409  an agent of a Burla version this daemon cannot work with

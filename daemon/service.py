@@ -295,6 +295,7 @@ class ControlPlane:
             return
         self.scheduler.forget_job(job_id)
         self.feeds.pop(job_id, None)
+        self._blob_closure.pop(job_id, None)
         self.store.delete_job(job_id)
 
     async def wait_job(self, job_id: str, timeout: float) -> None:
@@ -784,6 +785,7 @@ class ControlPlane:
         for job_id in self.store.finished_jobs_before(now - self.config.job_retention):
             self.scheduler.forget_job(job_id)
             self.feeds.pop(job_id, None)
+            self._blob_closure.pop(job_id, None)
             self.store.delete_job(job_id)
 
     def busy(self) -> bool:

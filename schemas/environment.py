@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from .wire import OPTIONAL_SHA256, Wire, field, loads, nested
+from .wire import OPTIONAL_SHA256, Wire, field, loads
 
 INDEX = "index"  # install `name==version` from a package index
 FILES = "files"  # unpack `blob`, a tar of the installed files (paths relative to site-packages)
@@ -64,6 +64,3 @@ class Environment(Wire):
     def loads(cls, data: bytes | str) -> Environment:
         wire: Any = loads(data)
         return cls.from_wire(wire)
-
-
-nested("Environment", "distributions", Distribution)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field, nested
+from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field
 
 # Parts of two Burla versions work together only where they state the same protocol number (`compatible`).
 # Bump it with any change that a part of the previous version cannot speak: a message field without a
@@ -336,16 +336,3 @@ class ClusterStatus(Wire):
     nodes: tuple[NodeStatus, ...] = ()
     jobs: tuple[JobStatus, ...] = ()
     daemon: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-nested("LeaseResult", "error", CallError)
-nested("AgentReport", "results", LeaseResult)
-nested("AgentReport", "pools", PoolState)
-nested("AgentReport", "pool_errors", PoolError)
-nested("Delivery", "wants", PoolWant)
-nested("Delivery", "standby", StandbyImage)
-nested("AgentReport", "logs", LogChunk)
-nested("Delivery", "leases", Lease)
-nested("ClusterStatus", "nodes", NodeStatus)
-nested("NodeStatus", "pools", PoolState)
-nested("ClusterStatus", "jobs", JobStatus)

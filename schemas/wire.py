@@ -125,13 +125,6 @@ class Wire:
             raise WireError(f"{cls.__name__}: {e}") from None
 
 
-def nested(owner: str, field: str, cls: type[Wire]) -> None:
-    """Declare that `owner.field` holds a `cls` (or a list of them) on the wire.
-
-    Kept for older code: nested messages are now found from the fields' annotations.
-    """
-
-
 # ---- checkers built from annotations ----------------------------------------------------
 
 Check = typing.Callable[[Any, str], Any]

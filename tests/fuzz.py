@@ -161,6 +161,7 @@ ROUTES = [
     ("POST", "/v1/jobs/{job}/inputs"),
     ("POST", "/v1/jobs/{job}/cancel"),
     ("GET", "/v1/jobs/{job}"),
+    ("GET", "/v1/jobs/{job}/events/{seq}/payload"),
     ("PUT", "/v1/blobs/{digest}"),
     ("POST", "/v1/blobs/missing"),
     ("GET", "/v1/cluster"),
