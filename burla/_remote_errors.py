@@ -21,14 +21,15 @@ from burla.schemas import messages as m
 from . import errors
 
 _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
-    "burla.errors.WorkerDiedError": errors.WorkerDiedError,
-    "burla.errors.MemoryLimitError": errors.MemoryLimitError,
-    "burla.errors.UnpicklingError": errors.UnpicklingError,
-    "burla.errors.UnpicklableResultError": errors.UnpicklableResultError,
-    "burla.errors.ResultTooLargeError": errors.ResultTooLargeError,
-    "burla.errors.NoNodesError": errors.NoNodesError,
-    "burla.errors.ImageError": errors.ImageError,
-    "burla.errors.InstallError": errors.InstallError,
+    m.ErrorType.CALL: errors.CallError,
+    m.ErrorType.WORKER_DIED: errors.WorkerDiedError,
+    m.ErrorType.MEMORY_LIMIT: errors.MemoryLimitError,
+    m.ErrorType.UNPICKLING: errors.UnpicklingError,
+    m.ErrorType.UNPICKLABLE_RESULT: errors.UnpicklableResultError,
+    m.ErrorType.RESULT_TOO_LARGE: errors.ResultTooLargeError,
+    m.ErrorType.NO_NODES: errors.NoNodesError,
+    m.ErrorType.IMAGE: errors.ImageError,
+    m.ErrorType.INSTALL: errors.InstallError,
 }
 
 

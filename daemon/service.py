@@ -652,9 +652,9 @@ class ControlPlane:
         if job is None or job.state != m.RUNNING:
             return
         if error.kind == "install":
-            type_name, message = "burla.errors.InstallError", f"node {error.node}: {error.message}"
+            type_name, message = m.ErrorType.INSTALL, f"node {error.node}: {error.message}"
         else:
-            type_name, message = "burla.errors.ImageError", f"image {error.image} on node {error.node}: {error.message}"
+            type_name, message = m.ErrorType.IMAGE, f"image {error.image} on node {error.node}: {error.message}"
         data = m.CallError(index=-1, kind=m.SYSTEM, type_name=type_name, message=message, node=error.node).to_wire()
         self.store.append_event(job.job_id, m.FAILED, data=data)
         self.counters["jobs_failed"] += 1
@@ -776,7 +776,7 @@ class ControlPlane:
                         data={
                             "kind": m.SYSTEM,
                             "index": -1,
-                            "type_name": "burla.errors.NoNodesError",
+                            "type_name": m.ErrorType.NO_NODES,
                             "message": f"no node joined the cluster within {self.config.no_node_timeout:.0f}s "
                             "(daemon.no_node_timeout); start node agents with `burlad agent URL --token TOKEN`",
                         },

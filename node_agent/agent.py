@@ -45,7 +45,7 @@ log = logging.getLogger("burla.agent")
 
 _REPORTS_IN_FLIGHT = 2
 _REPOLL_DELAY = 0.05  # with leases running, how long a report may take the place of a poll
-_REFUSED = "burla.errors.CallError"  # type of the error that stands for a result the daemon refused
+_REFUSED = m.ErrorType.CALL  # type of the error that stands for a result the daemon refused
 _FETCH_PATIENCE = 60.0  # seconds a fetch retries an unreachable daemon before its lease fails
 
 

@@ -351,7 +351,7 @@ class Supervisor:
         error = m.CallError(
             index=lease.lo,
             kind=m.SYSTEM,
-            type_name="burla.errors.CallError",
+            type_name=m.ErrorType.CALL,
             message=f"node {self.hostname} cannot run inputs #{lease.lo} to #{lease.hi - 1}: {reason}",
             node=self.hostname,
         )
@@ -586,7 +586,7 @@ class Supervisor:
             error = m.CallError(
                 index=at,
                 kind=m.MEMORY,
-                type_name="burla.errors.MemoryLimitError",
+                type_name=m.ErrorType.MEMORY_LIMIT,
                 message=(
                     f"input #{at} {used} its func_ram of {limit / 1e9:g} GB {where}, and was killed. "
                     "Pass a larger func_ram= (up to a node's RAM), or use less memory per call."
@@ -598,7 +598,7 @@ class Supervisor:
             error = m.CallError(
                 index=at,
                 kind=m.WORKER_DIED,
-                type_name="burla.errors.WorkerDiedError",
+                type_name=m.ErrorType.WORKER_DIED,
                 message=f"the worker running input #{at} {how} {where}.",
                 node=self.hostname,
             )

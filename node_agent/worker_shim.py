@@ -383,7 +383,7 @@ class Worker:
         except Exception as e:
             done["error"] = system_error(
                 lo,
-                "burla.errors.UnpicklingError",
+                m.ErrorType.UNPICKLING,
                 f"the worker could not load the function or its inputs: {type(e).__name__}: {_safe_str(e)}. "
                 "Everything the function uses must be importable on the cluster.",
             )
@@ -445,7 +445,7 @@ def _pickle_results(results: list[Any], lo: int, max_bytes: int = 0) -> tuple[by
             if size > max_bytes:
                 return b"", system_error(
                     lo + offset,
-                    "burla.errors.ResultTooLargeError",
+                    m.ErrorType.RESULT_TOO_LARGE,
                     f"the return value of input #{lo + offset} ({type(value).__name__}) pickles to {size / 1e6:.1f} MB, "
                     f"over the cluster's limit of {max_bytes / 1e6:.0f} MB per result (daemon.max_result_bytes). "
                     "Write large outputs to the shared disk or object storage and return their paths.",
@@ -457,7 +457,7 @@ def _pickle_results(results: list[Any], lo: int, max_bytes: int = 0) -> tuple[by
         except Exception as e:
             return b"", system_error(
                 lo + offset,
-                "burla.errors.UnpicklableResultError",
+                m.ErrorType.UNPICKLABLE_RESULT,
                 f"the return value of input #{lo + offset} ({type(value).__name__}) could not be pickled to send "
                 f"it back: {type(e).__name__}: {_safe_str(e)}. Return plain data (numbers, strings, lists, dicts, "
                 "arrays) instead.",

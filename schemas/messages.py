@@ -25,6 +25,7 @@ Agent -> daemon
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field
@@ -50,6 +51,22 @@ EXCEPTION = "exception"  # the user's function raised
 WORKER_DIED = "worker_died"  # the worker process exited or was killed mid-call
 MEMORY = "memory"  # the call went over func_ram and was killed
 SYSTEM = "system"  # burla could not run the call (unloadable function, unpicklable result)
+
+
+class ErrorType(enum.StrEnum):
+    """CallError.type_name of the failures Burla itself reports (not a user's exception): the qualified
+    name of the class in burla/errors.py that the client raises for it (mapped once, in _remote_errors)."""
+
+    CALL = "burla.errors.CallError"
+    WORKER_DIED = "burla.errors.WorkerDiedError"
+    MEMORY_LIMIT = "burla.errors.MemoryLimitError"
+    UNPICKLING = "burla.errors.UnpicklingError"
+    UNPICKLABLE_RESULT = "burla.errors.UnpicklableResultError"
+    RESULT_TOO_LARGE = "burla.errors.ResultTooLargeError"
+    NO_NODES = "burla.errors.NoNodesError"
+    IMAGE = "burla.errors.ImageError"
+    INSTALL = "burla.errors.InstallError"
+
 
 # Event.kind
 RESULTS = "results"

@@ -217,3 +217,11 @@ def test_no_nodes_error_by_type_name() -> None:
     exc = rebuild({"kind": m.SYSTEM, "type_name": "burla.errors.NoNodesError", "message": "no node joined"}, None)
     assert type(exc) is errors.NoNodesError
     assert str(exc) == "no node joined"
+
+
+def test_every_error_type_maps_once_to_the_class_it_names() -> None:
+    from burla._remote_errors import _BY_NAME
+
+    assert set(_BY_NAME) == set(m.ErrorType)
+    for error_type, cls in _BY_NAME.items():
+        assert f"{cls.__module__}.{cls.__qualname__}" == error_type.value
