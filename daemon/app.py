@@ -31,8 +31,35 @@ log = logging.getLogger("burla.daemon")
 
 STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
 JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
-ADMIN = "admin"
-NODE = "node"
+PUBLIC = "public"  # anyone
+ADMIN = "admin"  # the admin token (the clients' API key)
+NODE = "node"  # the shared node token (or the admin's): agents register with it
+AGENT = "agent"  # the agent named in the path, with its own token from registration
+
+# Who may call each route, by endpoint (the route function's name). One table, enforced in one hook
+# (`authorize`); create_app refuses a route missing from it, and tests/inproc/test_routes.py
+# walks every route with every kind of token against it.
+ROUTE_ROLES: dict[str, str] = {
+    "health": PUBLIC,
+    "info": ADMIN,
+    "create_job": ADMIN,
+    "add_inputs": ADMIN,
+    "cancel_job": ADMIN,
+    "job_status": ADMIN,
+    "event_payload": ADMIN,
+    "put_blob": ADMIN,
+    "missing_blobs": ADMIN,
+    "cluster": ADMIN,
+    "set_standby": ADMIN,
+    "events": ADMIN,
+    "get_standby": NODE,
+    "register": NODE,
+    "poll": AGENT,
+    "report": AGENT,
+    "function": AGENT,
+    "batch": AGENT,
+    "agent_blob": AGENT,
+}
 
 
 _DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read before answering
@@ -74,6 +101,27 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     )
     app.config["BODY_TIMEOUT"] = 600
     app.config["RESPONSE_TIMEOUT"] = 600
+
+    @app.before_request
+    async def authorize_request() -> None:
+        authorize(request.endpoint, request.headers, request.view_args or {})
+
+    @app.before_websocket
+    async def authorize_websocket() -> None:
+        authorize(websocket.endpoint, websocket.headers, websocket.view_args or {})
+
+    def authorize(endpoint: str | None, headers: Any, view_args: dict[str, Any]) -> None:
+        """The one place that says who may call a route: `ROUTE_ROLES`, by endpoint."""
+        name = (endpoint or "").rpartition(".")[2]
+        role = ROUTE_ROLES.get(name)
+        if role is None:
+            return  # no route matched: the router answers 404 or 405
+        if role == PUBLIC:
+            return
+        if role == AGENT:
+            check_agent(headers, view_args.get("agent_id", ""))
+        else:
+            check_token(headers, role)
 
     def check_token(headers: Any, role: str) -> None:
         auth = headers.get("authorization", "")
@@ -200,7 +248,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/info")
     async def info() -> Response:
-        check_token(request.headers, ADMIN)
         return _json(
             {
                 "version": plane.version,
@@ -216,7 +263,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.post("/v1/jobs")
     async def create_job() -> Response:
-        check_token(request.headers, ADMIN)
         header, blobs = await read_envelope()
         spec = m.JobSpec.from_wire(header.get("spec"))
         fn = blobs_at(blobs, 0, "function")
@@ -226,7 +272,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.post("/v1/jobs/<job_id>/inputs")
     async def add_inputs(job_id: str) -> Response:
-        check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
         header, blobs = await read_envelope()
         plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header), proof(header))
@@ -234,7 +279,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.post("/v1/jobs/<job_id>/cancel")
     async def cancel_job(job_id: str) -> Response:
-        check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
         body = await read_object()
         reason = body.get("reason", "cancelled by the client")
@@ -245,7 +289,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.put("/v1/blobs/<digest>")
     async def put_blob(digest: str) -> Response:
-        check_token(request.headers, ADMIN)
         valid_digest(digest, "blob digest")
         if plane.has_blob(digest):
             return _json({"ok": True, "known": True})
@@ -255,7 +298,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.post("/v1/blobs/missing")
     async def missing_blobs() -> Response:
         """Which of these digests the cluster lacks: the client uploads only those."""
-        check_token(request.headers, ADMIN)
         body = await read_json()
         digests = body.get("digests") if isinstance(body, dict) else None
         if not isinstance(digests, list) or len(digests) > _MAX_DIGESTS:
@@ -266,20 +308,17 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/agents/<agent_id>/blobs/<digest>")
     async def agent_blob(agent_id: str, digest: str) -> Response:
-        check_agent(request.headers, agent_id)
         valid_digest(digest, "blob digest")
         return Response(plane.blob(digest, agent_id), content_type="application/octet-stream")
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
-        check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
         return _json(plane.job_status(job_id).to_wire())
 
     @app.get("/v1/jobs/<job_id>/events/<int:seq>/payload")
     async def event_payload(job_id: str, seq: int) -> Response:
         """A payload too large to push on the websocket, streamed from its file in chunks."""
-        check_token(request.headers, ADMIN)
         valid_id(job_id, "job id")
         if seq > wire.INT64[1]:
             raise BadRequest(f"event seq: at most {wire.INT64[1]}")
@@ -297,17 +336,14 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/cluster")
     async def cluster() -> Response:
-        check_token(request.headers, ADMIN)
         return _json(plane.cluster_status().to_wire())
 
     @app.get("/v1/standby")
     async def get_standby() -> Response:
-        check_token(request.headers, NODE)
         return _json({"images": [i.to_wire() for i in plane.scheduler.standby], "version": plane.standby_version})
 
     @app.put("/v1/standby")
     async def set_standby() -> Response:
-        check_token(request.headers, ADMIN)
         body = await read_json()
         images = body.get("images") if isinstance(body, dict) else None
         if not isinstance(images, list) or len(images) > 256:
@@ -330,7 +366,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         envelopes {"job_id": ID, "events": [Event...], "status": JobStatus?}
         with the events' payloads as blobs, or {"job_id": ID, "error": {...}}.
         """
-        check_token(websocket.headers, ADMIN)
         await websocket.accept()
         send_lock = trio.Lock()
         follows: dict[str, trio.CancelScope] = {}
@@ -403,20 +438,17 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.post("/v1/agents/register")
     async def register() -> Response:
-        check_token(request.headers, NODE)
         info = m.NodeInfo.from_wire(await read_object())
         return _json(plane.register(info).to_wire())
 
     @app.post("/v1/agents/<agent_id>/poll")
     async def poll(agent_id: str) -> Response:
-        check_agent(request.headers, agent_id)
         header, blobs = await read_envelope()
         delivery, out = await plane.poll(agent_id, m.AgentReport.from_wire(header), blobs)
         return _envelope(delivery.to_wire(), out)
 
     @app.post("/v1/agents/<agent_id>/report")
     async def report(agent_id: str) -> Response:
-        check_agent(request.headers, agent_id)
         header, blobs = await read_envelope()
         delivery, out = plane.report(agent_id, m.AgentReport.from_wire(header), blobs)
         if not delivery.delivery:
@@ -425,18 +457,19 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/agents/<agent_id>/functions/<function_hash>")
     async def function(agent_id: str, function_hash: str) -> Response:
-        check_agent(request.headers, agent_id)
         valid_digest(function_hash, "function hash")
         return Response(plane.function_blob(function_hash, agent_id), content_type="application/octet-stream")
 
     @app.get("/v1/agents/<agent_id>/batches/<job_id>/<int:seq>")
     async def batch(agent_id: str, job_id: str, seq: int) -> Response:
-        check_agent(request.headers, agent_id)
         valid_id(job_id, "job id")
         if seq > m.MAX_INDEX:
             raise BadRequest(f"batch seq: at most {m.MAX_INDEX}")
         return Response(plane.batch_payload(job_id, seq, agent_id), content_type="application/octet-stream")
 
+    missing = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint != "static"} - set(ROUTE_ROLES)
+    if missing:
+        raise RuntimeError(f"routes without an entry in ROUTE_ROLES: {sorted(missing)}")
     return app
 
 

@@ -1,0 +1,83 @@
+"""Every route of burlad, called with every kind of token, against the one table of who may call it.
+
+A route added without an entry in `ROUTE_ROLES` fails `create_app` (so every test), and its entry is
+checked here: a token its role does not admit is answered 401 before the route runs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from httpx_ws import WebSocketUpgradeError, aconnect_ws
+
+import burla
+from burla.daemon.app import ADMIN, AGENT, NODE, PUBLIC, ROUTE_ROLES, create_app
+from burla.daemon.server import Running
+from burla.schemas import messages as m
+
+# which token kinds each role admits: the admin token also registers agents (burlad's own local cluster)
+ADMITS = {PUBLIC: {"none", "wrong", "admin", "node", "agent", "other-agent"}, ADMIN: {"admin"}, NODE: {"admin", "node"},
+          AGENT: {"agent"}}  # fmt: skip
+TOKENS = ("none", "wrong", "admin", "node", "agent", "other-agent")
+
+
+def rules(daemon: Running) -> list[tuple[str, str, str]]:
+    """(endpoint, method, path with its parameters filled) of every route of the app."""
+    app = create_app(daemon.plane)
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda mo: "0" if mo.group(1) == "seq" else "0" * 64 if mo.group(1) in
+                      ("digest", "function_hash") else "AGENT" if mo.group(1) == "agent_id" else "somejob", rule.rule)  # fmt: skip
+        methods = sorted((rule.methods or {"GET"}) - {"HEAD", "OPTIONS"}) or ["GET"]
+        out.extend((rule.endpoint, method, path) for method in methods)
+    return out
+
+
+def test_the_table_is_the_one_reviewed() -> None:
+    """Who may call what is a security decision: changing it means changing this test too."""
+    assert ROUTE_ROLES == {
+        "health": PUBLIC,
+        **dict.fromkeys(["info", "create_job", "add_inputs", "cancel_job", "job_status", "event_payload", "put_blob",
+                         "missing_blobs", "cluster", "set_standby", "events"], ADMIN),
+        **dict.fromkeys(["get_standby", "register"], NODE),
+        **dict.fromkeys(["poll", "report", "function", "batch", "agent_blob"], AGENT),
+    }  # fmt: skip
+
+
+async def test_every_route_answers_each_token_as_the_table_says(daemon: Running) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as c:
+        info = m.NodeInfo("routes", "h", 1, 10**9, "3.99", 1, agent_version=burla.__version__,
+                          protocol=m.PROTOCOL_VERSION).to_wire()  # fmt: skip
+        headers = {"authorization": f"Bearer {daemon.node_token}"}
+        agent = (await c.post("/v1/agents/register", json=info, headers=headers)).json()
+        other = (await c.post("/v1/agents/register", json=info | {"node_id": "other"}, headers=headers)).json()
+        tokens = {"none": None, "wrong": "not-a-token", "admin": daemon.admin_token, "node": daemon.node_token,
+                  "agent": agent["agent_token"], "other-agent": other["agent_token"]}  # fmt: skip
+        walked = set()
+        for endpoint, method, path in rules(daemon):
+            path = path.replace("AGENT", agent["agent_id"])
+            role = ROUTE_ROLES[endpoint]
+            walked.add(endpoint)
+            for kind in TOKENS:
+                token = tokens[kind]
+                h = {"authorization": f"Bearer {token}"} if token else {}
+                if endpoint == "events":
+                    try:
+                        async with aconnect_ws(f"{daemon.url}{path}", c, headers=h):
+                            status = 101
+                    except WebSocketUpgradeError as e:
+                        status = e.response.status_code
+                else:
+                    status = (await c.request(method, path, headers=h, content=b"{}")).status_code
+                admitted = kind in ADMITS[role]
+                assert (status != 401) == admitted, f"{method} {path} with the {kind} token: {status} ({role} route)"
+        assert walked == set(ROUTE_ROLES)
+
+
+@pytest.mark.parametrize("role", sorted(ADMITS))
+def test_each_role_is_admitted_by_some_token(role: str) -> None:
+    assert ADMITS[role]
