@@ -79,7 +79,7 @@ class JobState:
         return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
 
 
-PROCESS_POOL = "process"  # the one pool of a process-runtime node: its workers share the node
+PROCESS_POOL = m.PROCESS_POOL
 
 
 @dataclasses.dataclass
@@ -510,8 +510,7 @@ class Scheduler:
             return False
         for i, image in enumerate(self.standby):
             if image.image == spec.image or (not spec.image and i == 0):
-                cpus = 1.0 / max(image.per_cpu, 1e-9)
-                ram = node.info.ram_bytes / max(1, node.info.cpus * image.per_cpu)
+                cpus, ram, _ = image.shape(node.info.cpus, node.info.ram_bytes)
                 return spec.func_cpu <= cpus + _EPSILON and job.func_ram_bytes <= ram
         return False
 

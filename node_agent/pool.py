@@ -24,7 +24,7 @@ import itertools
 
 from burla.schemas import messages as m
 
-DEFAULT_POOL = "process"
+DEFAULT_POOL = m.PROCESS_POOL
 
 
 class SlotState(enum.Enum):

@@ -62,14 +62,14 @@ def plan(
         ]
     pools = []
     for i, image in enumerate(standby):
-        per_cpu = max(image.per_cpu, 1e-9)
+        per_container, ram_per_container, count = image.shape(cpus, ram_bytes)
         pools.append(
             PoolSpec(
                 key=f"standby-{_key(image.image, image.per_cpu)}",
                 image=image.image,
-                cpus=1.0 / per_cpu,
-                ram_bytes=int(ram_bytes / max(1.0, cpus * per_cpu)),
-                count=max(1, int(cpus * per_cpu)),
+                cpus=per_container,
+                ram_bytes=ram_per_container,
+                count=count,
                 default=i == 0,
                 python_version=image.python_version,
             )

@@ -68,6 +68,8 @@ class ErrorType(enum.StrEnum):
     INSTALL = "burla.errors.InstallError"
 
 
+PROCESS_POOL = "process"  # the key of a process-runtime node's one pool: its workers share the node
+
 # Event.kind
 RESULTS = "results"
 LOGS = "logs"
@@ -192,6 +194,14 @@ class StandbyImage(Wire):
     image: str = field(max_len=1024)
     python_version: str = field("", pattern=PYTHON_VERSION)  # what its python3 is expected to be; agents check
     per_cpu: float = field(1.0, lo=0, hi=64)
+
+    def shape(self, node_cpus: int, node_ram_bytes: int) -> tuple[float, int, int]:
+        """CPUs and RAM of each of its containers on a node of this size, and how many it keeps warm.
+
+        The daemon (what fits) and the agent (what it starts) both use this one definition.
+        """
+        per_cpu = max(self.per_cpu, 1e-9)
+        return 1.0 / per_cpu, int(node_ram_bytes / max(1.0, node_cpus * per_cpu)), max(1, int(node_cpus * per_cpu))
 
 
 @dataclasses.dataclass(frozen=True)
