@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, StateDirInUse
+from .config import TOKENS_FILE, Config, ConfigError, StateDirInUse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":
         return _agent(config, early_stop)
     if args.command == "tokens":
-        path = config.daemon.resolved_state_dir() / "tokens.json"  # SQLite keeps only their hashes
+        path = config.daemon.resolved_state_dir() / TOKENS_FILE  # SQLite keeps only their hashes
         try:
             print(json.dumps(json.loads(path.read_text()), indent=2))
         except (OSError, ValueError) as e:

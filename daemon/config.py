@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -289,3 +290,17 @@ def new_token(role: str) -> str:
 
 def python_minor() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+TOKENS_FILE = "tokens.json"  # in the state dir, 0600: the tokens' plaintext, for people (SQLite keeps hashes)
+
+
+def read_tokens(path: Path) -> dict[str, str]:
+    """The tokens a state dir's tokens.json holds ({} if none can be read)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and v}

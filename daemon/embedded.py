@@ -27,20 +27,15 @@ from typing import IO, Any
 
 from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
-from .config import Config, lock_state_dir, new_token
+from .config import TOKENS_FILE, Config, lock_state_dir, new_token, read_tokens
 
 log = logging.getLogger("burla.daemon")
 
 
 def _tokens(state_dir: Path) -> dict[str, str]:
-    path = state_dir / "tokens.json"
-    try:
-        tokens = json.loads(path.read_text())
-        if tokens.get("admin") and tokens.get("node"):
-            return {"admin": tokens["admin"], "node": tokens["node"]}
-    except (OSError, ValueError):
-        pass
-    return {"admin": new_token("admin"), "node": new_token("node")}
+    """The local cluster's tokens, known before burlad opens its store: its agent starts meanwhile."""
+    tokens = read_tokens(state_dir / TOKENS_FILE)
+    return {role: tokens.get(role) or new_token(role) for role in ("admin", "node")}
 
 
 def run_embedded(config: Config) -> None:

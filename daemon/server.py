@@ -20,7 +20,7 @@ from burla._trace import trace
 from burla.schemas import messages as m
 
 from .app import create_app
-from .config import DaemonConfig, StandbyConfig, lock_state_dir
+from .config import TOKENS_FILE, DaemonConfig, StandbyConfig, lock_state_dir
 from .service import ControlPlane
 from .store import Store
 
@@ -87,7 +87,7 @@ async def serve(
             if images != plane.scheduler.standby:
                 plane.set_standby(images)
         if set(plane.tokens) >= {"admin", "node"}:
-            write_private(state_dir / "tokens.json", plane.tokens)  # for people: SQLite keeps only hashes
+            write_private(state_dir / TOKENS_FILE, plane.tokens)  # for people: SQLite keeps only hashes
         else:
             log.warning("%s/tokens.json is missing or stale: the tokens still work, but their plaintext is "
                         "unknown here; set daemon.admin_token and daemon.node_token to choose new ones", state_dir)  # fmt: skip

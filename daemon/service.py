@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import hashlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from burla.schemas import local
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
-from .config import DaemonConfig
+from .config import TOKENS_FILE, DaemonConfig, read_tokens
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .store import Store
@@ -99,7 +98,7 @@ class ControlPlane:
         self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
         self.links: dict[str, AgentLink] = {}
         self.feeds: dict[str, JobFeed] = {}
-        known = _read_tokens(store.path.parent / "tokens.json")  # the plaintext, kept for people in a 0600 file
+        known = read_tokens(store.path.parent / TOKENS_FILE)  # the plaintext, kept for people in a 0600 file
         self.tokens = store.tokens(config.admin_token, config.node_token, known)
         self.token_hashes = store.token_hashes()
         self._agent_key = bytes.fromhex(store.secret("agent-key"))
@@ -853,13 +852,3 @@ def _check_blob_indices(report: m.AgentReport, count: int) -> None:
             check(result.error.exc_blob, f"results[{i}].error.exc_blob")
     for i, chunk in enumerate(report.logs):
         check(chunk.blob, f"logs[{i}].blob")
-
-
-def _read_tokens(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return (
-        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
-    )
