@@ -101,12 +101,10 @@ async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, 
     with trio.fail_after(10):
         while len(agent.workers.pool.busy()) < 2:
             await trio.sleep(0.02)
-    started = trio.current_time()
     assert (await admin.post("/v1/jobs/slow/cancel", json={"reason": "test"})).status_code == 200
-    with trio.fail_after(5):
-        while agent.workers.pool.busy():
+    with trio.fail_after(5):  # the calls sleep 60 s: only the cancel frees the workers this soon (how soon is
+        while agent.workers.pool.busy():  # a benchmark figure, not a pass/fail one: CI's machines are noisy)
             await trio.sleep(0.01)
-    assert trio.current_time() - started < 1.0
     assert (await admin.get("/v1/jobs/slow")).json()["state"] == m.JOB_CANCELLED
 
 
