@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,28 @@ def run_client(script: str, env: dict[str, str], cwd: Path, timeout: float = 120
     return subprocess.run(
         [PYTHON, str(path)], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+class BackgroundMap:
+    """`remote_parallel_map` in a thread of its own, as a caller blocked in it while the test breaks things."""
+
+    def __init__(self, function_: Any, inputs: Any, **kwargs: Any) -> None:
+        from burla import remote_parallel_map
+
+        self.results: list[Any] = []
+        self.errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.results.extend(remote_parallel_map(function_, inputs, spinner=False, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - the test asserts on it
+                self.errors.append(e)
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)

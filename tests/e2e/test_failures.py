@@ -15,7 +15,7 @@ import pytest
 
 import burla
 from burla import remote_parallel_map
-from tests.cluster import Cluster, run_client, wait_for
+from tests.cluster import BackgroundMap, Cluster, run_client, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -95,23 +95,13 @@ def test_an_agent_killed_mid_job_loses_nothing(own_cluster: Cluster) -> None:
 
 
 def test_burlad_restarted_mid_job_loses_nothing(own_cluster: Cluster) -> None:
-    results: list[tuple[int, int]] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            results.extend(remote_parallel_map(numbered, range(60), spinner=False))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    job = BackgroundMap(numbered, range(60))
     wait_for(lambda: any(n["busy"] for n in own_cluster.status()["nodes"]), 10, "the job to start")
     time.sleep(0.5)
     own_cluster.restart_daemon()  # SIGKILL, then a new burlad on the same state
-    thread.join(90)
-    assert not thread.is_alive() and not errors, errors
-    assert [x for x, _ in results] == list(range(60))
+    job.join(90)
+    assert not job.is_alive() and not job.errors, job.errors
+    assert [x for x, _ in job.results] == list(range(60))
     assert own_cluster.status()["daemon"].get("jobs_restored", 0) == 1
 
 

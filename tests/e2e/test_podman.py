@@ -20,7 +20,7 @@ import pytest
 
 import burla
 from burla import remote_parallel_map
-from tests.cluster import Cluster, as_user, wait_for
+from tests.cluster import BackgroundMap, Cluster, as_user, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 
@@ -308,29 +308,19 @@ def test_burlad_restarted_mid_job_on_a_podman_node_keeps_each_lease_on_its_pool(
         cluster.use(monkeypatch)
         monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
         wait_for(lambda: cluster.status()["nodes"][0]["workers"] == 4, 120, "two warm containers per image")
-        results: list[tuple[int, str]] = []
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                results.extend(remote_parallel_map(long_first, range(16), spinner=False))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        thread = threading.Thread(target=run)
-        thread.start()
+        job = BackgroundMap(long_first, range(16))
         wait_for(lambda: cluster.status()["nodes"][0]["busy"] == 2, 30, "both base containers busy")
         time.sleep(0.3)
         cluster.restart_daemon()  # SIGKILL, then a new burlad on the same state
         busy: list[int] = []
         deadline = time.monotonic() + 90
-        while thread.is_alive() and time.monotonic() < deadline:
+        while job.is_alive() and time.monotonic() < deadline:
             busy.append(cluster.status()["nodes"][0]["busy"])
             time.sleep(0.05)
-        thread.join(1)
-        assert not thread.is_alive(), cluster.log_text()[-4000:]
-        assert not errors, errors
-        assert results == [(x, "base") for x in range(16)]  # every input once, in order
+        job.join(1)
+        assert not job.is_alive(), cluster.log_text()[-4000:]
+        assert not job.errors, job.errors
+        assert job.results == [(x, "base") for x in range(16)]  # every input once, in order
         assert cluster.status()["daemon"].get("jobs_restored", 0) == 1
         assert max(busy) <= 2, busy  # never more calls on the base image than its two containers
         assert remote_parallel_map(marker, range(4), image=ALT, spinner=False) == ["burla-alt"] * 4
