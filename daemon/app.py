@@ -72,6 +72,14 @@ _REASON_CHARS = 4096  # of a cancel's reason
 _MAX_DIGESTS = 100_000  # in one POST /v1/blobs/missing
 
 
+def bearer(headers: Any) -> str:
+    """The token of an `Authorization: Bearer <token>` header."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    return str(token)
+
+
 def valid_id(value: Any, what: str) -> str:
     """An id that names files and rows: only `wire.ID`'s alphabet, so it can never be a path."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
@@ -124,10 +132,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             check_token(headers, role)
 
     def check_token(headers: Any, role: str) -> None:
-        auth = headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        token = bearer(headers)
         hashes = plane.token_hashes
         allowed = [hashes.get(ADMIN, "")] + ([hashes.get(NODE, "")] if role == NODE else [])
         presented = hash_token(token)
@@ -137,10 +142,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     def check_agent(headers: Any, agent_id: str) -> None:
         """An agent's own routes take its own token (from its registration), and no other's."""
         valid_id(agent_id, "agent id")
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        if not plane.is_agent(agent_id, token):
+        if not plane.is_agent(agent_id, bearer(headers)):
             raise Unauthorized(f"this token is not agent {agent_id}'s: register to get its own")
 
     async def body() -> bytes:
