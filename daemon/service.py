@@ -432,11 +432,12 @@ class ControlPlane:
                 held.append(active)
         return held
 
-    def _jobs_of(self, agent_id: str) -> set[str]:
-        """Jobs an agent works for: it holds one of their leases, or the daemon wants a pool of them there."""
+    def _jobs_of(self, agent_id: str, held: Sequence[ActiveLease] | None = None) -> set[str]:
+        """Jobs an agent works for: it holds one of their leases (`held`, if known), or the daemon wants a
+        pool of them there."""
         link = self.links.get(agent_id)
         wanted = {w.job_id for w in link.wants} if link is not None else set()
-        return wanted | {a.lease.job_id for a in self._held(agent_id)}
+        return wanted | {a.lease.job_id for a in (self._held(agent_id) if held is None else held)}
 
     def _job_blobs(self, job_id: str) -> frozenset[str]:
         """The content-addressed blobs a job's agents may read: its build context, manifest, code, packages."""
@@ -471,8 +472,9 @@ class ControlPlane:
         _check_blob_indices(report, len(blobs))  # before anything is decided: a bad report changes nothing
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
-        jobs = self._jobs_of(agent_id)  # an agent speaks only for the jobs it works for
-        held = {a.lease.lease_id: a.lease for a in self._held(agent_id)}
+        holding = self._held(agent_id)
+        jobs = self._jobs_of(agent_id, holding)  # an agent speaks only for the jobs it works for
+        held = {a.lease.lease_id: a.lease for a in holding}
         self.scheduler.touch_node(
             agent_id, self.clock(), report.ready_workers, report.stats, report.pools, report.job_phases
         )
