@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 # os.path, not pathlib, and no importlib.abc: `import burla` stays cheap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDERS = {"burla.daemon": "daemon", "burla.node_agent": "node_agent", "burla.schemas": "schemas"}
+FOLDERS = {
+    "burla.common": "common",
+    "burla.daemon": "daemon",
+    "burla.node_agent": "node_agent",
+    "burla.schemas": "schemas",
+}
 
 
 class SourceLayoutFinder:
