@@ -58,9 +58,8 @@ def error_from_response(status: int, text: str, what: str) -> BurlaError:
 
 def check_version(info: dict[str, Any], url: str) -> None:
     """Refuse a cluster whose `/v1/info` states another Burla version and protocol than this process's."""
+    from burla.common import version as _version
     from burla.schemas.messages import compatible
-
-    from . import _version
 
     theirs, their_protocol = str(info.get("version") or "(unknown)"), int(info.get("protocol") or 0)
     ours, our_protocol = _version.version(), _version.protocol()
@@ -145,8 +144,9 @@ class Client:
     async def _open(self) -> None:
         import httpx
 
+        from burla.common.http import async_client
+
         from ._events import EventStream
-        from ._http import async_client
 
         if self._events is not None:
             self._events.close()
@@ -173,14 +173,9 @@ class Client:
 
     def _snapshot(self, function_: Any, exclude: Iterable[str] | None, requirements: Iterable[str] | None) -> Any:
         """This environment, as the workers should replicate it (None: replication is off)."""
-        from burla.daemon.config import Config, ConfigError
+        from burla.common.config import Config
 
-        try:
-            settings = Config.load().client
-        except ConfigError as e:
-            from .errors import ConfigError as BurlaConfigError
-
-            raise BurlaConfigError(str(e)) from None
+        settings = Config.load().client  # a bad burla.toml raises burla.errors.ConfigError, naming the key
         if not settings.replicate_environment:
             return None
         from ._environment import snapshot
@@ -234,7 +229,7 @@ class Client:
 
     def _local_payloads(self) -> tuple[str, str, int] | None:
         """The daemon's payload dir, its proof and inline limit, if this process can write there."""
-        from burla.schemas import local
+        from burla.common import local
 
         info = self.limits.get("payloads") or {}
         proof = local.read_probe(info.get("dir", ""), info.get("host", ""))
@@ -278,9 +273,9 @@ class Client:
         requirements: Iterable[str] | None = None,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
+        from burla.common import version as _version
         from burla.schemas import messages as m
 
-        from . import _version
         from ._job import JobRun, ResultIterator, collect
         from ._pickling import InputBatcher, function_hash, function_name, pickle_function
 

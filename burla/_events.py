@@ -16,7 +16,7 @@ import httpx
 import trio
 from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
 
-from burla._trace import trace
+from burla.common.trace import trace
 from burla.schemas import envelope
 
 from .errors import BurlaError, ClusterUnavailableError

@@ -30,7 +30,9 @@ from typing import Any
 import httpx
 import trio
 
-from burla.schemas import envelope, local
+from burla.common import local
+from burla.common.trace import trace
+from burla.schemas import envelope
 from burla.schemas import messages as m
 
 from ._client import RECONNECT_SECONDS, error_from_response
@@ -38,7 +40,6 @@ from ._events import EventStream
 from ._pickling import InputBatcher
 from ._remote_errors import rebuild
 from ._spinner import Spinner
-from ._trace import trace
 from .errors import BurlaError, ClusterUnavailableError, JobCancelledError
 
 UPLOADS_IN_FLIGHT = 2

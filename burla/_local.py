@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home, state_dir_free
+from burla.common import version as _version
+from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home, state_dir_free
 
-from . import _version
 from .errors import ClusterUnavailableError, VersionMismatchError
 
 # Local daemons this process started: kept so they can be reaped when they exit.

@@ -38,7 +38,7 @@ class BurlaError(Exception):
     """Base class of every error Burla raises."""
 
 
-class ConfigError(BurlaError):
+class ConfigError(BurlaError, ValueError):
     """The configuration is invalid: the message names the setting and the fix."""
 
 

@@ -18,7 +18,7 @@ import trio
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from burla._trace import trace
+from burla.common.trace import trace
 from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError

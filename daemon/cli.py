@@ -20,7 +20,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import TOKENS_FILE, Config, ConfigError, StateDirInUse
+from burla.common.config import Config
+from burla.errors import ConfigError
+
+from .state_dir import TOKENS_FILE, StateDirInUse
 
 
 def _parser() -> argparse.ArgumentParser:

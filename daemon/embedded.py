@@ -25,9 +25,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from burla.schemas.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
+from burla.common.config import Config
+from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
-from .config import TOKENS_FILE, Config, lock_state_dir, new_token, read_tokens
+from .state_dir import TOKENS_FILE, lock_state_dir, new_token, read_tokens
 
 log = logging.getLogger("burla.daemon")
 

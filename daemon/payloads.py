@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from burla.schemas import local
+from burla.common import local
 
 INLINE_LIMIT = 256 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")

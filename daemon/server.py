@@ -16,12 +16,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from burla._trace import trace
+from burla.common.config import DaemonConfig, StandbyConfig
+from burla.common.trace import trace
 from burla.schemas import messages as m
 
 from .app import create_app
-from .config import TOKENS_FILE, DaemonConfig, StandbyConfig, lock_state_dir
 from .service import ControlPlane
+from .state_dir import TOKENS_FILE, lock_state_dir
 from .store import Store
 
 log = logging.getLogger("burla.daemon")

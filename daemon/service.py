@@ -25,15 +25,16 @@ from typing import Any
 
 import trio
 
-from burla import _version
-from burla._trace import trace
-from burla.schemas import local
+from burla.common import local
+from burla.common import version as _version
+from burla.common.config import DaemonConfig
+from burla.common.trace import trace
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
-from .config import TOKENS_FILE, DaemonConfig, read_tokens
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
+from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
 
 log = logging.getLogger("burla.daemon")

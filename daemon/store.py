@@ -30,8 +30,8 @@ from burla.schemas import wire
 if TYPE_CHECKING:
     import sqlite_utils
 
-from .config import new_token
 from .payloads import PayloadStore
+from .state_dir import new_token
 
 SCHEMA_VERSION = 4
 

@@ -28,11 +28,12 @@ from typing import Any
 import httpx
 import trio
 
-from burla import _version
-from burla._http import Chunks, async_client
-from burla._trace import trace
-from burla.daemon.config import AgentConfig
-from burla.schemas import envelope, local
+from burla.common import local
+from burla.common import version as _version
+from burla.common.config import AgentConfig
+from burla.common.http import Chunks, async_client
+from burla.common.trace import trace
+from burla.schemas import envelope
 from burla.schemas import messages as m
 
 from . import host

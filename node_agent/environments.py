@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from burla.schemas import local
+from burla.common import local
 from burla.schemas.environment import FILES, Distribution, Environment, normalize
 
 from .runtime import PoolError

@@ -23,8 +23,8 @@ from typing import Any
 
 import trio
 
-from burla._trace import trace
-from burla.daemon.config import AgentConfig
+from burla.common.config import AgentConfig
+from burla.common.trace import trace
 from burla.schemas import envelope
 from burla.schemas import messages as m
 from burla.schemas import worker as proto

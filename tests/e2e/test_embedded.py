@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from burla import _local, remote_parallel_map
-from burla.schemas.local import local_cluster_home
+from burla.common.local import local_cluster_home
 from tests.cluster import run_client, wait_for
 
 pytestmark = pytest.mark.e2e

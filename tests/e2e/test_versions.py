@@ -1,7 +1,7 @@
 """Parts of different Burla versions: compared, and refused or replaced, never mixed silently.
 
 A part "of another version" is this install with BURLA_TEST_REPORTED_VERSION (and
-BURLA_TEST_REPORTED_PROTOCOL) set: burla._version states those instead of its own.
+BURLA_TEST_REPORTED_PROTOCOL) set: burla.common.version states those instead of its own.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 
 import burla
 from burla import VersionMismatchError, _local, remote_parallel_map
+from burla.common.local import local_cluster_home
 from burla.schemas import messages as m
-from burla.schemas.local import local_cluster_home
 from tests.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e

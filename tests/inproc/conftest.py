@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from burla.daemon.config import AgentConfig, DaemonConfig
+from burla.common.config import AgentConfig, DaemonConfig
 from burla.daemon.server import Running, serve
 from burla.node_agent.agent import Agent
 

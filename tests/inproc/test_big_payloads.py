@@ -79,7 +79,7 @@ async def test_a_failed_fetch_is_retried_and_a_refused_one_fails_only_its_job(
 
     refused_job: list[str] = [""]
     monkeypatch.setattr(daemon.plane, "event_payload", flaky)
-    monkeypatch.setattr("burla.schemas.local.read_probe", lambda *a: None)  # as from another host: over HTTP
+    monkeypatch.setattr("burla.common.local.read_probe", lambda *a: None)  # as from another host: over HTTP
 
     def refuse_all(job_id: str, seq: int) -> Any:
         refused_job[0] = job_id

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import burla
-from burla.daemon.config import DaemonConfig
+from burla.common.config import DaemonConfig
 from burla.daemon.errors import Conflict, NotFound, Unsatisfiable, VersionMismatch
 from burla.daemon.service import ControlPlane
 from burla.daemon.store import MIGRATIONS, SCHEMA_VERSION, Store

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from burla._http import async_client
+from burla.common.http import async_client
 
 BODY = b"x" * 64 * 1024**2  # more than the socket buffers hold: its write blocks on a peer that does not read
 
@@ -59,7 +59,7 @@ def _no_stale_garbage() -> None:
 
 
 async def test_chunks_send_every_byte_of_every_part_in_order() -> None:
-    from burla._http import Chunks
+    from burla.common.http import Chunks
 
     parts = [b"ab", bytearray(b""), memoryview(b"cdefg"), b"h" * 10]
     got = [chunk async for chunk in Chunks(parts, 3)]

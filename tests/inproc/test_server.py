@@ -12,7 +12,7 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
-from burla.daemon.config import DaemonConfig
+from burla.common.config import DaemonConfig
 from burla.daemon.server import Running
 from burla.node_agent.agent import Agent
 from burla.schemas import envelope

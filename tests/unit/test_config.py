@@ -1,4 +1,4 @@
-"""burla.daemon.config: defaults < burla.toml < BURLA_* variables < command line."""
+"""burla.common.config: defaults < burla.toml < BURLA_* variables < command line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from burla.daemon.config import (
+from burla.common.config import (
     Config,
     ConfigError,
     GiB,

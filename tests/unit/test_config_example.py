@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from burla.daemon.config import Config
+from burla.common.config import Config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "burla.toml.example"
 

@@ -23,7 +23,7 @@ def test_the_finder_maps_what_pyproject_maps() -> None:
 def test_import_burla_from_the_root_of_a_checkout() -> None:
     """As `python -c "import burla"` in the checkout, with Burla's dependencies installed but no editable hook."""
     code = (
-        "import burla, burla.schemas.messages, burla.daemon.config, burla.node_agent.worker_shim\n"
+        "import burla, burla.schemas.messages, burla.common.config, burla.node_agent.worker_shim\n"
         "print(burla.__file__); print(burla.schemas.__file__); print(burla.daemon.__file__)\n"
         "print(burla.node_agent.worker_shim.__file__)\n"
     )

@@ -18,13 +18,13 @@ TEST_PROTOCOL_ENV = "BURLA_TEST_REPORTED_PROTOCOL"
 
 def version() -> str:
     """This install's Burla version (``burla.__version__``)."""
-    from . import __version__
+    from burla import __version__
 
     return os.environ.get(TEST_VERSION_ENV) or __version__
 
 
 def protocol() -> int:
     """The wire protocol this install speaks (``PROTOCOL_VERSION``)."""
-    from .schemas.messages import PROTOCOL_VERSION
+    from burla.schemas.messages import PROTOCOL_VERSION
 
     return int(os.environ.get(TEST_PROTOCOL_ENV) or PROTOCOL_VERSION)

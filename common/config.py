@@ -10,21 +10,19 @@ may also be written with units ("250ms", "10min", "256MB", "4GiB").
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import os
 import re
-import secrets
 import sys
-import time
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from burla.schemas import local
+from burla.errors import ConfigError
+
+from . import local
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
@@ -34,42 +32,6 @@ MB = 1000**2
 GB = 1000**3
 MiB = 1024**2
 GiB = 1024**3
-
-
-class ConfigError(ValueError):
-    """A config value is unknown or malformed; the message names the key."""
-
-
-class StateDirInUse(RuntimeError):
-    """Another burlad serves from this state directory."""
-
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold `state_dir` for this process: two daemons on one SQLite file would hand out the same inputs.
-
-    Tried for a moment only: `local.state_dir_free` holds it for a few microseconds when it looks.
-    """
-    lock = open(state_dir / local.STATE_LOCK, "a+")
-    deadline = time.monotonic() + 0.1
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.005)
-                continue
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
-            raise StateDirInUse(
-                f"another burlad (pid {holder}) is serving from {state_dir}: stop it first, "
-                "or give this one another --state-dir"
-            ) from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
 
 
 def default_state_dir() -> Path:
@@ -283,24 +245,5 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
-def new_token(role: str) -> str:
-    """A fresh token; the prefix says what it is and keeps it from looking like a flag."""
-    return f"burla_{role}_{secrets.token_urlsafe(32)}"
-
-
 def python_minor() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-TOKENS_FILE = "tokens.json"  # in the state dir, 0600: the tokens' plaintext, for people (SQLite keeps hashes)
-
-
-def read_tokens(path: Path) -> dict[str, str]:
-    """The tokens a state dir's tokens.json holds ({} if none can be read)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and v}
