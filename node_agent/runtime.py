@@ -148,7 +148,7 @@ def describe_exit(code: int, kernel_oom: bool = False) -> str:
 
 
 def build_shim_tree(dest: Path) -> Path:
-    """Copy the worker shim, `burla.schemas` and cloudpickle into `dest`.
+    """Copy the worker shim, `burla.schemas`, the root of `burla` and cloudpickle into `dest`.
 
     Workers put `dest` first on their import path: it has everything the shim
     imports and nothing else of Burla's, so it works in any Python of the
@@ -156,13 +156,15 @@ def build_shim_tree(dest: Path) -> Path:
     """
     import cloudpickle
 
-    from burla import node_agent, schemas
+    from burla import _source_layout, node_agent, schemas
 
     if dest.exists():
         shutil.rmtree(dest)
     pkg = dest / "burla"
     (pkg / "node_agent").mkdir(parents=True)
-    (pkg / "__init__.py").write_text(f'"""The parts of burla a worker needs."""\n__version__ = "{burla.__version__}"\n')
+    # burla's own root: it loads nothing on import, and its finder of a source checkout does nothing here
+    shutil.copy2(Path(burla.__file__), pkg / "__init__.py")
+    shutil.copy2(Path(_source_layout.__file__), pkg / "_source_layout.py")
     (pkg / "node_agent" / "__init__.py").write_text("")
     shutil.copy2(Path(node_agent.__file__).parent / "worker_shim.py", pkg / "node_agent" / "worker_shim.py")
     shutil.copytree(Path(schemas.__file__).parent, pkg / "schemas", ignore=shutil.ignore_patterns("__pycache__"))
