@@ -1,0 +1,238 @@
+"""The scaling decisions (daemon/scaling.py): rules one by one, then a simulated cluster of 1,000 nodes."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from burla.daemon.scaling import Create, Demand, Group, Node, NodeState, Plan, Policy, plan
+
+GB = 10**9
+BIG = Group("n2-96", cpus=96, ram_bytes=384 * GB, standby=5)
+
+
+def free_nodes(group: Group, count: int, since: float = 0.0, prefix: str = "s") -> list[Node]:
+    return [Node(f"{prefix}{i}", group.name, NodeState.READY, since) for i in range(count)]
+
+
+def test_the_seeds_example_five_standby_nodes_and_a_thousand_calls_start_eleven() -> None:
+    """ "How Burla works", section 3: 5 free 96-CPU nodes, 1,000 calls of 1 CPU: 6 for the job, 5 for standby."""
+    policy = Policy([BIG], max_cpus=10_000)
+    out = plan(policy, free_nodes(BIG, 5), [Demand("j", calls=1000, grow=True)], now=1.0)
+    assert sorted(job for _, job in out.assign) == ["j"] * 5
+    assert out.create == [Create("n2-96", 6, "j"), Create("n2-96", 5, None)]
+    assert out.created() == 11 and not out.delete and not out.notes
+
+
+def test_without_grow_a_job_takes_what_is_free_and_waits_saying_why_when_nothing_is() -> None:
+    policy = Policy([dataclasses.replace(BIG, standby=1)], max_cpus=10_000)
+    out = plan(policy, free_nodes(BIG, 1), [Demand("a", calls=500), Demand("b", calls=10)], now=1.0)
+    assert out.assign == [("s0", "a")]
+    assert "waiting for a free node" in out.notes["b"]
+    assert out.create == [Create("n2-96", 1, None)]  # standby is restored for the next job
+
+
+def test_nodes_are_single_tenant_and_jobs_are_served_in_order() -> None:
+    small = Group("e2-4", cpus=4, ram_bytes=16 * GB, standby=3)
+    policy = Policy([small], max_cpus=100)
+    out = plan(policy, free_nodes(small, 3), [Demand("first", calls=8), Demand("second", calls=8)], now=1.0)
+    assert [job for _, job in out.assign] == ["first", "first", "second"]
+
+
+def test_the_first_group_one_call_fits_is_grown_and_a_call_no_group_fits_is_named() -> None:
+    small = Group("e2-4", cpus=4, ram_bytes=16 * GB)
+    big = Group("n2-32", cpus=32, ram_bytes=128 * GB)
+    policy = Policy([small, big], max_cpus=1000)
+    out = plan(policy, [], [Demand("j", calls=3, func_cpu=8, func_ram=20 * GB, grow=True)], now=0.0)
+    assert out.create == [Create("n2-32", 1, "j")]  # 3 calls of 8 CPUs on one 32-CPU node; e2-4 too small
+    out = plan(policy, [], [Demand("huge", calls=1, func_cpu=64, grow=True)], now=0.0)
+    assert out.create == [] and "no node group" in out.notes["huge"]
+    out = plan(policy, [], [Demand("gpu", calls=1, func_gpu=1, grow=True)], now=0.0)
+    assert "no node group" in out.notes["gpu"]
+
+
+def test_ram_per_call_bounds_the_calls_of_a_node() -> None:
+    assert BIG.calls(func_cpu=1, func_ram=100 * GB) == 3
+    assert BIG.calls(func_cpu=0.5, func_ram=0) == 192
+    assert BIG.calls(func_cpu=97, func_ram=0) == 0
+
+
+def test_the_cpu_cap_is_never_passed_and_the_job_is_told() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=2)
+    policy = Policy([group], max_cpus=40)
+    out = plan(policy, free_nodes(group, 2), [Demand("j", calls=100, grow=True)], now=0.0)
+    assert out.create == [Create("e2-8", 3, "j")]  # 2 held + 3 new = 40 CPUs: no room left for standby
+    assert "at most 40 CPUs" in out.notes["j"] and "8 more e2-8 nodes" in out.notes["j"]  # 11 wanted
+
+
+def test_nodes_booting_for_a_job_are_counted_not_started_again_and_are_its_own_once_ready() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB)
+    policy = Policy([group], max_cpus=1000)
+    booting = [Node(f"b{i}", "e2-8", NodeState.BOOTING, 0.0, job="j") for i in range(2)]
+    assert plan(policy, booting, [Demand("j", calls=16, grow=True)], now=5.0).created() == 0
+    ready = [dataclasses.replace(booting[0], state=NodeState.READY), booting[1]]
+    assert plan(policy, ready, [Demand("j", calls=16, grow=True)], now=6.0).assign == [("b0", "j")]
+
+
+def test_a_node_booting_for_a_job_that_ended_serves_standby() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=1)
+    policy = Policy([group], max_cpus=1000)
+    out = plan(policy, [Node("b0", "e2-8", NodeState.BOOTING, 0.0, job="gone")], [], now=5.0)
+    assert out.created() == 0 and out.release == ["b0"]  # it counts as the standby node
+
+
+def test_a_job_that_ended_releases_its_nodes_and_extra_idle_nodes_go_after_the_idle_timeout() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=1)
+    policy = Policy([group], max_cpus=1000, idle_timeout=60)
+    busy = [Node(f"n{i}", "e2-8", NodeState.BUSY, 0.0, job="j") for i in range(3)]
+    out = plan(policy, busy, [], now=100.0)
+    assert sorted(out.release) == ["n0", "n1", "n2"] and not out.delete and not out.create
+    idle = [Node("n0", "e2-8", NodeState.IDLE, 100.0), Node("n1", "e2-8", NodeState.IDLE, 101.0)]
+    idle.append(Node("n2", "e2-8", NodeState.IDLE, 102.0))
+    assert plan(policy, idle, [], now=150.0).delete == []
+    out = plan(policy, idle, [], now=161.5)
+    assert [name for name, _ in out.delete] == ["n1", "n0"]  # the most recently active stays on standby
+    assert out.delete[0][1] == "idle for 60 s"  # n1, idle since 101
+
+
+def test_a_node_with_leases_is_never_deleted() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB)
+    out = plan(Policy([group], max_cpus=100), [Node("n0", "e2-8", NodeState.IDLE, 0.0, leases=1)], [], now=1e6)
+    assert out.delete == []
+
+
+def test_standby_idle_timeout_stops_the_cluster_after_that_long_unused() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=2)
+    policy = Policy([group], max_cpus=100, standby_idle_timeout=3600)
+    nodes = free_nodes(group, 2, since=0.0)
+    assert plan(policy, nodes, [], now=3000).delete == []
+    out = plan(policy, nodes, [], now=3600)
+    assert out.standby_off and sorted(n for n, _ in out.delete) == ["s0", "s1"]
+    out = plan(dataclasses.replace(policy, standby_on=False), [], [], now=3601)
+    assert out.create == []  # stopped: no standby until `burla cluster start`
+
+
+def test_a_node_that_does_not_boot_in_time_fails_and_is_replaced() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=1)
+    policy = Policy([group], max_cpus=100, boot_timeout=600)
+    out = plan(policy, [Node("b0", "e2-8", NodeState.BOOTING, 0.0)], [], now=600.0)
+    assert out.failed == [("b0", "its agent did not register within 600 s of boot")]
+    assert out.create == [Create("e2-8", 1, None)]
+
+
+def test_failed_and_deleting_nodes_count_against_the_cap_until_gone() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB, standby=2)
+    policy = Policy([group], max_cpus=16)
+    nodes = [Node("d0", "e2-8", NodeState.DELETING, 0.0), Node("f0", "e2-8", NodeState.FAILED, 0.0)]
+    assert plan(policy, nodes, [], now=1.0).created() == 0
+
+
+# -- a simulated cluster ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SimJob:
+    job_id: str
+    calls: int
+    func_cpu: float
+    grow: bool
+    work: float  # node-seconds left: the job ends when its nodes have done this much
+
+
+@dataclasses.dataclass
+class Sim:
+    policy: Policy
+    rng: random.Random
+    now: float = 0.0
+    nodes: dict[str, Node] = dataclasses.field(default_factory=dict)
+    boot_at: dict[str, float] = dataclasses.field(default_factory=dict)  # inf: never registers
+    gone_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    jobs: list[SimJob] = dataclasses.field(default_factory=list)
+    serial: int = 0
+    most: int = 0
+
+    def apply(self, out: Plan) -> None:
+        before = dict(self.nodes)
+        for name, _why in out.delete:
+            node = before[name]
+            assert node.state in (NodeState.READY, NodeState.IDLE) and node.job is None and node.leases == 0, node
+        for name, _why in out.failed:
+            assert before[name].state == NodeState.BOOTING
+        for name, _why in [*out.delete, *out.failed]:
+            self.nodes[name] = dataclasses.replace(self.nodes[name], state=NodeState.DELETING, since=self.now)
+            self.gone_at[name] = self.now + self.rng.uniform(1, 30)
+        for name in out.release:
+            node = self.nodes[name]
+            if node.state == NodeState.BUSY:
+                node = dataclasses.replace(node, state=NodeState.IDLE, since=self.now)
+            self.nodes[name] = dataclasses.replace(node, job=None)
+        for name, job in out.assign:
+            node = self.nodes[name]
+            assert node.state in (NodeState.READY, NodeState.IDLE) and node.job in (None, job), node
+            self.nodes[name] = dataclasses.replace(node, state=NodeState.BUSY, since=self.now, job=job, leases=1)
+        for create in out.create:
+            for _ in range(create.count):
+                self.serial += 1
+                name = f"{create.group}-{self.serial}"
+                self.nodes[name] = Node(name, create.group, NodeState.BOOTING, self.now, job=create.job)
+                slow = self.rng.random() < 0.05
+                self.boot_at[name] = float("inf") if slow else self.now + self.rng.uniform(20, 120)
+        self.most = max(self.most, len(self.nodes))
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for name, node in list(self.nodes.items()):
+            if name in self.gone_at and self.now >= self.gone_at[name]:
+                del self.nodes[name]
+            elif node.state == NodeState.BOOTING and self.now >= self.boot_at[name]:
+                self.nodes[name] = dataclasses.replace(node, state=NodeState.READY, since=self.now)
+            elif node.state != NodeState.DELETING and self.rng.random() < 0.0005:  # preempted, or deleted by hand
+                del self.nodes[name]
+        for job in list(self.jobs):
+            holding = sum(1 for n in self.nodes.values() if n.job == job.job_id and n.state == NodeState.BUSY)
+            job.work -= holding * dt
+            if job.work <= 0:
+                self.jobs.remove(job)
+                for name, n in self.nodes.items():
+                    if n.job == job.job_id and n.state == NodeState.BUSY:
+                        self.nodes[name] = dataclasses.replace(n, leases=0)  # its leases are done
+
+    def demands(self) -> list[Demand]:
+        return [Demand(j.job_id, j.calls, func_cpu=j.func_cpu, grow=j.grow) for j in self.jobs]
+
+    def check(self, out: Plan) -> None:
+        policy = self.policy
+        cpus = sum(policy.group(n.group).cpus for n in self.nodes.values())  # type: ignore[union-attr]
+        assert cpus <= policy.max_cpus, f"{cpus} CPUs kept, over max_cpus {policy.max_cpus}"
+        for group in policy.groups:
+            mine = [n for n in self.nodes.values() if n.group == group.name]
+            free = [n for n in mine if n.state in (NodeState.READY, NodeState.IDLE) and n.job is None]
+            booting = [n for n in mine if n.state == NodeState.BOOTING and n.job is None]
+            if policy.standby_on and len(free) + len(booting) < group.standby:
+                assert cpus + group.cpus > policy.max_cpus, f"standby of {group.name} not restored at {self.now}"
+            stale = [n for n in free if self.now - n.since > policy.idle_timeout]
+            assert len(stale) <= (group.standby if policy.standby_on else 0), f"idle past timeout: {stale}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_simulated_cluster_of_a_thousand_nodes_keeps_the_invariants(seed: int) -> None:
+    groups = [
+        Group("e2-4", cpus=4, ram_bytes=16 * GB, standby=20),
+        Group("n2-16", cpus=16, ram_bytes=64 * GB, standby=10),
+        Group("n2-96", cpus=96, ram_bytes=384 * GB, standby=2),
+    ]
+    policy = Policy(groups, max_cpus=24_000, idle_timeout=60, boot_timeout=600)
+    sim = Sim(policy, random.Random(seed))
+    for step in range(600):
+        if sim.rng.random() < 0.08:
+            sim.jobs.append(SimJob(
+                f"job{step}", calls=sim.rng.choice([1, 10, 100, 1000, 5000]), func_cpu=sim.rng.choice([0.5, 1, 2, 8, 32]),
+                grow=sim.rng.random() < 0.7, work=sim.rng.uniform(10, 20_000),
+            ))  # fmt: skip
+        out = plan(policy, sim.nodes.values(), sim.demands(), sim.now)
+        sim.apply(out)
+        sim.check(out)
+        sim.tick(5.0)
+    assert sim.most >= 1000, f"the simulation reached only {sim.most} nodes"
