@@ -104,6 +104,42 @@ class StandbyConfig:
 
 
 @dataclasses.dataclass
+class NodeGroupConfig:
+    """One kind of node the cluster runs (`[[cluster.groups]]`)."""
+
+    machine_type: str = "n2-standard-4"  # gce: its CPUs and RAM come from the Compute API
+    standby: int = 0  # nodes of this group kept free and warm while the cluster is started
+    cpus: int = 0  # local provider: each node's CPUs (0: from machine_type, as "e2-standard-4" says 4)
+    ram: int = 0  # local provider: each node's RAM in bytes (0: 4 GB per CPU)
+    disk_gb: int = 50
+    image: str = "projects/debian-cloud/global/images/family/debian-12"  # the boot disk's image
+    spot: bool = False  # preemptible: cheaper, and the cloud may take it back at any time
+    accelerator_type: str = ""  # e.g. "nvidia-l4"
+    accelerator_count: int = 0
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    """The machines the daemon starts and deletes itself (no provider: agents are started by hand)."""
+
+    provider: str = ""  # "", "local" (agent subprocesses on this machine) or "gce"
+    name: str = "burla"  # instances carry the label burla-cluster=<name>; a restarted daemon adopts them
+    project: str = ""  # gce
+    region: str = ""  # gce, e.g. "us-central1"
+    zones: list[str] = dataclasses.field(default_factory=list)  # tried in order; empty: the region's zones
+    groups: list[NodeGroupConfig] = dataclasses.field(default_factory=list)
+    max_cpus: int = 1000  # the most CPUs the cluster's nodes may have in all, booting ones included
+    grow: bool = False  # every job may start nodes (remote_parallel_map(grow=True) asks for one job)
+    idle_timeout: float = 60 * SECONDS  # a node beyond standby with no job for this long is deleted
+    standby_idle_timeout: float = 0.0  # the whole cluster unused this long: standby is deleted (0: never)
+    boot_timeout: float = 10 * MINUTES  # a node whose agent has not registered by then failed
+    node_url: str = ""  # the daemon's URL as nodes reach it (default: daemon.public_url)
+    network: str = "default"  # gce: the VPC network of the nodes
+    service_account: str = ""  # gce: the nodes' service account (default: the project's compute default)
+    wheelhouse: str = ""  # a folder of wheels (Burla's dependencies) the daemon serves to booting nodes
+
+
+@dataclasses.dataclass
 class EmbeddedConfig:
     idle_timeout: float = 10 * MINUTES  # the local cluster stops after this long unused
     workers: int = 0  # workers of the local agent; 0: one per CPU
@@ -116,6 +152,7 @@ class Config:
     embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
     standby: StandbyConfig = dataclasses.field(default_factory=StandbyConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     @classmethod
     def load(
@@ -210,6 +247,10 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
     if isinstance(hint, types.UnionType):  # "str | None" and the like
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     try:
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(item := typing.get_args(hint)[0]):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError(f"{value!r} is not a list of tables (write [[{key}]] sections)")
+            return [_table(f"{key}[{i}]", item, v, where) for i, v in enumerate(value)]
         if typing.get_origin(hint) is list:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]
@@ -240,9 +281,21 @@ def _coerce(key: str, name: str, hint: Any, value: Any, where: str) -> Any:
             if not isinstance(value, str):
                 raise ValueError(f"{value!r} is not a string")
             return value
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"bad value for {key}{where}: {e}") from None
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _table(key: str, cls: Any, values: dict[str, Any], where: str) -> Any:
+    """One table of an array of tables (`[[cluster.groups]]`) as its dataclass, each key checked."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {key}.{unknown[0]}{where}; keys of {key}: {', '.join(sorted(fields))}")
+    return cls(**{name: _coerce(f"{key}.{name}", name, hints[name], v, where) for name, v in values.items()})
 
 
 def python_minor() -> str:

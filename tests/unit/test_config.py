@@ -283,3 +283,25 @@ def test_bool_for_an_int_key_is_rejected(tmp_path: Path) -> None:
 def test_bool_for_a_duration_key_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bad value for daemon.poll_timeout"):
         Config.load(path=write(tmp_path, "[daemon]\npoll_timeout = true\n"), env={})
+
+
+def test_node_groups_are_tables_with_their_keys_checked(tmp_path: Path) -> None:
+    from burla.common.config import NodeGroupConfig
+
+    path = tmp_path / "burla.toml"
+    path.write_text('[cluster]\nprovider = "local"\n[[cluster.groups]]\nmachine_type = "e2-standard-4"\nstandby = 2\n'
+                    '[[cluster.groups]]\nmachine_type = "n2-highmem-8"\nspot = true\nram = "64GB"\n')  # fmt: skip
+    groups = Config.load(path, env={}).cluster.groups
+    assert groups == [
+        NodeGroupConfig(machine_type="e2-standard-4", standby=2),
+        NodeGroupConfig(machine_type="n2-highmem-8", spot=True, ram=64 * 10**9),
+    ]
+    path.write_text("[[cluster.groups]]\nmachine_typ = 'x'\n")
+    with pytest.raises(ConfigError, match=r"unknown config key cluster\.groups\[0\]\.machine_typ"):
+        Config.load(path, env={})
+    path.write_text("[cluster]\ngroups = 'n2'\n")
+    with pytest.raises(ConfigError, match=r"bad value for cluster\.groups.*list of tables"):
+        Config.load(path, env={})
+    path.write_text("[[cluster.groups]]\nstandby = 'two'\n")
+    with pytest.raises(ConfigError, match=r"bad value for cluster\.groups\[0\]\.standby"):
+        Config.load(path, env={})

@@ -37,3 +37,14 @@ def test_the_example_loads_when_uncommented(tmp_path: Path) -> None:
     path = tmp_path / "burla.toml"
     path.write_text(text)
     assert Config.load(path, env={}) == Config()  # the example shows the defaults
+
+
+def test_every_node_group_key_is_in_the_example_with_its_default(tmp_path: Path) -> None:
+    from burla.common.config import NodeGroupConfig
+
+    lines = EXAMPLE.read_text().split("# [[cluster.groups]]\n", 1)[1].splitlines()
+    table = [re.sub(r"^#   ", "", line) for line in lines if re.match(r"^#   \w+ = ", line)]
+    assert {line.split(" = ")[0] for line in table} == {f.name for f in dataclasses.fields(NodeGroupConfig)}
+    path = tmp_path / "burla.toml"
+    path.write_text("[[cluster.groups]]\n" + "\n".join(table) + "\n")
+    assert Config.load(path, env={}).cluster.groups == [NodeGroupConfig()]
