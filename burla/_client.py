@@ -17,11 +17,14 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _local, _settings
 from ._responses import RECONNECT_SECONDS, request
 from .errors import ClusterUnavailableError, ConfigError, InvalidArgumentError, VersionMismatchError
+
+if TYPE_CHECKING:
+    import httpx
 
 _DEFAULT_LOCK = threading.Lock()
 _DEFAULTS: dict[tuple[str | None, str | None], Client] = {}
@@ -109,18 +112,20 @@ class Client:
                     check_version(limits, self._url)
                 self.limits = limits
 
-    def request(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        """Send one request to the cluster at this client's URL; its JSON answer, or the BurlaError it means.
+    def request(self, method: str, path: str, what: str, check: bool = True, **kwargs: Any) -> httpx.Response:
+        """Send one request to the cluster at this client's URL and return the daemon's answer.
 
         The `burla` commands' way in: no limits read, no version check, no local cluster started.
-        `what` completes "the cluster answered 500 to ..."; `kwargs` go to httpx (json=, timeout=).
+        An unreachable cluster raises ClusterUnavailableError; with `check`, an answer other than
+        200 raises the BurlaError it means, `what` completing "the cluster answered 500 to ...".
+        `kwargs` go to httpx (json=, timeout=).
         """
         with self._lock:
             if self._start_portal() or self._http is None:
                 self._portal.run(self._open)
 
-        async def send() -> Any:
-            return (await request(self._http, self._url, method, path, what, **kwargs)).json()
+        async def send() -> httpx.Response:
+            return await request(self._http, self._url, method, path, what, check=check, **kwargs)
 
         return self._portal.run(send)
 
@@ -284,8 +289,6 @@ class Client:
         if context is not None:
             limit = self.limits.get("max_build_context_bytes")
             if limit and context.size > limit:
-                from ._build_context import pack_build_context
-
                 pack_build_context(dockerfile, max_bytes=limit)  # type: ignore[arg-type]  # raises, naming the big files
             self._portal.run(self._upload_build, context)
             build = context.digest

@@ -54,12 +54,13 @@ def unreachable(url: str, error: Exception) -> ClusterUnavailableError:
 
 
 async def request(
-    http: httpx.AsyncClient, url: str, method: str, path: str, what: str, **kwargs: Any
+    http: httpx.AsyncClient, url: str, method: str, path: str, what: str, check: bool = True, **kwargs: Any
 ) -> httpx.Response:
-    """Send one request to the daemon at `url` and return its 200 answer; anything else raises its BurlaError.
+    """Send one request to the daemon at `url` and return its answer; no answer raises ClusterUnavailableError.
 
-    `what` completes "the cluster answered 500 to ...". No retries: the callers that ride out a
-    restarting daemon (`JobRun._post`, the event stream) have their own loops.
+    With `check`, an answer other than 200 raises its BurlaError, `what` completing "the cluster
+    answered 500 to ...". No retries: the callers that ride out a restarting daemon
+    (`JobRun._post`, the event stream) have their own loops.
     """
     import httpx
 
@@ -67,6 +68,6 @@ async def request(
         r = await http.request(method, path, **kwargs)
     except httpx.TransportError as e:
         raise unreachable(url, e) from None
-    if r.status_code != 200:
+    if check and r.status_code != 200:
         raise error_from_response(r.status_code, r.text, what)
     return r

@@ -58,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 def _login(url: str, api_key: str | None) -> int:
     key = api_key or getpass.getpass(f"API key for {url}: ")
     with Client(url, key) as client:
-        info = client.request("GET", "/v1/info", "log in", timeout=10)
+        r = client.request("GET", "/v1/info", "log in", check=False, timeout=10)
+    if r.status_code != 200:
+        print(f"burla: {url} refused the key ({r.status_code}): {r.text[:200]}", file=sys.stderr)
+        return 1
     path = _settings.write_login(url, key)
-    print(f"Logged in to {url} ({info.get('nodes', 0)} nodes). Saved in {path}.")
+    print(f"Logged in to {url} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")
     return 0
 
 
@@ -82,10 +85,10 @@ def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int
         what = f"{action} the standby spec"
         if action == "set":
             body = {"images": [{"image": i, "per_cpu": per_cpu, "python_version": python} for i in images]}
-            answer = client.request("PUT", "/v1/standby", what, json=body, timeout=10)
+            r = client.request("PUT", "/v1/standby", what, json=body, timeout=10)
         else:
-            answer = client.request("GET", "/v1/standby", what, timeout=10)
-    spec = answer["images"]
+            r = client.request("GET", "/v1/standby", what, timeout=10)
+    spec = r.json()["images"]
     if not spec:
         print("No standby images: nodes with the Podman runtime keep no containers warm.")
     for i, image in enumerate(spec):
@@ -97,7 +100,7 @@ def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int
 
 def _fetch_status() -> dict[str, Any]:
     with _cluster() as client:
-        data: dict[str, Any] = client.request("GET", "/v1/cluster", "read the cluster's status", timeout=10)
+        data: dict[str, Any] = client.request("GET", "/v1/cluster", "read the cluster's status", timeout=10).json()
         data["url"] = client.url
     return data
 

@@ -57,6 +57,7 @@ async def test_request_returns_a_200_and_raises_the_rest() -> None:
         assert (await request(http, "http://c", "GET", "/ok", "read")).json() == {"fine": True}
         with pytest.raises(UnsatisfiableError, match="too big"):
             await request(http, "http://c", "POST", "/no", "create the job", json={})
+        assert (await request(http, "http://c", "GET", "/no", "read", check=False)).status_code == 422
         with pytest.raises(ClusterUnavailableError, match="cannot reach the Burla cluster at http://c: refused"):
             await request(http, "http://c", "GET", "/down", "read")
 
