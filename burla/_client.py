@@ -127,7 +127,8 @@ class Client:
         async def send() -> httpx.Response:
             return await request(self._http, self._url, method, path, what, check=check, **kwargs)
 
-        return self._portal.run(send)
+        answer: httpx.Response = self._portal.run(send)
+        return answer
 
     def _start_portal(self) -> bool:
         """Start the portal thread unless it runs (with the lock held); whether it was (re)started."""
