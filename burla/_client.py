@@ -4,56 +4,30 @@
 top-level `request()` is a one-shot `Client`. A client keeps its portal
 thread, HTTP connections and the cluster's limits between calls, so a second
 map on a warm cluster costs a few round trips and nothing more.
+
+Imports go one way: `_api` -> `_client` -> `_job` -> `_events` -> `_responses`, `_portal`.
+The network stack (httpx, trio, `_job`) is imported inside the methods that use it, so that
+`import burla` stays cheap.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _local, _settings
-from .errors import (
-    AuthenticationError,
-    BurlaError,
-    ClusterError,
-    ClusterUnavailableError,
-    InvalidArgumentError,
-    TooLargeError,
-    UnsatisfiableError,
-    VersionMismatchError,
-)
+from ._responses import RECONNECT_SECONDS, request
+from .errors import ClusterUnavailableError, InvalidArgumentError, VersionMismatchError
+
+if TYPE_CHECKING:
+    import httpx
 
 _DEFAULT_LOCK = threading.Lock()
 _DEFAULTS: dict[tuple[str | None, str | None], Client] = {}
-
-RECONNECT_SECONDS = 120.0  # how long a job rides out an unreachable daemon (a restart) before failing
-
-
-def error_from_response(status: int, text: str, what: str) -> BurlaError:
-    """The Burla error for an HTTP error answer of the daemon."""
-    try:
-        body = json.loads(text)["error"]
-        code, message = body.get("code", ""), body.get("message", text)
-    except (ValueError, KeyError, TypeError):
-        code, message = "", text[:500]
-    if status == 401:
-        return AuthenticationError(
-            f"the cluster refused the API key ({message}). Pass api_key=, set BURLA_API_KEY, or run `burla login URL`."
-        )
-    if code == "version_mismatch":
-        return VersionMismatchError(message)
-    if status == 413 or code == "too_large":
-        return TooLargeError(message)
-    if status == 422 or code == "unsatisfiable":
-        return UnsatisfiableError(message)
-    if status == 400:
-        return InvalidArgumentError(f"the cluster rejected the request to {what}: {message}")
-    return ClusterError(f"the cluster answered {status} to {what}: {message}")
 
 
 def check_version(info: dict[str, Any], url: str) -> None:
@@ -112,11 +86,7 @@ class Client:
             starting = None
             if self.settings.embedded and _local.discover() is None:
                 starting = _local.start()  # boots while this process imports its network stack below
-            if self._portal is None or not self._portal.alive():
-                from ._portal import Portal
-
-                self._portal = Portal()
-                self._http = self._events = None
+            if self._start_portal():
                 reopen = True
             if self.settings.embedded:
                 info = _local.ensure_started(starting=starting)  # of this Burla version, or one it can use
@@ -141,6 +111,34 @@ class Client:
                     check_version(limits, self._url)
                 self.limits = limits
 
+    def request(self, method: str, path: str, what: str, check: bool = True, **kwargs: Any) -> httpx.Response:
+        """Send one request to the cluster at this client's URL and return the daemon's answer.
+
+        The `burla` commands' way in: no limits read, no version check, no local cluster started.
+        An unreachable cluster raises ClusterUnavailableError; with `check`, an answer other than
+        200 raises the BurlaError it means, `what` completing "the cluster answered 500 to ...".
+        `kwargs` go to httpx (json=, timeout=).
+        """
+        with self._lock:
+            if self._start_portal() or self._http is None:
+                self._portal.run(self._open)
+
+        async def send() -> httpx.Response:
+            return await request(self._http, self._url, method, path, what, check=check, **kwargs)
+
+        answer: httpx.Response = self._portal.run(send)
+        return answer
+
+    def _start_portal(self) -> bool:
+        """Start the portal thread unless it runs (with the lock held); whether it was (re)started."""
+        if self._portal is not None and self._portal.alive():
+            return False
+        from ._portal import Portal
+
+        self._portal = Portal()
+        self._http = self._events = None
+        return True
+
     async def _open(self) -> None:
         import httpx
 
@@ -161,14 +159,7 @@ class Client:
         self._events = EventStream(self._http, self._portal.nursery, RECONNECT_SECONDS)
 
     async def _info(self) -> dict[str, Any]:
-        import httpx
-
-        try:
-            r = await self._http.get("/v1/info")
-        except httpx.TransportError as e:
-            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
-        if r.status_code != 200:
-            raise error_from_response(r.status_code, r.text, "read the cluster's limits")
+        r = await request(self._http, self._url, "GET", "/v1/info", "read the cluster's limits")
         return dict(r.json())
 
     def _snapshot(self, function_: Any, exclude: Iterable[str] | None, requirements: Iterable[str] | None) -> Any:
@@ -199,27 +190,16 @@ class Client:
         self._known_blobs.update(unknown)
 
     async def _missing(self, digests: list[str]) -> list[str]:
-        import httpx
-
-        try:
-            r = await self._http.post("/v1/blobs/missing", json={"digests": digests})
-        except httpx.TransportError as e:
-            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
-        if r.status_code != 200:
-            raise error_from_response(r.status_code, r.text, "check what the cluster has")
+        r = await request(
+            self._http, self._url, "POST", "/v1/blobs/missing", "check what the cluster has", json={"digests": digests}
+        )
         return list(r.json()["missing"])
 
     async def _put_blob(self, digest: str, data: bytes) -> None:
-        import httpx
-
-        try:
-            r = await self._http.put(
-                f"/v1/blobs/{digest}", content=data, headers={"content-type": "application/octet-stream"}
-            )
-        except httpx.TransportError as e:
-            raise ClusterUnavailableError(f"cannot reach the Burla cluster at {self._url}: {e}") from None
-        if r.status_code != 200:
-            raise error_from_response(r.status_code, r.text, "upload the environment")
+        await request(
+            self._http, self._url, "PUT", f"/v1/blobs/{digest}", "upload the environment",
+            content=data, headers={"content-type": "application/octet-stream"},
+        )  # fmt: skip
 
     async def _upload_build(self, context: Any) -> None:
         """Send a dockerfile= build context, unless the cluster has it already (same digest)."""
@@ -307,8 +287,6 @@ class Client:
         if context is not None:
             limit = self.limits.get("max_build_context_bytes")
             if limit and context.size > limit:
-                from ._build_context import pack_build_context
-
                 pack_build_context(dockerfile, max_bytes=limit)  # type: ignore[arg-type]  # raises, naming the big files
             self._portal.run(self._upload_build, context)
             build = context.digest

@@ -16,9 +16,12 @@ import httpx
 import trio
 from httpx_ws import WebSocketDisconnect, WebSocketNetworkError, WebSocketUpgradeError, aconnect_ws
 
+from burla.common.retry import Backoff
 from burla.common.trace import trace
 from burla.schemas import envelope
 
+from ._portal import guarded
+from ._responses import error_from_response
 from .errors import BurlaError, ClusterUnavailableError
 
 MAX_MESSAGE_BYTES = 1024**3
@@ -67,9 +70,7 @@ class EventStream:
         self.jobs[job.job_id] = job
         if not self._running:
             self._running = True
-            from ._portal import _guarded
-
-            self.nursery.start_soon(_guarded, self._run)
+            self.nursery.start_soon(guarded, self._run)
         self._wake.set()
         if self._ws is not None:
             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
@@ -98,7 +99,7 @@ class EventStream:
 
     async def _run(self) -> None:
         with self._scope:
-            backoff = 0.02
+            backoff = Backoff(first=0.02, cap=1.0)
             lost_since: float | None = None
             while True:
                 if not self.jobs:  # nothing to follow: no need to hold a connection open
@@ -119,7 +120,7 @@ class EventStream:
                         self._ws = ws
                         trace("client", f"events connected, following {len(self.jobs)}")
                         lost_since = None
-                        backoff = 0.02
+                        backoff.reset()
                         for job in list(self.jobs.values()):
                             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
                         while True:
@@ -140,8 +141,7 @@ class EventStream:
                         )
                     )
                     lost_since = None
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await backoff.wait()
 
     def _handle(self, error: BaseException) -> None:
         """Decide what a dropped connection means: retry, or fail the jobs."""
@@ -150,8 +150,6 @@ class EventStream:
             raise error
         for e in leaves:
             if isinstance(e, WebSocketUpgradeError) and e.response.status_code == 401:
-                from ._client import error_from_response
-
                 self._fail_all(error_from_response(401, e.response.text, "follow jobs"))
                 return
         if all(isinstance(e, _RETRYABLE) for e in leaves):

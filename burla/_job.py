@@ -31,14 +31,15 @@ import httpx
 import trio
 
 from burla.common import local
+from burla.common.retry import Backoff
 from burla.common.trace import trace
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
-from ._client import RECONNECT_SECONDS, error_from_response
 from ._events import EventStream
 from ._pickling import InputBatcher
 from ._remote_errors import rebuild
+from ._responses import RECONNECT_SECONDS, error_from_response
 from ._spinner import Spinner
 from .errors import BurlaError, ClusterUnavailableError, JobCancelledError
 
@@ -196,7 +197,7 @@ class JobRun:
     async def _post(self, path: str, content: bytes, content_type: str, what: str) -> httpx.Response:
         """POST with retries while the daemon is unreachable (e.g. restarting)."""
         deadline = trio.current_time() + RECONNECT_SECONDS
-        backoff = 0.02
+        backoff = Backoff(first=0.02, cap=1.0)
         while True:
             trace("client", f"post {path[-20:]} {len(content)}")
             try:
@@ -212,8 +213,7 @@ class JobRun:
                     return r
                 if trio.current_time() > deadline:
                     raise error_from_response(r.status_code, r.text, what)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            await backoff.wait()
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> None:
         await self._post(path, json.dumps(body).encode(), "application/json", "cancel the job")

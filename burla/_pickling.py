@@ -15,16 +15,15 @@ import itertools
 import operator
 import pickle
 import sys
-import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from types import CodeType, ModuleType
+from types import CodeType
 from typing import Any
 
 import cloudpickle
 
 from burla.schemas import messages as m
 
+from ._local_code import is_local_module
 from .errors import NotCallableError, NotIterableError, TooLargeError, UnpicklableError
 
 FIRST_BATCH_INPUTS = 1024
@@ -65,34 +64,6 @@ def dumps(obj: Any) -> bytes:
 
 def function_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-
-
-_INSTALLED_ROOTS = tuple(
-    str(Path(p).resolve())
-    for p in {
-        sysconfig.get_paths()["stdlib"],
-        sysconfig.get_paths()["platstdlib"],
-        sysconfig.get_paths()["purelib"],
-        sysconfig.get_paths()["platlib"],
-        sys.base_prefix,
-        sys.prefix,
-    }  # fmt: skip
-    if p
-)
-
-
-def is_local_module(module: ModuleType | None) -> bool:
-    """A module of the user's own code (not installed, not the standard library)."""
-    if module is None or module.__name__ in ("__main__", "builtins") or module.__name__.startswith("burla"):
-        return False
-    path = getattr(module, "__file__", None)
-    if not path:
-        return False
-    resolved = str(Path(path).resolve())
-    return (
-        not any(resolved.startswith(root + "/") or resolved == root for root in _INSTALLED_ROOTS)
-        and "site-packages" not in resolved
-    )
 
 
 def pickle_function(fn: Callable[..., Any], max_bytes: int | None = None) -> bytes:

@@ -61,7 +61,7 @@ class Portal:
     def start_soon(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start `afn(*args)` in the loop without waiting for it."""
         assert self._nursery is not None
-        trio.from_thread.run_sync(self._nursery.start_soon, _guarded, afn, *args, trio_token=self._token)
+        trio.from_thread.run_sync(self._nursery.start_soon, guarded, afn, *args, trio_token=self._token)
 
     def close(self) -> None:
         if self._thread.is_alive() and self._stop is not None:
@@ -72,7 +72,7 @@ class Portal:
             self._thread.join(5)
 
 
-async def _guarded(afn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+async def guarded(afn: Callable[..., Awaitable[Any]], *args: Any) -> None:
     """Run a background task; a bug in one must not stop the loop every job shares."""
     try:
         await afn(*args)

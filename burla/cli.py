@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from . import _local, _settings
+from ._client import Client
 from .errors import BurlaError
 
 
@@ -55,14 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _login(url: str, api_key: str | None) -> int:
-    import httpx
-
     key = api_key or getpass.getpass(f"API key for {url}: ")
-    try:
-        r = httpx.get(f"{url.rstrip('/')}/v1/info", headers={"authorization": f"Bearer {key}"}, timeout=10)
-    except httpx.HTTPError as e:
-        print(f"burla: cannot reach {url}: {e}", file=sys.stderr)
-        return 1
+    with Client(url, key) as client:
+        r = client.request("GET", "/v1/info", "log in", check=False, timeout=10)
     if r.status_code != 200:
         print(f"burla: {url} refused the key ({r.status_code}): {r.text[:200]}", file=sys.stderr)
         return 1
@@ -71,36 +67,27 @@ def _login(url: str, api_key: str | None) -> int:
     return 0
 
 
-def _cluster() -> tuple[str, str]:
-    """The URL and admin key of the configured cluster (or the running local one)."""
+def _cluster() -> Client:
+    """A client of the configured cluster (or the running local one: a command never starts it)."""
     settings = _settings.resolve()
     if settings.embedded:
         info = _local.discover()
         if info is None:
             raise BurlaError("no cluster configured and the local cluster is not running (burla local start)")
-        return info["url"], info["admin_token"]
-    return settings.url or "", settings.api_key or ""
+        return Client(info["url"], info["admin_token"])
+    return Client(settings.url, settings.api_key)
 
 
 def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int:
-    import httpx
-
-    from ._client import error_from_response
-
-    url, key = _cluster()
-    headers = {"authorization": f"Bearer {key}"}
-    try:
+    with _cluster() as client:
+        if action == "set" and not images:
+            raise BurlaError("burla cluster standby set: name at least one image")
+        what = f"{action} the standby spec"
         if action == "set":
-            if not images:
-                raise BurlaError("burla cluster standby set: name at least one image")
             body = {"images": [{"image": i, "per_cpu": per_cpu, "python_version": python} for i in images]}
-            r = httpx.put(f"{url}/v1/standby", json=body, headers=headers, timeout=10)
+            r = client.request("PUT", "/v1/standby", what, json=body, timeout=10)
         else:
-            r = httpx.get(f"{url}/v1/standby", headers=headers, timeout=10)
-    except httpx.HTTPError as e:
-        raise BurlaError(f"cannot reach the cluster at {url}: {e}") from None
-    if r.status_code != 200:
-        raise error_from_response(r.status_code, r.text, f"{action} the standby spec")
+            r = client.request("GET", "/v1/standby", what, timeout=10)
     spec = r.json()["images"]
     if not spec:
         print("No standby images: nodes with the Podman runtime keep no containers warm.")
@@ -112,19 +99,9 @@ def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int
 
 
 def _fetch_status() -> dict[str, Any]:
-    import httpx
-
-    from ._client import error_from_response
-
-    url, key = _cluster()
-    try:
-        r = httpx.get(f"{url}/v1/cluster", headers={"authorization": f"Bearer {key}"}, timeout=10)
-    except httpx.HTTPError as e:
-        raise BurlaError(f"cannot reach the cluster at {url}: {e}") from None
-    if r.status_code != 200:
-        raise error_from_response(r.status_code, r.text, "read the cluster's status")
-    data: dict[str, Any] = r.json()
-    data["url"] = url
+    with _cluster() as client:
+        data: dict[str, Any] = client.request("GET", "/v1/cluster", "read the cluster's status", timeout=10).json()
+        data["url"] = client.url
     return data
 
 
