@@ -1,0 +1,63 @@
+"""The startup script of a cloud node: install this Burla from the daemon, then run its agent.
+
+A Compute Engine VM runs its metadata item `startup-script` as root at every boot. This one reads
+the rest of what it needs from the metadata server (`burla-url`, `burla-token`, `burla-version`,
+`burla-instance`, `burla-pip-args`), makes a virtual environment, installs exactly that Burla version
+from the daemon's `/v1/dist/` page (dependencies from the package index, or only from the daemon's
+wheelhouse when `burla-pip-args` says `--no-index`), and runs `burlad agent` with the instance's
+token. If a step fails, it tells the daemon which step and the tail of its log
+(`POST /v1/nodes/<instance>/boot-failed`), so the node is marked FAILED with that reason at once
+instead of after the boot timeout.
+
+`GCE_METADATA_HOST` (host:port) stands in for metadata.google.internal, as Google's own libraries
+allow; `BURLA_NODE_HOME` for /var/lib/burla. The tests' fake Compute Engine sets both.
+"""
+
+from __future__ import annotations
+
+SCRIPT = r"""#!/bin/bash
+# Burla node startup script (burlad writes it; see daemon/startup.py).
+set -uo pipefail
+home="${BURLA_NODE_HOME:-/var/lib/burla}"
+mkdir -p "$home" && chmod 700 "$home"
+log="$home/boot.log"
+exec > >(tee -a "$log") 2>&1
+meta="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1/instance/attributes"
+attr() { curl -fsS -H 'Metadata-Flavor: Google' "$meta/$1"; }
+url="$(attr burla-url)" && token="$(attr burla-token)" && version="$(attr burla-version)" \
+  && instance="$(attr burla-instance)" || { echo "burla: cannot read the instance metadata"; exit 1; }
+pip_args="$(attr burla-pip-args || true)"
+step=""
+fail() {
+  echo "burla: $step failed"
+  body="$(python3 -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "log": open(sys.argv[2], errors="replace").read()[-4000:]}))' "$step" "$log" 2>/dev/null || echo '{}')"
+  curl -fsS -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+    --data "$body" "$url/v1/nodes/$instance/boot-failed" || true
+  exit 1
+}
+step="python3"
+command -v python3 >/dev/null || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -yq python3 python3-venv; } || fail
+step="the virtual environment"
+if [ ! -x "$home/venv/bin/python" ]; then
+  python3 -m venv "$home/venv" 2>/dev/null \
+    || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -yq python3-venv && python3 -m venv "$home/venv"; } \
+    || fail
+fi
+step="pip install burla==$version"
+# shellcheck disable=SC2086
+"$home/venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args \
+  --find-links "$url/v1/dist/" "burla==$version" || fail
+step="burlad agent"
+export BURLA_AGENT_TOKEN="$token" BURLA_AGENT_INSTANCE="$instance"
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null && [ -z "${BURLA_NODE_HOME:-}" ]; then
+  systemd-run --unit=burla-agent --collect -p Restart=on-failure \
+    -E BURLA_AGENT_TOKEN -E BURLA_AGENT_INSTANCE \
+    "$home/venv/bin/burlad" agent "$url" --state-dir "$home/agent" || fail
+else
+  exec "$home/venv/bin/burlad" agent "$url" --state-dir "$home/agent"
+fi
+"""
+
+
+def startup_script() -> str:
+    return SCRIPT
