@@ -104,11 +104,6 @@ class _Container(WorkerProcess):
                 pass
         threading.Thread(target=self.runtime._kill, args=(self.id,), daemon=True).start()
 
-    def describe_exit(self, code: int) -> str:
-        if self.oom_killed:
-            return "was killed by the kernel for using more than its memory limit (out of memory)"
-        return super().describe_exit(code)
-
 
 class PodmanRuntime(Runtime):
     name = "podman"
