@@ -38,7 +38,7 @@ from burla.schemas import messages as m
 from . import host
 from .blobs import BlobCache
 from .outbox import Outbox, Outcome, Taken
-from .runtime import PoolError, Runtime
+from .runtime import Runtime, WorkerSetupError
 from .supervisor import Supervisor
 
 log = logging.getLogger("burla.agent")
@@ -109,7 +109,7 @@ class Agent:
         try:
             try:
                 await self.runtime.prepare(self.run_dir)
-            except PoolError as e:
+            except WorkerSetupError as e:
                 raise AgentError(f"the {self.runtime.name} runtime cannot start: {e}") from None
             cpus = self.config.cpus or host.cpu_count()
             self.info = m.NodeInfo(

@@ -47,8 +47,11 @@ class WorkerProcess(abc.ABC):
     oom_killed: bool = False
 
 
-class PoolError(Exception):
-    """A pool's workers cannot run: its image cannot be pulled, built or used. Says why."""
+class WorkerSetupError(Exception):
+    """Workers cannot run here: the runtime cannot start, or a pool's image cannot be pulled, built or used.
+
+    Says why. On the wire it becomes a `messages.PoolError` report, and the job fails with it.
+    """
 
 
 class Runtime(abc.ABC):
@@ -79,7 +82,7 @@ class Runtime(abc.ABC):
         """Make a pool's workers startable (pull or build its image); returns their Python version.
 
         `phase` hears what it is doing, in words ("pulling image X"), for the spinner.
-        Raises PoolError, saying why, when they cannot run.
+        Raises WorkerSetupError, saying why, when they cannot run.
         """
         return self.python_version()
 

@@ -37,7 +37,7 @@ from .environments import EnvCache
 from .outbox import Lines, Outbox, Outcome
 from .pool import Slot, SlotState, WorkerPool
 from .reconcile import PoolRun
-from .runtime import PoolError, Runtime, WorkerProcess
+from .runtime import Runtime, WorkerProcess, WorkerSetupError
 from .startup import START_TRIES, Started, WorkerStarter, read_progress, restart_delay
 
 log = logging.getLogger("burla.agent")
@@ -128,7 +128,7 @@ class Supervisor:
             try:
                 return await self.fetch(f"blobs/{digest}")
             except LookupError:
-                raise PoolError(f"the daemon has no build context {digest}") from None
+                raise WorkerSetupError(f"the daemon has no build context {digest}") from None
 
         def phase(text: str) -> None:
             run.phase = text
@@ -136,7 +136,7 @@ class Supervisor:
 
         try:
             run.python = await self.runtime.prepare_pool(run.spec, fetch_build, phase)
-        except PoolError as e:
+        except WorkerSetupError as e:
             self._pool_failed(run, str(e))
         else:
             run.state, run.phase = reconcile.READY, ""
@@ -202,8 +202,8 @@ class Supervisor:
             present = await self.runtime.distributions(spec)
             python = (run.python if run is not None and run.python else "") or self.runtime.python_version()
             paths = await self.envs.prepare(digest, present, python, phase)
-        except Exception as e:  # a InstallError says why; anything else must not take the agent down either
-            message = str(e) if isinstance(e, PoolError) else f"{type(e).__name__}: {e}"
+        except Exception as e:  # a PackageInstallError says why; anything else must not take the agent down either
+            message = str(e) if isinstance(e, WorkerSetupError) else f"{type(e).__name__}: {e}"
             log.error("environment %s for job %s: %s", digest[:12], job_id, message)
             self.pool_errors.append(m.PoolError(job_id, spec.image, message, self.hostname, kind="install"))
             self.env_waiting.pop(key, None)  # the daemon fails the job, and cancels these
@@ -366,7 +366,7 @@ class Supervisor:
             try:
                 await self._run_worker(index, spec)
                 failures = 0
-            except PoolError as e:  # the runtime cannot start this pool's workers
+            except WorkerSetupError as e:  # the runtime cannot start this pool's workers
                 run = self.runs.get(slot.pool)
                 if run is not None and run.state != reconcile.FAILED:
                     self._pool_failed(run, str(e))
