@@ -185,7 +185,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         next_blob = first_blob
         for i, item in enumerate(metas):
             meta = m.BatchMeta.from_wire(item)
-            if meta.payload_ref:  # written by the client into the payload dir (schemas.local)
+            if meta.payload_ref:  # written by the client into the payload dir (common.local)
                 out.append((meta, None))
             else:
                 out.append((meta, blobs_at(blobs, next_blob, f"batch {i}")))

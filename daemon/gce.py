@@ -26,8 +26,8 @@ import trio
 
 from burla.common.config import NodeGroupConfig
 
+from .boot_script import startup_script
 from .providers import Boot, Instance, ProviderError
-from .startup import startup_script
 
 log = logging.getLogger("burla.daemon")
 T = TypeVar("T")

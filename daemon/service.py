@@ -219,7 +219,7 @@ class ControlPlane:
                 raise TooLarge(f"batch {meta.seq} is over the input size limit")
 
     def payload_info(self) -> dict[str, Any]:
-        """Where large payloads live, for clients on this host (schemas.local)."""
+        """Where large payloads live, for clients on this host (common.local)."""
         payloads = self.store.payloads
         return {"host": payloads.host, "dir": str(payloads.root), "inline_limit": payloads.inline_limit}
 

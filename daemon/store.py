@@ -277,7 +277,7 @@ class Store:
     ) -> None:
         rows: list[tuple[str, int, int, int, bytes | memoryview | None, str | None]] = []
         for b, payload in batches:
-            if b.payload_ref:  # the client wrote the file itself (see schemas.local)
+            if b.payload_ref:  # the client wrote the file itself (see common.local)
                 rows.append((job_id, b.seq, b.start, b.count, None, b.payload_ref))
             elif payload is not None and self.payloads.is_large(payload):  # written before its row commits
                 rows.append((job_id, b.seq, b.start, b.count, None, self.payloads.put(job_id, f"b{b.seq}", payload)))

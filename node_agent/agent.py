@@ -19,7 +19,6 @@ import collections
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,14 +31,15 @@ from burla.common import local
 from burla.common import version as _version
 from burla.common.config import AgentConfig
 from burla.common.http import Chunks, async_client
+from burla.common.retry import Backoff
 from burla.common.trace import trace
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
 from . import host
 from .blobs import BlobCache
-from .outbox import Outbox
-from .runtime import PoolError, Runtime
+from .outbox import Outbox, Outcome, Taken
+from .runtime import Runtime, WorkerSetupError
 from .supervisor import Supervisor
 
 log = logging.getLogger("burla.agent")
@@ -88,7 +88,7 @@ class Agent:
         self._waiting_changed = trio.Event()
         self._line_reports = 0  # reports in flight that carry printed lines
         self._line_reports_done = trio.Event()
-        self._report_backoff = 0.05
+        self._report_backoff = Backoff(0.05, config.max_backoff)  # shared: reports fail together
         self._pools_acked: tuple[m.PoolState, ...] | None = None  # what the daemon last heard of our pools
         self.counters: collections.Counter[str] = collections.Counter()
         self._registered = trio.Event()
@@ -110,7 +110,7 @@ class Agent:
         try:
             try:
                 await self.runtime.prepare(self.run_dir)
-            except PoolError as e:
+            except WorkerSetupError as e:
                 raise AgentError(f"the {self.runtime.name} runtime cannot start: {e}") from None
             cpus = self.config.cpus or host.cpu_count()
             self.info = m.NodeInfo(
@@ -145,14 +145,13 @@ class Agent:
             _remove_tree(self.run_dir)
 
     async def _register(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, self.config.max_backoff)
         while True:
             try:
                 r = await self.http.post("/v1/agents/register", json=self.info.to_wire())
             except httpx.TransportError as e:
                 log.info("daemon %s unreachable (%s); retrying", self.config.url, e)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
+                await backoff.wait()
                 continue
             if r.status_code == 401:
                 raise AgentError(f"the daemon at {self.config.url} refused this agent's token: {r.text}")
@@ -160,8 +159,7 @@ class Agent:
                 raise AgentError(f"the daemon at {self.config.url} refused this agent: {_error_message(r)}")
             if r.status_code != 200:
                 log.warning("register failed (%s): %s", r.status_code, r.text)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
+                await backoff.wait()
                 continue
             reg = m.Registered.from_wire(r.json())
             self.agent_id, self.boot_id, self.ack = reg.agent_id, reg.boot_id, 0
@@ -180,27 +178,27 @@ class Agent:
 
     # ---- talking to the daemon -------------------------------------------------------
 
-    def _report(self, results: Sequence[dict[str, Any]] = (), logs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    def _report(self, taken: Taken | None = None) -> m.AgentReport:
         pools = self.workers.pool_states()
-        return {
-            "boot_id": self.boot_id,
-            "ack_delivery": self.ack,
-            "ready_workers": self.workers.pool.ready(),
-            "running": sorted(self.workers.held() | self.unacked | self.outbox.lease_ids()),
-            "results": list(results),
-            "logs": list(logs),
-            "stats": self.statistics(),
-            "payload_proof": self.payload_proof,
-            "job_phases": dict(self.workers.job_phases),
-            "pools": None if pools == self._pools_acked else [p.to_wire() for p in pools],
-            "pool_errors": [e.to_wire() for e in self.workers.pool_errors],
-        }
+        return m.AgentReport(
+            boot_id=self.boot_id,
+            ack_delivery=self.ack,
+            ready_workers=self.workers.pool.ready(),
+            running=tuple(sorted(self.workers.held() | self.unacked | self.outbox.lease_ids())),
+            results=taken.results if taken is not None else (),
+            logs=taken.logs if taken is not None else (),
+            stats=self.statistics(),
+            payload_proof=self.payload_proof,
+            job_phases=dict(self.workers.job_phases),
+            pools=None if pools == self._pools_acked else pools,
+            pool_errors=tuple(self.workers.pool_errors),
+        )
 
-    async def _post(self, route: str, header: dict[str, Any], blobs: Sequence[Any]) -> None:
+    async def _post(self, route: str, report: m.AgentReport, blobs: Sequence[envelope.Blob]) -> None:
         """POST a report to the daemon and take in what it delivers back."""
         agent_id = self.agent_id
-        trace("agent", f"{route} send results={[r['lease_id'] for r in header['results']]}")
-        content, length = _body(envelope.parts(header, blobs))
+        trace("agent", f"{route} send results={[r.lease_id for r in report.results]}")
+        content, length = _body(envelope.parts(report.to_wire(), blobs))
         try:
             r = await self.http.post(
                 f"/v1/agents/{agent_id}/{route}",
@@ -223,11 +221,11 @@ class Agent:
             raise DaemonUnavailable(f"HTTP {r.status_code}: {r.text[:200]}")
         head, out = envelope.unpack(r.content)
         trace("agent", f"{route} answered leases={[(x['lo'], x['hi']) for x in head.get('leases', [])]}")
-        if header.get("pools") is not None:
-            self._pools_acked = tuple(m.PoolState.from_wire(p) for p in header["pools"])
-        if header.get("pool_errors"):
-            sent = header["pool_errors"]
-            self.workers.pool_errors = [e for e in self.workers.pool_errors if e.to_wire() not in sent]
+        if report.pools is not None:
+            self._pools_acked = report.pools
+        if report.pool_errors:
+            sent = report.pool_errors
+            self.workers.pool_errors = [e for e in self.workers.pool_errors if e not in sent]
         self._take_delivery(m.Delivery.from_wire(head), out)
 
     async def _poll_loop(self) -> None:
@@ -239,7 +237,7 @@ class Agent:
         `_REPOLL_DELAY` does a plain poll go out, so a cancellation still
         reaches the agent well within a second.
         """
-        backoff = 0.05
+        backoff = Backoff(0.05, self.config.max_backoff)
         while True:
             while self._waiting:
                 await self._waiting_changed.wait()
@@ -252,11 +250,10 @@ class Agent:
             self._set_waiting(+1)
             try:
                 await self._post("poll", self._report(), [])
-                backoff = 0.05
+                backoff.reset()
             except DaemonUnavailable as e:
                 log.debug("poll failed: %s", e)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.max_backoff)
+                await backoff.wait()
             finally:
                 self._set_waiting(-1)
 
@@ -281,45 +278,39 @@ class Agent:
                 while self._line_reports and (self.outbox.logs or self.outbox.results):
                     await self._line_reports_done.wait()
                 if not self._waiting and not self.outbox.logs:
-                    results, logs, blobs, taken = self.outbox.take()
+                    taken = self.outbox.take()
                     self._set_waiting(+1)
-                    nursery.start_soon(self._send_report, results, logs, blobs, taken, None)
+                    nursery.start_soon(self._send_report, taken, None)
                     continue
                 await slots.acquire()
-                results, logs, blobs, taken = self.outbox.take()
-                nursery.start_soon(self._send_report, results, logs, blobs, taken, slots)
+                nursery.start_soon(self._send_report, self.outbox.take(), slots)
 
-    async def _send_report(
-        self, results: list[dict[str, Any]], logs: list[dict[str, Any]], blobs: list[Any], taken: Any,
-        slots: trio.Semaphore | None,
-    ) -> None:  # fmt: skip
+    async def _send_report(self, taken: Taken, slots: trio.Semaphore | None) -> None:
         """Send one report; without a slot it is the request that waits for work (a poll)."""
-        lease_ids = {r["lease_id"] for r in results}
+        results, logs = taken.results, taken.logs
+        lease_ids = {r.lease_id for r in results}
         self.unacked |= lease_ids
         if logs:
             self._line_reports += 1
         try:
-            await self._post("report" if slots else "poll", self._report(results, logs), blobs)
+            await self._post("report" if slots else "poll", self._report(taken), taken.blobs)
             self.counters["results_sent"] += len(results)
             self.counters["log_chunks_sent"] += len(logs)
-            self._report_backoff = 0.05
+            self._report_backoff.reset()
         except DaemonUnavailable as e:
             log.debug("report failed: %s", e)
             self.outbox.put_back(taken)
-            await trio.sleep(self._report_backoff)
-            self._report_backoff = min(self._report_backoff * 2, self.config.max_backoff)
+            await self._report_backoff.wait()
         except ReportRefused as e:  # a bug of ours or of a worker: say so for each result, never resend it as is
             log.error("the daemon refused a report of %d results: %s", len(results), e)
             self.counters["reports_refused"] += 1
             for result in results:
-                if (result.get("error") or {}).get("type_name") == _REFUSED:
+                if result.error is not None and result.error.type_name == _REFUSED:
                     continue  # refused once already: dropped, the daemon requeues its lease
-                error = m.CallError(result["lo"], m.SYSTEM, _REFUSED,
+                error = m.CallError(result.lo, m.SYSTEM, _REFUSED,
                                     f"node {self.hostname}: the daemon refused this result: {e}"[:4096],
                                     node=self.hostname)  # fmt: skip
-                refused = {k: result[k] for k in ("lease_id", "job_id", "lo")}
-                self.outbox.add_result(refused | {"n_ok": 0, "elapsed": 0.0, "error": error.to_wire()},
-                                       [pickle.dumps([])])  # fmt: skip
+                self.outbox.add_result(Outcome.failed(result.lease_id, result.job_id, result.lo, error))
         finally:
             self.unacked -= lease_ids
             if logs:
@@ -363,8 +354,8 @@ class Agent:
         A refusal (4xx) is final; an unreachable daemon or a 5xx is retried for `_FETCH_PATIENCE` seconds
         (a daemon restart takes about one), then given up, so no lease waits on it forever.
         """
-        backoff = 0.05
-        deadline = trio.current_time() + _FETCH_PATIENCE
+        backoff = Backoff(0.05, self.config.max_backoff, patience=_FETCH_PATIENCE)
+        backoff.gives_up()  # starts its deadline: the patience counts from the first try, not the first failure
         while True:
             try:
                 r = await self.http.get(
@@ -384,10 +375,9 @@ class Agent:
                 if 400 <= r.status_code < 500:
                     raise LookupError(f"the daemon refused {path} (HTTP {r.status_code}): {r.text[:300]}")
                 why = f"the daemon answered HTTP {r.status_code}"
-            if trio.current_time() + backoff > deadline:
+            if backoff.gives_up():
                 raise LookupError(f"gave up on {path} after {_FETCH_PATIENCE:.0f} s: {why}")
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.max_backoff)
+            await backoff.wait()
 
     def statistics(self) -> dict[str, Any]:
         return {**self.workers.statistics(), **self.blobs.statistics(), **self.counters}

@@ -18,7 +18,7 @@ class FrameStream:
         self._buffer = bytearray()
         self._send_lock = trio.Lock()
 
-    async def send(self, header: dict[str, Any], blobs: Sequence[bytes | memoryview] = ()) -> None:
+    async def send(self, header: dict[str, Any], blobs: Sequence[envelope.Blob] = ()) -> None:
         pieces = envelope.parts(header, blobs, framed=True)
         async with self._send_lock:  # a frame's pieces go out back to back, uncopied
             for piece in pieces:

@@ -31,7 +31,7 @@ import trio
 from burla.common import local
 from burla.schemas.environment import FILES, Distribution, Environment, normalize
 
-from .runtime import PoolError
+from .runtime import WorkerSetupError
 
 log = logging.getLogger("burla.agent")
 
@@ -43,8 +43,11 @@ Fetch = Callable[[str], Awaitable[bytes]]
 Phase = Callable[[str], None]
 
 
-class InstallError(PoolError):
-    """A package of the job's environment cannot be installed on this node. Says which, and why."""
+class PackageInstallError(WorkerSetupError):
+    """A package of the job's environment cannot be installed on this node. Says which, and why.
+
+    The client raises `burla.errors.InstallError` for it (a `messages.PoolError` of kind "install").
+    """
 
 
 def _tail(text: str) -> str:
@@ -97,7 +100,7 @@ class EnvCache:
         try:
             return await self.fetch(f"blobs/{digest}")
         except LookupError:
-            raise InstallError(f"the daemon has no {what} ({digest[:12]})") from None
+            raise PackageInstallError(f"the daemon has no {what} ({digest[:12]})") from None
 
     async def _code(self, digest: str) -> str:
         path = self.root / "code" / f"{digest}.zip"
@@ -122,14 +125,14 @@ class EnvCache:
         """
         manifest = await self.manifest(digest)
         if manifest.python_version != python:
-            raise InstallError(
+            raise PackageInstallError(
                 f"the client runs Python {manifest.python_version}; this node's workers run Python {python}"
             )
         present = {normalize(k): v for k, v in present.items()}
         needed = [d for d in manifest.distributions if present.get(d.name) != d.version]
         for dist in needed:
             if dist.source == FILES and not compatible(dist.tags, python, self.machine):
-                raise InstallError(
+                raise PackageInstallError(
                     f"{dist.name} {dist.version} was built for {', '.join(dist.tags)}, but this node runs "
                     f"CPython {python} on Linux {self.machine}: build it for that platform, or install it from an "
                     "index where the node can find a matching wheel"
@@ -138,19 +141,19 @@ class EnvCache:
         self.counters["dists_reused"] += len(needed) - len(missing)
         if missing:
             phase(f"installing {len(missing)} package{'s' * (len(missing) != 1)}")
-            errors: list[InstallError] = []
+            errors: list[PackageInstallError] = []
 
             async def install(dist: Distribution) -> None:
                 try:
                     await self._install(dist, manifest, python)
-                except InstallError as e:
+                except PackageInstallError as e:
                     errors.append(e)
 
             async with trio.open_nursery() as nursery:
                 for dist in missing:
                     nursery.start_soon(install, dist)
             if errors:
-                raise errors[0] if len(errors) == 1 else InstallError("\n\n".join(str(e) for e in errors))
+                raise errors[0] if len(errors) == 1 else PackageInstallError("\n\n".join(str(e) for e in errors))
         paths = [await self._code(manifest.code)] if manifest.code else []
         paths += [str(self.folder(d, python)) for d in needed]
         self.counters["environments_prepared"] += 1
@@ -196,7 +199,7 @@ class EnvCache:
         result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
         if result.returncode != 0:
             output = (result.stderr or b"").decode(errors="replace") + (result.stdout or b"").decode(errors="replace")
-            raise InstallError(
+            raise PackageInstallError(
                 f"{requirement} failed to install on node {self.hostname} "
                 f"({'uv' if uv else 'pip'} exited with code {result.returncode}):\n{_tail(output)}"
             )
@@ -223,5 +226,5 @@ def _unpack(data: bytes, target: Path) -> None:
         for member in tar.getmembers():
             name = Path(member.name)
             if name.is_absolute() or ".." in name.parts:
-                raise InstallError(f"refusing to unpack {member.name!r}: it points outside the package folder")
+                raise PackageInstallError(f"refusing to unpack {member.name!r}: it points outside the package folder")
         tar.extractall(target, filter="data")

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from .pools import PoolSpec
-from .runtime import LIST_DISTRIBUTIONS, PoolError, Runtime, WorkerProcess, build_shim_tree
+from .runtime import LIST_DISTRIBUTIONS, Runtime, WorkerProcess, WorkerSetupError, build_shim_tree
 
 log = logging.getLogger("burla.agent")
 
@@ -49,7 +49,7 @@ def _podman() -> Any:
     try:
         import podman
     except ImportError as e:  # pragma: no cover - the extra is missing
-        raise PoolError("the podman runtime needs the podman package: pip install 'burla[podman]'") from e
+        raise WorkerSetupError("the podman runtime needs the podman package: pip install 'burla[podman]'") from e
     return podman
 
 
@@ -103,11 +103,6 @@ class _Container(WorkerProcess):
             except PermissionError:
                 pass
         threading.Thread(target=self.runtime._kill, args=(self.id,), daemon=True).start()
-
-    def describe_exit(self, code: int) -> str:
-        if self.oom_killed:
-            return "was killed by the kernel for using more than its memory limit (out of memory)"
-        return super().describe_exit(code)
 
 
 class PodmanRuntime(Runtime):
@@ -172,10 +167,10 @@ class PodmanRuntime(Runtime):
                 except _podman_errors():  # not up yet
                     pass
                 if self._service is not None and self._service.returncode is not None:
-                    raise PoolError(f"`podman system service` exited with code {self._service.returncode}")
+                    raise WorkerSetupError(f"`podman system service` exited with code {self._service.returncode}")
                 await trio.sleep(0.05)
         if waited.cancelled_caught:
-            raise PoolError(f"the Podman API at {self.socket_url} did not answer within {_SERVICE_WAIT:.0f}s")
+            raise WorkerSetupError(f"the Podman API at {self.socket_url} did not answer within {_SERVICE_WAIT:.0f}s")
         info = await trio.to_thread.run_sync(lambda: self.client().info())
         host = info.get("host", {})
         controllers = set(host.get("cgroupControllers") or ())
@@ -245,7 +240,7 @@ class PodmanRuntime(Runtime):
             phase(f"starting containers of {spec.image}")
             python = await trio.to_thread.run_sync(self._python_of, spec.image)
         if spec.python_version and python != spec.python_version:
-            raise PoolError(
+            raise WorkerSetupError(
                 f"its python3 is Python {python}, but the client runs Python {spec.python_version}; "
                 f"use an image with Python {spec.python_version}"
             )
@@ -256,9 +251,9 @@ class PodmanRuntime(Runtime):
         try:
             self.client().images.pull(image)
         except (podman.errors.APIError, podman.errors.ImageNotFound) as e:
-            raise PoolError(f"cannot pull it: {e}") from None
+            raise WorkerSetupError(f"cannot pull it: {e}") from None
         if not self.client().images.exists(image):
-            raise PoolError("cannot pull it: the registry returned no image")
+            raise WorkerSetupError("cannot pull it: the registry returned no image")
         self.counters["pulls"] += 1
 
     def _build(self, spec: PoolSpec, context: bytes) -> None:
@@ -269,15 +264,15 @@ class PodmanRuntime(Runtime):
             names = set(tar.getnames())
         dockerfile = next((n for n in (".burla/Dockerfile", "Dockerfile", "Containerfile") if n in names), None)
         if dockerfile is None:
-            raise PoolError("the build context has no Dockerfile")
+            raise WorkerSetupError("the build context has no Dockerfile")
         try:
             self.client().images.build(
                 fileobj=io.BytesIO(context), custom_context=True, dockerfile=dockerfile, tag=spec.image, rm=True
             )
         except podman.errors.BuildError as e:
-            raise PoolError(f"the Dockerfile did not build: {e.msg}\n{_tail(e.build_log)}") from None
+            raise WorkerSetupError(f"the Dockerfile did not build: {e.msg}\n{_tail(e.build_log)}") from None
         except podman.errors.APIError as e:
-            raise PoolError(f"the Dockerfile did not build: {e}") from None
+            raise WorkerSetupError(f"the Dockerfile did not build: {e}") from None
         self.counters["builds"] += 1
 
     def _python_of(self, image: str) -> str:
@@ -295,14 +290,14 @@ class PodmanRuntime(Runtime):
         code, output = self._run_once(image, ["python3", "-c", LIST_DISTRIBUTIONS])
         text = output.decode(errors="replace").strip()
         if code == 127 or "executable file" in text and "not found" in text:
-            raise PoolError("it has no python3; Burla runs functions with the image's python3")
+            raise WorkerSetupError("it has no python3; Burla runs functions with the image's python3")
         if code != 0:
-            raise PoolError(f"its python3 does not run (exit code {code}): {text[-500:]}")
+            raise WorkerSetupError(f"its python3 does not run (exit code {code}): {text[-500:]}")
         try:
             found: dict[str, Any] = json.loads(text.splitlines()[-1])
             str(found["python"])
         except (ValueError, KeyError, IndexError):
-            raise PoolError(f"its python3 did not say its version (said {text[-200:]!r})") from None
+            raise WorkerSetupError(f"its python3 did not say its version (said {text[-200:]!r})") from None
         self._images[image_id] = found
         return found
 
@@ -314,7 +309,7 @@ class PodmanRuntime(Runtime):
                 image, command, network_mode="none", labels={"burla.node": self.label}
             )
         except podman.errors.APIError as e:
-            raise PoolError(f"cannot run it: {e}") from None
+            raise WorkerSetupError(f"cannot run it: {e}") from None
         try:
             try:
                 container.start()
@@ -322,7 +317,7 @@ class PodmanRuntime(Runtime):
                 text = str(e)
                 if "not found" in text or "no such file" in text.lower():
                     return 127, text.encode()
-                raise PoolError(f"cannot run it: {e}") from None
+                raise WorkerSetupError(f"cannot run it: {e}") from None
             code = int(container.wait())
             logs = container.logs(stdout=True, stderr=True)
             output = logs if isinstance(logs, bytes) else b"".join(logs)
@@ -377,7 +372,7 @@ class PodmanRuntime(Runtime):
             container.start()
             container.reload()
         except podman.errors.APIError as e:
-            raise PoolError(f"cannot start a container of it: {e}") from None
+            raise WorkerSetupError(f"cannot start a container of it: {e}") from None
         return container.id, int(container.attrs.get("State", {}).get("Pid") or 0)
 
     def _wait_and_remove(self, container_id: str, timeout: float | None) -> tuple[int, bool]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import os
 import shutil
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -42,28 +41,17 @@ class WorkerProcess(abc.ABC):
     def kill(self) -> None:
         """Stop the worker now (SIGKILL or the runtime's equivalent)."""
 
-    #: The kernel's count of out-of-memory kills when the worker started (see `oom_kills`).
+    #: The kernel's count of out-of-memory kills when its current lease started (see `deaths.oom_kills`).
     oom_kills_at_start: int | None = None
-
-    def describe_exit(self, code: int) -> str:
-        kernel_oom = self.oom_kills_at_start is not None and (oom_kills() or 0) > self.oom_kills_at_start
-        return describe_exit(code, kernel_oom)
+    #: The runtime knows that the kernel killed it for going over its memory limit (a container's cgroup).
+    oom_killed: bool = False
 
 
-def oom_kills() -> int | None:
-    """How many processes the kernel's out-of-memory killer has killed since boot (None if unknown)."""
-    try:
-        with open("/proc/vmstat", "rb") as f:
-            for line in f:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+class WorkerSetupError(Exception):
+    """Workers cannot run here: the runtime cannot start, or a pool's image cannot be pulled, built or used.
 
-
-class PoolError(Exception):
-    """A pool's workers cannot run: its image cannot be pulled, built or used. Says why."""
+    Says why. On the wire it becomes a `messages.PoolError` report, and the job fails with it.
+    """
 
 
 class Runtime(abc.ABC):
@@ -94,7 +82,7 @@ class Runtime(abc.ABC):
         """Make a pool's workers startable (pull or build its image); returns their Python version.
 
         `phase` hears what it is doing, in words ("pulling image X"), for the spinner.
-        Raises PoolError, saying why, when they cannot run.
+        Raises WorkerSetupError, saying why, when they cannot run.
         """
         return self.python_version()
 
@@ -123,28 +111,6 @@ LIST_DISTRIBUTIONS = (
     "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
     "'dists': {d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}}))"
 )
-
-
-def describe_exit(code: int, kernel_oom: bool = False) -> str:
-    """How a worker ended, in words; a SIGKILL is blamed on memory only when the kernel counted an OOM kill."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        meaning = {
-            "SIGSEGV": " (segmentation fault)",
-            "SIGKILL": (
-                " (the kernel's out-of-memory killer killed a process meanwhile: most likely this one)"
-                if kernel_oom
-                else " (by another process: not Burla's memory limit, and the kernel counted no out-of-memory kill)"
-            ),
-            "SIGABRT": " (aborted)",
-            "SIGBUS": " (bus error)",
-            "SIGFPE": " (floating point exception)",
-        }.get(name, "")
-        return f"was killed by {name}{meaning}"
-    return f"exited with code {code}"
 
 
 def build_shim_tree(dest: Path) -> Path:

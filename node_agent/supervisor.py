@@ -1,10 +1,11 @@
 """The agent's workers: which pools to keep, starting and replacing workers, feeding them leases.
 
-`Supervisor` converges the node on its desired pools (`pools.plan`): it
-prepares each pool's image, keeps its count of warm workers, retires workers
-of pools no longer wanted (idle ones at once, busy ones after their lease),
-starts each lease on a worker of its pool, and turns every worker death into
-the right error for the input it was running.
+`Supervisor` converges the node on its desired pools (`pools.plan`, then
+`reconcile.converge`): it prepares each pool's image, keeps its count of warm
+workers (`startup`), retires workers of pools no longer wanted (idle ones at
+once, busy ones after their lease), starts each lease on a worker of its pool
+(`WorkerPool` decides which), and turns every worker death into the right
+error for the input it was running (`deaths`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import logging
 import os
 import pickle
-import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,25 +25,25 @@ import trio
 
 from burla.common.config import AgentConfig
 from burla.common.trace import trace
-from burla.schemas import envelope
+from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas import worker as proto
 
-from . import host, pools
+from . import memory, pools, reconcile
 from .blobs import BlobCache
 from .channel import FrameStream
+from .deaths import Death, kernel_oom_since, oom_kills
 from .environments import EnvCache
-from .outbox import Outbox
+from .outbox import Lines, Outbox, Outcome
 from .pool import Slot, SlotState, WorkerPool
-from .runtime import PoolError, Runtime, WorkerProcess, describe_exit, oom_kills
+from .reconcile import PoolRun
+from .runtime import Runtime, WorkerProcess, WorkerSetupError
+from .startup import START_TRIES, Started, WorkerStarter, read_progress, restart_delay
 
 log = logging.getLogger("burla.agent")
 
 FUNCTIONS_KEPT = 16  # per worker; the shim keeps the same number
-_START_TRIES = 5  # a job's worker that fails to start this many times in a row fails its pool
-_RESTART_PAUSE = 30.0  # seconds between tries of a standby worker that keeps failing to start
 WORKER_BATCHES_KEPT = 4  # the shim's cache of unpickled batches
-HELLO_TIMEOUT = 120.0
 
 Fetch = Callable[[str], Awaitable[bytes]]
 
@@ -58,17 +58,6 @@ class WorkerConn:
     batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(default_factory=collections.OrderedDict)
 
 
-@dataclasses.dataclass
-class PoolRun:
-    """A pool's progress on this node."""
-
-    spec: pools.PoolSpec
-    state: str = "preparing"  # preparing, ready, failed
-    phase: str = ""
-    python: str = ""
-    error: str = ""
-
-
 class Supervisor:
     def __init__(
         self, config: AgentConfig, runtime: Runtime, outbox: Outbox, blobs: BlobCache, fetch: Fetch, hostname: str
@@ -81,6 +70,7 @@ class Supervisor:
         self.fetch = fetch
         self.hostname = hostname
         self.pool = WorkerPool()
+        self.starter = WorkerStarter(runtime, config.log_flush_interval)
         self.conns: dict[int, WorkerConn] = {}
         self.runs: dict[str, PoolRun] = {}  # pools prepared or being prepared
         self.desired: dict[str, pools.PoolSpec] = {}
@@ -94,9 +84,6 @@ class Supervisor:
         self.job_phases: dict[str, str] = {}  # job -> what this node is doing for it ("installing 3 packages")
         self.counters: collections.Counter[str] = collections.Counter()
         self.info: m.NodeInfo | None = None
-        self.run_dir = Path()
-        self.socket_path = ""
-        self._hello: dict[str, trio.MemorySendChannel[FrameStream]] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -119,21 +106,19 @@ class Supervisor:
                 self.wants,
             )
         }  # fmt: skip
-        for slot in list(self.pool.slots.values()):
-            if slot.pool not in self.desired and not slot.retired and self.pool.retire(slot.index):
-                self._kill(slot.index)
-        for key, spec in self.desired.items():
-            run = self.runs.get(key)
-            if run is None:
-                run = self.runs[key] = PoolRun(spec, phase=_phase(spec))
-                self._nursery.start_soon(self._prepare, key)
-            if run.state == "ready":
-                for _ in range(spec.count - len(self.pool.in_pool(key))):
-                    slot = self.pool.add_slot(key)
-                    self._nursery.start_soon(self._keep_worker, slot.index)
-        for key in [k for k in self.runs if k not in self.desired]:
-            if not any(s.pool == key for s in self.pool.slots.values()):
-                del self.runs[key]
+        steps = reconcile.converge(self.desired, self.runs, self.pool.slots.values())
+        for index in steps.retire:
+            if self.pool.retire(index):
+                self._kill(index)
+        for key in steps.prepare:
+            self.runs[key] = PoolRun.start(self.desired[key])
+            self._nursery.start_soon(self._prepare, key)
+        for key, count in steps.fill:
+            for _ in range(count):
+                slot = self.pool.add_slot(key)
+                self._nursery.start_soon(self._keep_worker, slot.index)
+        for key in steps.forget:
+            del self.runs[key]
         self.outbox.mark_dirty()
 
     async def _prepare(self, key: str) -> None:
@@ -143,7 +128,7 @@ class Supervisor:
             try:
                 return await self.fetch(f"blobs/{digest}")
             except LookupError:
-                raise PoolError(f"the daemon has no build context {digest}") from None
+                raise WorkerSetupError(f"the daemon has no build context {digest}") from None
 
         def phase(text: str) -> None:
             run.phase = text
@@ -151,15 +136,15 @@ class Supervisor:
 
         try:
             run.python = await self.runtime.prepare_pool(run.spec, fetch_build, phase)
-        except PoolError as e:
+        except WorkerSetupError as e:
             self._pool_failed(run, str(e))
         else:
-            run.state, run.phase = "ready", ""
+            run.state, run.phase = reconcile.READY, ""
             trace("agent", f"pool {key} ready")
         self._changed.set()
 
     def _pool_failed(self, run: PoolRun, message: str) -> None:
-        run.state, run.error, run.phase = "failed", message, ""
+        run.state, run.error, run.phase = reconcile.FAILED, message, ""
         log.error("pool %s (image %s) failed: %s", run.spec.key, run.spec.image, message)
         if run.spec.job_id:
             self.pool_errors.append(m.PoolError(run.spec.job_id, run.spec.image, message, self.hostname))
@@ -175,31 +160,12 @@ class Supervisor:
     def pool_states(self) -> tuple[m.PoolState, ...]:
         out = []
         for key, run in sorted(self.runs.items()):
-            spec = run.spec
-            slots = [s for s in self.pool.slots.values() if s.pool == key]
-            state = run.state if key in self.desired else "draining"
-            out.append(
-                m.PoolState(
-                    key=key,
-                    image=spec.image,
-                    python_version=run.python or spec.python_version,
-                    cpus=spec.cpus,
-                    ram_bytes=spec.ram_bytes,
-                    slots=spec.count,
-                    ready=self.pool.ready(key) if state == "ready" else 0,
-                    state={"failed": "failed"}.get(state, state),
-                    phase=run.phase,
-                    job_id=spec.job_id,
-                    default=spec.default,
-                    containers=tuple(
-                        [
-                            getattr(self.conns.get(s.index), "proc", None) and _short_id(self.conns[s.index]),
-                            s.state.value,
-                        ]
-                        for s in slots
-                    ),
-                )
-            )
+            containers = [
+                (_short_id(self.conns[s.index]) if s.index in self.conns else None, s.state.value)
+                for s in self.pool.slots.values()
+                if s.pool == key
+            ]
+            out.append(reconcile.pool_state(run, key in self.desired, self.pool.ready(key), containers))
         return tuple(out)
 
     # ---- leases ---------------------------------------------------------------------------
@@ -236,8 +202,8 @@ class Supervisor:
             present = await self.runtime.distributions(spec)
             python = (run.python if run is not None and run.python else "") or self.runtime.python_version()
             paths = await self.envs.prepare(digest, present, python, phase)
-        except Exception as e:  # an InstallError says why; anything else must not take the agent down either
-            message = str(e) if isinstance(e, PoolError) else f"{type(e).__name__}: {e}"
+        except Exception as e:  # a PackageInstallError says why; anything else must not take the agent down either
+            message = str(e) if isinstance(e, WorkerSetupError) else f"{type(e).__name__}: {e}"
             log.error("environment %s for job %s: %s", digest[:12], job_id, message)
             self.pool_errors.append(m.PoolError(job_id, spec.image, message, self.hostname, kind="install"))
             self.env_waiting.pop(key, None)  # the daemon fails the job, and cancels these
@@ -286,21 +252,10 @@ class Supervisor:
         conn = self.conns.get(index)
         if conn is None:
             return
-        header: dict[str, Any] = {
-            "kind": proto.RUN,
-            "lease_id": lease.lease_id,
-            "job_id": lease.job_id,
-            "function_hash": lease.function_hash,
-            "batch": [lease.job_id, lease.batch_seq],
-            "batch_start": lease.batch_start,
-            "lo": lease.lo,
-            "hi": lease.hi,
-            "function_blob": None,
-            "batch_blob": None,
-            "batch_file": None,
-            "max_result_bytes": self.max_result_bytes,
-        }
-        blobs: list[Any] = []
+        blobs = envelope.Blobs()
+        function_blob: int | None = None
+        batch_blob: int | None = None
+        batch_file: str | None = None
         key = (lease.job_id, lease.batch_seq)
         try:
             if lease.function_hash not in conn.functions:
@@ -308,37 +263,48 @@ class Supervisor:
                 if fn is None:
                     fn = await self.fetch(f"functions/{lease.function_hash}")  # checked against its digest
                     self.blobs.add_function(lease.function_hash, fn)
-                header["function_blob"] = len(blobs)
-                blobs.append(fn)
+                function_blob = blobs.add(fn)
             if key not in conn.batches:
                 path = self.blobs.batch_files.get(key)
                 inside = self.runtime.worker_path(path) if path is not None else None
                 if inside is not None and path is not None and os.path.exists(path):
-                    header["batch_file"] = inside  # the worker reads it itself
+                    batch_file = inside  # the worker reads it itself
                 else:
                     batch = self.blobs.batches.get(key)
                     if batch is None:
                         batch = await self.fetch(f"batches/{lease.job_id}/{lease.batch_seq}")
                         self.blobs.add_batch(key, batch)
-                    header["batch_blob"] = len(blobs)
-                    blobs.append(batch)
+                    batch_blob = blobs.add(batch)
         except LookupError as e:  # never dropped silently: the daemon fails the job, or drops this if it ended
             self._cannot_run(index, lease, str(e))
             return
         slot = self.pool.slots.get(index)
         if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
             return  # cancelled or the worker died while we fetched
+        run = proto.Run(
+            lease_id=lease.lease_id,
+            job_id=lease.job_id,
+            function_hash=lease.function_hash,
+            batch=key,
+            batch_start=lease.batch_start,
+            lo=lease.lo,
+            hi=lease.hi,
+            function_blob=function_blob,
+            batch_blob=batch_blob,
+            batch_file=batch_file,
+            max_result_bytes=self.max_result_bytes,
+        )
         trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
         conn.proc.oom_kills_at_start = oom_kills()  # a SIGKILL during this lease is blamed on memory only if it rose
         try:
-            await conn.stream.send(header, blobs)
+            await conn.stream.send(run.to_wire(), blobs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the worker died: its death reports the lease
-        if header["function_blob"] is not None:
+        if function_blob is not None:
             conn.functions[lease.function_hash] = None
             while len(conn.functions) > FUNCTIONS_KEPT:
                 conn.functions.popitem(last=False)
-        if header["batch_blob"] is not None or header["batch_file"] is not None:
+        if batch_blob is not None or batch_file is not None:
             conn.batches[key] = None
             while len(conn.batches) > WORKER_BATCHES_KEPT:
                 conn.batches.popitem(last=False)
@@ -355,9 +321,7 @@ class Supervisor:
             message=f"node {self.hostname} cannot run inputs #{lease.lo} to #{lease.hi - 1}: {reason}",
             node=self.hostname,
         )
-        result = {"lease_id": lease.lease_id, "job_id": lease.job_id, "lo": lease.lo, "n_ok": 0, "elapsed": 0.0,
-                  "error": error.to_wire()}  # fmt: skip
-        self.outbox.add_result(result, [pickle.dumps([])])
+        self.outbox.add_result(Outcome.failed(lease.lease_id, lease.job_id, lease.lo, error))
         self.counters["leases_unrunnable"] += 1
         self._after_lease(index)
 
@@ -373,45 +337,20 @@ class Supervisor:
         """Listen for workers, keep the pools and watch memory (in `nursery`)."""
         self._nursery = nursery
         self.info = info
-        self.run_dir = run_dir
         self.runtime.env_root = state_dir / "envs"
         self.envs = EnvCache(self.runtime.env_root, self.fetch, self.hostname, self.config.installer)
-        self.socket_path = str(run_dir / "agent.sock")
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(self.socket_path)
-        os.chmod(self.socket_path, 0o777)  # rootless containers connect as another uid
-        listener.listen(256)
-        nursery.start_soon(self._accept_loop, trio.SocketListener(listener))
+        await self.starter.listen(nursery, run_dir)
         nursery.start_soon(self.reconcile_loop)
-        nursery.start_soon(self._memory_loop)
-
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                assert self._nursery is not None
-                self._nursery.start_soon(self._greet, stream)
-
-    async def _greet(self, stream: trio.SocketStream) -> None:
-        frames = FrameStream(stream)
-        with trio.move_on_after(HELLO_TIMEOUT):
-            try:
-                hello = await frames.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, envelope.EnvelopeError):
-                hello = None
-            if hello is not None and hello[0].get("kind") == proto.HELLO:
-                channel = self._hello.get(hello[0].get("nonce", ""))
-                if channel is not None:
-                    await channel.send(frames)
-                    return
-        await stream.aclose()  # a stale or stray connection
+        if not self.runtime.enforces_memory:
+            nursery.start_soon(memory.watch, self.config.memory_check_interval, self._busy, self._memory_kill)
 
     async def _keep_worker(self, index: int) -> None:
         """Keep a warm worker in slot `index` until its pool is no longer wanted.
 
-        A worker that cannot start is tried again with backoff. After `_START_TRIES` failures in a
-        row, a job's pool fails (the job fails, saying why) and the slot is given up; a standby pool
-        (the node's own) is tried again every `_RESTART_PAUSE` seconds, the error logged each time.
+        A worker that cannot start is tried again with backoff (`startup.restart_delay`). After
+        `START_TRIES` failures in a row, a job's pool fails (the job fails, saying why) and the slot is
+        given up; a standby pool (the node's own) is tried again every `RESTART_PAUSE` seconds, the error
+        logged each time.
         """
         failures = 0
         while True:
@@ -421,28 +360,27 @@ class Supervisor:
             spec = self.desired.get(slot.pool) or (self.runs[slot.pool].spec if slot.pool in self.runs else None)
             if spec is None:
                 break
-            if failures >= _START_TRIES:
-                await trio.sleep(_RESTART_PAUSE)
-            elif slot.deaths:
-                await trio.sleep(min(0.05 * 2 ** min(slot.deaths, 6), 5.0))
+            delay = restart_delay(failures, slot.deaths)
+            if delay:
+                await trio.sleep(delay)
             try:
                 await self._run_worker(index, spec)
                 failures = 0
-            except PoolError as e:  # the runtime cannot start this pool's workers
+            except WorkerSetupError as e:  # the runtime cannot start this pool's workers
                 run = self.runs.get(slot.pool)
-                if run is not None and run.state != "failed":
+                if run is not None and run.state != reconcile.FAILED:
                     self._pool_failed(run, str(e))
                 self.pool.died(index)
                 break
             except Exception as e:  # a worker that cannot start must not take the agent down
                 failures += 1
-                log.error("cannot start worker %d (try %d of %d): %s: %s", index, failures, _START_TRIES,
+                log.error("cannot start worker %d (try %d of %d): %s: %s", index, failures, START_TRIES,
                           type(e).__name__, e)  # fmt: skip
                 self.pool.died(index)
                 run = self.runs.get(slot.pool)
-                if failures >= _START_TRIES and run is not None and run.spec.job_id:
-                    why = f"a worker cannot start {_START_TRIES} times in a row: {type(e).__name__}: {e}"
-                    if run.state != "failed":
+                if failures >= START_TRIES and run is not None and run.spec.job_id:
+                    why = f"a worker cannot start {START_TRIES} times in a row: {type(e).__name__}: {e}"
+                    if run.state != reconcile.FAILED:
                         self._pool_failed(run, why)
                     log.error("worker slot %d given up: %s", index, why)
                     break
@@ -451,62 +389,15 @@ class Supervisor:
         self.outbox.mark_dirty()
 
     async def _run_worker(self, index: int, spec: pools.PoolSpec) -> None:
-        progress_path = self.run_dir / f"w{index}.progress"
-        progress_path.write_bytes(proto.PROGRESS.pack(proto.IDLE))
-        os.chmod(progress_path, 0o666)
-        nonce = secrets.token_hex(8)
-        send, receive = trio.open_memory_channel[FrameStream](1)
-        self._hello[nonce] = send
-        slot = self.pool.slots[index]
-        paths = [self.runtime.worker_path(p) for p in self.env_paths.get(slot.env, [])]
-        env = {
-            proto.SOCKET_ENV: self.socket_path,
-            proto.PROGRESS_ENV: str(progress_path),
-            proto.LOG_FLUSH_ENV: str(self.config.log_flush_interval),
-            proto.PATHS_ENV: os.pathsep.join(p for p in paths if p),
-            "BURLA_WORKER_SLOT": str(index),
-            "BURLA_WORKER_NONCE": nonce,
-        }
+        paths = self.env_paths.get(self.pool.slots[index].env, [])
+        proc: WorkerProcess | None = None
         try:
-            proc = await self.runtime.start_worker(index, env, spec)
-        except BaseException:
-            del self._hello[nonce]
-            raise
-        code: int | None = None
-        frames: FrameStream | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                for stream, which in ((proc.stdout, m.STDOUT), (proc.stderr, m.STDERR)):
-                    if stream is not None:
-                        nursery.start_soon(self._pump_output, index, stream, which)
-                with trio.move_on_after(HELLO_TIMEOUT) as hello_scope:
-                    async with trio.open_nursery() as race:
-
-                        async def exited() -> None:
-                            nonlocal code
-                            code = await proc.wait()
-                            race.cancel_scope.cancel()
-
-                        async def greeted() -> None:
-                            nonlocal frames
-                            frames = await receive.receive()
-                            race.cancel_scope.cancel()
-
-                        race.start_soon(exited)
-                        race.start_soon(greeted)
-                if frames is None:
-                    if hello_scope.cancelled_caught:
-                        log.error("worker %d did not connect within %.0fs", index, HELLO_TIMEOUT)
-                    proc.kill()
-                    code = await proc.wait() if code is None else code
-                    log.error(
-                        "worker %d (%s) %s before it was ready", index, spec.image or "process", describe_exit(code)
-                    )
-                    nursery.cancel_scope.cancel()
+            async with self.starter.running(index, spec, paths, self._forward_raw) as started:
+                proc = started.proc
+                if started.frames is None:
                     self.pool.died(index)
                     return
-                trace("agent", f"worker {index} ready")
-                conn = WorkerConn(index, proc, frames, nonce)
+                conn = WorkerConn(index, proc, started.frames, started.nonce)
                 self.conns[index] = conn
                 self._start(self.pool.worker_ready(index))
                 if self.pool.slots[index].retired:
@@ -514,24 +405,10 @@ class Supervisor:
                 self.outbox.mark_dirty()
                 self.counters["workers_started"] += 1
                 await self._serve_worker(conn)
-                with trio.move_on_after(5):
-                    code = await proc.wait()
-                if code is None:
-                    proc.kill()
-                    code = await proc.wait()
-                # let the output pumps drain, unless a child of the worker holds its stdout open
-                nursery.cancel_scope.deadline = trio.current_time() + 0.5
         finally:
-            del self._hello[nonce]
-            proc.kill()
-            if self.conns.get(index) is not None and self.conns[index].proc is proc:
+            if proc is not None and self.conns.get(index) is not None and self.conns[index].proc is proc:
                 del self.conns[index]
-            with trio.CancelScope(shield=True):
-                if frames is not None:
-                    await frames.aclose()
-                with trio.move_on_after(5):
-                    await proc.wait()  # reap it, even when the agent itself is stopping
-        self._worker_died(index, code, progress_path, proc, spec)
+        self._worker_died(index, started, spec)
 
     async def _serve_worker(self, conn: WorkerConn) -> None:
         while True:
@@ -544,94 +421,62 @@ class Supervisor:
             header, blobs = message
             kind = header.get("kind")
             if kind == proto.LOGS:
-                chunk = {"job_id": header["job_id"], "lines": header["lines"], "nbytes": header["nbytes"]}
-                await self.outbox.add_logs(chunk, blobs[0])
+                try:
+                    logs = proto.Logs.from_wire(header)
+                except wire.WireError as e:
+                    log.warning("worker %d sent printed lines that cannot be read: dropped: %s", conn.slot, e)
+                    continue
+                if blobs:
+                    await self.outbox.add_logs(Lines(logs.job_id, logs.lines, logs.nbytes, blobs[0]))
             elif kind == proto.DONE:
-                trace("agent", f"done w{conn.slot} lease={header['lease_id']}")
-                slot = self.pool.slots[conn.slot]
-                lease = slot.lease
-                if lease is None or lease.lease_id != header["lease_id"] or slot.state != SlotState.BUSY:
-                    continue  # a cancelled lease finishing: the daemon has dropped it
-                result = {
-                    "lease_id": lease.lease_id,
-                    "job_id": lease.job_id,
-                    "lo": header["lo"],
-                    "n_ok": header["n_ok"],
-                    "elapsed": header["elapsed"],
-                    "error": header.get("error"),
-                }
-                self.outbox.add_result(result, list(blobs))
-                self.counters["leases_done"] += 1
-                self._after_lease(conn.slot)
+                self._lease_done(conn, header, blobs)
 
-    def _worker_died(
-        self, index: int, code: int | None, progress_path: Path, proc: WorkerProcess, spec: pools.PoolSpec
-    ) -> None:
-        lease, memory = self.pool.died(index)
+    def _lease_done(self, conn: WorkerConn, header: dict[str, Any], blobs: list[memoryview]) -> None:
+        slot = self.pool.slots[conn.slot]
+        lease = slot.lease
+        trace("agent", f"done w{conn.slot} lease={header.get('lease_id')}")
+        if lease is None or lease.lease_id != header.get("lease_id") or slot.state != SlotState.BUSY:
+            return  # a cancelled lease finishing: the daemon has dropped it
+        try:
+            done = proto.Done.from_wire(header)
+            results = blobs[proto.Done.RESULTS_BLOB]
+        except (wire.WireError, IndexError) as e:  # the lease fails saying so, rather than the whole report
+            error = m.CallError(lease.lo, m.SYSTEM, m.ErrorType.CALL,
+                                f"node {self.hostname}: the worker's answer cannot be read: {e}"[:4096],
+                                node=self.hostname)  # fmt: skip
+            self.outbox.add_result(Outcome.failed(lease.lease_id, lease.job_id, lease.lo, error))
+        else:
+            exc_blob = done.error.exc_blob if done.error is not None else None
+            exception = blobs[exc_blob] if exc_blob is not None and exc_blob < len(blobs) else None
+            self.outbox.add_result(
+                Outcome(lease.lease_id, lease.job_id, done.lo, done.n_ok, done.elapsed, done.error, results, exception)
+            )
+        self.counters["leases_done"] += 1
+        self._after_lease(conn.slot)
+
+    def _worker_died(self, index: int, started: Started, spec: pools.PoolSpec) -> None:
+        lease, memory_kill = self.pool.died(index)
         self.outbox.mark_dirty()
         if lease is None:
             return
         self.counters["worker_deaths"] += 1
-        try:
-            (at,) = proto.PROGRESS.unpack(progress_path.read_bytes()[: proto.PROGRESS.size])
-        except (OSError, ValueError):
-            at = proto.IDLE
-        if not lease.lo <= at < lease.hi:
-            at = lease.lo
-        where = f"on node {self.hostname}" + (f", in a container of image {spec.image}" if spec.image else "")
-        oom = getattr(proc, "oom_killed", False)
-        if memory is not None or oom:
-            rss, limit = memory if memory is not None else (0, lease.func_ram_bytes)
-            used = f"used {rss / 1e9:.2f} GB of memory, over" if rss else "went over"
-            error = m.CallError(
-                index=at,
-                kind=m.MEMORY,
-                type_name=m.ErrorType.MEMORY_LIMIT,
-                message=(
-                    f"input #{at} {used} its func_ram of {limit / 1e9:g} GB {where}, and was killed. "
-                    "Pass a larger func_ram= (up to a node's RAM), or use less memory per call."
-                ),
-                node=self.hostname,
-            )
-        else:
-            how = proc.describe_exit(code) if code is not None else "stopped answering"
-            error = m.CallError(
-                index=at,
-                kind=m.WORKER_DIED,
-                type_name=m.ErrorType.WORKER_DIED,
-                message=f"the worker running input #{at} {how} {where}.",
-                node=self.hostname,
-            )
-        result = {
-            "lease_id": lease.lease_id,
-            "job_id": lease.job_id,
-            "lo": lease.lo,
-            "n_ok": 0,
-            "elapsed": 0.0,
-            "error": error.to_wire(),
-        }
-        self.outbox.add_result(result, [pickle.dumps([])])
-
-    async def _pump_output(self, index: int, stream: trio.abc.ReceiveStream, which: int) -> None:
-        """Forward what a worker writes to its raw stdout/stderr before its shim captures them."""
-        partial = b""
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if not data:
-                    if partial:
-                        await self._forward_raw(index, which, partial)
-                    return
-                data = partial + data
-                cut = data.rfind(b"\n") + 1
-                partial = data[cut:]
-                if cut:
-                    await self._forward_raw(index, which, data[:cut])
+        proc = started.proc
+        death = Death(
+            lo=lease.lo,
+            hi=lease.hi,
+            func_ram_bytes=lease.func_ram_bytes,
+            node=self.hostname,
+            image=spec.image,
+            progress=read_progress(started.progress_path),
+            code=started.code,
+            memory_kill=memory_kill,
+            container_oom=proc.oom_killed,
+            kernel_oom=kernel_oom_since(proc.oom_kills_at_start),
+        )
+        self.outbox.add_result(Outcome.failed(lease.lease_id, lease.job_id, lease.lo, death.error()))
 
     async def _forward_raw(self, index: int, which: int, data: bytes) -> None:
+        """What a worker printed before its shim captured its output: the lease's lines, or the agent's stderr."""
         text = data.decode("utf-8", "replace")
         slot = self.pool.slots.get(index)
         lease = slot.lease if slot is not None else None
@@ -639,32 +484,31 @@ class Supervisor:
             print(f"[worker {index}] {text}", end="", file=sys.stderr)
             return
         blob = pickle.dumps([(-1, which, text)])
-        await self.outbox.add_logs({"job_id": lease.job_id, "lines": text.count("\n"), "nbytes": len(text)}, blob)
+        await self.outbox.add_logs(Lines(lease.job_id, text.count("\n"), len(text), blob))
 
-    async def _memory_loop(self) -> None:
-        """Kill calls that go over their func_ram, where the kernel does not do it for us."""
-        if self.runtime.enforces_memory:
+    # ---- memory ------------------------------------------------------------------------------
+
+    def _busy(self) -> list[memory.Busy]:
+        busy = []
+        for slot in self.pool.busy():
+            conn = self.conns.get(slot.index)
+            if conn is None or conn.proc.pid is None or slot.lease is None:
+                continue
+            busy.append(memory.Busy(slot.index, conn.proc.pid, slot.lease.func_ram_bytes))
+        return busy
+
+    def _memory_kill(self, worker: memory.Busy, rss: int) -> None:
+        conn = self.conns.get(worker.slot)
+        if conn is None:
             return
-        while True:
-            await trio.sleep(self.config.memory_check_interval)
-            for slot in self.pool.busy():
-                conn = self.conns.get(slot.index)
-                if conn is None or conn.proc.pid is None or slot.lease is None:
-                    continue
-                rss = host.rss_bytes(conn.proc.pid)
-                if rss > slot.lease.func_ram_bytes:
-                    log.warning("worker %d: %d bytes > func_ram %d: killed", slot.index, rss, slot.lease.func_ram_bytes)
-                    self.pool.kill_for_memory(slot.index, rss, slot.lease.func_ram_bytes)
-                    conn.proc.kill()
-                    self.counters["memory_kills"] += 1
+        log.warning("worker %d: %d bytes > func_ram %d: killed", worker.slot, rss, worker.limit)
+        self.pool.kill_for_memory(worker.slot, rss, worker.limit)
+        conn.proc.kill()
+        self.counters["memory_kills"] += 1
 
     def statistics(self) -> dict[str, Any]:
         envs = self.envs.statistics() if self.envs is not None else {}
         return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters}
-
-
-def _phase(spec: pools.PoolSpec) -> str:
-    return f"preparing image {spec.image}" if spec.image else ""
 
 
 def _short_id(conn: WorkerConn) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import copyreg
 import ctypes
+import dataclasses
 import io
 import linecache
 import mmap
@@ -32,8 +33,10 @@ from typing import Any
 
 import cloudpickle
 
+from burla.schemas import envelope
 from burla.schemas import messages as m
 from burla.schemas import worker as proto
+from burla.schemas.wire import Wire
 
 _LOG_BATCH_BYTES = 256 * 1024  # send printed lines once this much is buffered
 _BATCHES_KEPT = 4  # unpickled input batches cached per worker
@@ -47,9 +50,9 @@ class Channel:
         self.sock = sock
         self.lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], blobs: list[bytes] = ()) -> None:  # type: ignore[assignment]
+    def send(self, message: Wire, blobs: list[envelope.Blob] = ()) -> None:  # type: ignore[assignment]
         with self.lock:
-            proto.send(self.sock, header, blobs)
+            proto.send(self.sock, message, blobs)
 
 
 class Output:
@@ -106,7 +109,7 @@ class Output:
             self.entries, self.nbytes = [], 0
             lines = sum(text.count("\n") or 1 for _, _, text in entries)
             blob = pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
-            self.channel.send({"kind": proto.LOGS, "job_id": self.job_id, "lines": lines, "nbytes": nbytes}, [blob])
+            self.channel.send(proto.Logs(job_id=self.job_id, lines=lines, nbytes=nbytes), [blob])
 
     def run_flusher(self, interval: float) -> None:
         while True:
@@ -210,8 +213,11 @@ class Progress:
         self._cell.value = index
 
 
-def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[dict[str, Any], bytes]:
-    """A CallError for `e` (without the shim's own frames), and its exception tree (`m.EXCEPTION_TREE`)."""
+def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[m.CallError, bytes]:
+    """A CallError for `e` (without the shim's own frames), and its exception tree (`m.EXCEPTION_TREE`).
+
+    The error's `exc_blob` is left for whoever puts the tree into a frame to set.
+    """
     tb = e.__traceback__
     for _ in range(skip_frames):
         if tb is not None:
@@ -226,9 +232,8 @@ def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[
         traceback=_bounded(text, m.MAX_ERROR_TRACEBACK),
         frames=tuple(root_frames),
         node=socket.gethostname(),
-        exc_blob=1,
     )
-    return error.to_wire(), pickle.dumps(exception_tree(e, root_frames), protocol=pickle.HIGHEST_PROTOCOL)
+    return error, pickle.dumps(exception_tree(e, root_frames), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def exception_tree(e: BaseException, root_frames: list[list[Any]]) -> dict[str, Any]:
@@ -329,10 +334,15 @@ def _bounded(text: str, limit: int) -> str:
     return text[:half] + cut + text[-half:]
 
 
-def system_error(index: int, type_name: str, message: str) -> dict[str, Any]:
+def system_error(index: int, type_name: str, message: str, traceback: str = "") -> m.CallError:
     return m.CallError(
-        index, m.SYSTEM, type_name, _bounded(message, m.MAX_ERROR_MESSAGE), node=socket.gethostname()
-    ).to_wire()
+        index,
+        m.SYSTEM,
+        type_name,
+        _bounded(message, m.MAX_ERROR_MESSAGE),
+        traceback=traceback,
+        node=socket.gethostname(),
+    )
 
 
 def _safe_str(e: BaseException) -> str:
@@ -357,44 +367,43 @@ class Worker:
                 return
             header, blobs = message
             if header["kind"] == proto.RUN:
-                self.run(header, blobs)
+                self.run(proto.Run.from_wire(header), blobs)
 
-    def _load(self, header: dict[str, Any], blobs: list[memoryview]) -> tuple[Callable[[Any], Any], list[Any]]:
-        fn_hash = header["function_hash"]
-        if header.get("function_blob") is not None:
-            self.functions[fn_hash] = cloudpickle.loads(blobs[header["function_blob"]])
+    def _load(self, run: proto.Run, blobs: list[memoryview]) -> tuple[Callable[[Any], Any], list[Any]]:
+        fn_hash = run.function_hash
+        if run.function_blob is not None:
+            self.functions[fn_hash] = cloudpickle.loads(blobs[run.function_blob])
             while len(self.functions) > _FUNCTIONS_KEPT:
                 del self.functions[next(iter(self.functions))]
-        key = (header["batch"][0], header["batch"][1])
-        if header.get("batch_file"):
-            self.batches[key] = _load_file(header["batch_file"])
-        elif header.get("batch_blob") is not None:
-            self.batches[key] = pickle.loads(blobs[header["batch_blob"]])
-        if header.get("batch_file") or header.get("batch_blob") is not None:
+        key = (run.batch[0], run.batch[1])
+        if run.batch_file:
+            self.batches[key] = _load_file(run.batch_file)
+        elif run.batch_blob is not None:
+            self.batches[key] = pickle.loads(blobs[run.batch_blob])
+        if run.batch_file or run.batch_blob is not None:
             while len(self.batches) > _BATCHES_KEPT:
                 del self.batches[next(iter(self.batches))]
         return self.functions[fn_hash], self.batches[key]
 
-    def run(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
-        lo, hi, base = header["lo"], header["hi"], header["batch_start"]
-        done: dict[str, Any] = {"kind": proto.DONE, "lease_id": header["lease_id"], "lo": lo, "n_ok": 0, "elapsed": 0.0}
+    def run(self, run: proto.Run, blobs: list[memoryview]) -> None:
+        lo, hi, base = run.lo, run.hi, run.batch_start
         try:
-            fn, items = self._load(header, blobs)
+            fn, items = self._load(run, blobs)
         except Exception as e:
-            done["error"] = system_error(
+            unloadable = system_error(
                 lo,
                 m.ErrorType.UNPICKLING,
                 f"the worker could not load the function or its inputs: {type(e).__name__}: {_safe_str(e)}. "
                 "Everything the function uses must be importable on the cluster.",
+                traceback=traceback.format_exc(),
             )
-            done["error"]["traceback"] = traceback.format_exc()
-            self.channel.send(done, [pickle.dumps([])])
+            self.channel.send(proto.Done(lease_id=run.lease_id, lo=lo, error=unloadable), [pickle.dumps([])])
             return
         output, progress = self.output, self.progress
-        output.job_id = header["job_id"]
+        output.job_id = run.job_id
         results: list[Any] = []
         append = results.append
-        error: dict[str, Any] | None = None
+        error: m.CallError | None = None
         exc_blob: bytes | None = None
         i = lo
         started = time.perf_counter()
@@ -409,13 +418,18 @@ class Worker:
         progress.set(proto.IDLE)
         output.end_lease()  # still tagged with the last input called: its output may still be in the pipes
         output.index = -1
-        payload, results_error = _pickle_results(results, lo, header.get("max_result_bytes") or 0)
+        payload, results_error = _pickle_results(results, lo, run.max_result_bytes)
         if results_error is not None:
             error, exc_blob = results_error, None
-            results = results[: results_error["index"] - lo]
+            results = results[: results_error.index - lo]
             payload = pickle.dumps(results)
-        done.update(n_ok=len(results), elapsed=elapsed, error=error)
-        self.channel.send(done, [payload] + ([exc_blob] if exc_blob is not None else []))
+        frame = envelope.Blobs()
+        frame.add(payload)  # proto.Done.RESULTS_BLOB
+        if error is not None and exc_blob is not None:
+            error = dataclasses.replace(error, exc_blob=frame.add(exc_blob))
+        self.channel.send(
+            proto.Done(lease_id=run.lease_id, lo=lo, n_ok=len(results), elapsed=elapsed, error=error), frame
+        )
 
 
 def _load_file(path: str) -> Any:
@@ -432,7 +446,7 @@ def _load_file(path: str) -> Any:
                 view.release()
 
 
-def _pickle_results(results: list[Any], lo: int, max_bytes: int = 0) -> tuple[bytes, dict[str, Any] | None]:
+def _pickle_results(results: list[Any], lo: int, max_bytes: int = 0) -> tuple[bytes, m.CallError | None]:
     try:
         payload = cloudpickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
@@ -483,14 +497,13 @@ def main() -> None:
     interval = float(os.environ.get(proto.LOG_FLUSH_ENV, "0.1"))
     threading.Thread(target=output.run_flusher, args=(interval,), daemon=True, name="burla-log-flusher").start()
     channel.send(
-        {
-            "kind": proto.HELLO,
-            "slot": os.environ.get("BURLA_WORKER_SLOT", ""),
-            "nonce": os.environ.get("BURLA_WORKER_NONCE", ""),
-            "pid": os.getpid(),
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-            "executable": sys.executable,
-        }
+        proto.Hello(
+            slot=os.environ.get(proto.SLOT_ENV, ""),
+            nonce=os.environ.get(proto.NONCE_ENV, ""),
+            pid=os.getpid(),
+            python=f"{sys.version_info.major}.{sys.version_info.minor}",
+            executable=sys.executable,
+        )
     )
     try:
         Worker(channel, output, progress).serve()

@@ -31,6 +31,18 @@ class EnvelopeError(ValueError):
     """Raised when bytes are not a well-formed envelope."""
 
 
+Blob = bytes | bytearray | memoryview
+
+
+class Blobs(list[Blob]):
+    """The blobs of one envelope, in order. `add` returns each one's index, for the header field that names it:
+    the one place indices are assigned, so none is ever computed by hand."""
+
+    def add(self, blob: Blob) -> int:
+        self.append(blob)
+        return len(self) - 1
+
+
 def pack(header: dict[str, Any], blobs: Sequence[bytes | bytearray | memoryview] = ()) -> bytes:
     """Return `header` and `blobs` as one envelope."""
     return b"".join(parts(header, blobs))

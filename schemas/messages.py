@@ -114,7 +114,7 @@ MAX_ERROR_MESSAGE = 1024 * 1024  # characters of a CallError's message (workers 
 MAX_ERROR_TRACEBACK = 4 * 1024 * 1024
 MAX_BYTES = 2**53
 PYTHON_VERSION = r"(?:\d{1,2}\.\d{1,3})?"  # "3.11", or "" where unknown
-PAYLOAD_REF = r"(?:[0-9A-Za-z_-]{1,64}/[0-9A-Za-z_.-]{1,80})?"  # <job id>/<file>, see schemas.local
+PAYLOAD_REF = r"(?:[0-9A-Za-z_-]{1,64}/[0-9A-Za-z_.-]{1,80})?"  # <job id>/<file>, see common.local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Registered(Wire):
     boot_id: str = field(max_len=64)
     poll_timeout: float = field(lo=0, hi=3600)
     agent_timeout: float = field(lo=0, hi=86400)
-    payload_host: str = ""  # where the daemon's payload files are (schemas.local)
+    payload_host: str = ""  # where the daemon's payload files are (common.local)
     payload_dir: str = ""
     agent_token: str = field("", max_len=256)  # this agent's own token: its agent routes take no other
     max_result_bytes: int = field(0, lo=0, hi=MAX_BYTES)  # per call's pickled result; 0: no limit

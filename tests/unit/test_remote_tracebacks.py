@@ -97,7 +97,7 @@ def run_remotely(fn: Callable[[Any], Any], arg: Any) -> BaseException:
         loaded(arg)
     except BaseException as e:
         error, blob = describe_exception(e, index=3, skip_frames=1)
-        return rebuild(error, blob)
+        return rebuild(error.to_wire(), blob)
     raise AssertionError("the function did not raise")
 
 
@@ -212,7 +212,7 @@ def test_a_cause_whose_class_cannot_be_rebuilt_becomes_a_remote_error_in_the_cha
 
     tree = pickle.loads(blob)
     tree["nodes"][1]["exc"] = b"not a pickle"
-    remote = rebuild(error, pickle.dumps(tree))
+    remote = rebuild(error.to_wire(), pickle.dumps(tree))
     assert type(remote) is RuntimeError
     assert type(remote.__cause__) is errors.RemoteError
     assert "builtins.KeyError" in str(remote.__cause__)
@@ -223,7 +223,7 @@ def test_a_cycle_of_contexts_ends() -> None:
     a, b = ValueError("a"), ValueError("b")
     a.__context__, b.__context__ = b, a
     error, blob = describe_exception(a, index=0, skip_frames=0)
-    remote = rebuild(error, blob)
+    remote = rebuild(error.to_wire(), blob)
     assert str(remote) == "a" and str(remote.__context__) == "b"
     assert remote.__context__.__context__ is remote
     "".join(traceback.format_exception(remote))  # Python's printer stops at the cycle
@@ -236,7 +236,7 @@ def test_a_long_chain_is_cut_not_lost() -> None:
         nxt.__context__ = e
         e = nxt
     error, blob = describe_exception(e, index=0, skip_frames=0)
-    remote = rebuild(error, blob)
+    remote = rebuild(error.to_wire(), blob)
     depth = 0
     while remote.__context__ is not None:
         remote, depth = remote.__context__, depth + 1

@@ -16,7 +16,7 @@ allow; `BURLA_NODE_HOME` for /var/lib/burla. The tests' fake Compute Engine sets
 from __future__ import annotations
 
 SCRIPT = r"""#!/bin/bash
-# Burla node startup script (burlad writes it; see daemon/startup.py).
+# Burla node startup script (burlad writes it; see daemon/boot_script.py).
 set -uo pipefail
 home="${BURLA_NODE_HOME:-/var/lib/burla}"
 mkdir -p "$home" && chmod 700 "$home"
