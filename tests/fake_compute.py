@@ -1246,7 +1246,6 @@ class FakeCompute:
             "zone": zone,
             "selfLink": self._link("zones", zone, "machineTypes", name),
             "isSharedCpu": bool(spec.get("isSharedCpu", False)),
-            "architecture": "X86_64",
         }
         if spec.get("gpu"):
             out["accelerators"] = [{"guestAcceleratorType": spec["gpu"][0], "guestAcceleratorCount": spec["gpu"][1]}]

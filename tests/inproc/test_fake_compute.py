@@ -287,7 +287,8 @@ def test_permission_denied_is_forbidden(gce: FakeCompute, clients: Clients) -> N
         clients.insert()
     assert info.value.code == 403
     assert info.value.errors[0]["reason"] == "forbidden"
-    assert info.value.reason == "IAM_PERMISSION_DENIED"
+    # Google's ErrorInfo detail: read it from .details; .reason raises AttributeError on older google-api-core (2.33)
+    assert info.value.details[0]["reason"] == "IAM_PERMISSION_DENIED"
     assert list(clients.instances.list(project=P, zone=A)) == []
     gce.deny(None)
     with pytest.raises(exceptions.Forbidden):
