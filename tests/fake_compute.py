@@ -70,11 +70,19 @@ given as a bare name (400: Google wants ``zones/Z/machineTypes/T``), label and n
 sizes (256 KiB a value, 512 KiB in all) are refused as Google does, so a provider bug shows up here first.
 
 With ``netns=True`` (root and ``ip`` needed, else ``NetnsUnavailable``) each instance gets its own network
-namespace with one address on a bridge that the fake makes (``host_ip``, e.g. 10.231.0.1/24, is the
-host's side; instance N is 10.231.0.N+1). The namespace has no default route: an instance reaches only its
+namespace with one address on a bridge that the fake makes: ``host_ip`` (10.231.X.1/24, X the first /24 of
+10.231.0.0/16 that no other fake on this host holds: 0 when it is alone) is the host's side, the N-th
+instance is 10.231.X.N+1. The namespace has no default route: an instance reaches only its
 bridge, so no 127.0.0.1 shortcut to the daemon applies. Its metadata server listens on ``host_ip``. Names
 carry a random suffix; namespaces and links are removed on delete and at ``close()``, and a later fake
 removes those of a test process that died without closing.
+
+The test's side (all thread-safe; the fake serves from its own threads, so tests may be sync or trio):
+``endpoint``, ``host_ip``, ``client_kwargs()``, ``instances()`` / ``instance(name)`` (snapshots: status, zone,
+labels, metadata, ip, dir, pid, exit_code, the resource as served), ``log(name)``, ``serial_output(name)``,
+``requests`` / ``calls(api)`` (what the library sent), ``wait_for(predicate, timeout)``, the faults above,
+``reset_faults()``, and ``close()`` (also run at interpreter exit, so no process outlives a forgetful test).
+``wait_for`` sleeps: from a trio test call it as ``await trio.to_thread.run_sync(gce.wait_for, predicate)``.
 
 Not implemented: instances stop/start/reset/setMetadata/setLabels, bulkInsert, regionOperations and
 globalOperations, images and disks APIs (disks in the insert are echoed back, not made), IAM, the metadata
@@ -83,6 +91,7 @@ server's ``wait_for_change`` and service-account tokens, ``orderBy``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import fcntl
@@ -433,6 +442,7 @@ class FakeCompute:
         self.host_ip = self._net.host_ip if self._net else "127.0.0.1"
         """The address at which instances reach this host (the daemon should listen there)."""
         self._server = _Server(("127.0.0.1", 0), self._handle_api)
+        atexit.register(self.close)
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         """The ``api_endpoint`` for ``ClientOptions``."""
 
@@ -595,6 +605,7 @@ class FakeCompute:
             if self._closed:
                 return
             self._closed = True
+            atexit.unregister(self.close)
             insts = list(self._instances.values())
             for inst in insts:
                 inst.stopped.set()

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -443,3 +444,27 @@ def test_netns_without_root_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetnsUnavailable, match="needs root"):
         FakeCompute(netns=True)
+
+
+CRASHING = """
+import json, os, signal, urllib.request
+from tests.fake_compute import FakeCompute
+gce = FakeCompute(project="p", zones=["us-central1-a"], netns=True, boot_delay=0)
+body = {"name": "n1", "machineType": "zones/us-central1-a/machineTypes/e2-standard-2", "disks": [{"boot": True}],
+        "metadata": {"items": [{"key": "startup-script", "value": "sleep 600"}]}}
+url = f"{gce.endpoint}/compute/v1/projects/p/zones/us-central1-a/instances"
+urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode())).read()
+print(gce._net.suffix, gce.wait_for(lambda: gce.instance("n1").pid), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and `ip`")
+def test_netns_leftovers_of_a_killed_test_process_are_removed_by_the_next_fake() -> None:
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", CRASHING], cwd=root, capture_output=True, text=True, timeout=60)
+    suffix, pid = run.stdout.split()
+    assert f"brl-{suffix}-" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    with FakeCompute(netns=True):
+        assert f"brl-{suffix}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not alive(int(pid))
