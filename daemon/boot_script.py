@@ -19,7 +19,7 @@ SCRIPT = r"""#!/bin/bash
 # Burla node startup script (burlad writes it; see daemon/boot_script.py).
 set -uo pipefail
 home="${BURLA_NODE_HOME:-/var/lib/burla}"
-mkdir -p "$home" && chmod 700 "$home"
+mkdir -p "$home" && chmod 700 "$home" && home="$(cd "$home" && pwd)" || exit 1
 log="$home/boot.log"
 exec > >(tee -a "$log") 2>&1
 meta="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1/instance/attributes"

@@ -86,6 +86,7 @@ class GceProvider:
         self._zones = list(zones)
         self._where: dict[str, str] = {}  # instance -> zone
         self._machines: dict[str, tuple[int, int]] = {}
+        self._offers: dict[tuple[str, str], bool] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_THREADS)
@@ -101,29 +102,33 @@ class GceProvider:
                 raise ProviderError(f"the project {self.project} has no zone in region {self.region} that is UP")
         return self._zones
 
-    async def machine(self, group: NodeGroupConfig) -> tuple[int, int]:
-        if group.machine_type not in self._machines:
+    async def _offered(self, zone: str, group: NodeGroupConfig) -> bool:
+        """Whether `zone` offers the group's machine type (cached); its size is kept on the way."""
+        key = (zone, group.machine_type)
+        if key not in self._offers:
             from google.api_core import exceptions
 
-            tried = []
-            for zone in await self.zones():
-                tried.append(zone)
-                try:
-                    mt = await self._call(
-                        self.machine_types.get, project=self.project, zone=zone, machine_type=group.machine_type
-                    )
-                except exceptions.NotFound:
-                    continue
-                except exceptions.GoogleAPICallError as e:
-                    raise _refused(group, tried, e) from None
-                self._machines[group.machine_type] = (int(mt.guest_cpus), int(mt.memory_mb) * 1024 * 1024)
-                break
-            else:
-                raise ProviderError(
-                    f"machine type {group.machine_type} exists in none of the zones tried ({', '.join(tried)})",
-                    "MACHINE_TYPE_NOT_FOUND",
-                    tuple(tried),
+            try:
+                mt = await self._call(
+                    self.machine_types.get, project=self.project, zone=zone, machine_type=group.machine_type
                 )
+            except exceptions.NotFound:
+                self._offers[key] = False
+            except exceptions.GoogleAPICallError as e:
+                raise _refused(group, [zone], e) from None
+            else:
+                self._offers[key] = True
+                self._machines[group.machine_type] = (int(mt.guest_cpus), int(mt.memory_mb) * 1024 * 1024)
+        return self._offers[key]
+
+    async def machine(self, group: NodeGroupConfig) -> tuple[int, int]:
+        if group.machine_type not in self._machines:
+            zones = await self.zones()
+            for zone in zones:
+                if await self._offered(zone, group):
+                    break
+            else:
+                raise _not_offered(group, zones)
         return self._machines[group.machine_type]
 
     def _instance(self, name: str, zone: str, group_index: int, group: NodeGroupConfig, boot: Boot) -> Any:
@@ -177,7 +182,10 @@ class GceProvider:
 
         tried: list[str] = []
         skipped: list[str] = []
-        for zone in await self.zones():
+        zones = await self.zones()
+        for zone in zones:
+            if not await self._offered(zone, group):
+                continue
             tried.append(zone)
             body = self._instance(name, zone, group_index, group, boot)
             try:
@@ -205,6 +213,8 @@ class GceProvider:
                 )
             self._where[name] = zone
             return Instance(name, group_index, zone, status="PROVISIONING")
+        if not tried:
+            raise _not_offered(group, zones)
         raise ProviderError(
             f"no zone could start a {group.machine_type} node: " + "; ".join(skipped),
             "ZONE_RESOURCE_POOL_EXHAUSTED",
@@ -266,12 +276,23 @@ class GceProvider:
 
 
 def _reason(error: Any) -> str:
-    """Google's reason code of a refused request ("QUOTA_EXCEEDED", "forbidden", ...)."""
-    for detail in getattr(error, "errors", None) or []:
+    """Google's reason code of a refused request ("QUOTA_EXCEEDED", "forbidden", ...).
+
+    From `errors` and `details`, never `error.reason`: google-api-core 2.33 raises AttributeError
+    there when the error carries Google's ErrorInfo detail.
+    """
+    for detail in [*(getattr(error, "errors", None) or []), *(getattr(error, "details", None) or [])]:
         if isinstance(detail, dict) and detail.get("reason"):
             return str(detail["reason"])
-    reason = getattr(error, "reason", None)
-    return str(reason) if reason else ""
+    return ""
+
+
+def _not_offered(group: NodeGroupConfig, zones: Sequence[str]) -> ProviderError:
+    return ProviderError(
+        f"machine type {group.machine_type} exists in none of the zones tried ({', '.join(zones)})",
+        "MACHINE_TYPE_NOT_FOUND",
+        tuple(zones),
+    )
 
 
 def _refused(group: NodeGroupConfig, zones: Sequence[str], error: Any) -> ProviderError:
