@@ -11,26 +11,24 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from typing import Any
 
 import trio
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from burla.common.trace import trace
 from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
 from .errors import ApiError, BadRequest, Unauthorized
+from .event_hub import EventHub
+from .ids import valid_digest, valid_id
 from .service import ControlPlane
 from .store import hash_token
 
 log = logging.getLogger("burla.daemon")
 
-STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
-JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
 PUBLIC = "public"  # anyone
 ADMIN = "admin"  # the admin token (the clients' API key)
 NODE = "node"  # the shared node token (or the admin's): agents register with it
@@ -65,8 +63,6 @@ ROUTE_ROLES: dict[str, str] = {
 _DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read before answering
 
 
-_ID = re.compile(wire.ID)
-_SHA256 = re.compile(wire.SHA256)
 _CHUNK_BYTES = 1024**2  # of a streamed payload
 _REASON_CHARS = 4096  # of a cancel's reason
 _MAX_DIGESTS = 100_000  # in one POST /v1/blobs/missing
@@ -78,19 +74,6 @@ def bearer(headers: Any) -> str:
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     return str(token)
-
-
-def valid_id(value: Any, what: str) -> str:
-    """An id that names files and rows: only `wire.ID`'s alphabet, so it can never be a path."""
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise BadRequest(f"{what}: expected an id of 1 to 64 letters, digits, '-' or '_', got {str(value)[:80]!r}")
-    return value
-
-
-def valid_digest(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise BadRequest(f"{what}: expected a sha256 digest (64 lowercase hex digits), got {str(value)[:80]!r}")
-    return value
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -257,8 +240,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 "max_function_bytes": config.max_function_bytes,
                 "max_input_bytes": config.max_input_bytes,
                 "max_build_context_bytes": config.max_build_context_bytes,
-                "python_versions": sorted({n.info.python_version for n in plane.scheduler.nodes.values()}),
-                "nodes": len(plane.scheduler.nodes),
+                "python_versions": plane.python_versions(),
+                "nodes": plane.node_count(),
                 "payloads": plane.payload_info(),
             }
         )
@@ -342,7 +325,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/standby")
     async def get_standby() -> Response:
-        return _json({"images": [i.to_wire() for i in plane.scheduler.standby], "version": plane.standby_version})
+        return _json({"images": [i.to_wire() for i in plane.standby()], "version": plane.standby_version})
 
     @app.put("/v1/standby")
     async def set_standby() -> Response:
@@ -360,81 +343,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         return _json({"images": [i.to_wire() for i in spec], "version": plane.standby_version})
 
     @app.websocket("/v1/events")
-    async def events() -> Any:
-        """One websocket per client, carrying the events of every job it follows.
-
-        The client sends {"op": "subscribe", "job": ID, "after": SEQ} and, once
-        it has a job's final event, {"op": "ack", "job": ID}. The daemon sends
-        envelopes {"job_id": ID, "events": [Event...], "status": JobStatus?}
-        with the events' payloads as blobs, or {"job_id": ID, "error": {...}}.
-        """
-        await websocket.accept()
-        send_lock = trio.Lock()
-        follows: dict[str, trio.CancelScope] = {}
-
-        async def send(header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
-            data = envelope.pack(header, blobs or [])
-            async with send_lock:  # one frame at a time on the socket
-                await websocket.send(data)
-
-        async def follow(job_id: str, after: int, scope: trio.CancelScope) -> None:
-            plane.follow_started(job_id)
-            try:
-                await follow_events(job_id, after, scope)
-            finally:
-                plane.follow_ended(job_id)
-
-        async def follow_events(job_id: str, after: int, scope: trio.CancelScope) -> None:
-            with scope:
-                try:
-                    await plane.wait_job(job_id, JOB_WAIT)
-                    plane.job_status(job_id)
-                except ApiError as e:
-                    await send({"job_id": job_id, "error": e.body()["error"]})
-                    return
-                last_status: dict[str, Any] | None = None
-                while True:
-                    plane.last_activity = plane.clock()
-                    try:
-                        events = await plane.wait_events(job_id, after, STATUS_INTERVAL)
-                        status: dict[str, Any] | None = plane.job_status(job_id).to_wire()
-                    except ApiError:
-                        return  # acked and forgotten meanwhile
-                    header: dict[str, Any] = {"job_id": job_id, "events": []}
-                    blobs: list[bytes] = []
-                    finished = False
-                    for event, payload in events:
-                        wire = event.to_wire()
-                        if payload is not None:
-                            wire["blob"] = len(blobs)
-                            blobs.append(payload)
-                        header["events"].append(wire)
-                        after = event.seq
-                        finished = finished or event.kind in (m.DONE, m.FAILED, m.CANCELLED)
-                    if status != last_status:
-                        header["status"] = last_status = status
-                    if header["events"] or "status" in header:
-                        await send(header, blobs)
-                    if finished:
-                        return
-
-        async with trio.open_nursery() as nursery:
-            while True:
-                raw = await websocket.receive()
-                try:
-                    op, job_id, after = _events_op(raw)
-                except (BadRequest, WireError) as e:
-                    await send({"error": {"code": "bad_request", "message": str(e)}})
-                    continue
-                old = follows.pop(job_id, None)
-                if old is not None:
-                    old.cancel()
-                trace("daemon", f"events {op} {job_id[:8]} after={after}")
-                if op == "subscribe":
-                    follows[job_id] = trio.CancelScope()
-                    nursery.start_soon(follow, job_id, after, follows[job_id])
-                else:  # "ack"
-                    plane.ack_job(job_id)
+    async def events() -> None:
+        """One websocket per client, carrying the events of every job it follows (event_hub.py)."""
+        await EventHub(plane, websocket).serve()
 
     # ---- agent routes -----------------------------------------------------------------
 
@@ -473,20 +384,3 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     if missing:
         raise RuntimeError(f"routes without an entry in ROUTE_ROLES: {sorted(missing)}")
     return app
-
-
-def _events_op(raw: Any) -> tuple[str, str, int]:
-    """A client's message on the events websocket: {"op": "subscribe"|"ack", "job": ID, "after": SEQ}."""
-    if not isinstance(raw, (str, bytes)) or len(raw) > 4096:
-        raise BadRequest('expected a JSON text {"op": ..., "job": ...} of at most 4096 bytes')
-    message = wire.loads(raw)
-    if not isinstance(message, dict):
-        raise BadRequest('expected {"op": ..., "job": ...}')
-    op = message.get("op")
-    if op not in ("subscribe", "ack"):
-        raise BadRequest(f"op: expected 'subscribe' or 'ack', got {str(op)[:40]!r}")
-    job_id = valid_id(message.get("job"), "job")
-    after = message.get("after", 0)
-    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= wire.INT64[1]:
-        raise BadRequest(f"after: expected a non-negative integer event sequence, got {str(after)[:40]}")
-    return op, job_id, after

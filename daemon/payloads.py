@@ -7,7 +7,8 @@ Payloads over `inline_limit` therefore live in one file each under
 ``<root>/<job_id>/``; the row that owns one holds its file name, and a finished
 job's files go with one rmtree. A file is written before the row that names it
 is committed, so a crash leaves at most an orphan file, which `sweep` removes
-at the next start.
+at the next start. Content-addressed blobs live beside them in ``<root>/.blobs``
+(see blobs.py), which `sweep` leaves alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from burla.common import local
 
 INLINE_LIMIT = 256 * 1024
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _PART = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z_.-]{0,79}$")  # a job id or a file name: never "..", never a "/"
 
 
@@ -61,12 +61,6 @@ class PayloadStore:
     def get(self, ref: str) -> bytes:
         with open(self.path(ref), "rb") as f:
             return f.read()
-
-    def blob_path(self, digest: str) -> Path:
-        """Where a content-addressed blob is kept (build contexts, environment manifests, code, packages)."""
-        if not _DIGEST.match(digest):
-            raise ValueError(f"{digest!r} is not a sha256 digest")
-        return self.root / ".blobs" / digest[:2] / digest
 
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.root / _part(job_id, "job id"), ignore_errors=True)

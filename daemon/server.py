@@ -85,7 +85,7 @@ async def serve(
         plane = ControlPlane(store, config)
         if standby is not None and standby.images:  # burla.toml's standby spec wins at start
             images = [m.StandbyImage(i, standby.python_version, standby.per_cpu) for i in standby.images]
-            if images != plane.scheduler.standby:
+            if images != plane.standby():
                 plane.set_standby(images)
         if set(plane.tokens) >= {"admin", "node"}:
             write_private(state_dir / TOKENS_FILE, plane.tokens)  # for people: SQLite keeps only hashes

@@ -1,27 +1,32 @@
 """The control plane: the scheduler's decisions, persisted and delivered.
 
-`ControlPlane` is what the HTTP routes call. It owns the `Store` (durable
-state), the `Scheduler` (decisions) and the in-memory parts that need no
-durability: each agent's mailbox of undelivered leases, and a change signal
-per job that wakes the job's websocket.
+`ControlPlane` is what the HTTP routes call, the one facade over the parts:
+the `Store` (durable state, store.py), the `Scheduler` (decisions,
+scheduler.py), the `Couriers` that deliver leases, cancels and pool wants to
+agents (delivery.py), the `Feeds` that push each job's events to its followers
+(feeds.py), and the `BlobStore` of content-addressed files (blobs.py). What is
+decided here: who may act on what, and what each decision writes.
 
-Every method runs on the trio thread; SQLite calls are short and made inline,
-so one decision is one transaction and nothing interleaves with it.
+Every method runs on the trio thread; SQLite calls are short and made inline.
+Each public decision runs inside `_decision()`: one store transaction, so a
+crash never leaves half of one, and the events it recorded are pushed to their
+followers only once it has committed.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
-import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
@@ -32,61 +37,29 @@ from burla.common.trace import trace
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
+from .blobs import BlobStore
+from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
+from .feeds import SPILL_BYTES, Events, Feeds, Follower
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
 
 log = logging.getLogger("burla.daemon")
 
-_SENT_BATCHES_REMEMBERED = 256
-SPILL_BYTES = 8 * 1024**2  # an event payload larger than this is fetched by its reader, not pushed
-_REQUEUED_REMEMBERED = 4096  # per agent: leases requeued as lost whose late result is still its own
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-@dataclasses.dataclass
-class AgentLink:
-    """Delivery state of one agent: what it has been sent, and what waits for it."""
+def _decides(method: Callable[Concatenate[ControlPlane, P], R]) -> Callable[Concatenate[ControlPlane, P], R]:
+    """A public decision of the control plane: it runs in one store transaction (see `_decision`)."""
 
-    agent_id: str
-    mailbox: list[ActiveLease] = dataclasses.field(default_factory=list)
-    cancel_jobs: set[str] = dataclasses.field(default_factory=set)
-    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
-    delivery_seq: int = 0
-    sent_functions: set[str] = dataclasses.field(default_factory=set)
-    sent_batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(
-        default_factory=collections.OrderedDict
-    )
-    reads_payloads: bool = False  # on this host, and proved it reads the payload dir
-    wants: tuple[m.PoolWant, ...] = ()  # the pools the daemon wants of this node now
-    wants_sent: tuple[m.PoolWant, ...] | None = None  # what the agent was last told (None: nothing yet)
-    standby_sent: int = -1  # the standby version the agent was last told
-    # leases of this agent requeued as lost: a result it still sends for one is its own, and is taken if
-    # none of its range is done (it may save running the range again)
-    requeued: collections.OrderedDict[int, m.Lease] = dataclasses.field(default_factory=collections.OrderedDict)
+    def decide(self: ControlPlane, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._decision():
+            return method(self, *args, **kwargs)
 
-    def notify(self) -> None:
-        self.wake.set()
-
-    def has_mail(self, standby_version: int = -1) -> bool:
-        return bool(
-            self.mailbox or self.cancel_jobs or self.wants != self.wants_sent
-            or (standby_version >= 0 and self.standby_sent != standby_version)
-        )  # fmt: skip
-
-
-@dataclasses.dataclass
-class JobFeed:
-    """Wakes whoever streams a job's events when the job changes."""
-
-    changed: trio.Event = dataclasses.field(default_factory=trio.Event)
-    log_bytes: int = 0
-    dropped_bytes: int = 0
-    dropped_lines: int = 0
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    functools.update_wrapper(decide, method)
+    return decide
 
 
 class ControlPlane:
@@ -97,8 +70,13 @@ class ControlPlane:
         self.boot_id = uuid.uuid4().hex[:12]
         self.version, self.protocol = _version.version(), _version.protocol()
         self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
-        self.links: dict[str, AgentLink] = {}
-        self.feeds: dict[str, JobFeed] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.couriers = Couriers(store, self.scheduler, self.boot_id, self.counters)
+        self.links = self.couriers.links
+        self.feeds = Feeds(store)
+        self.blobs = BlobStore(store.payloads.root / ".blobs", config.max_blob_bytes)
+        self._deciding = False
+        self._recorded: list[tuple[str, m.Event, memoryview | bytes | None]] = []  # to publish on commit
         known = read_tokens(store.path.parent / TOKENS_FILE)  # the plaintext, kept for people in a 0600 file
         self.tokens = store.tokens(config.admin_token, config.node_token, known)
         self.token_hashes = store.token_hashes()
@@ -106,13 +84,54 @@ class ControlPlane:
         self._blob_closure: dict[str, frozenset[str]] = {}  # job -> blobs its agents may read
         self.last_activity = clock()
         self.started = clock()
-        self.counters: collections.Counter[str] = collections.Counter()
         self._job_created = trio.Event()
-        self.standby_version = 0
-        self.followers: collections.Counter[str] = collections.Counter()  # job -> events websockets following it
-        self.unfollowed_since: dict[str, float] = {}  # job -> since when nobody follows it
         self.scheduler.standby = [m.StandbyImage.from_wire(s) for s in store.standby()]
-        self._restore()
+        with self._decision():
+            self._restore()
+
+    @property
+    def standby_version(self) -> int:
+        return self.couriers.standby_version
+
+    # ---- one transaction per decision --------------------------------------------------
+
+    @contextlib.contextmanager
+    def _decision(self) -> Iterator[None]:
+        """One public decision: its writes commit together or not at all; then its events are pushed.
+
+        Nested decisions (a retried create_job adding its inputs) join the outer one.
+        """
+        if self._deciding:
+            yield
+            return
+        self._deciding = True
+        try:
+            with self.store.tx():
+                yield
+        except BaseException:
+            self._recorded.clear()  # never recorded: never pushed
+            raise
+        finally:
+            self._deciding = False
+        recorded, self._recorded = self._recorded, []
+        for job_id, event, payload in recorded:
+            self.feeds.publish(job_id, event, payload)
+
+    def _record(
+        self,
+        job_id: str,
+        kind: str,
+        lo: int = 0,
+        hi: int = 0,
+        data: dict[str, Any] | None = None,
+        payload: memoryview | bytes | None = None,
+    ) -> None:
+        """Append an event to the job's record; its followers get it from memory once the decision commits."""
+        seq, ref = self.store.add_event(job_id, kind, lo, hi, data, payload)
+        event = m.Event(seq, kind, lo, hi, data or {})
+        if payload is not None and ref is not None and len(payload) > SPILL_BYTES:
+            event, payload = dataclasses.replace(event, size=len(payload), ref=ref), None  # fetched, not pushed
+        self._recorded.append((job_id, event, payload))
 
     # ---- restart ---------------------------------------------------------------
 
@@ -121,7 +140,7 @@ class ControlPlane:
         now = self.clock()
         for agent_id, info in self.store.agents():
             self.scheduler.add_node(agent_id, info, now)  # a grace period: silent ones expire later
-            self.links[agent_id] = AgentLink(agent_id)
+            self.couriers.add(agent_id)
         for job in self.store.running_jobs():
             if "error" not in job:
                 try:
@@ -134,8 +153,8 @@ class ControlPlane:
             if "error" in job:  # a row this daemon cannot use: fail that job, saying why, and start anyway
                 self._fail_unrestorable(job["job_id"], job["error"])
                 continue
-            self.feeds[state.job_id] = JobFeed(log_bytes=self.store.log_bytes(state.job_id))
-            self.unfollowed_since[state.job_id] = now  # its client has client_grace to reconnect
+            # its client has client_grace to reconnect
+            self.feeds.open(state.job_id, now, log_bytes=self.store.log_bytes(state.job_id))
             self.counters["jobs_restored"] += 1
             if state.complete():
                 self._finish(state, m.JOB_DONE)
@@ -147,16 +166,14 @@ class ControlPlane:
             f"job {job_id} could not be restored after burlad restarted: its record in {self.store.path.name} "
             f"cannot be used ({why}). Run the job again."
         )
-        self.store.append_event(
-            job_id, m.FAILED, data={"kind": m.SYSTEM, "index": -1, "type_name": "", "message": message}
-        )
+        self._record(job_id, m.FAILED, data={"kind": m.SYSTEM, "index": -1, "type_name": "", "message": message})
         self.store.set_job_state(job_id, m.JOB_FAILED, self.clock())  # its inputs and leases go too
-        for link in self.links.values():  # whoever still runs its leases stops
-            link.cancel_jobs.add(job_id)
+        self.couriers.cancel_everywhere(job_id)
         self.counters["jobs_unrestorable"] += 1
 
     # ---- jobs (client side) --------------------------------------------------------
 
+    @_decides
     def create_job(
         self,
         spec: m.JobSpec,
@@ -184,7 +201,7 @@ class ControlPlane:
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
             raise BadRequest("max_parallelism must be at least 1")
         for what, digest in (("build context", spec.build), ("environment", spec.env)):
-            if digest and not self.has_blob(digest):
+            if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
         if reason:
@@ -192,9 +209,7 @@ class ControlPlane:
         self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
-        self.feeds[spec.job_id] = JobFeed()
-        if not self.followers[spec.job_id]:  # a client usually subscribes before its job exists
-            self.unfollowed_since.setdefault(spec.job_id, self.clock())
+        self.feeds.open(spec.job_id, self.clock())
         self.counters["jobs"] += 1
         self._job_created.set()
         self._job_created = trio.Event()
@@ -218,6 +233,21 @@ class ControlPlane:
             if size > self.config.max_input_bytes * max(1, meta.count):
                 raise TooLarge(f"batch {meta.seq} is over the input size limit")
 
+    def note_activity(self) -> None:
+        """A client is here (a daemon started on demand stays up while one is)."""
+        self.last_activity = self.clock()
+
+    def python_versions(self) -> list[str]:
+        """The Python versions the cluster's nodes run."""
+        return sorted({n.info.python_version for n in self.scheduler.nodes.values()})
+
+    def node_count(self) -> int:
+        return len(self.scheduler.nodes)
+
+    def standby(self) -> list[m.StandbyImage]:
+        """What container nodes keep warm (`set_standby`); `standby_version` counts its changes."""
+        return list(self.scheduler.standby)
+
     def payload_info(self) -> dict[str, Any]:
         """Where large payloads live, for clients on this host (common.local)."""
         payloads = self.store.payloads
@@ -231,6 +261,7 @@ class ControlPlane:
             raise NotFound(f"no job {job_id}")
         return job
 
+    @_decides
     def add_inputs(
         self,
         job_id: str,
@@ -249,52 +280,49 @@ class ControlPlane:
         if job.complete():
             self._finish(job, m.JOB_DONE)
         self._dispatch()
-        self.feeds[job_id].notify()
+        self.feeds.notify(job_id)
 
+    @_decides
     def cancel_job(self, job_id: str, reason: str) -> None:
         job = self._job(job_id)
         if job.state == m.RUNNING:
-            self.store.append_event(job_id, m.CANCELLED, data={"reason": reason})
+            self._record(job_id, m.CANCELLED, data={"reason": reason})
             self._finish(job, m.JOB_CANCELLED)
             self.counters["jobs_cancelled"] += 1
 
     def follow_started(self, job_id: str) -> None:
-        self.followers[job_id] += 1
-        self.unfollowed_since.pop(job_id, None)
+        self.feeds.follow_started(job_id)
 
     def follow_ended(self, job_id: str) -> None:
-        self.followers[job_id] -= 1
-        if self.followers[job_id] <= 0:
-            del self.followers[job_id]
-            self.unfollowed_since[job_id] = self.clock()
+        self.feeds.follow_ended(job_id, self.clock())
 
+    @_decides
     def cancel_abandoned_jobs(self) -> list[str]:
         """Cancel running jobs nobody has followed for `client_grace`: their caller left without cancelling."""
         now = self.clock()
         grace = self.config.client_grace
         abandoned = [
             job_id
-            for job_id, since in self.unfollowed_since.items()
-            if now - since > grace
-            and not self.followers[job_id]
-            and (job := self.scheduler.jobs.get(job_id)) is not None
-            and job.state == m.RUNNING
+            for job_id in self.feeds.unfollowed(now, grace)
+            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING
         ]
         for job_id in abandoned:
             log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)
             self.cancel_job(job_id, f"its client has been gone for over {grace:.0f} s (daemon.client_grace)")
             self.counters["jobs_abandoned"] += 1
-        for job_id in [j for j in self.unfollowed_since if j not in self.scheduler.jobs or j in abandoned]:
-            del self.unfollowed_since[job_id]
+        self.feeds.stop_watching(
+            [j for j in self.feeds.unfollowed_since if j not in self.scheduler.jobs or j in abandoned]
+        )
         return abandoned
 
+    @_decides
     def ack_job(self, job_id: str) -> None:
         """The client has every event of a finished job: forget it."""
         job = self.scheduler.jobs.get(job_id)
         if job is not None and job.state == m.RUNNING:
             return
         self.scheduler.forget_job(job_id)
-        self.feeds.pop(job_id, None)
+        self.feeds.close(job_id)
         self._blob_closure.pop(job_id, None)
         self.store.delete_job(job_id)
 
@@ -317,22 +345,22 @@ class ControlPlane:
                                created=float(created or 0.0))  # fmt: skip
         return self.scheduler.job_status(job, self.clock())
 
-    async def wait_events(self, job_id: str, after: int, timeout: float) -> list[tuple[m.Event, bytes | None]]:
-        """A job's events after `after`; waits up to `timeout` for the first one.
+    def follow(self, job_id: str, after: int) -> contextlib.AbstractContextManager[Follower]:
+        """Follow a job's events from sequence `after` (a websocket subscription): see `next_events`."""
+        return self.feeds.follow(job_id, after)
 
+    async def next_events(self, follower: Follower, timeout: float) -> Events:
+        """A follower's next events; waits up to `timeout` for the first one.
+
+        They come from memory as they are recorded; from SQLite when the follower catches up.
         Payloads over `SPILL_BYTES` are not pushed: their events say where to fetch them.
         """
-        events = self.store.events_after(job_id, after, spill=SPILL_BYTES)
-        if events:
-            return events
-        feed = self.feeds.get(job_id)
-        if feed is None:
-            if not self.store.job_exists(job_id):
-                raise NotFound(f"no job {job_id}")
-            return []
-        with trio.move_on_after(timeout):
-            await feed.changed.wait()
-        return self.store.events_after(job_id, after, spill=SPILL_BYTES)
+        return await self.feeds.wait(follower, timeout)
+
+    async def wait_events(self, job_id: str, after: int, timeout: float) -> Events:
+        """A job's events after `after`; waits up to `timeout` for the first one."""
+        with self.follow(job_id, after) as follower:
+            return await self.next_events(follower, timeout)
 
     def event_payload(self, job_id: str, seq: int) -> Path:
         """The file of a payload too large to push (see `wait_events`)."""
@@ -346,9 +374,9 @@ class ControlPlane:
         """A job ended: record it, stop its leases, tell its agents and its client."""
         stopped = self.scheduler.finish_job(job.job_id, state)
         self._stop_on_agents(job.job_id, stopped)
-        feed = self.feeds.get(job.job_id)
+        feed = self.feeds.jobs.get(job.job_id)
         if feed is not None and feed.dropped_lines:
-            self.store.append_event(
+            self._record(
                 job.job_id,
                 m.NOTICE,
                 data={
@@ -358,22 +386,18 @@ class ControlPlane:
                 },
             )
         if state == m.JOB_DONE:
-            self.store.append_event(job.job_id, m.DONE, data={"n_inputs": job.n_inputs})
+            self._record(job.job_id, m.DONE, data={"n_inputs": job.n_inputs})
         self.store.set_job_state(job.job_id, state, self.clock())
-        if feed is not None:
-            feed.notify()
+        self.feeds.notify(job.job_id)
         self._plan_pools()  # its nodes go back to standby
 
     def _stop_on_agents(self, job_id: str, stopped: list[tuple[str, int]]) -> None:
         self.store.delete_leases([lid for _, lid in stopped])
-        for agent_id in {a for a, _ in stopped}:
-            link = self.links.get(agent_id)
-            if link is not None:
-                link.cancel_jobs.add(job_id)
-                link.notify()
+        self.couriers.cancel(job_id, {a for a, _ in stopped})
 
     # ---- agents -----------------------------------------------------------------------
 
+    @_decides
     def register(self, info: m.NodeInfo) -> m.Registered:
         if not m.compatible(self.version, self.protocol, info.agent_version, info.protocol):
             raise VersionMismatch(
@@ -386,12 +410,9 @@ class ControlPlane:
         now = self.clock()
         requeued = self.scheduler.add_node(agent_id, info, now)
         self.store.delete_leases(requeued)
-        stale = [a for a in self.links if a not in self.scheduler.nodes]
-        for a in stale:
-            del self.links[a]
-        self.store.delete_agents(stale)
+        self.store.delete_agents(self.couriers.drop_stale())
         self.store.put_agent(agent_id, info, now)
-        self.links[agent_id] = AgentLink(agent_id)
+        self.couriers.add(agent_id)
         self.counters["agents_registered"] += 1
         log.info("agent %s registered: %s, %d CPUs, %d workers", agent_id, info.hostname, info.cpus, info.workers)
         self._dispatch()
@@ -449,9 +470,9 @@ class ControlPlane:
         if job is None:
             return frozenset()
         digests = {d for d in (job.spec.build, job.spec.env) if d}
-        if job.spec.env and self.has_blob(job.spec.env):
+        if job.spec.env and self.blobs.has(job.spec.env):
             try:
-                manifest = Environment.loads(self._blob_path(job.spec.env).read_bytes())
+                manifest = Environment.loads(self.blobs.read(job.spec.env))
             except (OSError, ValueError) as e:
                 log.warning("job %s: its environment manifest does not load: %s", job_id, e)
             else:
@@ -460,11 +481,9 @@ class ControlPlane:
         return found
 
     def _link(self, agent_id: str) -> AgentLink:
-        link = self.links.get(agent_id)
-        if link is None or agent_id not in self.scheduler.nodes:
-            raise NotFound(f"unknown agent {agent_id}: register again")
-        return link
+        return self.couriers.link(agent_id)
 
+    @_decides
     def report(
         self, agent_id: str, report: m.AgentReport, blobs: Sequence[memoryview]
     ) -> tuple[m.Delivery, list[bytes]]:
@@ -501,7 +520,7 @@ class ControlPlane:
                 log.debug("agent %s: result of lease %d it does not hold: dropped", agent_id, result.lease_id)
         self._reconcile(agent_id, report)
         self._dispatch()
-        return self._drain(link)
+        return self.couriers.drain(link)
 
     async def poll(
         self, agent_id: str, report: m.AgentReport, blobs: Sequence[memoryview]
@@ -510,95 +529,29 @@ class ControlPlane:
         delivery = self.report(agent_id, report, blobs)
         if delivery[0].delivery:
             return delivery
-        link = self._link(agent_id)
-        if not link.has_mail(self.standby_version):
-            with trio.move_on_after(self.config.poll_timeout):
-                await link.wake.wait()
+        await self.couriers.wait(self._link(agent_id), self.config.poll_timeout)
         link = self._link(agent_id)
         self.scheduler.touch_node(agent_id, self.clock())
-        return self._drain(link)
-
-    def _drain(self, link: AgentLink) -> tuple[m.Delivery, list[bytes]]:
-        leases = [a for a in link.mailbox if a.lease.lease_id in self.scheduler.lease_owner]
-        cancels = tuple(sorted(link.cancel_jobs))
-        link.mailbox = []
-        link.cancel_jobs = set()
-        if link.wake.is_set():  # a poll may be waiting on an unset one: keep it
-            link.wake = trio.Event()
-        wants = link.wants if link.wants != link.wants_sent else None
-        standby = None
-        if link.standby_sent != self.standby_version:
-            standby = tuple(self.scheduler.standby)
-            link.standby_sent = self.standby_version
-        link.wants_sent = link.wants
-        if not leases and not cancels and wants is None and standby is None:
-            return m.Delivery(self.boot_id), []
-        link.delivery_seq += 1
-        trace("daemon", f"deliver {link.agent_id[:6]} leases={[(a.lease.lo, a.lease.hi) for a in leases]}")
-        blobs: list[bytes] = []
-        functions: dict[str, int] = {}
-        batches: list[list[Any]] = []
-        batch_refs: list[list[Any]] = []
-        for active in leases:
-            active.delivered = link.delivery_seq
-            lease = active.lease
-            if lease.function_hash not in link.sent_functions and lease.function_hash not in functions:
-                blob = self.store.function_blob(lease.function_hash)
-                if blob is not None:
-                    functions[lease.function_hash] = len(blobs)
-                    blobs.append(blob)
-            key = (lease.job_id, lease.batch_seq)
-            if key not in link.sent_batches:
-                ref = self.store.batch_ref(*key) if link.reads_payloads else None
-                payload = None if ref else self.store.batch_payload(*key)
-                if ref:
-                    batch_refs.append([lease.job_id, lease.batch_seq, ref])
-                elif payload is not None:
-                    batches.append([lease.job_id, lease.batch_seq, len(blobs)])
-                    blobs.append(payload)
-                link.sent_batches[key] = None
-                if len(link.sent_batches) > _SENT_BATCHES_REMEMBERED:
-                    link.sent_batches.popitem(last=False)
-            else:
-                link.sent_batches.move_to_end(key)
-        link.sent_functions.update(functions)
-        self.counters["leases_delivered"] += len(leases)
-        delivery = m.Delivery(
-            self.boot_id,
-            link.delivery_seq,
-            tuple(a.lease for a in leases),
-            cancels,
-            functions,
-            tuple(batches),
-            tuple(batch_refs),
-            wants,
-            standby,
-        )
-        return delivery, blobs
+        return self.couriers.drain(link)
 
     def _reconcile(self, agent_id: str, report: m.AgentReport) -> None:
         """Requeue leases the agent was sent but no longer holds (a delivery was lost)."""
         node = self.scheduler.nodes[agent_id]
         held = set(report.running)
-        lost = []
+        gone: list[ActiveLease] = []
         for lease_id in node.leases:
             job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
             active = job.leases.get(lease_id) if job else None
             if active is None or active.delivered is None or lease_id in held:
                 continue
             if active.delivered == 0 or (report.boot_id == self.boot_id and active.delivered <= report.ack_delivery):
-                lost.append(lease_id)
-        if lost:
+                gone.append(active)
+        if gone:
+            lost = [a.lease.lease_id for a in gone]
             log.warning("agent %s does not hold leases %s: requeued", agent_id, lost)
             link = self.links.get(agent_id)
             if link is not None:
-                for lease_id in lost:
-                    job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
-                    active = job.leases.get(lease_id) if job is not None else None
-                    if active is not None:
-                        link.requeued[lease_id] = active.lease
-                while len(link.requeued) > _REQUEUED_REMEMBERED:
-                    link.requeued.popitem(last=False)
+                link.remember_requeued(a.lease for a in gone)
             self.scheduler.requeue(lost)
             self.store.delete_leases(lost)
             self.counters["leases_lost"] += len(lost)
@@ -616,25 +569,23 @@ class ControlPlane:
             log.debug("result of lease %d dropped: %s", result.lease_id, c.reason)
             return
         self.counters["results_accepted"] += 1
-        with self.store.tx():
-            self.store.delete_leases([result.lease_id, *c.superseded])
-            if c.hi > c.lo:
-                self.store.append_event(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
-            if error is not None:
-                exc = blobs[error.exc_blob] if error.exc_blob is not None else None
-                data = dataclasses.replace(error, exc_blob=None).to_wire()
-                data["has_exception"] = exc is not None
-                self.store.append_event(result.job_id, m.FAILED, error.index, error.index + 1, data=data, payload=exc)
-                self.counters["jobs_failed"] += 1
-                self._stop_on_agents(result.job_id, c.stopped)
-                self._finish(c.job, m.JOB_FAILED)
-            elif c.job_done:
-                self._finish(c.job, m.JOB_DONE)
-        self.feeds[result.job_id].notify()
+        self.store.delete_leases([result.lease_id, *c.superseded])
+        if c.hi > c.lo:
+            self._record(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
+        if error is not None:
+            exc = blobs[error.exc_blob] if error.exc_blob is not None else None
+            data = dataclasses.replace(error, exc_blob=None).to_wire()
+            data["has_exception"] = exc is not None
+            self._record(result.job_id, m.FAILED, error.index, error.index + 1, data=data, payload=exc)
+            self.counters["jobs_failed"] += 1
+            self._stop_on_agents(result.job_id, c.stopped)
+            self._finish(c.job, m.JOB_FAILED)
+        elif c.job_done:
+            self._finish(c.job, m.JOB_DONE)
 
     def _append_logs(self, chunk: m.LogChunk, blobs: Sequence[memoryview]) -> None:
         job = self.scheduler.jobs.get(chunk.job_id)
-        feed = self.feeds.get(chunk.job_id)
+        feed = self.feeds.jobs.get(chunk.job_id)
         if job is None or feed is None or job.state != m.RUNNING:
             return
         if feed.log_bytes + chunk.nbytes > self.config.max_log_bytes_per_job:
@@ -643,10 +594,8 @@ class ControlPlane:
             self.store.add_log_bytes(chunk.job_id, 0, chunk.nbytes, chunk.lines)
             return
         feed.log_bytes += chunk.nbytes
-        with self.store.tx():
-            self.store.append_event(chunk.job_id, m.LOGS, data={"lines": chunk.lines}, payload=blobs[chunk.blob])
-            self.store.add_log_bytes(chunk.job_id, chunk.nbytes)
-        feed.notify()
+        self._record(chunk.job_id, m.LOGS, data={"lines": chunk.lines}, payload=blobs[chunk.blob])
+        self.store.add_log_bytes(chunk.job_id, chunk.nbytes)
 
     def _pool_failed(self, error: m.PoolError) -> None:
         """A node cannot make the pool a job needs: the job fails, saying why and where."""
@@ -658,25 +607,20 @@ class ControlPlane:
         else:
             type_name, message = m.ErrorType.IMAGE, f"image {error.image} on node {error.node}: {error.message}"
         data = m.CallError(index=-1, kind=m.SYSTEM, type_name=type_name, message=message, node=error.node).to_wire()
-        self.store.append_event(job.job_id, m.FAILED, data=data)
+        self._record(job.job_id, m.FAILED, data=data)
         self.counters["jobs_failed"] += 1
         self._finish(job, m.JOB_FAILED)
 
+    @_decides
     def set_standby(self, images: Sequence[m.StandbyImage]) -> None:
         """Change what container nodes keep warm; agents converge on their next delivery."""
         self.store.set_standby([i.to_wire() for i in images])
         self.scheduler.standby = list(images)
-        self.standby_version += 1
-        for link in self.links.values():
-            link.notify()
+        self.couriers.standby_changed()
         self._dispatch()
 
     def _plan_pools(self) -> None:
-        for agent_id, wants in self.scheduler.plan_wants().items():
-            link = self.links.get(agent_id)
-            if link is not None and wants != link.wants:
-                link.wants = wants
-                link.notify()
+        self.couriers.want(self.scheduler.plan_wants())
 
     def _dispatch(self) -> None:
         self._plan_pools()
@@ -686,43 +630,20 @@ class ControlPlane:
         trace("daemon", f"dispatch {[(a.agent_id[:6], a.lease.lo, a.lease.hi) for a in issued]}")
         self.store.put_leases([(a.lease, a.agent_id) for a in issued])
         self.counters["leases_issued"] += len(issued)
-        for active in issued:
-            link = self.links[active.agent_id]
-            link.mailbox.append(active)
-            link.notify()
+        self.couriers.post(issued)
 
     def put_blob(self, digest: str, data: bytes) -> None:
         """Keep a content-addressed blob (a build context, an environment's manifest, code or package)."""
-        if len(data) > self.config.max_blob_bytes:
-            raise TooLarge(
-                f"the upload is {len(data) / 1e6:.1f} MB, over this cluster's limit of "
-                f"{self.config.max_blob_bytes / 1e6:.0f} MB (daemon.max_blob_bytes)"
-            )
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise BadRequest("the upload does not match its digest (its sha256)")
-        path = self._blob_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        local.write_file(tmp, data)
-        os.replace(tmp, path)  # complete or absent, never half written
-
-    def _blob_path(self, digest: str) -> Path:
-        try:
-            return self.store.payloads.blob_path(digest)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        self.blobs.put(digest, data)
 
     def has_blob(self, digest: str) -> bool:
-        return self._blob_path(digest).is_file()
+        return self.blobs.has(digest)
 
     def blob(self, digest: str, agent_id: str | None = None) -> bytes:
         """A blob; for an agent, only one of a job it works for."""
         if agent_id is not None and not any(digest in self._job_blobs(j) for j in self._jobs_of(agent_id)):
             raise Forbidden(f"agent {agent_id} works for no job that uses blob {digest[:12]}")
-        path = self._blob_path(digest)
-        if not path.is_file():
-            raise NotFound(f"no blob {digest}")
-        return path.read_bytes()
+        return self.blobs.read(digest)
 
     def function_blob(self, function_hash: str, agent_id: str | None = None) -> bytes:
         """A job's function; for an agent, only while it holds a lease of a job that runs it."""
@@ -749,6 +670,7 @@ class ControlPlane:
 
     # ---- housekeeping -------------------------------------------------------------------
 
+    @_decides
     def expire_agents(self) -> list[str]:
         """Agents silent past agent_timeout lose their leases, which run elsewhere."""
         now = self.clock()
@@ -756,7 +678,7 @@ class ControlPlane:
         for agent_id in dead:
             lease_ids = self.scheduler.remove_node(agent_id)
             self.store.delete_leases(lease_ids)
-            self.links.pop(agent_id, None)
+            self.couriers.drop(agent_id)
             log.warning(
                 "agent %s silent for %.0fs: %d leases requeued", agent_id, self.config.agent_timeout, len(lease_ids)
             )
@@ -766,13 +688,14 @@ class ControlPlane:
             self._dispatch()
         return dead
 
+    @_decides
     def expire_jobs(self) -> None:
         """Fail jobs that waited too long for any node; drop finished jobs nobody collected."""
         now = self.clock()
         if not self.scheduler.nodes:
             for job in list(self.scheduler.jobs.values()):
                 if job.state == m.RUNNING and now - job.created > self.config.no_node_timeout:
-                    self.store.append_event(
+                    self._record(
                         job.job_id,
                         m.FAILED,
                         data={
@@ -786,7 +709,7 @@ class ControlPlane:
                     self._finish(job, m.JOB_FAILED)
         for job_id in self.store.finished_jobs_before(now - self.config.job_retention):
             self.scheduler.forget_job(job_id)
-            self.feeds.pop(job_id, None)
+            self.feeds.close(job_id)
             self._blob_closure.pop(job_id, None)
             self.store.delete_job(job_id)
 

@@ -123,6 +123,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the control-plane database {self.path}: {e}") from None
         self._depth = 0
+        self._after_commit: list[Callable[[], None]] = []
         self.migrate()
         self.payloads.sweep(r[0] for r in self.conn.execute("SELECT job_id FROM jobs"))
 
@@ -131,7 +132,8 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write. Nested calls join the outer transaction."""
+        """One atomic write. Nested calls join the outer transaction, so a decision of the control plane
+        that makes several store calls inside one `tx()` commits once, or not at all."""
         if self._depth:
             self._depth += 1
             try:
@@ -148,14 +150,29 @@ class Store:
             yield self.conn
         except BaseException:
             self._depth = 0
+            self._after_commit.clear()
             self.conn.execute("ROLLBACK")
             raise
         self._depth = 0
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as e:
+            self._after_commit.clear()
             self.conn.execute("ROLLBACK")
             raise StoreError(f"cannot commit to {self.path}: {e}") from None
+        done, self._after_commit = self._after_commit, []
+        for fn in done:
+            fn()
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the transaction in progress commits (now, outside one); never if it rolls back.
+
+        Files that rows name are deleted this way: a rolled-back (or crashed) transaction still finds them.
+        """
+        if self._depth:
+            self._after_commit.append(fn)
+        else:
+            fn()
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         row = self.conn.execute(sql, tuple(params)).fetchone()
@@ -319,8 +336,13 @@ class Store:
             ).fetchall()
             c.execute("DELETE FROM batches WHERE job_id = ?", (job_id,))
             c.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
-        for (ref,) in refs:
-            self.payloads.path(ref).unlink(missing_ok=True)
+            paths = [self.payloads.path(ref) for (ref,) in refs]
+
+            def unlink() -> None:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+
+            self.after_commit(unlink)
 
     def delete_job(self, job_id: str) -> None:
         with self.tx() as c:
@@ -329,7 +351,7 @@ class Store:
             c.execute(
                 "DELETE FROM functions WHERE hash NOT IN (SELECT json_extract(spec, '$.function_hash') FROM jobs)"
             )
-        self.payloads.delete_job(job_id)
+            self.after_commit(lambda: self.payloads.delete_job(job_id))
 
     def finished_jobs_before(self, cutoff: float) -> list[str]:
         rows = self.conn.execute(
@@ -446,6 +468,18 @@ class Store:
         data: dict[str, Any] | None = None,
         payload: bytes | memoryview | None = None,
     ) -> int:
+        return self.add_event(job_id, kind, lo, hi, data, payload)[0]
+
+    def add_event(
+        self,
+        job_id: str,
+        kind: str,
+        lo: int = 0,
+        hi: int = 0,
+        data: dict[str, Any] | None = None,
+        payload: bytes | memoryview | None = None,
+    ) -> tuple[int, str | None]:
+        """Append an event; returns its sequence and, for a large payload, the file it was written to."""
         ref = None
         if payload is not None and self.payloads.is_large(payload):
             ref = self.payloads.put(job_id, f"e{kind[0]}{lo}-{hi}-{secrets.token_hex(4)}", payload)
@@ -455,7 +489,7 @@ class Store:
                 "INSERT INTO events (job_id, kind, lo, hi, data, payload, payload_ref) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, kind, lo, hi, json.dumps(data) if data else None, payload, ref),
             )
-            return int(cur.lastrowid or 0)
+            return int(cur.lastrowid or 0), ref
 
     def events_after(
         self, job_id: str, after: int, max_bytes: int = 8 * 1024**2, spill: int | None = None

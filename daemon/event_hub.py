@@ -1,0 +1,141 @@
+"""The events websocket (``/v1/events``): one per client, carrying the events of every job it follows.
+
+The client sends ``{"op": "subscribe", "job": ID, "after": SEQ}`` and, once it
+has a job's final event, ``{"op": "ack", "job": ID}``. A subscribe starts one
+follow task per job (a second subscribe to the same job, a reconnect's
+resubscribe with the last sequence it saw, replaces the first); each sends
+envelopes ``{"job_id": ID, "events": [Event...], "status": JobStatus?}``, with
+the events' payloads as blobs, or ``{"job_id": ID, "error": {...}}``. Frames go
+out one at a time; the events come from `ControlPlane.next_events`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from burla.common.trace import trace
+from burla.schemas import envelope, wire
+from burla.schemas import messages as m
+from burla.schemas.wire import WireError
+
+from .errors import ApiError, BadRequest
+from .feeds import Follower
+from .ids import valid_id
+from .service import ControlPlane
+
+STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
+JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
+_FINAL = (m.DONE, m.FAILED, m.CANCELLED)
+
+
+class Socket(Protocol):
+    """What the hub needs of a websocket (quart's, or a test's)."""
+
+    async def accept(self) -> None: ...
+    async def receive(self) -> Any: ...
+    async def send(self, data: bytes) -> None: ...
+
+
+class EventHub:
+    """Serves one client's events websocket: its subscriptions, and the frames of every job it follows."""
+
+    def __init__(self, plane: ControlPlane, socket: Socket) -> None:
+        self.plane = plane
+        self.socket = socket
+        self._send_lock = trio.Lock()
+        self._follows: dict[str, trio.CancelScope] = {}
+
+    async def serve(self) -> None:
+        """Accept the socket and take the client's messages until it goes away."""
+        await self.socket.accept()
+        async with trio.open_nursery() as nursery:
+            while True:
+                raw = await self.socket.receive()
+                try:
+                    op, job_id, after = parse_op(raw)
+                except (BadRequest, WireError) as e:
+                    await self.send({"error": {"code": "bad_request", "message": str(e)}})
+                    continue
+                old = self._follows.pop(job_id, None)
+                if old is not None:
+                    old.cancel()
+                trace("daemon", f"events {op} {job_id[:8]} after={after}")
+                if op == "subscribe":
+                    self._follows[job_id] = trio.CancelScope()
+                    nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
+                else:  # "ack"
+                    self.plane.ack_job(job_id)
+
+    async def send(self, header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
+        data = envelope.pack(header, blobs or [])
+        async with self._send_lock:  # one frame at a time on the socket
+            await self.socket.send(data)
+
+    async def follow(self, job_id: str, after: int, scope: trio.CancelScope) -> None:
+        """Send a job's events after `after`, and its status as it changes, until its final event."""
+        plane = self.plane
+        plane.follow_started(job_id)
+        try:
+            with scope:
+                try:
+                    await plane.wait_job(job_id, JOB_WAIT)
+                    plane.job_status(job_id)
+                except ApiError as e:
+                    await self.send({"job_id": job_id, "error": e.body()["error"]})
+                    return
+                with plane.follow(job_id, after) as follower:
+                    await self._stream(job_id, follower)
+        finally:
+            plane.follow_ended(job_id)
+
+    async def _stream(self, job_id: str, follower: Follower) -> None:
+        plane = self.plane
+        last_status: dict[str, Any] | None = None
+        while True:
+            plane.note_activity()
+            try:
+                events = await plane.next_events(follower, STATUS_INTERVAL)
+                status: dict[str, Any] | None = plane.job_status(job_id).to_wire()
+            except ApiError:
+                return  # acked and forgotten meanwhile
+            header, blobs, finished = frame(job_id, events)
+            if status != last_status:
+                header["status"] = last_status = status
+            if header["events"] or "status" in header:
+                await self.send(header, blobs)
+            if finished:
+                return
+
+
+def frame(job_id: str, events: list[tuple[m.Event, bytes | None]]) -> tuple[dict[str, Any], list[bytes], bool]:
+    """One websocket frame of a job's events: its header, its blobs, and whether the job's final event is in it."""
+    header: dict[str, Any] = {"job_id": job_id, "events": []}
+    blobs: list[bytes] = []
+    finished = False
+    for event, payload in events:
+        item = event.to_wire()
+        if payload is not None:
+            item["blob"] = len(blobs)
+            blobs.append(payload)
+        header["events"].append(item)
+        finished = finished or event.kind in _FINAL
+    return header, blobs, finished
+
+
+def parse_op(raw: Any) -> tuple[str, str, int]:
+    """A client's message on the events websocket: {"op": "subscribe"|"ack", "job": ID, "after": SEQ}."""
+    if not isinstance(raw, (str, bytes)) or len(raw) > 4096:
+        raise BadRequest('expected a JSON text {"op": ..., "job": ...} of at most 4096 bytes')
+    message = wire.loads(raw)
+    if not isinstance(message, dict):
+        raise BadRequest('expected {"op": ..., "job": ...}')
+    op = message.get("op")
+    if op not in ("subscribe", "ack"):
+        raise BadRequest(f"op: expected 'subscribe' or 'ack', got {str(op)[:40]!r}")
+    job_id = valid_id(message.get("job"), "job")
+    after = message.get("after", 0)
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= wire.INT64[1]:
+        raise BadRequest(f"after: expected a non-negative integer event sequence, got {str(after)[:40]}")
+    return op, job_id, after
