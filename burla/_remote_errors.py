@@ -28,6 +28,7 @@ _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
     m.ErrorType.UNPICKLABLE_RESULT: errors.UnpicklableResultError,
     m.ErrorType.RESULT_TOO_LARGE: errors.ResultTooLargeError,
     m.ErrorType.NO_NODES: errors.NoNodesError,
+    m.ErrorType.NODE_START: errors.NodeStartError,
     m.ErrorType.IMAGE: errors.ImageError,
     m.ErrorType.INSTALL: errors.InstallError,
 }

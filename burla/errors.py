@@ -18,6 +18,7 @@ errors of Burla itself::
     │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
     │   ├── AuthenticationError     the cluster refused the API key
     │   ├── NoNodesError            no node joined the cluster in time
+    │   ├── NodeStartError          the nodes a job needs cannot be started (quota, permission, no zone has them)
     │   └── VersionMismatchError    the cluster runs a Burla version this one cannot work with
     ├── JobCancelledError           the job was cancelled on the cluster
     └── CallError                   one call failed inside Burla, not inside your code
@@ -103,6 +104,12 @@ class NoNodesError(ClusterError):
     pass
 
 
+class NodeStartError(ClusterError):
+    """The cluster could not start the nodes a job asked for (grow=True), for a reason that waiting will not fix:
+    quota, permission, a machine type no zone has. The message names the machine type, the zones tried and
+    the cloud's reason."""
+
+
 class VersionMismatchError(ClusterError):
     """The cluster runs another Burla version, which does not state this one's protocol.
 
@@ -176,6 +183,7 @@ __all__ = [
     "JobCancelledError",
     "MemoryLimitError",
     "NoNodesError",
+    "NodeStartError",
     "NotCallableError",
     "NotIterableError",
     "RemoteError",

@@ -69,7 +69,8 @@ class DaemonConfig:
 @dataclasses.dataclass
 class AgentConfig:
     url: str = ""  # the daemon
-    token: str = ""  # the daemon's node token
+    token: str = ""  # the daemon's node token, or the instance token of a node the daemon started
+    instance: str = ""  # the cloud instance this agent runs on (set by a node's startup script)
     state_dir: str = ""  # default: $BURLA_HOME/agent or ~/.local/state/burla/agent
     runtime: str = "process"
     workers: int = 0  # warm workers; 0 means workers_per_cpu * CPUs

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from .payloads import PayloadStore
 from .state_dir import new_token
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class StoreError(RuntimeError):
@@ -100,7 +100,23 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    # The machines the daemon starts itself (node_keeper.py): one row each, and every change of state.
+    db.table("nodes").create(
+        {
+            "name": str, "grp": int, "state": str, "since": float, "job": str, "zone": str, "reason": str,
+            "agent_id": str, "created": float, "token_hash": str,
+        },
+        pk="name",
+    )  # fmt: skip
+    db.execute(
+        "CREATE TABLE node_events (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, at REAL NOT NULL,"
+        " state TEXT NOT NULL, why TEXT NOT NULL)"
+    )
+    db.table("node_events").create_index(["name", "id"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -245,6 +261,42 @@ class Store:
             value = secrets.token_hex(32)
             self.conn.execute("INSERT INTO tokens (role, token) VALUES (?, ?)", (role, value))
             return value
+
+    # ---- cluster nodes (node_keeper.py) ----------------------------------------------
+
+    NODE_COLUMNS = ("name", "grp", "state", "since", "job", "zone", "reason", "agent_id", "created", "token_hash")
+    NODE_EVENTS_KEPT = 50  # per node
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(f"SELECT {', '.join(self.NODE_COLUMNS)} FROM nodes ORDER BY created").fetchall()
+        return [dict(zip(self.NODE_COLUMNS, row, strict=True)) for row in rows]
+
+    def put_node_row(self, row: dict[str, Any], at: float, why: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                f"INSERT OR REPLACE INTO nodes ({', '.join(self.NODE_COLUMNS)}) VALUES ({', '.join('?' * len(self.NODE_COLUMNS))})",
+                tuple(row[k] for k in self.NODE_COLUMNS),
+            )
+            self._node_event(c, row["name"], at, row["state"], why)
+
+    def drop_node_row(self, name: str, at: float, why: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM nodes WHERE name = ?", (name,))
+            self._node_event(c, name, at, "GONE", why)
+
+    def _node_event(self, c: sqlite3.Connection, name: str, at: float, state: str, why: str) -> None:
+        c.execute("INSERT INTO node_events (name, at, state, why) VALUES (?, ?, ?, ?)", (name, at, state, why[:4000]))
+        c.execute(
+            "DELETE FROM node_events WHERE name = ? AND id <= (SELECT id FROM node_events WHERE name = ?"
+            " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (name, name, self.NODE_EVENTS_KEPT),
+        )
+
+    def node_events(self, name: str | None = None, limit: int = 200) -> list[tuple[str, float, str, str]]:
+        """(node, time, state, why), newest first."""
+        where, params = ("WHERE name = ?", (name, limit)) if name else ("", (limit,))
+        sql = f"SELECT name, at, state, why FROM node_events {where} ORDER BY id DESC LIMIT ?"
+        return [tuple(r) for r in self.conn.execute(sql, params).fetchall()]
 
     # ---- agents --------------------------------------------------------------------
 

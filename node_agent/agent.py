@@ -124,6 +124,7 @@ class Agent:
                 gpus=host.gpus(),
                 agent_version=_version.version(),
                 protocol=_version.protocol(),
+                instance=self.config.instance,
             )
             headers = {
                 "authorization": f"Bearer {self.config.token}",

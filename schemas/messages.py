@@ -66,8 +66,10 @@ class ErrorType(enum.StrEnum):
     NO_NODES = "burla.errors.NoNodesError"
     IMAGE = "burla.errors.ImageError"
     INSTALL = "burla.errors.InstallError"
+    NODE_START = "burla.errors.NodeStartError"
 
 
+INSTANCE_NAME = r"(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)?"  # a Compute Engine instance name (RFC 1035), or ""
 PROCESS_POOL = "process"  # the key of a process-runtime node's one pool: its workers share the node
 
 # Event.kind
@@ -131,6 +133,7 @@ class NodeInfo(Wire):
     gpus: tuple[str, ...] = field((), max_items=64)
     agent_version: str = field("", max_len=64)
     protocol: int = field(0, lo=0, hi=2**31)  # PROTOCOL_VERSION of the agent; 0: an agent older than protocol numbers
+    instance: str = field("", pattern=INSTANCE_NAME)  # the cloud instance it runs on, when the daemon started it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +161,7 @@ class JobSpec(Wire):
     image: str = field("", max_len=1024)  # an OCI image ("": the nodes' default: processes, or the first standby one)
     build: str = field("", pattern=OPTIONAL_SHA256)  # digest of a dockerfile= build context to build `image` from
     env: str = field("", pattern=OPTIONAL_SHA256)  # digest of the client's environment manifest; "": none
+    grow: bool = False  # may start cluster nodes for what the free ones lack
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,449 @@
+"""The cluster's machines over time: the daemon's side of each node's life, from create to delete.
+
+`NodeKeeper` runs in the daemon. Each round it hands `scaling.plan` the nodes it keeps and what the
+running jobs want, and carries the plan out with the provider: creates (many at once, each in its
+own task, the provider's blocking calls in threads), deletes, holds and releases. It also watches
+what the provider says of its instances (a preempted, stopped or vanished instance is gone: its
+leases run elsewhere and standby is restored), adopts the instances of its cluster after a restart,
+and hears from agents as they register (READY) and from startup scripts that fail (FAILED).
+
+Node states and their changes are the node book's (`NodeBook`, kept in SQLite by the store): each
+change has its time and reason, so `burla cluster nodes` says why a node failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import trio
+
+from burla.common.config import ClusterConfig, NodeGroupConfig
+
+from . import scaling
+from .providers import Boot, Instance, Provider, ProviderError
+from .scaling import NodeState
+from .store import Store
+
+log = logging.getLogger("burla.daemon")
+
+ROUND_SECONDS = 1.0  # a round at least this often; a job arriving or a node joining wakes one at once
+WATCH_SECONDS = 10.0  # how often the provider's list of instances is read
+GONE_STATUSES = {"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"}
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    name: str
+    group: int  # index into the cluster spec's groups
+    state: NodeState
+    since: float
+    job: str | None = None  # holds it (BUSY), or it boots for it (BOOTING)
+    zone: str = ""
+    reason: str = ""  # why it is in this state (failed: what went wrong)
+    agent_id: str = ""  # its agent, once registered
+    created: float = 0.0
+    token_hash: str = ""  # the hash of the token it registers with (the token itself is only in its metadata)
+
+
+class NodeBook(Protocol):
+    """Where node records and their state changes are kept (the store's `nodes` tables)."""
+
+    def nodes(self) -> list[NodeRecord]: ...
+
+    def put_node(self, node: NodeRecord, event: str) -> None: ...
+
+    def drop_node(self, name: str, event: str) -> None: ...
+
+
+class MemoryBook:
+    """A node book in memory: for tests, and for a daemon without a state dir."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, NodeRecord] = {}
+        self.events: list[tuple[str, str, str]] = []  # (node, state, why)
+
+    def nodes(self) -> list[NodeRecord]:
+        return list(self.records.values())
+
+    def put_node(self, node: NodeRecord, event: str) -> None:
+        self.records[node.name] = dataclasses.replace(node)
+        self.events.append((node.name, node.state.value, event))
+
+    def drop_node(self, name: str, event: str) -> None:
+        self.records.pop(name, None)
+        self.events.append((name, "GONE", event))
+
+
+class StoreBook:
+    """The node book in the daemon's SQLite file (tables `nodes` and `node_events`, store schema v5)."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.clock = store, clock
+
+    def nodes(self) -> list[NodeRecord]:
+        records = []
+        for row in self.store.node_rows():
+            try:
+                state = NodeState(row["state"])
+            except ValueError:
+                state = NodeState.FAILED
+            records.append(NodeRecord(
+                row["name"], int(row["grp"]), state, float(row["since"]), row["job"] or None, row["zone"] or "",
+                row["reason"] or "", row["agent_id"] or "", float(row["created"] or 0), row["token_hash"] or "",
+            ))  # fmt: skip
+        return records
+
+    def put_node(self, node: NodeRecord, event: str) -> None:
+        row = dataclasses.asdict(node)
+        row["grp"], row["state"], row["job"] = row.pop("group"), node.state.value, node.job or ""
+        self.store.put_node_row(row, self.clock(), event)
+
+    def drop_node(self, name: str, event: str) -> None:
+        self.store.drop_node_row(name, self.clock(), event)
+
+
+class Cluster(Protocol):
+    """What the keeper asks of the control plane."""
+
+    def demands(self) -> list[scaling.Demand]:
+        """Running jobs that may run on cluster nodes, oldest first."""
+        ...
+
+    def hold(self, agent_id: str, job_id: str) -> None:
+        """From now on this agent runs that job only."""
+        ...
+
+    def release(self, agent_id: str) -> None: ...
+
+    def node_gone(self, agent_id: str, why: str) -> None:
+        """The agent's machine is gone: its leases run elsewhere at once."""
+        ...
+
+    def growth_failed(self, job_id: str, why: str) -> None:
+        """A node started for the job cannot be had, for a reason retrying will not fix."""
+        ...
+
+    def note(self, job_id: str, text: str) -> None:
+        """Why the job has fewer nodes than it wants, for its caller's spinner ("" clears it)."""
+        ...
+
+
+class NodeKeeper:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        provider: Provider,
+        book: NodeBook,
+        url: str,
+        version: str,
+        hash_token: Callable[[str], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config, self.provider, self.book = config, provider, book
+        self.url, self.version, self.hash_token, self.clock = url, version, hash_token, clock
+        self.records: dict[str, NodeRecord] = {n.name: n for n in book.nodes()}
+        self.sizes: list[tuple[int, int]] = []  # (CPUs, RAM) of each group, from the provider
+        self.standby_on = bool(config.groups) and any(g.standby for g in config.groups)
+        self.cluster: Cluster | None = None
+        self._wake = trio.Event()
+        self._creating: set[str] = set()
+        self._deleting: set[str] = set()
+        self._serial = 0
+        self._notes: dict[str, str] = {}
+        self._cooldown: dict[int, tuple[float, float]] = {}  # group -> (no standby creates until, last delay)
+        self.failures: list[str] = []  # recent growth failures, newest last, for `burla cluster nodes`
+
+    # ---- what others tell it --------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def token_for(self, name: str) -> str | None:
+        """The instance that registers with this token's hash, if it is one of ours."""
+        return next((n.name for n in self.records.values() if n.token_hash and n.token_hash == name), None)
+
+    def instance_of(self, token: str) -> str | None:
+        """The name of the instance whose registration token this is (None: not an instance token)."""
+        digest = self.hash_token(token)
+        return next((n.name for n in self.records.values() if n.token_hash == digest), None)
+
+    def registered(self, name: str, agent_id: str) -> None:
+        node = self.records.get(name)
+        if node is None or node.state in (NodeState.DELETING, NodeState.FAILED):
+            return
+        state = NodeState.READY
+        self._set(node, state, "its agent registered", agent_id=agent_id)
+        self.wake()
+
+    def agent_lost(self, agent_id: str) -> None:
+        """The agent stopped answering: until the provider says more, the node is not usable."""
+        for node in self.records.values():
+            if node.agent_id == agent_id and node.state not in (NodeState.DELETING, NodeState.FAILED):
+                self._fail(node, "its agent stopped answering")
+        self.wake()
+
+    def boot_failed(self, name: str, step: str, log_tail: str) -> None:
+        node = self.records.get(name)
+        if node is not None and node.state == NodeState.BOOTING:
+            tail = log_tail.strip().splitlines()[-20:]
+            self._fail(node, f"its startup script failed at {step or 'a step it did not name'}: " + " | ".join(tail))
+            self.wake()
+
+    def start(self) -> None:
+        """`burla cluster start`: keep standby from now on."""
+        self.standby_on = True
+        self.wake()
+
+    async def stop(self) -> None:
+        """`burla cluster stop`: standby off, every node deleted (the control plane cancels their jobs)."""
+        self.standby_on = False
+        for node in list(self.records.values()):
+            if node.state != NodeState.DELETING:
+                self._set(node, NodeState.DELETING, "the cluster was stopped")
+        async with trio.open_nursery() as nursery:
+            for node in list(self.records.values()):
+                nursery.start_soon(self._delete, node.name)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._size_groups()
+        await self.adopt()
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            self._nursery = nursery
+            while True:
+                with trio.move_on_after(ROUND_SECONDS):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                self.round()
+
+    async def _size_groups(self) -> None:
+        self.sizes = []
+        for group in self.config.groups:
+            self.sizes.append(await self.provider.machine(group))
+
+    def policy(self) -> scaling.Policy:
+        groups = [
+            scaling.Group(str(i), cpus, ram, g.standby, g.accelerator_count)
+            for i, (g, (cpus, ram)) in enumerate(zip(self.config.groups, self.sizes, strict=True))
+        ]
+        return scaling.Policy(
+            groups,
+            max_cpus=self.config.max_cpus,
+            idle_timeout=self.config.idle_timeout,
+            standby_idle_timeout=self.config.standby_idle_timeout or None,
+            boot_timeout=self.config.boot_timeout,
+            standby_on=self.standby_on,
+        )
+
+    def round(self) -> scaling.Plan:
+        """One round: plan, then start what the plan says (creates and deletes run in the background)."""
+        now = self.clock()
+        cluster = self.cluster
+        demands = cluster.demands() if cluster is not None else []
+        nodes = [
+            scaling.Node(n.name, str(n.group), n.state, n.since, n.job)
+            for n in self.records.values()
+            if 0 <= n.group < len(self.sizes)
+        ]
+        out = scaling.plan(self.policy(), nodes, demands, now)
+        if out.standby_off:
+            self.standby_on = False
+            log.info("the cluster was unused for %.0f s: standby nodes are deleted", self.config.standby_idle_timeout)
+        for name in out.release:
+            node = self.records[name]
+            if node.state == NodeState.BUSY:
+                self._set(node, NodeState.IDLE, f"job {node.job} ended", job=None)
+                if cluster is not None and node.agent_id:
+                    cluster.release(node.agent_id)
+            else:
+                self._set(node, node.state, f"job {node.job} ended before it booted", job=None)
+        for name, job in out.assign:
+            node = self.records[name]
+            self._set(node, NodeState.BUSY, f"held by job {job}", job=job)
+            if cluster is not None and node.agent_id:
+                cluster.hold(node.agent_id, job)
+        for name, why in out.failed:
+            self._fail(self.records[name], why)
+        for name, why in out.delete:
+            node = self.records[name]
+            self._set(node, NodeState.DELETING, why)
+        for create in out.create:
+            group = int(create.group)
+            if create.job is None and self._cooldown.get(group, (0.0, 0.0))[0] > now:
+                continue  # standby of a group the cloud refused lately: not every round
+            for _ in range(create.count):
+                self._create(group, create.job)
+        if cluster is not None:
+            for demand in demands:
+                text = out.notes.get(demand.job_id, "")
+                if self._notes.get(demand.job_id, "") != text:
+                    cluster.note(demand.job_id, text)
+            self._notes = {d.job_id: out.notes.get(d.job_id, "") for d in demands}
+        for node in list(self.records.values()):
+            if node.state in (NodeState.DELETING, NodeState.FAILED) and node.name not in self._deleting:
+                self._start(self._delete, node.name)
+        return out
+
+    def _start(self, fn: Callable[..., object], *args: object) -> None:
+        nursery = getattr(self, "_nursery", None)
+        if nursery is None:
+            return  # not running (a test of one round): nothing is carried out
+        nursery.start_soon(fn, *args)
+
+    def _create(self, group: int, job: str | None) -> None:
+        self._serial += 1
+        name = f"burla-{self.config.name}-{secrets.token_hex(3)}{self._serial}"[:63]
+        token = f"burla_instance_{secrets.token_urlsafe(32)}"
+        now = self.clock()
+        node = NodeRecord(name, group, NodeState.BOOTING, now, job=job, created=now, token_hash=self.hash_token(token))
+        self.records[name] = node
+        self.book.put_node(node, f"created for job {job}" if job else "created for standby")
+        self._start(self._create_instance, node, token)
+
+    async def _create_instance(self, node: NodeRecord, token: str) -> None:
+        group = self.config.groups[node.group]
+        self._creating.add(node.name)
+        try:
+            made = await self.provider.create(node.name, node.group, group, Boot(self.url, token, self.version))
+        except ProviderError as e:
+            why = str(e)
+            log.warning("node %s (%s) could not be created: %s", node.name, group.machine_type, why)
+            self.failures = [*self.failures[-19:], why]
+            job = node.job
+            delay = min(600.0, 2 * self._cooldown.get(node.group, (0.0, 15.0))[1])
+            self._cooldown[node.group] = (self.clock() + delay, delay)  # 30 s, 60 s, ... 10 min
+            self._fail(node, why, delete=False)
+            self.records.pop(node.name, None)
+            self.book.drop_node(node.name, f"could not be created: {why}")
+            if job is not None and self.cluster is not None:
+                self.cluster.growth_failed(job, why)  # the control plane fails the job: it wants no more nodes
+            return
+        finally:
+            self._creating.discard(node.name)
+        self._cooldown.pop(node.group, None)
+        if node.name in self.records:
+            node.zone = made.zone
+            self.book.put_node(node, f"instance created in {made.zone or 'this machine'}")
+
+    async def _delete(self, name: str) -> None:
+        if name in self._deleting:
+            return
+        self._deleting.add(name)
+        try:
+            while name in self._creating:  # an insert still in flight: delete what it makes
+                await trio.sleep(0.5)
+            try:
+                await self.provider.delete(name)
+            except Exception as e:  # noqa: BLE001 - a failed delete is retried by the next round
+                log.warning("deleting node %s failed (%s); trying again", name, e)
+                await trio.sleep(5)
+                return
+            node = self.records.pop(name, None)
+            if node is not None:
+                self.book.drop_node(name, f"deleted ({node.reason})")
+        finally:
+            self._deleting.discard(name)
+        self.wake()
+
+    # ---- the provider's view ---------------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """After a restart: take on the provider's instances of this cluster, forget records it lacks."""
+        instances = await self.provider.list()
+        self._reconcile(instances, adopting=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await trio.sleep(WATCH_SECONDS)
+            try:
+                instances = await self.provider.list()
+            except Exception as e:  # noqa: BLE001 - the cloud API unreachable: try again later
+                log.warning("listing the cluster's instances failed: %s", e)
+                continue
+            self._reconcile(instances)
+
+    def _reconcile(self, instances: Sequence[Instance], adopting: bool = False) -> None:
+        seen = {i.name: i for i in instances}
+        now = self.clock()
+        for name, node in list(self.records.items()):
+            instance = seen.get(name)
+            if name in self._creating or node.state == NodeState.DELETING and instance is None:
+                if instance is None and name not in self._creating:
+                    self.records.pop(name)
+                    self.book.drop_node(name, "gone")
+                continue
+            if instance is None:
+                self._gone(node, "its instance is gone (deleted outside Burla, or never created)")
+            elif instance.status in GONE_STATUSES:
+                why = f"the cloud stopped it ({instance.status}{': ' + instance.detail if instance.detail else ''})"
+                self._gone(node, why)
+        for name, instance in seen.items():
+            if name in self.records or instance.status in GONE_STATUSES:
+                if name not in self.records and adopting:
+                    self._start(self._delete, name)
+                continue
+            if 0 <= instance.group < len(self.config.groups):
+                node = NodeRecord(name, instance.group, NodeState.BOOTING, now, zone=instance.zone, created=now)
+                node.reason = "adopted after a daemon restart: waiting for its agent"
+                self.records[name] = node
+                self.book.put_node(node, node.reason)
+        self.wake()
+
+    def _gone(self, node: NodeRecord, why: str) -> None:
+        if node.agent_id and self.cluster is not None:
+            self.cluster.node_gone(node.agent_id, why)
+        self._fail(node, why)
+
+    # ---- records ------------------------------------------------------------------------
+
+    def _set(self, node: NodeRecord, state: NodeState, why: str, **changes: object) -> None:
+        for key, value in changes.items():
+            setattr(node, key, value)
+        node.state, node.since, node.reason = state, self.clock(), why
+        self.book.put_node(node, why)
+
+    def _fail(self, node: NodeRecord, why: str, delete: bool = True) -> None:
+        if node.agent_id and self.cluster is not None:
+            self.cluster.release(node.agent_id)
+        self._set(node, NodeState.FAILED, why, job=None)
+        if delete:
+            self._start(self._delete, node.name)
+
+    # ---- what it tells ----------------------------------------------------------------------
+
+    def cpus(self) -> int:
+        return sum(self.sizes[n.group][0] for n in self.records.values() if 0 <= n.group < len(self.sizes))
+
+    def describe(self) -> list[dict[str, object]]:
+        """One row per node for `burla cluster nodes`."""
+        now = self.clock()
+        rows: list[dict[str, object]] = []
+        for n in sorted(self.records.values(), key=lambda n: n.created):
+            group: NodeGroupConfig | None = (
+                self.config.groups[n.group] if 0 <= n.group < len(self.config.groups) else None
+            )
+            rows.append({
+                "name": n.name,
+                "state": n.state.value,
+                "machine_type": group.machine_type if group else "",
+                "zone": n.zone,
+                "age": math.floor(now - n.created),
+                "job": n.job or "",
+                "reason": n.reason,
+                "agent_id": n.agent_id,
+            })  # fmt: skip
+        return rows
+
+
+def agents_of(records: Iterable[NodeRecord]) -> dict[str, str]:
+    """agent id -> node name, of the nodes whose agents registered."""
+    return {n.agent_id: n.name for n in records if n.agent_id}
