@@ -22,20 +22,11 @@ from collections.abc import Iterable
 
 from burla.schemas import messages as m
 
-from .ranges import RangeSet, subtract
+from .pending import Pending
+from .ranges import RangeSet
 
 _EPSILON = 1e-9
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
-
-
-@dataclasses.dataclass
-class Interval:
-    """Pending inputs [lo, hi) of batch `seq`, whose first input is `start`."""
-
-    seq: int
-    start: int
-    lo: int
-    hi: int
 
 
 @dataclasses.dataclass
@@ -51,8 +42,7 @@ class JobState:
     spec: m.JobSpec
     created: float
     state: str = m.RUNNING
-    pending: collections.deque[Interval] = dataclasses.field(default_factory=collections.deque)
-    n_pending: int = 0
+    pending: Pending = dataclasses.field(default_factory=Pending)
     leases: dict[int, ActiveLease] = dataclasses.field(default_factory=dict)
     done: RangeSet = dataclasses.field(default_factory=RangeSet)
     n_inputs: int | None = None  # known once the client has sent the last batch
@@ -71,6 +61,10 @@ class JobState:
     @property
     def func_ram_bytes(self) -> int:
         return int(self.spec.func_ram * 1e9)
+
+    @property
+    def n_pending(self) -> int:
+        return self.pending.size
 
     def finished_uploading(self) -> bool:
         return self.n_inputs is not None and self.n_uploaded >= self.n_inputs
@@ -279,9 +273,7 @@ class Scheduler:
                 continue
             job.batches[b.seq] = (b.start, b.count)
             job.n_uploaded += b.count
-            if b.count > 0:
-                job.pending.append(Interval(b.seq, b.start, b.start, b.start + b.count))
-                job.n_pending += b.count
+            job.pending.add(b.seq, b.start, b.start, b.start + b.count)
             new.append(b)
         if final_count is not None:
             job.n_inputs = final_count
@@ -299,7 +291,6 @@ class Scheduler:
             stopped.append((active.agent_id, lease_id))
             self._drop_lease(job, lease_id)
         job.pending.clear()
-        job.n_pending = 0
         return stopped
 
     def forget_job(self, job_id: str) -> None:
@@ -310,7 +301,7 @@ class Scheduler:
 
     def assign(self, now: float) -> list[ActiveLease]:
         """Hand pending inputs to free worker slots; returns the new leases."""
-        runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.n_pending > 0]
+        runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.pending.size > 0]
         if not runnable:
             return []
         for job in runnable:
@@ -322,7 +313,7 @@ class Scheduler:
             while len(node.leases) < node.ready_workers:
                 candidates = [
                     j for j in runnable
-                    if j.n_pending > 0 and node.fits(j)
+                    if j.pending.size > 0 and node.fits(j)
                     and (j.spec.max_parallelism is None or len(j.leases) < j.spec.max_parallelism)
                 ]  # fmt: skip
                 if not candidates:
@@ -338,7 +329,7 @@ class Scheduler:
         return max(1, slots)
 
     def chunk_size(self, job: JobState) -> int:
-        guided = math.ceil(job.n_pending / max(1, job.slots))
+        guided = math.ceil(job.pending.size / max(1, job.slots))
         if job.seconds_per_call is None:
             cap = 1  # a probe: learn the call time before handing out more
         else:
@@ -346,15 +337,14 @@ class Scheduler:
         return max(1, min(guided, cap, self.max_lease_inputs))
 
     def _carve(self, job: JobState, node: NodeState, now: float) -> ActiveLease:
-        iv = job.pending[0]
-        hi = min(iv.hi, iv.lo + job.round_chunk)
+        seq, start, lo, hi = job.pending.take(job.round_chunk)
         lease = m.Lease(
             lease_id=self.next_lease_id,
             job_id=job.job_id,
             function_hash=job.spec.function_hash,
-            batch_seq=iv.seq,
-            batch_start=iv.start,
-            lo=iv.lo,
+            batch_seq=seq,
+            batch_start=start,
+            lo=lo,
             hi=hi,
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
@@ -362,11 +352,6 @@ class Scheduler:
             env=job.spec.env,
         )
         self.next_lease_id += 1
-        if hi == iv.hi:
-            job.pending.popleft()
-        else:
-            iv.lo = hi
-        job.n_pending -= hi - lease.lo
         active = ActiveLease(lease, node.agent_id, issued=now)
         self._attach(job, node, active)
         return active
@@ -401,10 +386,7 @@ class Scheduler:
             active = self._drop_lease(job, lease_id)
             if active is None or job.state != m.RUNNING:
                 continue
-            lease = active.lease
-            for lo, hi in subtract(lease.lo, lease.hi, job.done):
-                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, lo, hi))
-                job.n_pending += hi - lo
+            job.pending.put_back(active.lease, active.lease.lo, job.done)
 
     def complete(
         self, job_id: str, lease_id: int, lo: int, n_ok: int, elapsed: float, error: bool, now: float
@@ -451,46 +433,32 @@ class Scheduler:
             completion.stopped = self.finish_job(job_id, m.JOB_FAILED)
             return completion
         if active is not None and hi < lease_hi:  # a short result without an error: rerun the rest
-            for r_lo, r_hi in subtract(hi, lease_hi, job.done):
-                job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
-                job.n_pending += r_hi - r_lo
+            job.pending.put_back(active.lease, hi, job.done)
         completion.job_done = job.complete()
         if completion.job_done:
             job.state = m.JOB_DONE
         return completion
 
     def requeue_rest(self, job: JobState, lease: m.Lease, lo: int) -> None:
-        for r_lo, r_hi in subtract(lo, lease.hi, job.done):
-            if not self._covered_elsewhere(job, r_lo, r_hi):
-                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, r_lo, r_hi))
-                job.n_pending += r_hi - r_lo
+        """Requeue what of `lease` from `lo` on is neither done nor pending nor leased again."""
+        job.pending.put_back(lease, lo, job.done, keep=lambda r_lo, r_hi: not self._covered_elsewhere(job, r_lo, r_hi))
 
     def _covered_elsewhere(self, job: JobState, lo: int, hi: int) -> bool:
-        if any(iv.lo < hi and lo < iv.hi for iv in job.pending):
-            return True
-        return any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
+        return job.pending.overlaps(lo, hi) or any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
 
     def _claim(self, job: JobState, lo: int, hi: int) -> list[int]:
         """Take [lo, hi) out of pending and out of any lease carved inside it."""
-        if job.pending:
-            kept: collections.deque[Interval] = collections.deque()
-            for iv in job.pending:
-                if iv.hi <= lo or iv.lo >= hi:
-                    kept.append(iv)
-                    continue
-                job.n_pending -= iv.hi - iv.lo
-                for r_lo, r_hi in subtract(iv.lo, iv.hi, [(lo, hi)]):
-                    kept.append(Interval(iv.seq, iv.start, r_lo, r_hi))
-                    job.n_pending += r_hi - r_lo
-            job.pending = kept
+        job.pending.remove(lo, hi)
         superseded = [lid for lid, a in job.leases.items() if a.lease.lo < hi and lo < a.lease.hi]
         for lid in superseded:
             active = self._drop_lease(job, lid)
             if active is not None:  # the part of it outside [lo, hi) still needs running
-                for r_lo, r_hi in subtract(active.lease.lo, active.lease.hi, [(lo, hi)]):
-                    if not job.done.intersects(r_lo, r_hi):
-                        job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
-                        job.n_pending += r_hi - r_lo
+                job.pending.put_back(
+                    active.lease,
+                    active.lease.lo,
+                    [(lo, hi)],
+                    keep=lambda r_lo, r_hi: not job.done.intersects(r_lo, r_hi),
+                )
         return superseded
 
     def _learn(self, job: JobState, seconds: float) -> None:
@@ -591,9 +559,7 @@ class Scheduler:
         for b in sorted(batches, key=lambda b: b.seq):
             job.batches[b.seq] = (b.start, b.count)
             job.n_uploaded += b.count
-            for lo, hi in subtract(b.start, b.start + b.count, [*job.done, *held]):
-                job.pending.append(Interval(b.seq, b.start, lo, hi))
-                job.n_pending += hi - lo
+            job.pending.add(b.seq, b.start, b.start, b.start + b.count, [*job.done, *held])
         self.requeue(orphans)  # leases of agents that are gone: back to pending, after the batches
         return job
 
