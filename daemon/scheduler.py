@@ -5,6 +5,10 @@ lease came back, an agent went silent) and it returns decisions (these leases
 go to these agents, this result is accepted, these leases are cancelled). The
 store persists what it decides; nothing here touches a socket or a file.
 
+Its parts: `pending` (the queue leases are carved from), `placement` (which
+node and pool a call fits, CPU and RAM held), `claims` (which pools container
+nodes make), `ranges` (the done sets).
+
 Invariants (see docs/ARCHITECTURE.md):
 
 * Pending intervals are never merged, and leases are carved from the front of
@@ -22,10 +26,11 @@ from collections.abc import Iterable
 
 from burla.schemas import messages as m
 
+from . import claims
 from .pending import Pending
+from .placement import NodeState, ram_bytes, slots_for
 from .ranges import RangeSet
 
-_EPSILON = 1e-9
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
 
 
@@ -60,7 +65,7 @@ class JobState:
 
     @property
     def func_ram_bytes(self) -> int:
-        return int(self.spec.func_ram * 1e9)
+        return ram_bytes(self.spec)
 
     @property
     def n_pending(self) -> int:
@@ -71,83 +76,6 @@ class JobState:
 
     def complete(self) -> bool:
         return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
-
-
-PROCESS_POOL = m.PROCESS_POOL
-
-
-@dataclasses.dataclass
-class NodeState:
-    agent_id: str
-    info: m.NodeInfo
-    last_seen: float
-    ready_workers: int
-    leases: set[int] = dataclasses.field(default_factory=set)
-    cpu_used: float = 0.0
-    ram_used: int = 0
-    stats: dict[str, object] = dataclasses.field(default_factory=dict)
-    pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
-    job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # what it does for a job (installing)
-    pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-
-    @property
-    def containers(self) -> bool:
-        """Workers are containers of given images and shapes (not processes sharing the node)."""
-        return self.info.runtime != "process"
-
-    def pool_views(self) -> list[m.PoolState]:
-        if self.pools or self.containers:  # a container node has only the pools it reports: none at first
-            return list(self.pools.values())
-        return [
-            m.PoolState(PROCESS_POOL, python_version=self.info.python_version, slots=self.info.workers,
-                        ready=self.ready_workers, default=True)
-        ]  # fmt: skip
-
-    def pool_fits(self, pool: m.PoolState, job: JobState) -> bool:
-        """Could `pool` run `job`'s calls (free slots aside)?"""
-        spec = job.spec
-        if pool.state != "ready":
-            return False
-        if pool.job_id:  # made for one job, in its shape
-            return pool.job_id == job.job_id
-        if (spec.image or spec.build) and pool.image != spec.image:
-            return False
-        if not (spec.image or spec.build) and not pool.default:
-            return False
-        if pool.python_version and pool.python_version != spec.python_version:
-            return False
-        if pool.cpus <= 0:  # shared by every call on the node: reserve per call
-            return (
-                self.cpu_used + spec.func_cpu <= self.info.cpus + _EPSILON
-                and self.ram_used + job.func_ram_bytes <= self.info.ram_bytes
-            )
-        return spec.func_cpu <= pool.cpus + _EPSILON and (pool.ram_bytes <= 0 or job.func_ram_bytes <= pool.ram_bytes)
-
-    def pick_pool(self, job: JobState) -> str | None:
-        """A pool with a free worker for one more call of `job`, if any."""
-        for pool in self.pool_views():
-            if pool.ready - self.pool_leases[pool.key] > 0 and self.pool_fits(pool, job):
-                return pool.key
-        return None
-
-    def fits(self, job: JobState) -> bool:
-        return self.pick_pool(job) is not None
-
-    def capacity_for(self, job: JobState) -> int:
-        """How many calls of `job` this node could run at once, when idle (after reshaping its pools)."""
-        spec = job.spec
-        if not self.containers:
-            if self.info.python_version != spec.python_version or spec.image or spec.build:
-                return 0
-            limit = self.info.workers
-        else:
-            known = {p.python_version for p in self.pools.values() if p.image == spec.image and p.python_version}
-            if spec.image and known and spec.python_version not in known:
-                return 0
-            limit = 1 << 30
-        by_cpu = math.floor(self.info.cpus / spec.func_cpu + _EPSILON) if spec.func_cpu > 0 else limit
-        by_ram = math.floor(self.info.ram_bytes / job.func_ram_bytes + _EPSILON) if job.func_ram_bytes > 0 else limit
-        return max(0, min(limit, by_cpu, by_ram))
 
 
 @dataclasses.dataclass
@@ -230,8 +158,7 @@ class Scheduler:
         """
         if not self.nodes:
             return None
-        probe = JobState(spec, 0.0)
-        if any(n.capacity_for(probe) > 0 for n in self.nodes.values()):
+        if any(n.capacity_for(spec) > 0 for n in self.nodes.values()):
             return None
         if (spec.image or spec.build) and not any(n.containers for n in self.nodes.values()):
             what = "dockerfile=" if spec.build else "image="
@@ -313,7 +240,7 @@ class Scheduler:
             while len(node.leases) < node.ready_workers:
                 candidates = [
                     j for j in runnable
-                    if j.pending.size > 0 and node.fits(j)
+                    if j.pending.size > 0 and node.fits(j.spec)
                     and (j.spec.max_parallelism is None or len(j.leases) < j.spec.max_parallelism)
                 ]  # fmt: skip
                 if not candidates:
@@ -323,10 +250,7 @@ class Scheduler:
         return issued
 
     def _slots_for(self, job: JobState) -> int:
-        slots = sum(n.capacity_for(job) for n in self.nodes.values())
-        if job.spec.max_parallelism is not None:
-            slots = min(slots, job.spec.max_parallelism)
-        return max(1, slots)
+        return slots_for(self.nodes.values(), job.spec)
 
     def chunk_size(self, job: JobState) -> int:
         guided = math.ceil(job.pending.size / max(1, job.slots))
@@ -348,7 +272,7 @@ class Scheduler:
             hi=hi,
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
-            pool=node.pick_pool(job) or "",
+            pool=node.pick_pool(job.spec) or "",
             env=job.spec.env,
         )
         self.next_lease_id += 1
@@ -360,21 +284,15 @@ class Scheduler:
         job.leases[active.lease.lease_id] = active
         self.lease_owner[active.lease.lease_id] = job.job_id
         if node is not None:
-            node.leases.add(active.lease.lease_id)
-            node.pool_leases[active.lease.pool or PROCESS_POOL] += 1
-            node.cpu_used += job.spec.func_cpu
-            node.ram_used += job.func_ram_bytes
+            node.hold(active.lease.lease_id, active.lease.pool, job.spec)
 
     def _drop_lease(self, job: JobState, lease_id: int) -> ActiveLease | None:
         active = job.leases.pop(lease_id, None)
         self.lease_owner.pop(lease_id, None)
         if active is not None:
             node = self.nodes.get(active.agent_id)
-            if node is not None and lease_id in node.leases:
-                node.leases.discard(lease_id)
-                node.pool_leases[active.lease.pool or PROCESS_POOL] -= 1
-                node.cpu_used = max(0.0, node.cpu_used - job.spec.func_cpu)
-                node.ram_used = max(0, node.ram_used - job.func_ram_bytes)
+            if node is not None:
+                node.release(lease_id, active.lease.pool, job.spec)
         return active
 
     def requeue(self, lease_ids: Iterable[int]) -> None:
@@ -469,31 +387,7 @@ class Scheduler:
         while len(self._estimates) > _ESTIMATE_MEMORY:
             self._estimates.popitem(last=False)
 
-    # ---- pools on container nodes -------------------------------------------
-
-    def standby_fits(self, node: NodeState, job: JobState) -> bool:
-        """Can `job` run on `node`'s standby containers, as they are?"""
-        spec = job.spec
-        if spec.build:
-            return False
-        for i, image in enumerate(self.standby):
-            if image.image == spec.image or (not spec.image and i == 0):
-                cpus, ram, _ = image.shape(node.info.cpus, node.info.ram_bytes)
-                return spec.func_cpu <= cpus + _EPSILON and job.func_ram_bytes <= ram
-        return False
-
-    def want_for(self, node: NodeState, job: JobState) -> m.PoolWant | None:
-        """The pool `node` would make to run `job` (its image, one call per container)."""
-        spec = job.spec
-        image = spec.image or (self.standby[0].image if self.standby else "")
-        if not image:
-            return None  # no image named and no standby image to default to
-        count = node.capacity_for(job)
-        if spec.max_parallelism is not None:
-            count = min(count, spec.max_parallelism)
-        if count <= 0:
-            return None
-        return m.PoolWant(job.job_id, image, spec.build, spec.func_cpu, job.func_ram_bytes, count, spec.python_version)
+    # ---- pools on container nodes (see claims) -------------------------------
 
     def plan_wants(self) -> dict[str, tuple[m.PoolWant, ...]]:
         """The pools each container node should make now; nodes not named go back to standby.
@@ -502,35 +396,8 @@ class Scheduler:
         CPU or RAM per call) claims container nodes, oldest job first, until it
         has max_parallelism workers; a claim lasts until the job ends.
         """
-        for agent_id, job_id in list(self.claims.items()):
-            job = self.jobs.get(job_id)
-            if agent_id not in self.nodes or job is None or job.state != m.RUNNING:
-                del self.claims[agent_id]
-        for job in self.jobs.values():
-            if job.state != m.RUNNING:
-                continue
-            needed = job.spec.max_parallelism or (1 << 30)
-            have = 0
-            for agent_id, job_id in self.claims.items():
-                if job_id == job.job_id:
-                    want = self.want_for(self.nodes[agent_id], job)
-                    have += want.count if want else 0
-            for node in sorted(self.nodes.values(), key=lambda n: (len(n.leases), n.agent_id)):
-                if have >= needed:
-                    break
-                if not node.containers or node.agent_id in self.claims or self.standby_fits(node, job):
-                    continue
-                want = self.want_for(node, job)
-                if want is not None:
-                    self.claims[node.agent_id] = job.job_id
-                    have += want.count
-        out: dict[str, tuple[m.PoolWant, ...]] = {}
-        for agent_id, node in self.nodes.items():
-            if node.containers:
-                claimed = self.claims.get(agent_id)
-                planned = self.want_for(node, self.jobs[claimed]) if claimed else None
-                out[agent_id] = (planned,) if planned else ()
-        return out
+        running = {job_id: j.spec for job_id, j in self.jobs.items() if j.state == m.RUNNING}
+        return claims.plan_wants(self.claims, self.nodes, running, self.standby)
 
     # ---- restore after a restart ------------------------------------------
 
