@@ -2,7 +2,8 @@
 
 A node is plain state the scheduler keeps per agent: the pools the agent
 reports (or, on a process node, the one pool of its processes), the leases it
-holds, and the CPU and RAM those leases reserve.
+holds, and the CPU and RAM those leases reserve. `unfit` says why no node at
+all could run a job, as facts; `status_text` puts them in words.
 """
 
 from __future__ import annotations
@@ -117,3 +118,54 @@ def slots_for(nodes: Collection[NodeState], spec: m.JobSpec) -> int:
     if spec.max_parallelism is not None:
         slots = min(slots, spec.max_parallelism)
     return max(1, slots)
+
+
+# ---- why no node could ever run a job -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedsContainers:
+    """The job names an image or a dockerfile, and every node runs plain processes."""
+
+    build: bool  # dockerfile= (else image=)
+    nodes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NoPython:
+    """No process node runs the client's Python."""
+
+    wanted: str
+    have: tuple[tuple[str, int], ...]  # (Python version, how many nodes run it), by version
+
+
+@dataclasses.dataclass(frozen=True)
+class TooLarge:
+    """One call asks for more CPU or RAM than the largest node that could run it has."""
+
+    func_cpu: float
+    func_ram: float  # GB, as asked
+    cpus: int  # of the largest candidate node
+    ram_bytes: int
+
+
+Unfit = NeedsContainers | NoPython | TooLarge
+
+
+def unfit(nodes: Collection[NodeState], spec: m.JobSpec) -> Unfit | None:
+    """Why none of `nodes` could ever run `spec`, or None.
+
+    With no node registered at all the job waits for one instead.
+    """
+    if not nodes:
+        return None
+    if any(n.capacity_for(spec) > 0 for n in nodes):
+        return None
+    if (spec.image or spec.build) and not any(n.containers for n in nodes):
+        return NeedsContainers(build=bool(spec.build), nodes=len(nodes))
+    versions = collections.Counter(n.info.python_version for n in nodes if not n.containers)
+    if versions and spec.python_version not in versions:
+        return NoPython(spec.python_version, tuple(sorted(versions.items())))
+    same = [n for n in nodes if n.containers or n.info.python_version == spec.python_version]
+    best = max(same or nodes, key=lambda n: (n.info.cpus, n.info.ram_bytes))
+    return TooLarge(spec.func_cpu, spec.func_ram, best.info.cpus, best.info.ram_bytes)

@@ -2,12 +2,13 @@
 
 The control plane feeds it events (an agent registered, inputs arrived, a
 lease came back, an agent went silent) and it returns decisions (these leases
-go to these agents, this result is accepted, these leases are cancelled). The
-store persists what it decides; nothing here touches a socket or a file.
+go to these agents, this result is accepted, these leases are cancelled) and
+facts (why a job cannot run, what it waits on). The store persists what it
+decides; nothing here touches a socket or a file.
 
 Its parts: `pending` (the queue leases are carved from), `placement` (which
 node and pool a call fits, CPU and RAM held), `claims` (which pools container
-nodes make), `ranges` (the done sets).
+nodes make), `ranges` (the done sets). `status_text` words its facts.
 
 Invariants (see docs/ARCHITECTURE.md):
 
@@ -28,7 +29,7 @@ from burla.schemas import messages as m
 
 from . import claims
 from .pending import Pending
-from .placement import NodeState, ram_bytes, slots_for
+from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
 from .ranges import RangeSet
 
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
@@ -76,6 +77,24 @@ class JobState:
 
     def complete(self) -> bool:
         return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What the cluster is doing for a job, as facts (`status_text.phase` puts them in words)."""
+
+    nodes: int  # registered
+    preparing: tuple[str, int] | None  # what most nodes preparing for it do (pulling, installing), on how many
+    running: int  # leases out
+    pending: int  # inputs waiting for a worker
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A job's status, its phase still as facts."""
+
+    status: m.JobStatus  # with no phase
+    phase: Phase
 
 
 @dataclasses.dataclass
@@ -151,37 +170,12 @@ class Scheduler:
 
     # ---- jobs --------------------------------------------------------------
 
-    def infeasible(self, spec: m.JobSpec) -> str | None:
-        """Why no registered node could ever run `spec`, or None.
+    def infeasible(self, spec: m.JobSpec) -> Unfit | None:
+        """Why no registered node could ever run `spec`, or None (`status_text.unfit` words it).
 
         With no node registered at all the job waits for one instead.
         """
-        if not self.nodes:
-            return None
-        if any(n.capacity_for(spec) > 0 for n in self.nodes.values()):
-            return None
-        if (spec.image or spec.build) and not any(n.containers for n in self.nodes.values()):
-            what = "dockerfile=" if spec.build else "image="
-            return (
-                f"{what} needs nodes that run containers, but this cluster's {len(self.nodes)} "
-                f"node{'s' * (len(self.nodes) != 1)} run plain processes. Start agents with "
-                "`burlad agent URL --runtime podman`, or leave out the image."
-            )
-        versions = collections.Counter(n.info.python_version for n in self.nodes.values() if not n.containers)
-        if versions and spec.python_version not in versions:
-            have = ", ".join(f"Python {v} ({c} node{'s' * (c > 1)})" for v, c in sorted(versions.items()))
-            return (
-                f"no node runs Python {spec.python_version}, the version of this client; the cluster has {have}. "
-                f"Call remote_parallel_map from a Python {' or '.join(sorted(versions))} environment, "
-                f"or add nodes that run Python {spec.python_version}."
-            )
-        same = [n for n in self.nodes.values() if n.containers or n.info.python_version == spec.python_version]
-        best = max(same or self.nodes.values(), key=lambda n: (n.info.cpus, n.info.ram_bytes))
-        return (
-            f"func_cpu={spec.func_cpu:g} and func_ram={spec.func_ram:g} GB do not fit on any node; "
-            f"the largest node has {best.info.cpus} CPUs and {best.info.ram_bytes / 1e9:.1f} GB of RAM. "
-            f"Ask for at most that much per call, or add larger nodes."
-        )
+        return unfit(self.nodes.values(), spec)
 
     def add_job(self, spec: m.JobSpec, now: float) -> JobState:
         job = JobState(spec, created=now)
@@ -432,7 +426,8 @@ class Scheduler:
 
     # ---- views ---------------------------------------------------------------
 
-    def job_status(self, job: JobState, now: float) -> m.JobStatus:
+    def job_progress(self, job: JobState, now: float) -> Progress:
+        """Where `job` stands (`status_text.job_status` makes the wire message of it)."""
         rate = 0.0
         if job.first_result_at is not None and job.last_result_at and job.last_result_at > job.first_result_at:
             rate = job.done.size / max(1e-6, now - job.first_result_at)
@@ -441,18 +436,7 @@ class Scheduler:
             if p.job_id == job.job_id and p.state == "preparing" and p.phase
         )  # fmt: skip
         preparing.update(n.job_phases[job.job_id] for n in self.nodes.values() if n.job_phases.get(job.job_id))
-        if not self.nodes:
-            phase = "waiting for a node to join the cluster"
-        elif preparing:  # nodes pulling, building or installing for it (its leases wait on them)
-            what, count = preparing.most_common(1)[0]
-            phase = f"{what} on {count} node{'s' * (count != 1)}"
-        elif job.leases:
-            phase = f"running on {len(job.leases)} worker{'s' * (len(job.leases) != 1)}"
-        elif job.n_pending:
-            phase = "queued: waiting for free workers"
-        else:
-            phase = "waiting for inputs"
-        return m.JobStatus(
+        status = m.JobStatus(
             job_id=job.job_id,
             state=job.state,
             function_name=job.spec.function_name,
@@ -463,5 +447,11 @@ class Scheduler:
             workers=self._slots_for(job) if self.nodes else 0,
             created=job.created,
             calls_per_second=rate,
-            phase=phase,
         )
+        phase = Phase(
+            nodes=len(self.nodes),
+            preparing=preparing.most_common(1)[0] if preparing else None,
+            running=len(job.leases),
+            pending=job.pending.size,
+        )
+        return Progress(status, phase)

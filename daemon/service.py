@@ -31,6 +31,7 @@ from burla.schemas import local
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
+from . import status_text
 from .config import TOKENS_FILE, DaemonConfig, read_tokens
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
@@ -186,8 +187,8 @@ class ControlPlane:
             if digest and not self.has_blob(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
-        if reason:
-            raise Unsatisfiable(reason)
+        if reason is not None:
+            raise Unsatisfiable(status_text.unfit(reason))
         self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
@@ -314,7 +315,7 @@ class ControlPlane:
             state, n_inputs, created = row
             return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
                                created=float(created or 0.0))  # fmt: skip
-        return self.scheduler.job_status(job, self.clock())
+        return status_text.job_status(self.scheduler.job_progress(job, self.clock()))
 
     async def wait_events(self, job_id: str, after: int, timeout: float) -> list[tuple[m.Event, bytes | None]]:
         """A job's events after `after`; waits up to `timeout` for the first one.
@@ -821,7 +822,7 @@ class ControlPlane:
             )
             for n in self.scheduler.nodes.values()
         )
-        jobs = tuple(self.scheduler.job_status(j, now) for j in self.scheduler.jobs.values())
+        jobs = tuple(status_text.job_status(self.scheduler.job_progress(j, now)) for j in self.scheduler.jobs.values())
         return m.ClusterStatus(nodes, jobs, self.statistics())
 
     def statistics(self) -> dict[str, Any]:
