@@ -7,8 +7,8 @@ facts (why a job cannot run, what it waits on). The store persists what it
 decides; nothing here touches a socket or a file.
 
 Its parts: `pending` (the queue leases are carved from), `placement` (which
-node and pool a call fits, CPU and RAM held), `claims` (which pools container
-nodes make), `ranges` (the done sets). `status_text` words its facts.
+node and pool a call fits, CPU and RAM held), `pool_claims` (which pools
+container nodes make), `ranges` (the done sets). `status_text` words its facts.
 
 Invariants (see docs/ARCHITECTURE.md):
 
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from burla.schemas import messages as m
 
-from . import claims
+from . import pool_claims
 from .pending import Pending
 from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
 from .ranges import RangeSet
@@ -381,7 +381,7 @@ class Scheduler:
         while len(self._estimates) > _ESTIMATE_MEMORY:
             self._estimates.popitem(last=False)
 
-    # ---- pools on container nodes (see claims) -------------------------------
+    # ---- pools on container nodes (see pool_claims) --------------------------
 
     def plan_wants(self) -> dict[str, tuple[m.PoolWant, ...]]:
         """The pools each container node should make now; nodes not named go back to standby.
@@ -391,7 +391,7 @@ class Scheduler:
         has max_parallelism workers; a claim lasts until the job ends.
         """
         running = {job_id: j.spec for job_id, j in self.jobs.items() if j.state == m.RUNNING}
-        return claims.plan_wants(self.claims, self.nodes, running, self.standby)
+        return pool_claims.plan_wants(self.claims, self.nodes, running, self.standby)
 
     # ---- restore after a restart ------------------------------------------
 
