@@ -2,8 +2,13 @@
 
 The control plane feeds it events (an agent registered, inputs arrived, a
 lease came back, an agent went silent) and it returns decisions (these leases
-go to these agents, this result is accepted, these leases are cancelled). The
-store persists what it decides; nothing here touches a socket or a file.
+go to these agents, this result is accepted, these leases are cancelled) and
+facts (why a job cannot run, what it waits on). The store persists what it
+decides; nothing here touches a socket or a file.
+
+Its parts: `pending` (the queue leases are carved from), `placement` (which
+node and pool a call fits, CPU and RAM held), `pool_claims` (which pools
+container nodes make), `ranges` (the done sets). `status_text` words its facts.
 
 Invariants (see docs/ARCHITECTURE.md):
 
@@ -22,20 +27,12 @@ from collections.abc import Iterable
 
 from burla.schemas import messages as m
 
-from .ranges import RangeSet, subtract
+from . import pool_claims
+from .pending import Pending
+from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
+from .ranges import RangeSet
 
-_EPSILON = 1e-9
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
-
-
-@dataclasses.dataclass
-class Interval:
-    """Pending inputs [lo, hi) of batch `seq`, whose first input is `start`."""
-
-    seq: int
-    start: int
-    lo: int
-    hi: int
 
 
 @dataclasses.dataclass
@@ -51,8 +48,7 @@ class JobState:
     spec: m.JobSpec
     created: float
     state: str = m.RUNNING
-    pending: collections.deque[Interval] = dataclasses.field(default_factory=collections.deque)
-    n_pending: int = 0
+    pending: Pending = dataclasses.field(default_factory=Pending)
     leases: dict[int, ActiveLease] = dataclasses.field(default_factory=dict)
     done: RangeSet = dataclasses.field(default_factory=RangeSet)
     n_inputs: int | None = None  # known once the client has sent the last batch
@@ -70,7 +66,11 @@ class JobState:
 
     @property
     def func_ram_bytes(self) -> int:
-        return int(self.spec.func_ram * 1e9)
+        return ram_bytes(self.spec)
+
+    @property
+    def n_pending(self) -> int:
+        return self.pending.size
 
     def finished_uploading(self) -> bool:
         return self.n_inputs is not None and self.n_uploaded >= self.n_inputs
@@ -79,81 +79,22 @@ class JobState:
         return self.finished_uploading() and self.done.size >= (self.n_inputs or 0)
 
 
-PROCESS_POOL = m.PROCESS_POOL
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What the cluster is doing for a job, as facts (`status_text.phase` puts them in words)."""
+
+    nodes: int  # registered
+    preparing: tuple[str, int] | None  # what most nodes preparing for it do (pulling, installing), on how many
+    running: int  # leases out
+    pending: int  # inputs waiting for a worker
 
 
-@dataclasses.dataclass
-class NodeState:
-    agent_id: str
-    info: m.NodeInfo
-    last_seen: float
-    ready_workers: int
-    leases: set[int] = dataclasses.field(default_factory=set)
-    cpu_used: float = 0.0
-    ram_used: int = 0
-    stats: dict[str, object] = dataclasses.field(default_factory=dict)
-    pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
-    job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # what it does for a job (installing)
-    pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A job's status, its phase still as facts."""
 
-    @property
-    def containers(self) -> bool:
-        """Workers are containers of given images and shapes (not processes sharing the node)."""
-        return self.info.runtime != "process"
-
-    def pool_views(self) -> list[m.PoolState]:
-        if self.pools or self.containers:  # a container node has only the pools it reports: none at first
-            return list(self.pools.values())
-        return [
-            m.PoolState(PROCESS_POOL, python_version=self.info.python_version, slots=self.info.workers,
-                        ready=self.ready_workers, default=True)
-        ]  # fmt: skip
-
-    def pool_fits(self, pool: m.PoolState, job: JobState) -> bool:
-        """Could `pool` run `job`'s calls (free slots aside)?"""
-        spec = job.spec
-        if pool.state != "ready":
-            return False
-        if pool.job_id:  # made for one job, in its shape
-            return pool.job_id == job.job_id
-        if (spec.image or spec.build) and pool.image != spec.image:
-            return False
-        if not (spec.image or spec.build) and not pool.default:
-            return False
-        if pool.python_version and pool.python_version != spec.python_version:
-            return False
-        if pool.cpus <= 0:  # shared by every call on the node: reserve per call
-            return (
-                self.cpu_used + spec.func_cpu <= self.info.cpus + _EPSILON
-                and self.ram_used + job.func_ram_bytes <= self.info.ram_bytes
-            )
-        return spec.func_cpu <= pool.cpus + _EPSILON and (pool.ram_bytes <= 0 or job.func_ram_bytes <= pool.ram_bytes)
-
-    def pick_pool(self, job: JobState) -> str | None:
-        """A pool with a free worker for one more call of `job`, if any."""
-        for pool in self.pool_views():
-            if pool.ready - self.pool_leases[pool.key] > 0 and self.pool_fits(pool, job):
-                return pool.key
-        return None
-
-    def fits(self, job: JobState) -> bool:
-        return self.pick_pool(job) is not None
-
-    def capacity_for(self, job: JobState) -> int:
-        """How many calls of `job` this node could run at once, when idle (after reshaping its pools)."""
-        spec = job.spec
-        if not self.containers:
-            if self.info.python_version != spec.python_version or spec.image or spec.build:
-                return 0
-            limit = self.info.workers
-        else:
-            known = {p.python_version for p in self.pools.values() if p.image == spec.image and p.python_version}
-            if spec.image and known and spec.python_version not in known:
-                return 0
-            limit = 1 << 30
-        by_cpu = math.floor(self.info.cpus / spec.func_cpu + _EPSILON) if spec.func_cpu > 0 else limit
-        by_ram = math.floor(self.info.ram_bytes / job.func_ram_bytes + _EPSILON) if job.func_ram_bytes > 0 else limit
-        return max(0, min(limit, by_cpu, by_ram))
+    status: m.JobStatus  # with no phase
+    phase: Phase
 
 
 @dataclasses.dataclass
@@ -229,38 +170,12 @@ class Scheduler:
 
     # ---- jobs --------------------------------------------------------------
 
-    def infeasible(self, spec: m.JobSpec) -> str | None:
-        """Why no registered node could ever run `spec`, or None.
+    def infeasible(self, spec: m.JobSpec) -> Unfit | None:
+        """Why no registered node could ever run `spec`, or None (`status_text.unfit` words it).
 
         With no node registered at all the job waits for one instead.
         """
-        if not self.nodes:
-            return None
-        probe = JobState(spec, 0.0)
-        if any(n.capacity_for(probe) > 0 for n in self.nodes.values()):
-            return None
-        if (spec.image or spec.build) and not any(n.containers for n in self.nodes.values()):
-            what = "dockerfile=" if spec.build else "image="
-            return (
-                f"{what} needs nodes that run containers, but this cluster's {len(self.nodes)} "
-                f"node{'s' * (len(self.nodes) != 1)} run plain processes. Start agents with "
-                "`burlad agent URL --runtime podman`, or leave out the image."
-            )
-        versions = collections.Counter(n.info.python_version for n in self.nodes.values() if not n.containers)
-        if versions and spec.python_version not in versions:
-            have = ", ".join(f"Python {v} ({c} node{'s' * (c > 1)})" for v, c in sorted(versions.items()))
-            return (
-                f"no node runs Python {spec.python_version}, the version of this client; the cluster has {have}. "
-                f"Call remote_parallel_map from a Python {' or '.join(sorted(versions))} environment, "
-                f"or add nodes that run Python {spec.python_version}."
-            )
-        same = [n for n in self.nodes.values() if n.containers or n.info.python_version == spec.python_version]
-        best = max(same or self.nodes.values(), key=lambda n: (n.info.cpus, n.info.ram_bytes))
-        return (
-            f"func_cpu={spec.func_cpu:g} and func_ram={spec.func_ram:g} GB do not fit on any node; "
-            f"the largest node has {best.info.cpus} CPUs and {best.info.ram_bytes / 1e9:.1f} GB of RAM. "
-            f"Ask for at most that much per call, or add larger nodes."
-        )
+        return unfit(self.nodes.values(), spec)
 
     def add_job(self, spec: m.JobSpec, now: float) -> JobState:
         job = JobState(spec, created=now)
@@ -279,9 +194,7 @@ class Scheduler:
                 continue
             job.batches[b.seq] = (b.start, b.count)
             job.n_uploaded += b.count
-            if b.count > 0:
-                job.pending.append(Interval(b.seq, b.start, b.start, b.start + b.count))
-                job.n_pending += b.count
+            job.pending.add(b.seq, b.start, b.start, b.start + b.count)
             new.append(b)
         if final_count is not None:
             job.n_inputs = final_count
@@ -299,7 +212,6 @@ class Scheduler:
             stopped.append((active.agent_id, lease_id))
             self._drop_lease(job, lease_id)
         job.pending.clear()
-        job.n_pending = 0
         return stopped
 
     def forget_job(self, job_id: str) -> None:
@@ -310,7 +222,7 @@ class Scheduler:
 
     def assign(self, now: float) -> list[ActiveLease]:
         """Hand pending inputs to free worker slots; returns the new leases."""
-        runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.n_pending > 0]
+        runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.pending.size > 0]
         if not runnable:
             return []
         for job in runnable:
@@ -322,7 +234,7 @@ class Scheduler:
             while len(node.leases) < node.ready_workers:
                 candidates = [
                     j for j in runnable
-                    if j.n_pending > 0 and node.fits(j)
+                    if j.pending.size > 0 and node.fits(j.spec)
                     and (j.spec.max_parallelism is None or len(j.leases) < j.spec.max_parallelism)
                 ]  # fmt: skip
                 if not candidates:
@@ -332,13 +244,10 @@ class Scheduler:
         return issued
 
     def _slots_for(self, job: JobState) -> int:
-        slots = sum(n.capacity_for(job) for n in self.nodes.values())
-        if job.spec.max_parallelism is not None:
-            slots = min(slots, job.spec.max_parallelism)
-        return max(1, slots)
+        return slots_for(self.nodes.values(), job.spec)
 
     def chunk_size(self, job: JobState) -> int:
-        guided = math.ceil(job.n_pending / max(1, job.slots))
+        guided = math.ceil(job.pending.size / max(1, job.slots))
         if job.seconds_per_call is None:
             cap = 1  # a probe: learn the call time before handing out more
         else:
@@ -346,27 +255,21 @@ class Scheduler:
         return max(1, min(guided, cap, self.max_lease_inputs))
 
     def _carve(self, job: JobState, node: NodeState, now: float) -> ActiveLease:
-        iv = job.pending[0]
-        hi = min(iv.hi, iv.lo + job.round_chunk)
+        seq, start, lo, hi = job.pending.take(job.round_chunk)
         lease = m.Lease(
             lease_id=self.next_lease_id,
             job_id=job.job_id,
             function_hash=job.spec.function_hash,
-            batch_seq=iv.seq,
-            batch_start=iv.start,
-            lo=iv.lo,
+            batch_seq=seq,
+            batch_start=start,
+            lo=lo,
             hi=hi,
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
-            pool=node.pick_pool(job) or "",
+            pool=node.pick_pool(job.spec) or "",
             env=job.spec.env,
         )
         self.next_lease_id += 1
-        if hi == iv.hi:
-            job.pending.popleft()
-        else:
-            iv.lo = hi
-        job.n_pending -= hi - lease.lo
         active = ActiveLease(lease, node.agent_id, issued=now)
         self._attach(job, node, active)
         return active
@@ -375,21 +278,15 @@ class Scheduler:
         job.leases[active.lease.lease_id] = active
         self.lease_owner[active.lease.lease_id] = job.job_id
         if node is not None:
-            node.leases.add(active.lease.lease_id)
-            node.pool_leases[active.lease.pool or PROCESS_POOL] += 1
-            node.cpu_used += job.spec.func_cpu
-            node.ram_used += job.func_ram_bytes
+            node.hold(active.lease.lease_id, active.lease.pool, job.spec)
 
     def _drop_lease(self, job: JobState, lease_id: int) -> ActiveLease | None:
         active = job.leases.pop(lease_id, None)
         self.lease_owner.pop(lease_id, None)
         if active is not None:
             node = self.nodes.get(active.agent_id)
-            if node is not None and lease_id in node.leases:
-                node.leases.discard(lease_id)
-                node.pool_leases[active.lease.pool or PROCESS_POOL] -= 1
-                node.cpu_used = max(0.0, node.cpu_used - job.spec.func_cpu)
-                node.ram_used = max(0, node.ram_used - job.func_ram_bytes)
+            if node is not None:
+                node.release(lease_id, active.lease.pool, job.spec)
         return active
 
     def requeue(self, lease_ids: Iterable[int]) -> None:
@@ -401,10 +298,7 @@ class Scheduler:
             active = self._drop_lease(job, lease_id)
             if active is None or job.state != m.RUNNING:
                 continue
-            lease = active.lease
-            for lo, hi in subtract(lease.lo, lease.hi, job.done):
-                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, lo, hi))
-                job.n_pending += hi - lo
+            job.pending.put_back(active.lease, active.lease.lo, job.done)
 
     def complete(
         self, job_id: str, lease_id: int, lo: int, n_ok: int, elapsed: float, error: bool, now: float
@@ -451,46 +345,32 @@ class Scheduler:
             completion.stopped = self.finish_job(job_id, m.JOB_FAILED)
             return completion
         if active is not None and hi < lease_hi:  # a short result without an error: rerun the rest
-            for r_lo, r_hi in subtract(hi, lease_hi, job.done):
-                job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
-                job.n_pending += r_hi - r_lo
+            job.pending.put_back(active.lease, hi, job.done)
         completion.job_done = job.complete()
         if completion.job_done:
             job.state = m.JOB_DONE
         return completion
 
     def requeue_rest(self, job: JobState, lease: m.Lease, lo: int) -> None:
-        for r_lo, r_hi in subtract(lo, lease.hi, job.done):
-            if not self._covered_elsewhere(job, r_lo, r_hi):
-                job.pending.appendleft(Interval(lease.batch_seq, lease.batch_start, r_lo, r_hi))
-                job.n_pending += r_hi - r_lo
+        """Requeue what of `lease` from `lo` on is neither done nor pending nor leased again."""
+        job.pending.put_back(lease, lo, job.done, keep=lambda r_lo, r_hi: not self._covered_elsewhere(job, r_lo, r_hi))
 
     def _covered_elsewhere(self, job: JobState, lo: int, hi: int) -> bool:
-        if any(iv.lo < hi and lo < iv.hi for iv in job.pending):
-            return True
-        return any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
+        return job.pending.overlaps(lo, hi) or any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
 
     def _claim(self, job: JobState, lo: int, hi: int) -> list[int]:
         """Take [lo, hi) out of pending and out of any lease carved inside it."""
-        if job.pending:
-            kept: collections.deque[Interval] = collections.deque()
-            for iv in job.pending:
-                if iv.hi <= lo or iv.lo >= hi:
-                    kept.append(iv)
-                    continue
-                job.n_pending -= iv.hi - iv.lo
-                for r_lo, r_hi in subtract(iv.lo, iv.hi, [(lo, hi)]):
-                    kept.append(Interval(iv.seq, iv.start, r_lo, r_hi))
-                    job.n_pending += r_hi - r_lo
-            job.pending = kept
+        job.pending.remove(lo, hi)
         superseded = [lid for lid, a in job.leases.items() if a.lease.lo < hi and lo < a.lease.hi]
         for lid in superseded:
             active = self._drop_lease(job, lid)
             if active is not None:  # the part of it outside [lo, hi) still needs running
-                for r_lo, r_hi in subtract(active.lease.lo, active.lease.hi, [(lo, hi)]):
-                    if not job.done.intersects(r_lo, r_hi):
-                        job.pending.appendleft(Interval(active.lease.batch_seq, active.lease.batch_start, r_lo, r_hi))
-                        job.n_pending += r_hi - r_lo
+                job.pending.put_back(
+                    active.lease,
+                    active.lease.lo,
+                    [(lo, hi)],
+                    keep=lambda r_lo, r_hi: not job.done.intersects(r_lo, r_hi),
+                )
         return superseded
 
     def _learn(self, job: JobState, seconds: float) -> None:
@@ -501,31 +381,7 @@ class Scheduler:
         while len(self._estimates) > _ESTIMATE_MEMORY:
             self._estimates.popitem(last=False)
 
-    # ---- pools on container nodes -------------------------------------------
-
-    def standby_fits(self, node: NodeState, job: JobState) -> bool:
-        """Can `job` run on `node`'s standby containers, as they are?"""
-        spec = job.spec
-        if spec.build:
-            return False
-        for i, image in enumerate(self.standby):
-            if image.image == spec.image or (not spec.image and i == 0):
-                cpus, ram, _ = image.shape(node.info.cpus, node.info.ram_bytes)
-                return spec.func_cpu <= cpus + _EPSILON and job.func_ram_bytes <= ram
-        return False
-
-    def want_for(self, node: NodeState, job: JobState) -> m.PoolWant | None:
-        """The pool `node` would make to run `job` (its image, one call per container)."""
-        spec = job.spec
-        image = spec.image or (self.standby[0].image if self.standby else "")
-        if not image:
-            return None  # no image named and no standby image to default to
-        count = node.capacity_for(job)
-        if spec.max_parallelism is not None:
-            count = min(count, spec.max_parallelism)
-        if count <= 0:
-            return None
-        return m.PoolWant(job.job_id, image, spec.build, spec.func_cpu, job.func_ram_bytes, count, spec.python_version)
+    # ---- pools on container nodes (see pool_claims) --------------------------
 
     def plan_wants(self) -> dict[str, tuple[m.PoolWant, ...]]:
         """The pools each container node should make now; nodes not named go back to standby.
@@ -534,35 +390,8 @@ class Scheduler:
         CPU or RAM per call) claims container nodes, oldest job first, until it
         has max_parallelism workers; a claim lasts until the job ends.
         """
-        for agent_id, job_id in list(self.claims.items()):
-            job = self.jobs.get(job_id)
-            if agent_id not in self.nodes or job is None or job.state != m.RUNNING:
-                del self.claims[agent_id]
-        for job in self.jobs.values():
-            if job.state != m.RUNNING:
-                continue
-            needed = job.spec.max_parallelism or (1 << 30)
-            have = 0
-            for agent_id, job_id in self.claims.items():
-                if job_id == job.job_id:
-                    want = self.want_for(self.nodes[agent_id], job)
-                    have += want.count if want else 0
-            for node in sorted(self.nodes.values(), key=lambda n: (len(n.leases), n.agent_id)):
-                if have >= needed:
-                    break
-                if not node.containers or node.agent_id in self.claims or self.standby_fits(node, job):
-                    continue
-                want = self.want_for(node, job)
-                if want is not None:
-                    self.claims[node.agent_id] = job.job_id
-                    have += want.count
-        out: dict[str, tuple[m.PoolWant, ...]] = {}
-        for agent_id, node in self.nodes.items():
-            if node.containers:
-                claimed = self.claims.get(agent_id)
-                planned = self.want_for(node, self.jobs[claimed]) if claimed else None
-                out[agent_id] = (planned,) if planned else ()
-        return out
+        running = {job_id: j.spec for job_id, j in self.jobs.items() if j.state == m.RUNNING}
+        return pool_claims.plan_wants(self.claims, self.nodes, running, self.standby)
 
     # ---- restore after a restart ------------------------------------------
 
@@ -591,15 +420,14 @@ class Scheduler:
         for b in sorted(batches, key=lambda b: b.seq):
             job.batches[b.seq] = (b.start, b.count)
             job.n_uploaded += b.count
-            for lo, hi in subtract(b.start, b.start + b.count, [*job.done, *held]):
-                job.pending.append(Interval(b.seq, b.start, lo, hi))
-                job.n_pending += hi - lo
+            job.pending.add(b.seq, b.start, b.start, b.start + b.count, [*job.done, *held])
         self.requeue(orphans)  # leases of agents that are gone: back to pending, after the batches
         return job
 
     # ---- views ---------------------------------------------------------------
 
-    def job_status(self, job: JobState, now: float) -> m.JobStatus:
+    def job_progress(self, job: JobState, now: float) -> Progress:
+        """Where `job` stands (`status_text.job_status` makes the wire message of it)."""
         rate = 0.0
         if job.first_result_at is not None and job.last_result_at and job.last_result_at > job.first_result_at:
             rate = job.done.size / max(1e-6, now - job.first_result_at)
@@ -608,18 +436,7 @@ class Scheduler:
             if p.job_id == job.job_id and p.state == "preparing" and p.phase
         )  # fmt: skip
         preparing.update(n.job_phases[job.job_id] for n in self.nodes.values() if n.job_phases.get(job.job_id))
-        if not self.nodes:
-            phase = "waiting for a node to join the cluster"
-        elif preparing:  # nodes pulling, building or installing for it (its leases wait on them)
-            what, count = preparing.most_common(1)[0]
-            phase = f"{what} on {count} node{'s' * (count != 1)}"
-        elif job.leases:
-            phase = f"running on {len(job.leases)} worker{'s' * (len(job.leases) != 1)}"
-        elif job.n_pending:
-            phase = "queued: waiting for free workers"
-        else:
-            phase = "waiting for inputs"
-        return m.JobStatus(
+        status = m.JobStatus(
             job_id=job.job_id,
             state=job.state,
             function_name=job.spec.function_name,
@@ -630,5 +447,11 @@ class Scheduler:
             workers=self._slots_for(job) if self.nodes else 0,
             created=job.created,
             calls_per_second=rate,
-            phase=phase,
         )
+        phase = Phase(
+            nodes=len(self.nodes),
+            preparing=preparing.most_common(1)[0] if preparing else None,
+            running=len(job.leases),
+            pending=job.pending.size,
+        )
+        return Progress(status, phase)

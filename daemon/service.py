@@ -37,6 +37,7 @@ from burla.common.trace import trace
 from burla.schemas import messages as m
 from burla.schemas.environment import Environment
 
+from . import status_text
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
@@ -204,8 +205,8 @@ class ControlPlane:
             if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
-        if reason:
-            raise Unsatisfiable(reason)
+        if reason is not None:
+            raise Unsatisfiable(status_text.unfit(reason))
         self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
         self.scheduler.add_job(spec, self.clock())
@@ -343,7 +344,7 @@ class ControlPlane:
             state, n_inputs, created = row
             return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
                                created=float(created or 0.0))  # fmt: skip
-        return self.scheduler.job_status(job, self.clock())
+        return status_text.job_status(self.scheduler.job_progress(job, self.clock()))
 
     def follow(self, job_id: str, after: int) -> contextlib.AbstractContextManager[Follower]:
         """Follow a job's events from sequence `after` (a websocket subscription): see `next_events`."""
@@ -745,7 +746,7 @@ class ControlPlane:
             )
             for n in self.scheduler.nodes.values()
         )
-        jobs = tuple(self.scheduler.job_status(j, now) for j in self.scheduler.jobs.values())
+        jobs = tuple(status_text.job_status(self.scheduler.job_progress(j, now)) for j in self.scheduler.jobs.values())
         return m.ClusterStatus(nodes, jobs, self.statistics())
 
     def statistics(self) -> dict[str, Any]:

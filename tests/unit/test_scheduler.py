@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from burla.daemon import status_text
 from burla.daemon.scheduler import ActiveLease, Completion, JobState, Scheduler
 from burla.schemas import messages as m
 
@@ -61,6 +62,16 @@ def finish(s: Scheduler, a: ActiveLease, now: float = 1.0, elapsed: float = 0.00
     """Complete a lease fully, without error."""
     lease = a.lease
     return s.complete(lease.job_id, lease.lease_id, lease.lo, lease.hi - lease.lo, elapsed, False, now)
+
+
+def why_not(s: Scheduler, job_spec: m.JobSpec) -> str | None:
+    """Why `s` could never run `job_spec`, in the words a client gets."""
+    reason = s.infeasible(job_spec)
+    return None if reason is None else status_text.unfit(reason)
+
+
+def job_status(s: Scheduler, job: JobState, now: float) -> m.JobStatus:
+    return status_text.job_status(s.job_progress(job, now))
 
 
 def setup(
@@ -278,7 +289,7 @@ def test_infeasible_python_version_names_the_versions() -> None:
     s.add_node("a1", node("n1", py="3.10"), 0.0)
     s.add_node("a2", node("n2", py="3.12"), 0.0)
     s.add_node("a3", node("n3", py="3.12"), 0.0)
-    reason = s.infeasible(spec(py="3.11"))
+    reason = why_not(s, spec(py="3.11"))
     assert reason is not None
     assert "Python 3.11" in reason
     assert "Python 3.10 (1 node)" in reason
@@ -290,12 +301,12 @@ def test_infeasible_resources_names_the_largest_node() -> None:
     s.add_node("a1", node("n1", cpus=4, ram_gb=16), 0.0)
     s.add_node("a2", node("n2", cpus=16, ram_gb=64), 0.0)
     s.add_node("a3", node("n3", cpus=96, ram_gb=512, py="3.12"), 0.0)  # other Python: not a candidate
-    reason = s.infeasible(spec(func_cpu=32))
+    reason = why_not(s, spec(func_cpu=32))
     assert reason is not None
     assert "func_cpu=32" in reason
     assert "16 CPUs" in reason
     assert "64.0 GB" in reason
-    reason = s.infeasible(spec(func_ram=100))
+    reason = why_not(s, spec(func_ram=100))
     assert reason is not None
     assert "func_ram=100" in reason
     assert "16 CPUs" in reason
@@ -596,33 +607,33 @@ def test_job_status_fields_and_phase() -> None:
     s = Scheduler()
     job = s.add_job(spec(), 10.0)
     job.seconds_per_call = 0.001
-    st0 = s.job_status(job, 11.0)
+    st0 = job_status(s, job, 11.0)
     assert st0.phase == "waiting for a node to join the cluster"
     assert st0.workers == 0
     assert st0.state == m.RUNNING
     assert st0.function_name == "square"
     assert st0.created == 10.0
     s.add_node("a1", node(workers=2), 11.0)
-    assert s.job_status(job, 11.0).phase == "waiting for inputs"
+    assert job_status(s, job, 11.0).phase == "waiting for inputs"
     s.add_batches("j1", batches(8), final_count=8)
     s.touch_node("a1", 11.0, ready_workers=0)
-    status = s.job_status(job, 11.0)
+    status = job_status(s, job, 11.0)
     assert status.phase == "queued: waiting for free workers"
     assert status.n_uploaded == 8
     assert status.n_inputs == 8
     assert status.workers == 2
     s.touch_node("a1", 11.0, ready_workers=2)
     a, b = s.assign(12.0)
-    status = s.job_status(job, 12.0)
+    status = job_status(s, job, 12.0)
     assert status.running == 2
     assert status.phase == "running on 2 workers"
     finish(s, a, now=13.0)
-    status = s.job_status(job, 13.0)
+    status = job_status(s, job, 13.0)
     assert status.n_done == 4
     assert status.running == 1
     assert status.phase == "running on 1 worker"
     finish(s, b, now=14.0)
-    status = s.job_status(job, 15.0)
+    status = job_status(s, job, 15.0)
     assert status.n_done == 8
     assert status.state == m.JOB_DONE
     assert status.calls_per_second == pytest.approx(8 / 2.0)
