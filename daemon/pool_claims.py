@@ -29,7 +29,7 @@ def standby_fits(standby: Sequence[m.StandbyImage], node: NodeState, spec: m.Job
 
 def want_for(standby: Sequence[m.StandbyImage], node: NodeState, spec: m.JobSpec) -> m.PoolWant | None:
     """The pool `node` would make to run `spec` (its image, one call per container)."""
-    image = spec.image or (standby[0].image if standby else "")
+    image = spec.image or m.default_image(standby)
     if not image:
         return None  # no image named and no standby image to default to
     count = node.capacity_for(spec)

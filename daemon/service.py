@@ -35,9 +35,9 @@ from burla.common import version as _version
 from burla.common.config import DaemonConfig
 from burla.common.trace import trace
 from burla.schemas import messages as m
-from burla.schemas.environment import Environment
 
 from . import status_text
+from .access import Access, check_blob_indices, within
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
@@ -76,13 +76,12 @@ class ControlPlane:
         self.links = self.couriers.links
         self.feeds = Feeds(store)
         self.blobs = BlobStore(store.payloads.root / ".blobs", config.max_blob_bytes)
+        self.access = Access(self.scheduler, self.couriers, self.blobs, bytes.fromhex(store.secret("agent-key")))
         self._deciding = False
         self._recorded: list[tuple[str, m.Event, memoryview | bytes | None]] = []  # to publish on commit
         known = read_tokens(store.path.parent / TOKENS_FILE)  # the plaintext, kept for people in a 0600 file
         self.tokens = store.tokens(config.admin_token, config.node_token, known)
         self.token_hashes = store.token_hashes()
-        self._agent_key = bytes.fromhex(store.secret("agent-key"))
-        self._blob_closure: dict[str, frozenset[str]] = {}  # job -> blobs its agents may read
         self.last_activity = clock()
         self.started = clock()
         self._job_created = trio.Event()
@@ -324,7 +323,7 @@ class ControlPlane:
             return
         self.scheduler.forget_job(job_id)
         self.feeds.close(job_id)
-        self._blob_closure.pop(job_id, None)
+        self.access.forget(job_id)
         self.store.delete_job(job_id)
 
     async def wait_job(self, job_id: str, timeout: float) -> None:
@@ -429,57 +428,13 @@ class ControlPlane:
             max_result_bytes=self.config.max_result_bytes,
         )
 
-    # ---- who may act on what ------------------------------------------------------------
+    # ---- who may act on what (daemon/access.py) ------------------------------------------
 
     def agent_token(self, agent_id: str) -> str:
-        """The token of one agent: its routes take no other, so no agent can act as another.
-
-        Derived from a secret of the daemon's own (kept in SQLite), so it survives a restart
-        without a table of tokens; an agent that is forgotten (expired) must register again.
-        """
-        return hmac.new(self._agent_key, agent_id.encode(), hashlib.sha256).hexdigest()
+        return self.access.agent_token(agent_id)
 
     def is_agent(self, agent_id: str, token: str) -> bool:
-        return hmac.compare_digest(self.agent_token(agent_id).encode(), token.encode())
-
-    def _held(self, agent_id: str) -> list[ActiveLease]:
-        """The leases an agent holds now."""
-        node = self.scheduler.nodes.get(agent_id)
-        if node is None:
-            return []
-        held = []
-        for lease_id in node.leases:
-            job = self.scheduler.jobs.get(self.scheduler.lease_owner.get(lease_id, ""))
-            active = job.leases.get(lease_id) if job is not None else None
-            if active is not None and active.agent_id == agent_id:
-                held.append(active)
-        return held
-
-    def _jobs_of(self, agent_id: str, held: Sequence[ActiveLease] | None = None) -> set[str]:
-        """Jobs an agent works for: it holds one of their leases (`held`, if known), or the daemon wants a
-        pool of them there."""
-        link = self.links.get(agent_id)
-        wanted = {w.job_id for w in link.wants} if link is not None else set()
-        return wanted | {a.lease.job_id for a in (self._held(agent_id) if held is None else held)}
-
-    def _job_blobs(self, job_id: str) -> frozenset[str]:
-        """The content-addressed blobs a job's agents may read: its build context, manifest, code, packages."""
-        found = self._blob_closure.get(job_id)
-        if found is not None:
-            return found
-        job = self.scheduler.jobs.get(job_id)
-        if job is None:
-            return frozenset()
-        digests = {d for d in (job.spec.build, job.spec.env) if d}
-        if job.spec.env and self.blobs.has(job.spec.env):
-            try:
-                manifest = Environment.loads(self.blobs.read(job.spec.env))
-            except (OSError, ValueError) as e:
-                log.warning("job %s: its environment manifest does not load: %s", job_id, e)
-            else:
-                digests |= {manifest.code} | {d.blob for d in manifest.distributions}
-        found = self._blob_closure[job_id] = frozenset(d for d in digests if d)
-        return found
+        return self.access.is_agent(agent_id, token)
 
     def _link(self, agent_id: str) -> AgentLink:
         return self.couriers.link(agent_id)
@@ -490,11 +445,11 @@ class ControlPlane:
     ) -> tuple[m.Delivery, list[bytes]]:
         """Take an agent's results and logs; return whatever waits for it, without waiting."""
         link = self._link(agent_id)
-        _check_blob_indices(report, len(blobs))  # before anything is decided: a bad report changes nothing
+        check_blob_indices(report, len(blobs))  # before anything is decided: a bad report changes nothing
         if report.payload_proof:
             link.reads_payloads = hmac.compare_digest(report.payload_proof, self.store.payloads.secret)
-        holding = self._held(agent_id)
-        jobs = self._jobs_of(agent_id, holding)  # an agent speaks only for the jobs it works for
+        holding = self.access.held(agent_id)
+        jobs = self.access.jobs_of(agent_id, holding)  # an agent speaks only for the jobs it works for
         held = {a.lease.lease_id: a.lease for a in holding}
         self.scheduler.touch_node(
             agent_id, self.clock(), report.ready_workers, report.stats, report.pools, report.job_phases
@@ -511,7 +466,7 @@ class ControlPlane:
                 self._refused(agent_id, f"output of job {chunk.job_id}, which it does not work for")
         for result in report.results:
             lease = held.get(result.lease_id) or link.requeued.get(result.lease_id)
-            if lease is not None and _within(result, lease):
+            if lease is not None and within(result, lease):
                 link.requeued.pop(result.lease_id, None)
                 self._accept(agent_id, result, blobs)
             elif lease is not None:  # its own lease, but a result for another job or range: forged or broken
@@ -642,13 +597,13 @@ class ControlPlane:
 
     def blob(self, digest: str, agent_id: str | None = None) -> bytes:
         """A blob; for an agent, only one of a job it works for."""
-        if agent_id is not None and not any(digest in self._job_blobs(j) for j in self._jobs_of(agent_id)):
+        if agent_id is not None and not self.access.may_read_blob(agent_id, digest):
             raise Forbidden(f"agent {agent_id} works for no job that uses blob {digest[:12]}")
         return self.blobs.read(digest)
 
     def function_blob(self, function_hash: str, agent_id: str | None = None) -> bytes:
         """A job's function; for an agent, only while it holds a lease of a job that runs it."""
-        if agent_id is not None and not any(a.lease.function_hash == function_hash for a in self._held(agent_id)):
+        if agent_id is not None and not any(a.lease.function_hash == function_hash for a in self.access.held(agent_id)):
             raise Forbidden(f"agent {agent_id} holds no lease that runs function {function_hash[:12]}")
         blob = self.store.function_blob(function_hash)
         if blob is None:
@@ -661,7 +616,7 @@ class ControlPlane:
 
     def batch_payload(self, job_id: str, seq: int, agent_id: str | None = None) -> bytes:
         if agent_id is not None and not any(
-            a.lease.job_id == job_id and a.lease.batch_seq == seq for a in self._held(agent_id)
+            a.lease.job_id == job_id and a.lease.batch_seq == seq for a in self.access.held(agent_id)
         ):
             raise Forbidden(f"agent {agent_id} holds no lease of batch {seq} of job {job_id}")
         payload = self.store.batch_payload(job_id, seq)
@@ -711,7 +666,7 @@ class ControlPlane:
         for job_id in self.store.finished_jobs_before(now - self.config.job_retention):
             self.scheduler.forget_job(job_id)
             self.feeds.close(job_id)
-            self._blob_closure.pop(job_id, None)
+            self.access.forget(job_id)
             self.store.delete_job(job_id)
 
     def busy(self) -> bool:
@@ -756,26 +711,3 @@ class ControlPlane:
             "database": str(self.store.path),
             **self.counters,
         }
-
-
-def _within(result: m.LeaseResult, lease: m.Lease) -> bool:
-    """A result covers only its own lease: its job, and inputs inside the lease's range."""
-    end = result.lo + result.n_ok + (1 if result.error is not None else 0)
-    in_range = lease.lo <= result.lo and end <= lease.hi
-    error_in_range = result.error is None or result.error.index == -1 or lease.lo <= result.error.index < lease.hi
-    return result.job_id == lease.job_id and in_range and error_in_range
-
-
-def _check_blob_indices(report: m.AgentReport, count: int) -> None:
-    """Every blob a report names is in its body: a result is accepted only with its payload at hand."""
-
-    def check(index: int | None, what: str) -> None:
-        if index is not None and not 0 <= index < count:
-            raise BadRequest(f"{what}: names blob {index}, but the report carries {count}")
-
-    for i, result in enumerate(report.results):
-        check(result.results_blob, f"results[{i}].results_blob")
-        if result.error is not None:
-            check(result.error.exc_blob, f"results[{i}].error.exc_blob")
-    for i, chunk in enumerate(report.logs):
-        check(chunk.blob, f"logs[{i}].blob")

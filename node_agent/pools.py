@@ -61,7 +61,7 @@ def plan(
             for w in wants
         ]
     pools = []
-    for i, image in enumerate(standby):
+    for image in standby:
         per_container, ram_per_container, count = image.shape(cpus, ram_bytes)
         pools.append(
             PoolSpec(
@@ -70,7 +70,7 @@ def plan(
                 cpus=per_container,
                 ram_bytes=ram_per_container,
                 count=count,
-                default=i == 0,
+                default=image.image == m.default_image(standby),
                 python_version=image.python_version,
             )
         )

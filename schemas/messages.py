@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 from .wire import ID, OPTIONAL_SHA256, SHA256, Wire, field
@@ -206,6 +207,11 @@ class StandbyImage(Wire):
         """
         per_cpu = max(self.per_cpu, 1e-9)
         return 1.0 / per_cpu, int(node_ram_bytes / max(1.0, node_cpus * per_cpu)), max(1, int(node_cpus * per_cpu))
+
+
+def default_image(standby: Sequence[StandbyImage]) -> str:
+    """The image of a call that names none: the first standby image ("": none, so processes)."""
+    return standby[0].image if standby else ""
 
 
 @dataclasses.dataclass(frozen=True)
