@@ -22,6 +22,7 @@ def remote_parallel_map(
     dockerfile: str | os.PathLike[str] | None = None,
     exclude_packages: Iterable[str] | None = None,
     requirements: Iterable[str] | None = None,
+    grow: bool = False,
 ) -> list[Any] | Iterator[Any]:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
@@ -49,6 +50,11 @@ def remote_parallel_map(
         exclude_packages: distributions of this environment not to install on the
             workers (added to burla.toml's [client] exclude_packages).
         requirements: extra exact pins ("name==version") to install on the workers.
+        grow: on a cluster whose daemon starts its own nodes (a [cluster] provider),
+            start the nodes this job's parallelism needs beyond the free ones, at
+            once; the job starts on what is free and takes on each new node as it
+            joins. Without it, the job runs on free nodes and waits for one when
+            none is free. New nodes are deleted after the cluster's idle_timeout.
 
     This environment is replicated on the workers: every installed distribution,
     pinned (nodes install what their workers lack, once, then cache it), and the
@@ -74,4 +80,5 @@ def remote_parallel_map(
         dockerfile=dockerfile,
         exclude_packages=exclude_packages,
         requirements=requirements,
+        grow=grow,
     )

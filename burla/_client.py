@@ -251,6 +251,7 @@ class Client:
         dockerfile: str | os.PathLike[str] | None = None,
         exclude_packages: Iterable[str] | None = None,
         requirements: Iterable[str] | None = None,
+        grow: bool = False,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.common import version as _version
@@ -260,6 +261,8 @@ class Client:
         from ._pickling import InputBatcher, function_hash, function_name, pickle_function
 
         _check_resources(func_cpu, func_ram, max_parallelism)
+        if not isinstance(grow, bool):
+            raise InvalidArgumentError(f"grow must be True or False, got {grow!r}")
         if image is not None and dockerfile is not None:
             raise InvalidArgumentError("pass image= or dockerfile=, not both")
         if image is not None and (not isinstance(image, str) or not image.strip()):
@@ -306,6 +309,7 @@ class Client:
             image=image or "",
             build=build,
             env=env_digest,
+            grow=grow,
         )
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()

@@ -3,6 +3,9 @@
 burla login URL [--api-key KEY]   remember a cluster and its API key
 burla status [--json]             nodes, workers and jobs of the cluster
 burla local start|stop|status     the embedded local cluster
+burla cluster start|stop|restart  the machines of a cluster whose daemon starts its own ([cluster] provider)
+burla cluster nodes [--json]      each such machine: state, type, zone, age, job, and why it failed
+burla cluster standby show|set    the images container nodes keep warm
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     standby.add_argument("images", nargs="*", help="with set: the images, the first one the default")
     standby.add_argument("--per-cpu", type=float, default=1.0, help="warm containers per CPU, per image")
     standby.add_argument("--python", default="", help="the images' Python minor version, checked by agents")
+    cluster_sub.add_parser("start", help="start the standby nodes and keep them warm")
+    cluster_sub.add_parser("stop", help="delete every node (running jobs are cancelled)")
+    cluster_sub.add_parser("restart", help="stop, then start")
+    nodes = cluster_sub.add_parser("nodes", help="the machines the daemon runs, with their state")
+    nodes.add_argument("--json", action="store_true", help="print raw JSON")
     return p
 
 
@@ -47,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.json)
         if args.command == "local":
             return _local_command(args.action)
-        if args.command == "cluster":
+        if args.command == "cluster" and args.setting == "standby":
             return _standby(args.action, args.images, args.per_cpu, args.python)
+        if args.command == "cluster" and args.setting == "nodes":
+            return _nodes(args.json)
+        if args.command == "cluster":
+            return _cluster_action(args.setting)
     except BurlaError as e:
         print(f"burla: {e}", file=sys.stderr)
         return 1
@@ -96,6 +108,50 @@ def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int
         python = f", python {image['python_version']}" if image.get("python_version") else ""
         print(f"{image['image']}{default}: {image['per_cpu']:g} per CPU{python}")
     return 0
+
+
+def _cluster_action(action: str) -> int:
+    with _cluster() as client:
+        r = client.request("POST", f"/v1/cluster/{action}", f"{action} the cluster", timeout=600)
+    data = r.json()
+    print(data.get("message", f"cluster {action}: done"))
+    return 0
+
+
+def _nodes(as_json: bool) -> int:
+    with _cluster() as client:
+        data = client.request("GET", "/v1/cluster/nodes", "list the cluster's nodes", timeout=10).json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    provider = data.get("provider") or "none"
+    console.print(
+        f"[bold]Provider[/bold] {provider}, standby {'on' if data.get('standby_on') else 'off'}, "
+        f"{data.get('cpus', 0)} of at most {data.get('max_cpus', 0)} CPUs"
+    )
+    table = Table("node", "state", "machine type", "zone", "age", "job", "why", title="Nodes")
+    for n in data.get("nodes", ()):
+        table.add_row(
+            n["name"], n["state"], n["machine_type"], n["zone"] or "-", _age(n["age"]), n["job"][:8] or "-",
+            n["reason"],
+        )  # fmt: skip
+    console.print(table if data.get("nodes") else "No nodes.")
+    for why in data.get("failures", ())[-5:]:
+        console.print(f"[red]could not start a node:[/red] {why}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}min"
+    return f"{seconds // 3600}h"
 
 
 def _fetch_status() -> dict[str, Any]:

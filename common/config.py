@@ -138,6 +138,7 @@ class ClusterConfig:
     network: str = "default"  # gce: the VPC network of the nodes
     service_account: str = ""  # gce: the nodes' service account (default: the project's compute default)
     wheelhouse: str = ""  # a folder of wheels (Burla's dependencies) the daemon serves to booting nodes
+    api_endpoint: str = ""  # gce: the Compute API's URL; empty: Google's (set for an emulator or a proxy)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
-from .errors import ApiError, BadRequest, Unauthorized
+from .errors import ApiError, BadRequest, NotFound, Unauthorized
 from .event_hub import EventHub
 from .ids import valid_digest, valid_id
 from .service import ControlPlane
@@ -33,6 +33,7 @@ PUBLIC = "public"  # anyone
 ADMIN = "admin"  # the admin token (the clients' API key)
 NODE = "node"  # the shared node token (or the admin's): agents register with it
 AGENT = "agent"  # the agent named in the path, with its own token from registration
+INSTANCE = "instance"  # a cluster node the daemon started, with the token made for that instance
 
 # Who may call each route, by endpoint (the route function's name). One table, enforced in one hook
 # (`authorize`); create_app refuses a route missing from it, and tests/inproc/test_routes.py
@@ -51,7 +52,12 @@ ROUTE_ROLES: dict[str, str] = {
     "set_standby": ADMIN,
     "events": ADMIN,
     "get_standby": NODE,
-    "register": NODE,
+    "register": NODE,  # or a cluster node's instance token
+    "boot_failed": INSTANCE,
+    "dist_index": PUBLIC,  # Burla's own wheel (and the wheelhouse): nodes install it as they boot
+    "dist_file": PUBLIC,
+    "cluster_nodes": ADMIN,
+    "cluster_action": ADMIN,
     "poll": AGENT,
     "report": AGENT,
     "function": AGENT,
@@ -111,6 +117,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             return
         if role == AGENT:
             check_agent(headers, view_args.get("agent_id", ""))
+        elif role == INSTANCE:
+            check_instance(headers, view_args.get("name", ""))
         else:
             check_token(headers, role)
 
@@ -119,8 +127,20 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         hashes = plane.token_hashes
         allowed = [hashes.get(ADMIN, "")] + ([hashes.get(NODE, "")] if role == NODE else [])
         presented = hash_token(token)
-        if not any(hmac.compare_digest(presented.encode(), h.encode()) for h in allowed if h):
-            raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
+        if any(hmac.compare_digest(presented.encode(), h.encode()) for h in allowed if h):
+            return
+        if role == NODE and instance_of(token):
+            return
+        raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
+
+    def instance_of(token: str) -> str:
+        """The cluster node this token was made for ("": none)."""
+        keeper = plane.keeper
+        return (keeper.instance_of(token) or "") if keeper is not None else ""
+
+    def check_instance(headers: Any, name: str) -> None:
+        if not name or instance_of(bearer(headers)) != name:
+            raise Unauthorized(f"this token is not instance {name[:64]!r}'s")
 
     def check_agent(headers: Any, agent_id: str) -> None:
         """An agent's own routes take its own token (from its registration), and no other's."""
@@ -352,7 +372,42 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.post("/v1/agents/register")
     async def register() -> Response:
         info = m.NodeInfo.from_wire(await read_object())
-        return _json(plane.register(info).to_wire())
+        return _json(plane.register(info, instance_of(bearer(request.headers))).to_wire())
+
+    @app.post("/v1/nodes/<name>/boot-failed")
+    async def boot_failed(name: str) -> Response:
+        data = await read_object()
+        step, tail = data.get("step", ""), data.get("log", "")
+        if not isinstance(step, str) or not isinstance(tail, str) or len(step) > 1000 or len(tail) > 64_000:
+            raise BadRequest('expected {"step": "what failed" (<= 1000 chars), "log": "its log tail" (<= 64000)}')
+        if plane.keeper is not None:
+            plane.keeper.boot_failed(name, step, tail)
+        return _json({"ok": True})
+
+    @app.get("/v1/dist/")
+    async def dist_index() -> Response:
+        if plane.dist is None:
+            raise NotFound("this daemon serves no wheels: it starts no nodes ([cluster] provider)")
+        page = await trio.to_thread.run_sync(plane.dist.index)
+        return Response(page, content_type="text/html")
+
+    @app.get("/v1/dist/<name>")
+    async def dist_file(name: str) -> Response:
+        path = plane.dist.file(name) if plane.dist is not None else None
+        if path is None:
+            raise NotFound(f"no file {name[:200]!r} here: see /v1/dist/")
+        data = await trio.to_thread.run_sync(path.read_bytes)
+        return Response(data, content_type="application/octet-stream")
+
+    @app.get("/v1/cluster/nodes")
+    async def cluster_nodes() -> Response:
+        return _json(plane.cluster_nodes())
+
+    @app.post("/v1/cluster/<action>")
+    async def cluster_action(action: str) -> Response:
+        if action not in ("start", "stop", "restart"):
+            raise NotFound(f"no cluster action {action[:40]!r}: start, stop or restart")
+        return _json({"message": await plane.cluster_action(action)})
 
     @app.post("/v1/agents/<agent_id>/poll")
     async def poll(agent_id: str) -> Response:

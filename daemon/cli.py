@@ -112,6 +112,8 @@ def _serve_unless_taken(config: Config, embedded: bool) -> int:
             _serve(config)
     except* StateDirInUse as group:
         refused = group.exceptions[0]
+    except* ConfigError as group:
+        refused = group.exceptions[0]
     if refused is not None:
         print(f"burlad: {refused}", file=sys.stderr)
         return 1
@@ -125,7 +127,7 @@ def _serve(config: Config) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(partial(serve, config.daemon, standby=config.standby))
+            running = await nursery.start(partial(serve, config.daemon, standby=config.standby, cluster=config.cluster))
             print(f"burlad serving on {running.url}", file=sys.stderr)
             print(f"  state: {running.state_dir} (tokens in tokens.json there)", file=sys.stderr)
             print(f"  start agents with: BURLA_AGENT_TOKEN=<node token> burlad agent {config.daemon.public_url or running.url}",

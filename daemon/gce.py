@@ -148,6 +148,7 @@ class GceProvider:
             "burla-token": boot.token,
             "burla-version": boot.version,
             "burla-instance": name,
+            "burla-pip-args": boot.pip_args,
         }
         instance = c.Instance(
             name=name,

@@ -24,6 +24,7 @@ from typing import Protocol
 import trio
 
 from burla.common.config import ClusterConfig, NodeGroupConfig
+from burla.schemas import messages as m
 
 from . import scaling
 from .providers import Boot, Instance, Provider, ProviderError
@@ -56,6 +57,12 @@ class NodeBook(Protocol):
 
     def nodes(self) -> list[NodeRecord]: ...
 
+    def standby_on(self) -> bool | None:
+        """Whether standby was kept when the daemon last ran (None: never said)."""
+        ...
+
+    def set_standby_on(self, on: bool) -> None: ...
+
     def put_node(self, node: NodeRecord, event: str) -> None: ...
 
     def drop_node(self, name: str, event: str) -> None: ...
@@ -67,9 +74,16 @@ class MemoryBook:
     def __init__(self) -> None:
         self.records: dict[str, NodeRecord] = {}
         self.events: list[tuple[str, str, str]] = []  # (node, state, why)
+        self.standby: bool | None = None
 
     def nodes(self) -> list[NodeRecord]:
         return list(self.records.values())
+
+    def standby_on(self) -> bool | None:
+        return self.standby
+
+    def set_standby_on(self, on: bool) -> None:
+        self.standby = on
 
     def put_node(self, node: NodeRecord, event: str) -> None:
         self.records[node.name] = dataclasses.replace(node)
@@ -98,6 +112,13 @@ class StoreBook:
                 row["reason"] or "", row["agent_id"] or "", float(row["created"] or 0), row["token_hash"] or "",
             ))  # fmt: skip
         return records
+
+    def standby_on(self) -> bool | None:
+        value = self.store.meta("cluster_standby_on")
+        return None if value is None else value == "1"
+
+    def set_standby_on(self, on: bool) -> None:
+        self.store.set_meta("cluster_standby_on", "1" if on else "0")
 
     def put_node(self, node: NodeRecord, event: str) -> None:
         row = dataclasses.asdict(node)
@@ -149,7 +170,9 @@ class NodeKeeper:
         self.url, self.version, self.hash_token, self.clock = url, version, hash_token, clock
         self.records: dict[str, NodeRecord] = {n.name: n for n in book.nodes()}
         self.sizes: list[tuple[int, int]] = []  # (CPUs, RAM) of each group, from the provider
-        self.standby_on = bool(config.groups) and any(g.standby for g in config.groups)
+        # Standby is kept from the first start on; `burla cluster stop` ends it until `start`, across restarts.
+        kept = book.standby_on()
+        self.standby_on = kept if kept is not None else any(g.standby for g in config.groups)
         self.cluster: Cluster | None = None
         self._wake = trio.Event()
         self._creating: set[str] = set()
@@ -177,9 +200,25 @@ class NodeKeeper:
         node = self.records.get(name)
         if node is None or node.state in (NodeState.DELETING, NodeState.FAILED):
             return
-        state = NodeState.READY
-        self._set(node, state, "its agent registered", agent_id=agent_id)
+        if node.state == NodeState.BUSY and node.job is not None:  # registered again (a daemon restart)
+            self._set(node, NodeState.BUSY, f"its agent registered again; held by job {node.job}", agent_id=agent_id)
+            if self.cluster is not None:
+                self.cluster.hold(agent_id, node.job)
+        else:
+            self._set(node, NodeState.READY, "its agent registered", agent_id=agent_id)
         self.wake()
+
+    def booting(self) -> bool:
+        """Whether a node is on its way (a job with no node waits for it rather than failing)."""
+        return any(n.state == NodeState.BOOTING for n in self.records.values())
+
+    def could_run(self, spec: m.JobSpec) -> bool:
+        """Whether a node of some group could run one call of `spec` (the cluster may start one)."""
+        ram = int(spec.func_ram * 1e9)
+        return any(
+            cpus + 1e-9 >= spec.func_cpu and ram_total >= ram and not spec.image and not spec.build
+            for cpus, ram_total in self.sizes
+        )
 
     def agent_lost(self, agent_id: str) -> None:
         """The agent stopped answering: until the provider says more, the node is not usable."""
@@ -198,11 +237,13 @@ class NodeKeeper:
     def start(self) -> None:
         """`burla cluster start`: keep standby from now on."""
         self.standby_on = True
+        self.book.set_standby_on(True)
         self.wake()
 
     async def stop(self) -> None:
         """`burla cluster stop`: standby off, every node deleted (the control plane cancels their jobs)."""
         self.standby_on = False
+        self.book.set_standby_on(False)
         for node in list(self.records.values()):
             if node.state != NodeState.DELETING:
                 self._set(node, NodeState.DELETING, "the cluster was stopped")
@@ -215,6 +256,10 @@ class NodeKeeper:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._size_groups()
         await self.adopt()
+        if self.cluster is not None:  # the holds of a daemon that restarted
+            for node in self.records.values():
+                if node.state == NodeState.BUSY and node.job and node.agent_id:
+                    self.cluster.hold(node.agent_id, node.job)
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
@@ -257,6 +302,7 @@ class NodeKeeper:
         out = scaling.plan(self.policy(), nodes, demands, now)
         if out.standby_off:
             self.standby_on = False
+            self.book.set_standby_on(False)
             log.info("the cluster was unused for %.0f s: standby nodes are deleted", self.config.standby_idle_timeout)
         for name in out.release:
             node = self.records[name]
@@ -313,7 +359,9 @@ class NodeKeeper:
         group = self.config.groups[node.group]
         self._creating.add(node.name)
         try:
-            made = await self.provider.create(node.name, node.group, group, Boot(self.url, token, self.version))
+            pip_args = "--no-index" if self.config.wheelhouse else ""
+            boot = Boot(self.url, token, self.version, pip_args)
+            made = await self.provider.create(node.name, node.group, group, boot)
         except ProviderError as e:
             why = str(e)
             log.warning("node %s (%s) could not be created: %s", node.name, group.machine_type, why)

@@ -37,6 +37,9 @@ class NodeState:
     pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
     job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # what it does for a job (installing)
     pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # A cluster node (the daemon started it) is single-tenant: it runs only the job holding it, if any.
+    single_tenant: bool = False
+    tenant: str | None = None
 
     @property
     def containers(self) -> bool:
@@ -72,6 +75,8 @@ class NodeState:
 
     def pick_pool(self, spec: m.JobSpec) -> str | None:
         """A pool with a free worker for one more call of `spec`, if any."""
+        if self.single_tenant and self.tenant != spec.job_id:
+            return None
         for pool in self.pool_views():
             if pool.ready - self.pool_leases[pool.key] > 0 and self.pool_fits(pool, spec):
                 return pool.key

@@ -44,6 +44,7 @@ class Boot:
     url: str  # the daemon, as nodes reach it
     token: str  # valid for this one instance's registration
     version: str  # the Burla version the node must run
+    pip_args: str = ""  # for its `pip install burla==VERSION`: "--no-index" when the daemon serves a wheelhouse
 
 
 @dataclasses.dataclass(frozen=True)

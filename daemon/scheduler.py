@@ -128,13 +128,30 @@ class Scheduler:
 
     # ---- nodes -------------------------------------------------------------
 
-    def add_node(self, agent_id: str, info: m.NodeInfo, now: float) -> list[int]:
-        """Register an agent; returns the leases of earlier agents of the same node, requeued."""
+    def add_node(self, agent_id: str, info: m.NodeInfo, now: float, single_tenant: bool = False) -> list[int]:
+        """Register an agent; returns the leases of earlier agents of the same node, requeued.
+
+        `single_tenant`: a cluster node the daemon started, which runs only the job that holds it (`hold`).
+        """
         requeued = []
         for other in [n for n in self.nodes.values() if n.info.node_id == info.node_id and n.agent_id != agent_id]:
             requeued += self.remove_node(other.agent_id)
-        self.nodes[agent_id] = NodeState(agent_id, info, now, ready_workers=info.workers)
+        self.nodes[agent_id] = NodeState(agent_id, info, now, ready_workers=info.workers, single_tenant=single_tenant)
         return requeued
+
+    def hold(self, agent_id: str, job_id: str | None) -> list[int]:
+        """A single-tenant node now runs `job_id` only (None: no job). Leases of other jobs there are
+        requeued (returned): there are none unless a hold moved while they ran."""
+        node = self.nodes.get(agent_id)
+        if node is None or not node.single_tenant:
+            return []
+        node.tenant = job_id
+        others = [
+            lid for lid in node.leases
+            if self.lease_owner.get(lid) != job_id
+        ]  # fmt: skip
+        self.requeue(others)
+        return others
 
     def touch_node(
         self,

@@ -16,14 +16,19 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from burla.common.config import DaemonConfig, StandbyConfig
+from burla.common.config import ClusterConfig, DaemonConfig, StandbyConfig
 from burla.common.trace import trace
+from burla.errors import ConfigError
 from burla.schemas import messages as m
 
 from .app import create_app
+from .cluster_link import PlaneCluster
+from .dist import Dist
+from .node_keeper import NodeKeeper, StoreBook
+from .providers import LocalProvider, Provider, ProviderError
 from .service import ControlPlane
 from .state_dir import TOKENS_FILE, lock_state_dir
-from .store import Store
+from .store import Store, hash_token
 
 log = logging.getLogger("burla.daemon")
 
@@ -70,6 +75,7 @@ async def serve(
     sock: socket.socket | None = None,
     standby: StandbyConfig | None = None,
     state_lock: IO[str] | None = None,
+    cluster: ClusterConfig | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled, on `sock` if given. Reports a `Running` once listening.
@@ -105,9 +111,50 @@ async def serve(
             binds = await nursery.start(partial(hypercorn_serve, app, hc))
             nursery.start_soon(plane.housekeeping)
             url = _url_of(sock) if sock is not None else binds[0].replace("0.0.0.0", "127.0.0.1")
+            if cluster is not None and cluster.provider:
+                await nursery.start(
+                    _keep_nodes, plane, cluster, state_dir, cluster.node_url or config.public_url or url
+                )
             log.info("burlad %s serving on %s (state in %s)", plane.boot_id, url, state_dir)
             trace("daemon", "serving")
             task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
+
+
+def make_provider(cluster: ClusterConfig, state_dir: Path) -> Provider:
+    """The provider `[cluster] provider` names, or ConfigError saying what to set."""
+    if cluster.provider == "local":
+        return LocalProvider(state_dir / "nodes", cluster.name)
+    if cluster.provider == "gce":
+        try:
+            from .gce import GceProvider
+        except ImportError as e:
+            raise ConfigError(f"[cluster] provider = \"gce\" needs `pip install 'burla[gcp]'` ({e})") from None
+        try:
+            return GceProvider(
+                cluster.project, cluster.region, cluster.zones, cluster.name, cluster.network,
+                cluster.service_account, endpoint=cluster.api_endpoint,
+            )  # fmt: skip
+        except ProviderError as e:
+            raise ConfigError(str(e)) from None
+    raise ConfigError(f'[cluster] provider: {cluster.provider!r} is not "local" or "gce"')
+
+
+async def _keep_nodes(
+    plane: ControlPlane, cluster: ClusterConfig, state_dir: Path, node_url: str, task_status: Any
+) -> None:
+    """The cluster's machines, for as long as the daemon serves (see node_keeper.py)."""
+    if not cluster.groups:
+        raise ConfigError("[cluster] has a provider but no [[cluster.groups]]: say which machines to start")
+    provider = make_provider(cluster, state_dir)
+    plane.dist = Dist(state_dir / "dist", plane.version, cluster.wheelhouse)
+    keeper = NodeKeeper(cluster, provider, StoreBook(plane.store), node_url, plane.version, hash_token)
+    keeper.cluster = PlaneCluster(plane, cluster.grow)
+    plane.keeper = keeper
+    try:
+        await keeper.run(task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await provider.aclose()
 
 
 def _url_of(sock: socket.socket) -> str:

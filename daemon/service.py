@@ -40,8 +40,10 @@ from . import status_text
 from .access import Access, check_blob_indices, within
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
+from .dist import Dist
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
+from .node_keeper import NodeKeeper
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
@@ -85,6 +87,9 @@ class ControlPlane:
         self.last_activity = clock()
         self.started = clock()
         self._job_created = trio.Event()
+        self.keeper: NodeKeeper | None = None  # the cluster's machines, when the daemon starts its own
+        self.notes: dict[str, str] = {}  # job -> why it has fewer nodes than it wants (node_keeper)
+        self.dist: Dist | None = None  # the wheels booting cluster nodes install
         self.scheduler.standby = [m.StandbyImage.from_wire(s) for s in store.standby()]
         with self._decision():
             self._restore()
@@ -139,7 +144,8 @@ class ControlPlane:
         """Rebuild in-memory state from the store after a (re)start."""
         now = self.clock()
         for agent_id, info in self.store.agents():
-            self.scheduler.add_node(agent_id, info, now)  # a grace period: silent ones expire later
+            # a grace period: silent ones expire later; a cluster node's hold comes back with the node keeper
+            self.scheduler.add_node(agent_id, info, now, single_tenant=bool(info.instance))
             self.couriers.add(agent_id)
         for job in self.store.running_jobs():
             if "error" not in job:
@@ -204,7 +210,7 @@ class ControlPlane:
             if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
-        if reason is not None:
+        if reason is not None and not (self.keeper is not None and self.keeper.could_run(spec)):
             raise Unsatisfiable(status_text.unfit(reason))
         self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
@@ -214,6 +220,8 @@ class ControlPlane:
         self._job_created.set()
         self._job_created = trio.Event()
         self.add_inputs(spec.job_id, batches, final_count, payload_proof)
+        if self.keeper is not None:
+            self.keeper.wake()
 
     def _check_batches(
         self, job_id: str, batches: Sequence[tuple[m.BatchMeta, memoryview | None]], payload_proof: str
@@ -343,7 +351,11 @@ class ControlPlane:
             state, n_inputs, created = row
             return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
                                created=float(created or 0.0))  # fmt: skip
-        return status_text.job_status(self.scheduler.job_progress(job, self.clock()))
+        status = status_text.job_status(self.scheduler.job_progress(job, self.clock()))
+        note = self.notes.get(job_id)
+        return (
+            dataclasses.replace(status, phase=f"{status.phase}; {note}" if status.phase else note) if note else status
+        )
 
     def follow(self, job_id: str, after: int) -> contextlib.AbstractContextManager[Follower]:
         """Follow a job's events from sequence `after` (a websocket subscription): see `next_events`."""
@@ -390,6 +402,36 @@ class ControlPlane:
         self.store.set_job_state(job.job_id, state, self.clock())
         self.feeds.notify(job.job_id)
         self._plan_pools()  # its nodes go back to standby
+        self.notes.pop(job.job_id, None)
+        if self.keeper is not None:
+            self.keeper.wake()  # its cluster nodes are free again
+
+    @_decides
+    def fail_job(self, job_id: str, type_name: str, message: str) -> None:
+        """End a running job with a failure of Burla's own (a SYSTEM error its caller raises)."""
+        job = self.scheduler.jobs.get(job_id)
+        if job is None or job.state != m.RUNNING:
+            return
+        self._record(job_id, m.FAILED, data={"kind": m.SYSTEM, "index": -1, "type_name": type_name, "message": message})
+        self._finish(job, m.JOB_FAILED)
+
+    @_decides
+    def forget_agent(self, agent_id: str, why: str) -> None:
+        """The agent's machine is gone: its leases run elsewhere now, not after agent_timeout."""
+        if agent_id not in self.scheduler.nodes:
+            return
+        lease_ids = self.scheduler.remove_node(agent_id)
+        self.store.delete_leases(lease_ids)
+        self.couriers.drop(agent_id)
+        self.store.delete_agents([agent_id])
+        log.warning("agent %s is gone (%s): %d leases requeued", agent_id, why, len(lease_ids))
+        self._dispatch()
+
+    @_decides
+    def hold(self, agent_id: str, job_id: str | None) -> None:
+        """A cluster node runs `job_id` only from now on (None: no job)."""
+        self.store.delete_leases(self.scheduler.hold(agent_id, job_id))
+        self._dispatch()
 
     def _stop_on_agents(self, job_id: str, stopped: list[tuple[str, int]]) -> None:
         self.store.delete_leases([lid for _, lid in stopped])
@@ -398,7 +440,14 @@ class ControlPlane:
     # ---- agents -----------------------------------------------------------------------
 
     @_decides
-    def register(self, info: m.NodeInfo) -> m.Registered:
+    def register(self, info: m.NodeInfo, instance: str = "") -> m.Registered:
+        """A node agent joins. `instance`: the cluster node whose own token it registered with ("": the
+        shared node token, an agent started by hand); such a node runs one job at a time."""
+        if info.instance != instance:
+            raise Forbidden(
+                f"NodeInfo.instance: {info.instance!r} registered with the token of "
+                + (f"instance {instance!r}" if instance else "no instance (the shared node token)")
+            )
         if not m.compatible(self.version, self.protocol, info.agent_version, info.protocol):
             raise VersionMismatch(
                 f"the node agent on {info.hostname} runs Burla {info.agent_version or '(unknown)'} "
@@ -408,13 +457,15 @@ class ControlPlane:
             )
         agent_id = uuid.uuid4().hex[:16]
         now = self.clock()
-        requeued = self.scheduler.add_node(agent_id, info, now)
+        requeued = self.scheduler.add_node(agent_id, info, now, single_tenant=bool(instance))
         self.store.delete_leases(requeued)
         self.store.delete_agents(self.couriers.drop_stale())
         self.store.put_agent(agent_id, info, now)
         self.couriers.add(agent_id)
         self.counters["agents_registered"] += 1
         log.info("agent %s registered: %s, %d CPUs, %d workers", agent_id, info.hostname, info.cpus, info.workers)
+        if instance and self.keeper is not None:
+            self.keeper.registered(instance, agent_id)
         self._dispatch()
         payloads = self.store.payloads
         return m.Registered(
@@ -639,6 +690,8 @@ class ControlPlane:
                 "agent %s silent for %.0fs: %d leases requeued", agent_id, self.config.agent_timeout, len(lease_ids)
             )
             self.counters["agents_expired"] += 1
+            if self.keeper is not None:
+                self.keeper.agent_lost(agent_id)
         if dead:
             self.store.delete_agents(dead)
             self._dispatch()
@@ -648,7 +701,7 @@ class ControlPlane:
     def expire_jobs(self) -> None:
         """Fail jobs that waited too long for any node; drop finished jobs nobody collected."""
         now = self.clock()
-        if not self.scheduler.nodes:
+        if not self.scheduler.nodes and not (self.keeper is not None and self.keeper.booting()):
             for job in list(self.scheduler.jobs.values()):
                 if job.state == m.RUNNING and now - job.created > self.config.no_node_timeout:
                     self._record(
@@ -679,6 +732,43 @@ class ControlPlane:
             self.expire_agents()
             self.expire_jobs()
             self.cancel_abandoned_jobs()
+
+    # ---- the cluster's machines (node_keeper.py) ------------------------------------------
+
+    def cluster_nodes(self) -> dict[str, Any]:
+        keeper = self.keeper
+        if keeper is None:
+            return {"provider": "", "standby_on": False, "cpus": 0, "max_cpus": 0, "nodes": [], "failures": []}
+        return {
+            "provider": keeper.provider.name,
+            "standby_on": keeper.standby_on,
+            "cpus": keeper.cpus(),
+            "max_cpus": keeper.config.max_cpus,
+            "nodes": keeper.describe(),
+            "failures": keeper.failures,
+        }
+
+    async def cluster_action(self, action: str) -> str:
+        """`burla cluster start|stop|restart`."""
+        keeper = self.keeper
+        if keeper is None:
+            raise Conflict(
+                'this daemon starts no nodes of its own: set [cluster] provider = "local" or "gce" in '
+                "burla.toml (see burla.toml.example) and restart burlad"
+            )
+        if action in ("stop", "restart"):
+            running = [j.job_id for j in self.scheduler.jobs.values() if j.state == m.RUNNING]
+            for job_id in running:
+                self.cancel_job(job_id, f"the cluster was stopped (burla cluster {action}) while the job ran")
+            await keeper.stop()
+        if action in ("start", "restart"):
+            keeper.start()
+        groups = ", ".join(f"{g.standby} x {g.machine_type}" for g in keeper.config.groups if g.standby)
+        if action == "stop":
+            return "cluster stopped: every node deleted" + (
+                f", {len(running)} running jobs cancelled" if running else ""
+            )
+        return f"cluster {action}ed: keeping standby ({groups or 'no standby nodes'}) from now on"
 
     # ---- views ------------------------------------------------------------------------
 

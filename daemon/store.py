@@ -262,6 +262,14 @@ class Store:
             self.conn.execute("INSERT INTO tokens (role, token) VALUES (?, ?)", (role, value))
             return value
 
+    def meta(self, key: str) -> str | None:
+        value = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if value is None else str(value)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     # ---- cluster nodes (node_keeper.py) ----------------------------------------------
 
     NODE_COLUMNS = ("name", "grp", "state", "since", "job", "zone", "reason", "agent_id", "created", "token_hash")

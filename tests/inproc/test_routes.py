@@ -7,20 +7,26 @@ checked here: a token its role does not admit is answered 401 before the route r
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 from httpx_ws import WebSocketUpgradeError, aconnect_ws
 
 import burla
-from burla.daemon.app import ADMIN, AGENT, NODE, PUBLIC, ROUTE_ROLES, create_app
+from burla.common.config import ClusterConfig
+from burla.daemon.app import ADMIN, AGENT, INSTANCE, NODE, PUBLIC, ROUTE_ROLES, create_app
+from burla.daemon.node_keeper import MemoryBook, NodeKeeper, NodeRecord, NodeState
+from burla.daemon.providers import LocalProvider
 from burla.daemon.server import Running
+from burla.daemon.store import hash_token
 from burla.schemas import messages as m
 
 # which token kinds each role admits: the admin token also registers agents (burlad's own local cluster)
-ADMITS = {PUBLIC: {"none", "wrong", "admin", "node", "agent", "other-agent"}, ADMIN: {"admin"}, NODE: {"admin", "node"},
-          AGENT: {"agent"}}  # fmt: skip
-TOKENS = ("none", "wrong", "admin", "node", "agent", "other-agent")
+# and a cluster node's instance token registers its agent and reports its failed boot, nothing else
+ADMITS = {PUBLIC: {"none", "wrong", "admin", "node", "agent", "other-agent", "instance"}, ADMIN: {"admin"},
+          NODE: {"admin", "node", "instance"}, AGENT: {"agent"}, INSTANCE: {"instance"}}  # fmt: skip
+TOKENS = ("none", "wrong", "admin", "node", "agent", "other-agent", "instance")
 
 
 def rules(daemon: Running) -> list[tuple[str, str, str]]:
@@ -42,13 +48,21 @@ def test_the_table_is_the_one_reviewed() -> None:
     assert ROUTE_ROLES == {
         "health": PUBLIC,
         **dict.fromkeys(["info", "create_job", "add_inputs", "cancel_job", "job_status", "event_payload", "put_blob",
-                         "missing_blobs", "cluster", "set_standby", "events"], ADMIN),
+                         "missing_blobs", "cluster", "set_standby", "events", "cluster_nodes", "cluster_action"], ADMIN),
         **dict.fromkeys(["get_standby", "register"], NODE),
         **dict.fromkeys(["poll", "report", "function", "batch", "agent_blob"], AGENT),
+        "boot_failed": INSTANCE,
+        **dict.fromkeys(["dist_index", "dist_file"], PUBLIC),
     }  # fmt: skip
 
 
-async def test_every_route_answers_each_token_as_the_table_says(daemon: Running) -> None:
+async def test_every_route_answers_each_token_as_the_table_says(daemon: Running, tmp_path: Path) -> None:
+    plane = daemon.plane
+    keeper = NodeKeeper(ClusterConfig(provider="local"), LocalProvider(tmp_path, "t"), MemoryBook(), daemon.url,
+                        burla.__version__, hash_token)  # fmt: skip
+    instance_token = "burla_instance_routes"
+    keeper.records["somejob"] = NodeRecord("somejob", 0, NodeState.BOOTING, 0.0, token_hash=hash_token(instance_token))
+    plane.keeper = keeper
     async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as c:
         info = m.NodeInfo("routes", "h", 1, 10**9, "3.99", 1, agent_version=burla.__version__,
                           protocol=m.PROTOCOL_VERSION).to_wire()  # fmt: skip
@@ -56,7 +70,7 @@ async def test_every_route_answers_each_token_as_the_table_says(daemon: Running)
         agent = (await c.post("/v1/agents/register", json=info, headers=headers)).json()
         other = (await c.post("/v1/agents/register", json=info | {"node_id": "other"}, headers=headers)).json()
         tokens = {"none": None, "wrong": "not-a-token", "admin": daemon.admin_token, "node": daemon.node_token,
-                  "agent": agent["agent_token"], "other-agent": other["agent_token"]}  # fmt: skip
+                  "agent": agent["agent_token"], "other-agent": other["agent_token"], "instance": instance_token}  # fmt: skip
         walked = set()
         for endpoint, method, path in rules(daemon):
             path = path.replace("AGENT", agent["agent_id"])

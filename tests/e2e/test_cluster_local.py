@@ -1,0 +1,114 @@
+"""A cluster whose daemon starts its own nodes, with the local provider: each node a `burlad agent` process.
+
+Real `burlad serve`, real agents, the real client; the same node life and scaling code as Compute Engine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from burla import remote_parallel_map
+from tests.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def config(tmp_path: Path, standby: int, idle_timeout: str = "3s") -> Path:
+    path = tmp_path / "burla.toml"
+    path.write_text(
+        f'[cluster]\nprovider = "local"\nname = "t"\nidle_timeout = "{idle_timeout}"\nmax_cpus = 8\n'
+        f'[[cluster.groups]]\nmachine_type = "e2-standard-2"\ncpus = 1\nstandby = {standby}\n'
+    )
+    return path
+
+
+def kill_nodes(root: Path) -> None:
+    """Local nodes outlive their daemon on purpose (a restart adopts them): the test ends them."""
+    for pid_file in (root / "daemon" / "nodes").glob("*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.fixture
+def cluster_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    made: list[Cluster] = []
+
+    def make(standby: int, **kwargs: Any) -> Cluster:
+        path = config(tmp_path, standby, **kwargs)
+        cluster = Cluster(tmp_path / "cluster", agents=0, env={"BURLA_CONFIG": str(path)})
+        cluster.use(monkeypatch)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+        kill_nodes(cluster.root)
+
+
+def nodes(cluster: Cluster) -> dict[str, Any]:
+    r = httpx.get(f"{cluster.url}/v1/cluster/nodes", headers={"authorization": f"Bearer {cluster.admin_token}"})
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def states(cluster: Cluster) -> list[str]:
+    return sorted(n["state"] for n in nodes(cluster)["nodes"])
+
+
+def burla(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **cluster.client_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "burla.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_standby_nodes_start_register_and_serve_a_job_then_stop_deletes_them(cluster_of: Any) -> None:
+    cluster = cluster_of(standby=2)
+    wait_for(lambda: states(cluster) == ["READY", "READY"], 90, "2 standby nodes READY")
+    assert len(cluster.status()["nodes"]) == 2
+    assert remote_parallel_map(square, range(20), spinner=False) == [x * x for x in range(20)]
+    listed = burla(cluster, "cluster", "nodes")
+    assert listed.returncode == 0, listed.stderr
+    assert "READY" in listed.stdout or "IDLE" in listed.stdout or "BUSY" in listed.stdout
+    stopped = burla(cluster, "cluster", "stop")
+    assert stopped.returncode == 0 and "every node deleted" in stopped.stdout, stopped.stderr
+    wait_for(lambda: nodes(cluster)["nodes"] == [], 30, "every node deleted")
+    assert list((cluster.root / "daemon" / "nodes").glob("*/pid")) == []
+    started = burla(cluster, "cluster", "start")
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: states(cluster) == ["READY", "READY"], 90, "standby back")
+
+
+def test_a_job_with_grow_starts_its_nodes_and_they_go_after_the_idle_timeout(cluster_of: Any) -> None:
+    cluster = cluster_of(standby=0)
+    assert nodes(cluster)["nodes"] == []
+    results = remote_parallel_map(square, range(30), grow=True, max_parallelism=3, spinner=False)
+    assert results == [x * x for x in range(30)]  # every input once, in order
+    assert len(nodes(cluster)["nodes"]) >= 1
+    wait_for(lambda: nodes(cluster)["nodes"] == [], 60, "grown nodes deleted once idle")
+
+
+def test_a_restarted_daemon_adopts_its_running_nodes(cluster_of: Any) -> None:
+    cluster = cluster_of(standby=1, idle_timeout="10min")
+    wait_for(lambda: states(cluster) == ["READY"], 90, "a standby node READY")
+    (before,) = [n["name"] for n in nodes(cluster)["nodes"]]
+    cluster.restart_daemon()
+    wait_for(lambda: [n["name"] for n in nodes(cluster)["nodes"]] == [before] and states(cluster) == ["READY"],
+             90, "the node adopted and registered again")  # fmt: skip
+    assert remote_parallel_map(square, [3], spinner=False) == [9]
