@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":  # a SIGTERM while it still imports is kept for when it listens, not fatal
         signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(
+        max(logging.WARNING, logging.getLevelName(args.log_level))
+    )  # not a line per poll
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if "." in k}
     if args.command == "agent":
         overrides["agent.url"] = args.url

@@ -13,7 +13,8 @@ The rules ("How Burla works", sections 1 to 3, and the end of a job):
   vanishes is replaced at once.
 * Nodes are single-tenant: a job holds whole nodes until it ends. Jobs are served in the order
   they came; each takes free nodes of a group whose one call fits (func_cpu and func_ram), as
-  many as its parallel calls need.
+  many as its parallel calls need: standby nodes when it starts, and later nodes that other jobs
+  gave back (not the standby nodes restored meanwhile: those wait for the next job).
 * Grow: a job with `grow` also gets new nodes for what the free ones lack, started at once,
   all together; the first group (in the spec's order) that fits one call is the one started.
   With 5 free 96-CPU standby nodes and 1,000 calls of 1 CPU, that is 6 nodes for the job and
@@ -175,11 +176,19 @@ def plan(policy: Policy, nodes: Iterable[Node], demands: Sequence[Demand], now: 
             out.notes[demand.job_id] = "no node group of the cluster fits one call (func_cpu, func_ram, func_gpu)"
             continue
         per_node = {g.name: per for g, per in fits}
-        have = sum(per_node.get(n.group, 0) for n in held.get(demand.job_id, ()))
+        mine = held.get(demand.job_id, [])
+        have = sum(per_node.get(n.group, 0) for n in mine)
         for group, per in fits:
             free = spare[group.name]
-            while free and have < demand.calls:
-                out.assign.append((free.pop().name, demand.job_id))
+            # A job takes standby (READY) nodes when it starts, holding none; later only nodes other jobs
+            # gave back (IDLE): otherwise each standby node restored would go to it, and it would grow
+            # without grow=True.
+            takes = free if not mine else [n for n in free if n.state == NodeState.IDLE]
+            for node in list(reversed(takes)):
+                if have >= demand.calls:
+                    break
+                free.remove(node)
+                out.assign.append((node.name, demand.job_id))
                 have += per
         if have >= demand.calls:
             continue

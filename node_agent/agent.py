@@ -279,12 +279,19 @@ class Agent:
                 while self._line_reports and (self.outbox.logs or self.outbox.results):
                     await self._line_reports_done.wait()
                 if not self._waiting and not self.outbox.logs:
-                    taken = self.outbox.take()
+                    taken = self._take()
                     self._set_waiting(+1)
                     nursery.start_soon(self._send_report, taken, None)
                     continue
                 await slots.acquire()
-                nursery.start_soon(self._send_report, self.outbox.take(), slots)
+                nursery.start_soon(self._send_report, self._take(), slots)
+
+    def _take(self) -> Taken:
+        """The outbox's contents, their leases counted as unacknowledged at once: a poll sent before the
+        report starts must still name them as held, or the daemon requeues them and they run twice."""
+        taken = self.outbox.take()
+        self.unacked |= {r.lease_id for r in taken.results}
+        return taken
 
     async def _send_report(self, taken: Taken, slots: trio.Semaphore | None) -> None:
         """Send one report; without a slot it is the request that waits for work (a poll)."""

@@ -51,6 +51,7 @@ class Cluster:
         podman_user: str | None = None,
         agent_args: list[str] | None = None,
         agent_user: str | None = None,
+        port: int | None = None,
     ) -> None:
         """`podman_user`: agents run the Podman runtime as that user; `agent_user`: they run as that user."""
         self.root = root
@@ -58,7 +59,7 @@ class Cluster:
         self.podman = podman_user is not None
         self.podman_user = podman_user or agent_user
         self.agent_args = agent_args or []
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
         self.env = {

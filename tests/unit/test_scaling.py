@@ -226,7 +226,7 @@ def test_a_simulated_cluster_of_a_thousand_nodes_keeps_the_invariants(seed: int)
     policy = Policy(groups, max_cpus=24_000, idle_timeout=60, boot_timeout=600)
     sim = Sim(policy, random.Random(seed))
     for step in range(600):
-        if sim.rng.random() < 0.08:
+        if sim.rng.random() < 0.15:
             sim.jobs.append(SimJob(
                 f"job{step}", calls=sim.rng.choice([1, 10, 100, 1000, 5000]), func_cpu=sim.rng.choice([0.5, 1, 2, 8, 32]),
                 grow=sim.rng.random() < 0.7, work=sim.rng.uniform(10, 20_000),
@@ -236,3 +236,13 @@ def test_a_simulated_cluster_of_a_thousand_nodes_keeps_the_invariants(seed: int)
         sim.check(out)
         sim.tick(5.0)
     assert sim.most >= 1000, f"the simulation reached only {sim.most} nodes"
+
+
+def test_a_running_job_without_grow_does_not_take_the_standby_restored_for_the_next_job() -> None:
+    group = Group("e2-2", cpus=2, ram_bytes=8 * GB, standby=1)
+    policy = Policy([group], max_cpus=100)
+    nodes = [Node("held", "e2-2", NodeState.BUSY, 0.0, job="j"), Node("new", "e2-2", NodeState.READY, 5.0)]
+    assert plan(policy, nodes, [Demand("j", calls=40)], now=6.0).assign == []  # stays on standby
+    nodes.append(Node("given-back", "e2-2", NodeState.IDLE, 5.5))
+    assert plan(policy, nodes, [Demand("j", calls=40)], now=6.0).assign == [("given-back", "j")]
+    assert plan(policy, nodes[1:], [Demand("k", calls=40)], now=6.0).assign == [("new", "k"), ("given-back", "k")]
