@@ -5,6 +5,7 @@ burla status [--json]             nodes, workers and jobs of the cluster
 burla local start|stop|status     the embedded local cluster
 burla cluster start|stop|restart  the machines of a cluster whose daemon starts its own ([cluster] provider)
 burla cluster nodes [--json]      each such machine: state, type, zone, age, job, and why it failed
+burla cluster spec show|set FILE  node groups, zones and limits, changed while burlad runs
 burla cluster standby show|set    the images container nodes keep warm
 """
 
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster_sub.add_parser("start", help="start the standby nodes and keep them warm")
     cluster_sub.add_parser("stop", help="delete every node (running jobs are cancelled)")
     cluster_sub.add_parser("restart", help="stop, then start")
+    spec = cluster_sub.add_parser("spec", help="the node groups, zones and limits of the cluster")
+    spec.add_argument("action", choices=["show", "set"])
+    spec.add_argument("file", nargs="?", help="with set: a TOML file with a [cluster] section and [[cluster.groups]]")
     nodes = cluster_sub.add_parser("nodes", help="the machines the daemon runs, with their state")
     nodes.add_argument("--json", action="store_true", help="print raw JSON")
     return p
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return _local_command(args.action)
         if args.command == "cluster" and args.setting == "standby":
             return _standby(args.action, args.images, args.per_cpu, args.python)
+        if args.command == "cluster" and args.setting == "spec":
+            return _spec(args.action, args.file)
         if args.command == "cluster" and args.setting == "nodes":
             return _nodes(args.json)
         if args.command == "cluster":
@@ -107,6 +113,34 @@ def _standby(action: str, images: list[str], per_cpu: float, python: str) -> int
         default = " (default)" if i == 0 else ""
         python = f", python {image['python_version']}" if image.get("python_version") else ""
         print(f"{image['image']}{default}: {image['per_cpu']:g} per CPU{python}")
+    return 0
+
+
+def _spec(action: str, file: str | None) -> int:
+    with _cluster() as client:
+        if action == "set":
+            if not file:
+                raise BurlaError("burla cluster spec set: name a TOML file with a [cluster] section, as burla.toml has")
+            import dataclasses
+
+            from burla.common.config import Config
+
+            cluster = Config.load(file, env={}).cluster  # a bad file raises ConfigError naming the key
+            body = {
+                "groups": [dataclasses.asdict(g) for g in cluster.groups], "zones": cluster.zones,
+                "max_cpus": cluster.max_cpus, "grow": cluster.grow, "idle_timeout": cluster.idle_timeout,
+                "standby_idle_timeout": cluster.standby_idle_timeout, "boot_timeout": cluster.boot_timeout,
+            }  # fmt: skip
+            r = client.request("PUT", "/v1/cluster/spec", "change the cluster spec", json=body, timeout=120)
+        else:
+            r = client.request("GET", "/v1/cluster/spec", "read the cluster spec", timeout=10)
+    spec = r.json()
+    print(f"max_cpus = {spec['max_cpus']}, grow = {str(spec['grow']).lower()}, idle_timeout = {spec['idle_timeout']:g}s, "
+          f"boot_timeout = {spec['boot_timeout']:g}s, zones = {', '.join(spec['zones']) or 'those of the region'}")  # fmt: skip
+    for g in spec["groups"]:
+        spot = ", spot" if g["spot"] else ""
+        gpu = f", {g['accelerator_count']} x {g['accelerator_type']}" if g["accelerator_count"] else ""
+        print(f"  {g['machine_type']}: standby {g['standby']}{spot}{gpu}, {g['disk_gb']} GB disk, image {g['image']}")
     return 0
 
 

@@ -57,6 +57,8 @@ ROUTE_ROLES: dict[str, str] = {
     "dist_index": PUBLIC,  # Burla's own wheel (and the wheelhouse): nodes install it as they boot
     "dist_file": PUBLIC,
     "cluster_nodes": ADMIN,
+    "get_cluster_spec": ADMIN,
+    "put_cluster_spec": ADMIN,
     "cluster_action": ADMIN,
     "poll": AGENT,
     "report": AGENT,
@@ -402,6 +404,15 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/v1/cluster/nodes")
     async def cluster_nodes() -> Response:
         return _json(plane.cluster_nodes())
+
+    @app.get("/v1/cluster/spec")
+    async def get_cluster_spec() -> Response:
+        return _json(plane.cluster_spec().to_wire())
+
+    @app.put("/v1/cluster/spec")
+    async def put_cluster_spec() -> Response:
+        spec = m.ClusterSpec.from_wire(await read_object())
+        return _json((await plane.set_cluster_spec(spec)).to_wire())
 
     @app.post("/v1/cluster/<action>")
     async def cluster_action(action: str) -> Response:

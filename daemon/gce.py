@@ -88,6 +88,10 @@ class GceProvider:
         self._machines: dict[str, tuple[int, int]] = {}
         self._offers: dict[tuple[str, str], bool] = {}
 
+    def use_zones(self, zones: Sequence[str]) -> None:
+        """The zones to try from now on (empty: the region's)."""
+        self._zones = list(zones)
+
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_THREADS)
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -127,6 +128,11 @@ class StoreBook:
 
     def drop_node(self, name: str, event: str) -> None:
         self.store.drop_node_row(name, self.clock(), event)
+
+
+@runtime_checkable
+class _Grows(Protocol):
+    grow_every_job: bool
 
 
 class Cluster(Protocol):
@@ -251,6 +257,42 @@ class NodeKeeper:
             for node in list(self.records.values()):
                 nursery.start_soon(self._delete, node.name)
 
+    # ---- the spec, live ------------------------------------------------------------------------
+
+    def spec(self) -> m.ClusterSpec:
+        c = self.config
+        groups = tuple(m.NodeGroup(**dataclasses.asdict(g)) for g in c.groups)
+        return m.ClusterSpec(groups, tuple(c.zones), c.max_cpus, c.grow, c.idle_timeout, c.standby_idle_timeout,
+                             c.boot_timeout)  # fmt: skip
+
+    async def update(self, spec: m.ClusterSpec) -> None:
+        """Use another spec from now on (`burla cluster spec set`): groups, zones, limits. Nodes of a group
+        that keeps its machine type stay; free nodes of a group that left are deleted. ProviderError, saying
+        which, when a group's machine type cannot be had."""
+        for zone in spec.zones:
+            if not re.fullmatch(m.ZONE, zone):
+                raise ProviderError(f"ClusterSpec.zones: {zone[:80]!r} is not a zone name like us-central1-a")
+        groups = [NodeGroupConfig(**g.to_wire()) for g in spec.groups]
+        config = dataclasses.replace(
+            self.config, groups=groups, zones=list(spec.zones), max_cpus=spec.max_cpus, grow=spec.grow,
+            idle_timeout=spec.idle_timeout, standby_idle_timeout=spec.standby_idle_timeout,
+            boot_timeout=spec.boot_timeout,
+        )  # fmt: skip
+        use_zones = getattr(self.provider, "use_zones", None)
+        if use_zones is not None:
+            use_zones(config.zones)
+        sizes = [await self.provider.machine(g) for g in groups]  # before anything changes
+        old = self.config.groups
+        for node in self.records.values():
+            machine = old[node.group].machine_type if 0 <= node.group < len(old) else None
+            node.group = next((i for i, g in enumerate(groups) if g.machine_type == machine), -1)
+        self.config, self.sizes = config, sizes
+        if self.book.standby_on() is None:  # never started or stopped by hand: standby follows the spec
+            self.standby_on = any(g.standby for g in groups)
+        if isinstance(self.cluster, _Grows):
+            self.cluster.grow_every_job = config.grow
+        self.wake()
+
     # ---- the loop ---------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -299,6 +341,9 @@ class NodeKeeper:
             for n in self.records.values()
             if 0 <= n.group < len(self.sizes)
         ]
+        for n in self.records.values():  # a group that left the spec: its free nodes go
+            if not 0 <= n.group < len(self.sizes) and n.state in scaling.FREE and n.job is None:
+                self._set(n, NodeState.DELETING, "its group is no longer in the cluster spec")
         out = scaling.plan(self.policy(), nodes, demands, now)
         if out.standby_off:
             self.standby_on = False

@@ -55,6 +55,9 @@ def plan_wants(
     for agent_id, job_id in list(claims.items()):
         if agent_id not in nodes or job_id not in running:
             del claims[agent_id]
+    containers = sorted((n for n in nodes.values() if n.containers), key=lambda n: (len(n.leases), n.agent_id))
+    if not containers:
+        return {}  # process nodes only (the usual case): nothing to plan, whatever the number of nodes
     for spec in running.values():
         needed = spec.max_parallelism or (1 << 30)
         have = 0
@@ -62,19 +65,18 @@ def plan_wants(
             if job_id == spec.job_id:
                 want = want_for(standby, nodes[agent_id], spec)
                 have += want.count if want else 0
-        for node in sorted(nodes.values(), key=lambda n: (len(n.leases), n.agent_id)):
+        for node in containers:
             if have >= needed:
                 break
-            if not node.containers or node.agent_id in claims or standby_fits(standby, node, spec):
+            if node.agent_id in claims or standby_fits(standby, node, spec):
                 continue
             want = want_for(standby, node, spec)
             if want is not None:
                 claims[node.agent_id] = spec.job_id
                 have += want.count
     out: dict[str, tuple[m.PoolWant, ...]] = {}
-    for agent_id, node in nodes.items():
-        if node.containers:
-            claimed = claims.get(agent_id)
-            planned = want_for(standby, node, running[claimed]) if claimed else None
-            out[agent_id] = (planned,) if planned else ()
+    for node in containers:
+        claimed = claims.get(node.agent_id)
+        planned = want_for(standby, node, running[claimed]) if claimed else None
+        out[node.agent_id] = (planned,) if planned else ()
     return out

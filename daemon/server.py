@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from burla.common.config import ClusterConfig, DaemonConfig, StandbyConfig
+from burla.common.config import ClusterConfig, DaemonConfig, NodeGroupConfig, StandbyConfig
 from burla.common.trace import trace
 from burla.errors import ConfigError
 from burla.schemas import messages as m
@@ -143,8 +143,17 @@ async def _keep_nodes(
     plane: ControlPlane, cluster: ClusterConfig, state_dir: Path, node_url: str, task_status: Any
 ) -> None:
     """The cluster's machines, for as long as the daemon serves (see node_keeper.py)."""
-    if not cluster.groups:
+    cluster_from_file = bool(cluster.groups)  # burla.toml's groups win over a spec set while burlad ran
+    if not cluster.groups and not plane.store.meta("cluster_spec"):
         raise ConfigError("[cluster] has a provider but no [[cluster.groups]]: say which machines to start")
+    stored = plane.store.meta("cluster_spec")
+    if stored and not cluster_from_file:  # set with `burla cluster spec set` while an earlier burlad ran
+        spec = m.ClusterSpec.from_wire(json.loads(stored))
+        cluster = dataclasses.replace(
+            cluster, groups=[NodeGroupConfig(**g.to_wire()) for g in spec.groups], zones=list(spec.zones),
+            max_cpus=spec.max_cpus, grow=spec.grow, idle_timeout=spec.idle_timeout,
+            standby_idle_timeout=spec.standby_idle_timeout, boot_timeout=spec.boot_timeout,
+        )  # fmt: skip
     provider = make_provider(cluster, state_dir)
     plane.dist = Dist(state_dir / "dist", plane.version, cluster.wheelhouse)
     keeper = NodeKeeper(cluster, provider, StoreBook(plane.store), node_url, plane.version, hash_token)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -44,6 +45,7 @@ from .dist import Dist
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
 from .node_keeper import NodeKeeper
+from .providers import ProviderError
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
@@ -52,6 +54,12 @@ log = logging.getLogger("burla.daemon")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+_NO_PROVIDER = (
+    'this daemon starts no nodes of its own: set [cluster] provider = "local" or "gce" in burla.toml '
+    "(see burla.toml.example) and restart burlad"
+)
 
 
 def _decides(method: Callable[Concatenate[ControlPlane, P], R]) -> Callable[Concatenate[ControlPlane, P], R]:
@@ -748,14 +756,27 @@ class ControlPlane:
             "failures": keeper.failures,
         }
 
+    def cluster_spec(self) -> m.ClusterSpec:
+        if self.keeper is None:
+            raise Conflict(_NO_PROVIDER)
+        return self.keeper.spec()
+
+    async def set_cluster_spec(self, spec: m.ClusterSpec) -> m.ClusterSpec:
+        """`burla cluster spec set`: kept in SQLite (burla.toml's groups win when burlad starts)."""
+        if self.keeper is None:
+            raise Conflict(_NO_PROVIDER)
+        try:
+            await self.keeper.update(spec)
+        except ProviderError as e:
+            raise Unsatisfiable(f"the cluster spec was not changed: {e}") from None
+        self.store.set_meta("cluster_spec", json.dumps(spec.to_wire()))
+        return self.keeper.spec()
+
     async def cluster_action(self, action: str) -> str:
         """`burla cluster start|stop|restart`."""
         keeper = self.keeper
         if keeper is None:
-            raise Conflict(
-                'this daemon starts no nodes of its own: set [cluster] provider = "local" or "gce" in '
-                "burla.toml (see burla.toml.example) and restart burlad"
-            )
+            raise Conflict(_NO_PROVIDER)
         if action in ("stop", "restart"):
             running = [j.job_id for j in self.scheduler.jobs.values() if j.state == m.RUNNING]
             for job_id in running:

@@ -192,6 +192,39 @@ class Lease(Wire):
     env: str = field("", pattern=OPTIONAL_SHA256)  # the job's environment manifest (JobSpec.env)
 
 
+MACHINE_TYPE = r"[a-z][-a-z0-9]{0,62}"
+IMAGE_PATH = r"[-a-zA-Z0-9_./]{1,400}"
+ZONE = r"[a-z][-a-z0-9]{0,62}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeGroup(Wire):
+    """One kind of node a cluster whose daemon starts its own keeps (burla.toml's [[cluster.groups]])."""
+
+    machine_type: str = field("n2-standard-4", pattern=MACHINE_TYPE)
+    standby: int = field(0, lo=0, hi=10_000)
+    cpus: int = field(0, lo=0, hi=MAX_CPUS)
+    ram: int = field(0, lo=0, hi=MAX_BYTES)
+    disk_gb: int = field(50, lo=10, hi=65_536)
+    image: str = field("projects/debian-cloud/global/images/family/debian-12", pattern=IMAGE_PATH)
+    spot: bool = False
+    accelerator_type: str = field("", pattern=r"(?:[a-z][-a-z0-9]{0,62})?")
+    accelerator_count: int = field(0, lo=0, hi=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec(Wire):
+    """What `burla cluster spec` reads and changes while burlad runs (the provider and project stay)."""
+
+    groups: tuple[NodeGroup, ...] = field((), max_items=64)
+    zones: tuple[str, ...] = field((), max_items=64)
+    max_cpus: int = field(1000, lo=0, hi=10_000_000)
+    grow: bool = False
+    idle_timeout: float = field(60.0, lo=0, hi=1e7)
+    standby_idle_timeout: float = field(0.0, lo=0, hi=1e9)
+    boot_timeout: float = field(600.0, lo=1, hi=1e6)
+
+
 @dataclasses.dataclass(frozen=True)
 class StandbyImage(Wire):
     """An image every podman node keeps warm: `per_cpu` containers per CPU."""

@@ -112,3 +112,25 @@ def test_a_restarted_daemon_adopts_its_running_nodes(cluster_of: Any) -> None:
     wait_for(lambda: [n["name"] for n in nodes(cluster)["nodes"]] == [before] and states(cluster) == ["READY"],
              90, "the node adopted and registered again")  # fmt: skip
     assert remote_parallel_map(square, [3], spinner=False) == [9]
+
+
+def test_the_spec_changes_while_burlad_runs_and_is_kept_across_a_restart(cluster_of: Any, tmp_path: Path) -> None:
+    cluster = cluster_of(standby=0)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(
+        '[cluster]\nmax_cpus = 4\n[[cluster.groups]]\nmachine_type = "e2-standard-2"\ncpus = 1\nstandby = 1\n'
+    )
+    done = burla(cluster, "cluster", "spec", "set", str(spec_file))
+    assert done.returncode == 0, done.stderr
+    assert "max_cpus = 4" in done.stdout and "e2-standard-2: standby 1" in done.stdout
+    wait_for(lambda: states(cluster) == ["READY"], 90, "the new standby node READY")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[cluster.groups]]\nmachine_type = "E2 standard"\n')
+    refused = burla(cluster, "cluster", "spec", "set", str(bad))
+    assert refused.returncode == 1 and "machine_type" in refused.stderr  # names the field; nothing changed
+    # burla.toml of this test names no standby: the spec set above is what a restarted burlad keeps
+    (cluster.root.parent / "burla.toml").write_text('[cluster]\nprovider = "local"\nname = "t"\nidle_timeout = "3s"\n')
+    cluster.restart_daemon()
+    shown = burla(cluster, "cluster", "spec", "show")
+    assert shown.returncode == 0 and "max_cpus = 4" in shown.stdout, shown.stderr
+    wait_for(lambda: states(cluster) == ["READY"], 90, "the standby node adopted")

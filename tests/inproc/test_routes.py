@@ -48,7 +48,8 @@ def test_the_table_is_the_one_reviewed() -> None:
     assert ROUTE_ROLES == {
         "health": PUBLIC,
         **dict.fromkeys(["info", "create_job", "add_inputs", "cancel_job", "job_status", "event_payload", "put_blob",
-                         "missing_blobs", "cluster", "set_standby", "events", "cluster_nodes", "cluster_action"], ADMIN),
+                         "missing_blobs", "cluster", "set_standby", "events", "cluster_nodes", "cluster_action",
+                         "get_cluster_spec", "put_cluster_spec"], ADMIN),
         **dict.fromkeys(["get_standby", "register"], NODE),
         **dict.fromkeys(["poll", "report", "function", "batch", "agent_blob"], AGENT),
         "boot_failed": INSTANCE,
