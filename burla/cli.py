@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from typing import Any
 
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print raw JSON")
     local = sub.add_parser("local", help="the embedded local cluster")
     local.add_argument("action", choices=["start", "stop", "status"])
+    local.add_argument("--nodes", type=int, default=0, help="with start: N nodes (one job each), not one shared agent")
     cluster = sub.add_parser("cluster", help="the cluster's settings")
     cluster_sub = cluster.add_subparsers(dest="setting", required=True)
     standby = cluster_sub.add_parser("standby", help="the images container nodes keep warm")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(args.json)
         if args.command == "local":
-            return _local_command(args.action)
+            return _local_command(args.action, args.nodes)
         if args.command == "cluster" and args.setting == "standby":
             return _standby(args.action, args.images, args.per_cpu, args.python)
         if args.command == "cluster" and args.setting == "spec":
@@ -236,13 +238,22 @@ def _status(as_json: bool) -> int:
     return 0
 
 
-def _local_command(action: str) -> int:
+def _local_command(action: str, nodes: int = 0) -> int:
     if action == "stop":
         outcome = _local.stop()
         if outcome == "killed":
             print("local cluster killed: it did not stop within 10s of SIGTERM", file=sys.stderr)
         print("local cluster stopped" if outcome else "no local cluster running")
         return 0
+    if nodes < 0 or nodes and action != "start":
+        raise BurlaError("--nodes: a positive number of nodes, with `burla local start`")
+    running = _local.discover() if nodes else None
+    if nodes:
+        if running is not None:
+            print(f"local cluster already running at {running['url']}: `burla local stop` first to start it with "
+                  f"--nodes {nodes}", file=sys.stderr)  # fmt: skip
+            return 1
+        os.environ["BURLA_EMBEDDED_NODES"] = str(nodes)  # read by the daemon it starts (embedded.nodes)
     info = _local.ensure_started() if action == "start" else _local.discover()
     if info is None:
         print("no local cluster running")

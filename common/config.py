@@ -145,6 +145,7 @@ class ClusterConfig:
 class EmbeddedConfig:
     idle_timeout: float = 10 * MINUTES  # the local cluster stops after this long unused
     workers: int = 0  # workers of the local agent; 0: one per CPU
+    nodes: int = 0  # 0: one agent sharing this machine; N: N local cluster nodes (the [cluster] life, one job each)
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", dest="daemon.port", type=int)
     serve.add_argument("--state-dir", dest="daemon.state_dir", help="where the SQLite file and tokens live")
     serve.add_argument("--embedded", action="store_true", help="run the local cluster (daemon + one agent)")
+    serve.add_argument("--nodes", dest="embedded.nodes", type=int, help="with --embedded: N local nodes, not one agent")
     serve.add_argument(
         "--idle-timeout", dest="embedded.idle_timeout", help="with --embedded: stop after this long idle"
     )

@@ -12,6 +12,7 @@ so the agent's and its workers' start-up overlaps the daemon's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from burla.common.config import Config
+from burla.common.config import ClusterConfig, Config, NodeGroupConfig
 from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
 
 from .state_dir import TOKENS_FILE, lock_state_dir, new_token, read_tokens
@@ -76,16 +77,46 @@ def _run_embedded(config: Config, home: Path, state_dir: Path, state_lock: IO[st
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
 
-    agents = [start_agent(config, url, home)]  # the live one is last: _watch replaces a dead one
+    # the live one is last: _watch replaces a dead one; with `nodes`, the node keeper keeps them instead
+    agents = [] if config.embedded.nodes else [start_agent(config, url, home)]
+    if config.embedded.nodes:
+        config.cluster = local_nodes(config.embedded.nodes, config.cluster)
     try:
         import trio
 
         trio.run(_serve_embedded, config, sock, url, agents, home, state_lock, start_lock)
     finally:
-        _stop(agents[-1])
+        if agents:
+            _stop(agents[-1])
+        else:
+            _delete_local_nodes(state_dir)
         _remove_discovery(home)
         if ram_dir is not None:  # a clean exit: nothing needs the payloads, give the memory back
             shutil.rmtree(ram_dir, ignore_errors=True)
+
+
+def local_nodes(count: int, cluster: ClusterConfig) -> ClusterConfig:
+    """`burla local start --nodes N`: N local nodes, each with its share of this machine's CPUs, kept warm."""
+    cpus = max(1, (os.cpu_count() or 1) // count)
+    group = NodeGroupConfig(machine_type="local", cpus=cpus, standby=count)
+    return dataclasses.replace(
+        cluster, provider="local", name="local", groups=[group], max_cpus=max(cluster.max_cpus, cpus * count * 4)
+    )
+
+
+def _delete_local_nodes(state_dir: Path) -> None:
+    """The local cluster's nodes end with it (a [cluster] daemon's nodes outlive it, to be adopted)."""
+    import trio
+
+    from .providers import LocalProvider
+
+    async def delete_all() -> None:
+        provider = LocalProvider(state_dir / "nodes", "local")
+        async with trio.open_nursery() as nursery:
+            for instance in await provider.list():
+                nursery.start_soon(provider.delete, instance.name)
+
+    trio.run(delete_all)
 
 
 def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:
@@ -140,7 +171,14 @@ async def _serve_embedded(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
             running = await nursery.start(
-                partial(serve, config.daemon, sock=sock, standby=config.standby, state_lock=state_lock)
+                partial(
+                    serve,
+                    config.daemon,
+                    sock=sock,
+                    standby=config.standby,
+                    state_lock=state_lock,
+                    cluster=config.cluster if config.embedded.nodes else None,
+                )  # fmt: skip
             )
             discovery = {
                 "url": url,
@@ -171,7 +209,7 @@ async def _watch(config: Config, running: Any, agents: list[subprocess.Popen[byt
     plane = running.plane
     while True:
         await trio.sleep(0.5)
-        if agents[-1].poll() is not None:
+        if agents and agents[-1].poll() is not None:
             agents.append(start_agent(config, running.url, home))
         idle = plane.clock() - plane.last_activity
         if not plane.busy() and idle > config.embedded.idle_timeout:

@@ -198,6 +198,11 @@ def _kill_group(pid: int, grace: float = 5.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        try:  # a child of this process (the daemon started it) stays a zombie, and "alive", until reaped
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass  # not our child (a daemon before a restart started it): init reaps it
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

@@ -57,8 +57,10 @@ def cluster_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
 
     yield make
     for cluster in made:
-        cluster.stop()
-        kill_nodes(cluster.root)
+        try:
+            cluster.stop()
+        finally:
+            kill_nodes(cluster.root)
 
 
 def nodes(cluster: Cluster) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -168,3 +169,44 @@ def test_the_wheel_installs_only_the_burla_package(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "burla = burla.cli:main" in text and "burlad = burla.daemon.cli:main" in text
+
+
+def test_burla_local_start_with_nodes_runs_the_cluster_life_on_this_machine(local_home: Path) -> None:
+    import httpx
+
+    started = subprocess.run(
+        [sys.executable, "-m", "burla.cli", "local", "start", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr
+    info = discovery(local_home)
+    headers = {"authorization": f"Bearer {info['admin_token']}"}
+
+    def nodes() -> list[dict[str, object]]:
+        r = httpx.get(f"{info['url']}/v1/cluster/nodes", headers=headers, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["nodes"])
+
+    wait_for(lambda: sorted(n["state"] for n in nodes()) == ["READY", "READY"], 90, "2 local nodes READY")
+    pids = [int(p.read_text()) for p in (local_home / "daemon" / "nodes").glob("*/pid")]
+    assert len(pids) == 2
+    assert remote_parallel_map(abs, [-1, -2, -3], spinner=False) == [1, 2, 3]
+    again = subprocess.run(
+        [sys.executable, "-m", "burla.cli", "local", "start", "--nodes", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1 and "burla local stop" in again.stderr  # says how to change it
+    assert _local.stop()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(gone(p) for p in pids), 30, "the local nodes ended with their cluster")
