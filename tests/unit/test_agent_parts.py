@@ -109,3 +109,17 @@ async def test_put_back_restores_what_take_took() -> None:
     again = outbox.take()
     assert again.results == taken.results and again.logs == taken.logs and list(again.blobs) == list(taken.blobs)
     assert outbox.lease_ids() == set()
+
+
+def test_results_taken_for_a_report_are_still_named_as_held_by_a_poll_sent_before_it() -> None:
+    """Between `take()` and the report's start, a poll must still name the leases as held: otherwise the
+    daemon requeues them as lost and they run twice (seen with 1,000 simulated agents)."""
+    from burla.common.config import AgentConfig
+    from burla.node_agent.agent import Agent
+    from burla.node_agent.outbox import Outcome
+
+    agent = Agent(AgentConfig(url="http://127.0.0.1:9", token="t"))
+    agent.outbox.add_result(Outcome(7, "job", 0, 1, 0.1, None, b"results"))
+    taken = agent._take()
+    assert [r.lease_id for r in taken.results] == [7]
+    assert 7 in agent._report().running
