@@ -161,23 +161,25 @@ def _nodes(as_json: bool) -> int:
         print(json.dumps(data, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    provider = data.get("provider") or "none"
+    provider = escape(str(data.get("provider") or "none"))
     console.print(
         f"[bold]Provider[/bold] {provider}, standby {'on' if data.get('standby_on') else 'off'}, "
         f"{data.get('cpus', 0)} of at most {data.get('max_cpus', 0)} CPUs"
     )
     table = Table("node", "state", "machine type", "zone", "age", "job", "why", title="Nodes")
     for n in data.get("nodes", ()):
-        table.add_row(
-            n["name"], n["state"], n["machine_type"], n["zone"] or "-", _age(n["age"]), n["job"][:8] or "-",
-            n["reason"],
-        )  # fmt: skip
+        cells = [n["name"], n["state"], n["machine_type"], n["zone"] or "-", _age(n["age"]), n["job"][:8] or "-",
+                 n["reason"]]  # fmt: skip
+        table.add_row(*(escape(str(c)) for c in cells))  # a node's log text is not markup
     console.print(table if data.get("nodes") else "No nodes.")
     for why in data.get("failures", ())[-5:]:
-        console.print(f"[red]could not start a node:[/red] {why}")
+        console.print(f"[red]could not start a node:[/red] {escape(str(why))}")
+    for failed in data.get("failed", ())[:5]:
+        console.print(f"[red]{escape(str(failed['name']))} failed:[/red] {escape(str(failed['why']))[:500]}")
     return 0
 
 

@@ -29,16 +29,22 @@ attr() { curl -fsS -H 'Metadata-Flavor: Google' "$meta/$1"; }
 url="$(attr burla-url)" && token="$(attr burla-token)" && version="$(attr burla-version)" \
   && instance="$(attr burla-instance)" || { echo "burla: cannot read the instance metadata"; exit 1; }
 pip_args="$(attr burla-pip-args || true)"
+auth="$home/.authorization"  # the token goes to curl in a file (0600), never on a command line
+(umask 077 && printf 'Authorization: Bearer %s\n' "$token" > "$auth")
 step=""
 fail() {
   echo "burla: $step failed"
   body="$(python3 -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "log": open(sys.argv[2], errors="replace").read()[-4000:]}))' "$step" "$log" 2>/dev/null || echo '{}')"
-  curl -fsS -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  curl -fsS -X POST -H @"$auth" -H 'Content-Type: application/json' \
     --data "$body" "$url/v1/nodes/$instance/boot-failed" || true
   exit 1
 }
+apt_install() {  # the guest agent or unattended-upgrades may hold the dpkg lock at first boot
+  command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q \
+    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -yq "$@"
+}
 step="python3"
-command -v python3 >/dev/null || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -yq python3 python3-venv; } || fail
+command -v python3 >/dev/null || apt_install python3 python3-venv || fail
 venv="${BURLA_NODE_VENV:-$home/venv}"
 has_burla() { "$venv/bin/python" -P -c 'import sys, burla; sys.exit(burla.__version__ != sys.argv[1])' "$version" 2>/dev/null; }
 if has_burla; then  # a boot image with this Burla in $BURLA_NODE_VENV needs no install
@@ -47,17 +53,23 @@ else
   echo "burla: installing Burla $version from $url/v1/dist/"
   venv="$home/venv"
   step="the virtual environment"
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv" 2>/dev/null \
-      || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -yq python3-venv && python3 -m venv "$venv"; } \
+  if [ ! -x "$venv/bin/pip" ]; then  # a venv made without ensurepip has python but no pip: made again
+    python3 -m venv --clear "$venv" 2>/dev/null \
+      || { apt_install python3-venv && python3 -m venv --clear "$venv"; } \
       || fail
   fi
   step="pip install burla==$version"
+  trusted=()
+  case "$url" in
+    http://*)  # plain http inside the cluster's network: pip needs telling; https keeps its certificate check
+      daemon_host="${url#http://}" && daemon_host="${daemon_host%%/*}" && daemon_host="${daemon_host%:*}"
+      trusted=(--trusted-host "${daemon_host#[}") ;;
+  esac
+  # Burla itself by URL, so no index's unrelated project of the same name can stand in for it; its
+  # dependencies from the index, or (pip_args --no-index) only from the daemon's wheelhouse.
   # shellcheck disable=SC2086
-  daemon_host="${url#*://}" && daemon_host="${daemon_host%%/*}" && daemon_host="${daemon_host%%:*}"
-  # the daemon's page names each file with its sha256, which pip checks: plain http is safe for these bytes
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args --trusted-host "$daemon_host" \
-    --find-links "$url/v1/dist/" "burla==$version" || fail
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args "${trusted[@]}" \
+    --find-links "$url/v1/dist/" "$url/v1/dist/burla-$version-py3-none-any.whl" || fail
 fi
 step="burlad agent"
 export BURLA_AGENT_TOKEN="$token" BURLA_AGENT_INSTANCE="$instance"

@@ -17,6 +17,8 @@ import html
 import importlib.metadata
 import os
 import re
+import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -72,7 +74,9 @@ def build_wheel(dest: Path, version: str) -> Path:
         record.append(f"{name},sha256={digest},{len(data)}")
     record.append(f"{info}/RECORD,,")
     entries.append((f"{info}/RECORD", ("\n".join(record) + "\n").encode()))
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=dest, prefix=".burla-wheel-")  # one per build: builds never share it
+    os.close(fd)
+    tmp = Path(name)
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as wheel:
         for name, data in entries:
             item = zipfile.ZipInfo(name, _EPOCH)
@@ -83,6 +87,14 @@ def build_wheel(dest: Path, version: str) -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class Dist:
     """The files under /v1/dist/: Burla's wheel (built on first use) and the wheelhouse's files."""
 
@@ -90,11 +102,13 @@ class Dist:
         self.build_dir, self.version = build_dir, version
         self.wheelhouse = Path(wheelhouse).expanduser() if wheelhouse else None
         self._wheel: Path | None = None
+        self._lock = threading.Lock()  # pages are made in threads: many nodes boot at once
         self._digests: dict[tuple[str, int, int], str] = {}
 
     def files(self) -> dict[str, Path]:
-        if self._wheel is None:
-            self._wheel = build_wheel(self.build_dir, self.version)
+        with self._lock:
+            if self._wheel is None:
+                self._wheel = build_wheel(self.build_dir, self.version)
         files = {}
         if self.wheelhouse is not None and self.wheelhouse.is_dir():
             for path in sorted(self.wheelhouse.iterdir()):
@@ -111,7 +125,7 @@ class Dist:
             key = (str(path), stat.st_size, stat.st_mtime_ns)
             digest = self._digests.get(key)
             if digest is None:
-                digest = self._digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+                digest = self._digests[key] = _sha256(path)
             links.append(f'<a href="{html.escape(name)}#sha256={digest}">{html.escape(name)}</a><br>')
         return "<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n"
 

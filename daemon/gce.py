@@ -197,13 +197,22 @@ class GceProvider:
                 op = await self._call(
                     self.instances.insert_unary, project=self.project, zone=zone, instance_resource=body
                 )
-                op = await self._wait(zone, op)
             except exceptions.GoogleAPICallError as e:
                 reason = _reason(e)
-                if reason in NEXT_ZONE or isinstance(e, (exceptions.NotFound, exceptions.ServiceUnavailable)):
-                    skipped.append(f"{zone}: {reason or type(e).__name__}")
+                if reason in NEXT_ZONE or isinstance(e, exceptions.ServiceUnavailable):
+                    skipped.append(f"{zone}: {reason or type(e).__name__}: {getattr(e, 'message', e)}")
                     continue
                 raise _refused(group, tried, e) from None
+            # Accepted: the instance exists in this zone now. A hiccup while waiting is no reason to make
+            # another of the same name elsewhere: wait again, a few times.
+            for attempt in range(5):
+                try:
+                    op = await self._wait(zone, op)
+                    break
+                except (exceptions.ServiceUnavailable, exceptions.InternalServerError, exceptions.TooManyRequests):
+                    if attempt == 4:
+                        raise
+                    await trio.sleep(2.0 * (attempt + 1))
             errors = list(op.error.errors) if op.error and op.error.errors else []
             if errors:
                 code, message = errors[0].code, errors[0].message

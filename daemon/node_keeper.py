@@ -34,6 +34,7 @@ from .store import Store
 
 log = logging.getLogger("burla.daemon")
 
+BOOT_FAILURES_TO_GIVE_UP = 3  # nodes of a group in a row that did not come up before a growing job fails
 ROUND_SECONDS = 1.0  # a round at least this often; a job arriving or a node joining wakes one at once
 WATCH_SECONDS = 10.0  # how often the provider's list of instances is read
 GONE_STATUSES = {"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"}
@@ -186,6 +187,7 @@ class NodeKeeper:
         self._serial = 0
         self._notes: dict[str, str] = {}
         self._cooldown: dict[int, tuple[float, float]] = {}  # group -> (no standby creates until, last delay)
+        self._boot_failures: dict[int, int] = {}  # group -> nodes in a row that did not come up
         self.failures: list[str] = []  # recent growth failures, newest last, for `burla cluster nodes`
 
     # ---- what others tell it --------------------------------------------------------------
@@ -212,18 +214,26 @@ class NodeKeeper:
                 self.cluster.hold(agent_id, node.job)
         else:
             self._set(node, NodeState.READY, "its agent registered", agent_id=agent_id)
+        self._boot_failures.pop(node.group, None)
+        self._cooldown.pop(node.group, None)
         self.wake()
 
     def booting(self) -> bool:
         """Whether a node is on its way (a job with no node waits for it rather than failing)."""
         return any(n.state == NodeState.BOOTING for n in self.records.values())
 
-    def could_run(self, spec: m.JobSpec) -> bool:
-        """Whether a node of some group could run one call of `spec` (the cluster may start one)."""
+    def cannot_run(self, spec: m.JobSpec) -> str:
+        """Why no node of any group could run one call of `spec` ("": some group can)."""
         ram = int(spec.func_ram * 1e9)
-        return any(
-            cpus + 1e-9 >= spec.func_cpu and ram_total >= ram and not spec.image and not spec.build
-            for cpus, ram_total in self.sizes
+        if any(cpus + 1e-9 >= spec.func_cpu and ram_total >= ram for cpus, ram_total in self.sizes):
+            return ""
+        have = ", ".join(
+            f"{g.machine_type} ({cpus} CPUs, {ram_total / 1e9:.0f} GB)"
+            for g, (cpus, ram_total) in zip(self.config.groups, self.sizes, strict=True)
+        )
+        return (
+            f"no node group of this cluster can run one call of func_cpu={spec.func_cpu:g}, func_ram={spec.func_ram:g} GB:"
+            f" its groups are {have or 'none'}. Ask for less per call, or add a bigger group (burla cluster spec set)."
         )
 
     def agent_lost(self, agent_id: str) -> None:
@@ -237,7 +247,9 @@ class NodeKeeper:
         node = self.records.get(name)
         if node is not None and node.state == NodeState.BOOTING:
             tail = log_tail.strip().splitlines()[-20:]
-            self._fail(node, f"its startup script failed at {step or 'a step it did not name'}: " + " | ".join(tail))
+            self._boot_failed(
+                node, f"its startup script failed at {step or 'a step it did not name'}: " + " | ".join(tail)
+            )
             self.wake()
 
     def start(self) -> None:
@@ -281,7 +293,12 @@ class NodeKeeper:
         use_zones = getattr(self.provider, "use_zones", None)
         if use_zones is not None:
             use_zones(config.zones)
-        sizes = [await self.provider.machine(g) for g in groups]  # before anything changes
+        try:
+            sizes = [await self.provider.machine(g) for g in groups]  # before anything else changes
+        except BaseException:
+            if use_zones is not None:
+                use_zones(self.config.zones)  # a refused spec leaves nothing behind
+            raise
         old = self.config.groups
         for node in self.records.values():
             machine = old[node.group].machine_type if 0 <= node.group < len(old) else None
@@ -341,9 +358,15 @@ class NodeKeeper:
             for n in self.records.values()
             if 0 <= n.group < len(self.sizes)
         ]
-        for n in self.records.values():  # a group that left the spec: its free nodes go
-            if not 0 <= n.group < len(self.sizes) and n.state in scaling.FREE and n.job is None:
-                self._set(n, NodeState.DELETING, "its group is no longer in the cluster spec")
+        wanted = {d.job_id for d in demands}
+        for n in list(self.records.values()):  # a group that left the spec: each of its nodes goes once free
+            if 0 <= n.group < len(self.sizes) or n.state in (NodeState.DELETING, NodeState.FAILED):
+                continue
+            if n.job is not None and n.job in wanted and n.state == NodeState.BUSY:
+                continue  # its job still runs there
+            if n.state == NodeState.BUSY and cluster is not None and n.agent_id:
+                cluster.release(n.agent_id)
+            self._set(n, NodeState.DELETING, "its group is no longer in the cluster spec", job=None)
         out = scaling.plan(self.policy(), nodes, demands, now)
         if out.standby_off:
             self.standby_on = False
@@ -363,7 +386,8 @@ class NodeKeeper:
             if cluster is not None and node.agent_id:
                 cluster.hold(node.agent_id, job)
         for name, why in out.failed:
-            self._fail(self.records[name], why)
+            node = self.records[name]
+            self._boot_failed(node, why)
         for name, why in out.delete:
             node = self.records[name]
             self._set(node, NodeState.DELETING, why)
@@ -398,17 +422,18 @@ class NodeKeeper:
         node = NodeRecord(name, group, NodeState.BOOTING, now, job=job, created=now, token_hash=self.hash_token(token))
         self.records[name] = node
         self.book.put_node(node, f"created for job {job}" if job else "created for standby")
+        self._creating.add(name)  # now, not when the task starts: a delete meanwhile waits for the create
         self._start(self._create_instance, node, token)
 
     async def _create_instance(self, node: NodeRecord, token: str) -> None:
         group = self.config.groups[node.group]
-        self._creating.add(node.name)
         try:
             pip_args = "--no-index" if self.config.wheelhouse else ""
             boot = Boot(self.url, token, self.version, pip_args)
             made = await self.provider.create(node.name, node.group, group, boot)
-        except ProviderError as e:
-            why = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever the cloud or the machine says, the daemon goes on
+            fatal = isinstance(e, ProviderError)  # quota, permission, no zone: waiting will not fix it
+            why = str(e) if fatal else f"{type(e).__name__}: {e} (retried)"
             log.warning("node %s (%s) could not be created: %s", node.name, group.machine_type, why)
             self.failures = [*self.failures[-19:], why]
             job = node.job
@@ -417,8 +442,9 @@ class NodeKeeper:
             self._fail(node, why, delete=False)
             self.records.pop(node.name, None)
             self.book.drop_node(node.name, f"could not be created: {why}")
-            if job is not None and self.cluster is not None:
+            if fatal and job is not None and self.cluster is not None:
                 self.cluster.growth_failed(job, why)  # the control plane fails the job: it wants no more nodes
+            self.wake()
             return
         finally:
             self._creating.discard(node.name)
@@ -457,17 +483,20 @@ class NodeKeeper:
     async def _watch(self) -> None:
         while True:
             await trio.sleep(WATCH_SECONDS)
+            asked = self.clock()
             try:
                 instances = await self.provider.list()
             except Exception as e:  # noqa: BLE001 - the cloud API unreachable: try again later
                 log.warning("listing the cluster's instances failed: %s", e)
                 continue
-            self._reconcile(instances)
+            self._reconcile(instances, asked=asked)
 
-    def _reconcile(self, instances: Sequence[Instance], adopting: bool = False) -> None:
+    def _reconcile(self, instances: Sequence[Instance], adopting: bool = False, asked: float | None = None) -> None:
         seen = {i.name: i for i in instances}
         now = self.clock()
         for name, node in list(self.records.items()):
+            if asked is not None and node.created >= asked - 1.0 and name not in seen:
+                continue  # created while the list was on its way: its absence says nothing yet
             instance = seen.get(name)
             if name in self._creating or node.state == NodeState.DELETING and instance is None:
                 if instance is None and name not in self._creating:
@@ -503,6 +532,19 @@ class NodeKeeper:
             setattr(node, key, value)
         node.state, node.since, node.reason = state, self.clock(), why
         self.book.put_node(node, why)
+
+    def _boot_failed(self, node: NodeRecord, why: str) -> None:
+        """A node that did not come up (timeout, or its startup script failed): its group backs off, and
+        after `BOOT_FAILURES_TO_GIVE_UP` in a row the job it booted for fails with the reason."""
+        job = node.job
+        failures = self._boot_failures.get(node.group, 0) + 1
+        self._boot_failures[node.group] = failures
+        delay = min(600.0, 2 * self._cooldown.get(node.group, (0.0, 15.0))[1])
+        self._cooldown[node.group] = (self.clock() + delay, delay)
+        self.failures = [*self.failures[-19:], f"{node.name}: {why}"]
+        self._fail(node, why)
+        if job is not None and failures >= BOOT_FAILURES_TO_GIVE_UP and self.cluster is not None:
+            self.cluster.growth_failed(job, f"{failures} nodes in a row did not come up; the last: {why}")
 
     def _fail(self, node: NodeRecord, why: str, delete: bool = True) -> None:
         if node.agent_id and self.cluster is not None:

@@ -156,6 +156,7 @@ async def _keep_nodes(
         )  # fmt: skip
     provider = make_provider(cluster, state_dir)
     plane.dist = Dist(state_dir / "dist", plane.version, cluster.wheelhouse)
+    await trio.to_thread.run_sync(plane.dist.files)  # the wheel built once, before any node asks
     keeper = NodeKeeper(cluster, provider, StoreBook(plane.store), node_url, plane.version, hash_token)
     keeper.cluster = PlaneCluster(plane, cluster.grow)
     plane.keeper = keeper

@@ -45,6 +45,7 @@ from .dist import Dist
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
 from .node_keeper import NodeKeeper
+from .placement import TooLarge as CallTooLarge
 from .providers import ProviderError
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
@@ -218,7 +219,14 @@ class ControlPlane:
             if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
         reason = self.scheduler.infeasible(spec)
-        if reason is not None and not (self.keeper is not None and self.keeper.could_run(spec)):
+        keeper = self.keeper
+        if keeper is not None and not spec.image and not spec.build:
+            why = keeper.cannot_run(spec)  # the cluster's groups, which it may start, before any node registered
+            if why:
+                raise Unsatisfiable(why)
+            if isinstance(reason, CallTooLarge):
+                reason = None  # a bigger node of another group can be started for it
+        if reason is not None:
             raise Unsatisfiable(status_text.unfit(reason))
         self._check_batches(spec.job_id, batches, payload_proof)
         self.store.create_job(spec, bytes(function_blob), self.clock())
@@ -754,6 +762,12 @@ class ControlPlane:
             "max_cpus": keeper.config.max_cpus,
             "nodes": keeper.describe(),
             "failures": keeper.failures,
+            # why nodes failed, kept after they are deleted: newest first
+            "failed": [
+                {"name": name, "at": at, "why": why}
+                for name, at, state, why in self.store.node_events(limit=2000)
+                if state == "FAILED"
+            ][:20],
         }
 
     def cluster_spec(self) -> m.ClusterSpec:
@@ -769,6 +783,8 @@ class ControlPlane:
             await self.keeper.update(spec)
         except ProviderError as e:
             raise Unsatisfiable(f"the cluster spec was not changed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the cloud's API unreachable, say: nothing changed
+            raise Unsatisfiable(f"the cluster spec was not changed: {type(e).__name__}: {e}") from None
         self.store.set_meta("cluster_spec", json.dumps(spec.to_wire()))
         return self.keeper.spec()
 

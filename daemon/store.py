@@ -274,6 +274,7 @@ class Store:
 
     NODE_COLUMNS = ("name", "grp", "state", "since", "job", "zone", "reason", "agent_id", "created", "token_hash")
     NODE_EVENTS_KEPT = 50  # per node
+    NODE_EVENTS_KEPT_IN_ALL = 20_000  # of nodes long gone too: a growing cluster's churn stays bounded
 
     def node_rows(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(f"SELECT {', '.join(self.NODE_COLUMNS)} FROM nodes ORDER BY created").fetchall()
@@ -299,6 +300,8 @@ class Store:
             " ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (name, name, self.NODE_EVENTS_KEPT),
         )
+        c.execute("DELETE FROM node_events WHERE id <= (SELECT MAX(id) FROM node_events) - ?",
+                  (self.NODE_EVENTS_KEPT_IN_ALL,))  # fmt: skip
 
     def node_events(self, name: str | None = None, limit: int = 200) -> list[tuple[str, float, str, str]]:
         """(node, time, state, why), newest first."""

@@ -27,12 +27,16 @@ class Cloud:
         self.instances: dict[str, Instance] = {}
         self.boots: dict[str, Boot] = {}
         self.refuse = ""
+        self.blip = 0
 
     async def machine(self, group: NodeGroupConfig) -> tuple[int, int]:
         return 4, 16 * 10**9
 
     async def create(self, name: str, group_index: int, group: NodeGroupConfig, boot: Boot) -> Instance:
         await trio.sleep(1)
+        if self.blip:
+            self.blip -= 1
+            raise ConnectionError("network blip")  # not a ProviderError: anything a client library raises
         if self.refuse:
             raise ProviderError(self.refuse, "QUOTA_EXCEEDED", ("z-a",))
         self.instances[name] = Instance(name, group_index, "z-a")
@@ -230,8 +234,36 @@ async def test_a_startup_script_that_fails_marks_its_node_failed_with_its_log(
         why = [e[3] for e in store.node_events(name) if e[2] == "FAILED"][0]
         assert "pip install burla==0.1.0" in why and "No matching distribution" in why
         await trio.sleep(5)
-        assert name not in cloud.instances and len(cloud.instances) == 1  # replaced
+        assert name not in cloud.instances and len(cloud.instances) == 0  # deleted; the group backs off
+        await trio.sleep(40)
+        assert len(cloud.instances) == 1  # replaced after the backoff (30 s), not in a loop
         nursery.cancel_scope.cancel()
+
+
+async def test_a_growing_job_fails_once_its_group_s_nodes_fail_to_come_up_three_times_in_a_row(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cloud = Cloud()
+    k, plane, store = keeper(tmp_path, cloud, standby=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(k.run)
+        plane.wants = [Demand("job1", calls=4, grow=True)]  # one node of 4 CPUs
+        for _ in range(3):
+            k.wake()
+            await wait_until(lambda: any(n.state == NodeState.BOOTING for n in k.records.values()))
+            await trio.sleep(2)  # created
+            (name,) = [n.name for n in k.records.values() if n.state == NodeState.BOOTING]
+            k.boot_failed(name, "burlad agent", "no route to the daemon")
+            await trio.sleep(1)
+        assert "3 nodes in a row did not come up" in plane.failed["job1"]
+        assert "no route to the daemon" in plane.failed["job1"]
+        nursery.cancel_scope.cancel()
+
+
+async def wait_until(predicate: object, timeout: float = 120.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await trio.sleep(0.5)
 
 
 async def test_standby_the_cloud_refuses_is_retried_with_backoff_not_every_round(
@@ -248,4 +280,20 @@ async def test_standby_the_cloud_refuses_is_retried_with_backoff_not_every_round
         cloud.refuse = ""
         await trio.sleep(300)
         assert len(cloud.instances) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unexpected_error_of_the_provider_is_retried_and_does_not_stop_the_keeper(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cloud = Cloud()
+    cloud.blip = 1
+    k, plane, store = keeper(tmp_path, cloud, standby=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(k.run)
+        plane.wants = [Demand("job1", calls=4, grow=True)]
+        k.wake()
+        await trio.sleep(60)
+        assert "job1" not in plane.failed  # a blip is no reason to fail the job
+        assert len(cloud.instances) >= 1 and any("ConnectionError" in f for f in k.failures)
         nursery.cancel_scope.cancel()

@@ -88,3 +88,13 @@ def test_dist_serves_only_its_own_names(tmp_path: Path) -> None:
     assert dist.file("../../etc/passwd") is None and dist.file("notes.txt") is None
     assert dist.file("trio-0.31.0-py3-none-any.whl") == house / "trio-0.31.0-py3-none-any.whl"
     assert 'href="trio-0.31.0-py3-none-any.whl#sha256=' in dist.index()
+
+
+def test_many_nodes_asking_for_the_wheel_at_once_all_get_it(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    dist = Dist(tmp_path / "build", "4.5.6")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pages = list(pool.map(lambda _: dist.index(), range(8)))
+    assert len(set(pages)) == 1 and "burla-4.5.6-py3-none-any.whl#sha256=" in pages[0]
+    assert [p.name for p in (tmp_path / "build").iterdir()] == ["burla-4.5.6-py3-none-any.whl"]  # no temp files left
