@@ -21,6 +21,7 @@ from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
+from .cluster_link import ClusterAdmin
 from .errors import ApiError, BadRequest, NotFound, Unauthorized
 from .event_hub import EventHub
 from .ids import valid_digest, valid_id
@@ -94,6 +95,7 @@ def _envelope(header: dict[str, Any], blobs: list[bytes] | None = None) -> Respo
 
 def create_app(plane: ControlPlane) -> QuartTrio:
     app = QuartTrio("burla.daemon")
+    admin = ClusterAdmin(plane)
     config = plane.config
     app.config["MAX_CONTENT_LENGTH"] = max(
         config.max_function_bytes + config.max_input_bytes + 64 * 1024**2, config.max_blob_bytes + 1024**2
@@ -411,22 +413,22 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/v1/cluster/nodes")
     async def cluster_nodes() -> Response:
-        return _json(plane.cluster_nodes())
+        return _json(admin.cluster_nodes())
 
     @app.get("/v1/cluster/spec")
     async def get_cluster_spec() -> Response:
-        return _json(plane.cluster_spec().to_wire())
+        return _json(admin.cluster_spec().to_wire())
 
     @app.put("/v1/cluster/spec")
     async def put_cluster_spec() -> Response:
         spec = m.ClusterSpec.from_wire(await read_object())
-        return _json((await plane.set_cluster_spec(spec)).to_wire())
+        return _json((await admin.set_cluster_spec(spec)).to_wire())
 
     @app.post("/v1/cluster/<action>")
     async def cluster_action(action: str) -> Response:
         if action not in ("start", "stop", "restart"):
             raise NotFound(f"no cluster action {action[:40]!r}: start, stop or restart")
-        return _json({"message": await plane.cluster_action(action)})
+        return _json({"message": await admin.cluster_action(action)})
 
     @app.post("/v1/agents/<agent_id>/poll")
     async def poll(agent_id: str) -> Response:

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -46,7 +45,6 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatis
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
 from .node_keeper import NodeKeeper
 from .placement import TooLarge as CallTooLarge
-from .providers import ProviderError
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
@@ -55,12 +53,6 @@ log = logging.getLogger("burla.daemon")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-_NO_PROVIDER = (
-    'this daemon starts no nodes of its own: set [cluster] provider = "local" or "gce" in burla.toml '
-    "(see burla.toml.example) and restart burlad"
-)
 
 
 def _decides(method: Callable[Concatenate[ControlPlane, P], R]) -> Callable[Concatenate[ControlPlane, P], R]:
@@ -748,64 +740,6 @@ class ControlPlane:
             self.expire_agents()
             self.expire_jobs()
             self.cancel_abandoned_jobs()
-
-    # ---- the cluster's machines (node_keeper.py) ------------------------------------------
-
-    def cluster_nodes(self) -> dict[str, Any]:
-        keeper = self.keeper
-        if keeper is None:
-            return {"provider": "", "standby_on": False, "cpus": 0, "max_cpus": 0, "nodes": [], "failures": []}
-        return {
-            "provider": keeper.provider.name,
-            "standby_on": keeper.standby_on,
-            "cpus": keeper.cpus(),
-            "max_cpus": keeper.config.max_cpus,
-            "nodes": keeper.describe(),
-            "failures": keeper.failures,
-            # why nodes failed, kept after they are deleted: newest first
-            "failed": [
-                {"name": name, "at": at, "why": why}
-                for name, at, state, why in self.store.node_events(limit=2000)
-                if state == "FAILED"
-            ][:20],
-        }
-
-    def cluster_spec(self) -> m.ClusterSpec:
-        if self.keeper is None:
-            raise Conflict(_NO_PROVIDER)
-        return self.keeper.spec()
-
-    async def set_cluster_spec(self, spec: m.ClusterSpec) -> m.ClusterSpec:
-        """`burla cluster spec set`: kept in SQLite (burla.toml's groups win when burlad starts)."""
-        if self.keeper is None:
-            raise Conflict(_NO_PROVIDER)
-        try:
-            await self.keeper.update(spec)
-        except ProviderError as e:
-            raise Unsatisfiable(f"the cluster spec was not changed: {e}") from None
-        except Exception as e:  # noqa: BLE001 - the cloud's API unreachable, say: nothing changed
-            raise Unsatisfiable(f"the cluster spec was not changed: {type(e).__name__}: {e}") from None
-        self.store.set_meta("cluster_spec", json.dumps(spec.to_wire()))
-        return self.keeper.spec()
-
-    async def cluster_action(self, action: str) -> str:
-        """`burla cluster start|stop|restart`."""
-        keeper = self.keeper
-        if keeper is None:
-            raise Conflict(_NO_PROVIDER)
-        if action in ("stop", "restart"):
-            running = [j.job_id for j in self.scheduler.jobs.values() if j.state == m.RUNNING]
-            for job_id in running:
-                self.cancel_job(job_id, f"the cluster was stopped (burla cluster {action}) while the job ran")
-            await keeper.stop()
-        if action in ("start", "restart"):
-            keeper.start()
-        groups = ", ".join(f"{g.standby} x {g.machine_type}" for g in keeper.config.groups if g.standby)
-        if action == "stop":
-            return "cluster stopped: every node deleted" + (
-                f", {len(running)} running jobs cancelled" if running else ""
-            )
-        return f"cluster {action}ed: keeping standby ({groups or 'no standby nodes'}) from now on"
 
     # ---- views ------------------------------------------------------------------------
 
