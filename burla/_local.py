@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from burla.common import version as _version
-from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home, state_dir_free
+from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home, process_alive, state_dir_free
 
 from .errors import ClusterUnavailableError, VersionMismatchError
 
@@ -47,17 +47,7 @@ def _alive(pid: int) -> bool:
     child = _STARTED.get(pid)
     if child is not None:  # our own child: its reaper sets returncode once it has exited
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) still answers kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return process_alive(pid)
 
 
 def discover() -> dict[str, str] | None:

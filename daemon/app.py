@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -83,6 +84,20 @@ def bearer(headers: Any) -> str:
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     return str(token)
+
+
+def _stream(path: Path) -> Response:
+    """A file as the body, read in chunks in a thread: never whole in memory, never blocking the loop."""
+    size = path.stat().st_size
+
+    async def chunks() -> Any:
+        with open(path, "rb") as f:  # noqa: ASYNC230 - each read runs in a thread
+            while chunk := await trio.to_thread.run_sync(f.read, _CHUNK_BYTES):
+                yield chunk
+
+    response = Response(chunks(), content_type="application/octet-stream")
+    response.headers["content-length"] = str(size)
+    return response
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -331,17 +346,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         valid_id(job_id, "job id")
         if seq > wire.INT64[1]:
             raise BadRequest(f"event seq: at most {wire.INT64[1]}")
-        path = plane.event_payload(job_id, seq)
-        size = path.stat().st_size
-
-        async def chunks() -> Any:
-            with open(path, "rb") as f:  # noqa: ASYNC230 - each read runs in a thread
-                while chunk := await trio.to_thread.run_sync(f.read, _CHUNK_BYTES):
-                    yield chunk
-
-        response = Response(chunks(), content_type="application/octet-stream")
-        response.headers["content-length"] = str(size)
-        return response
+        return _stream(plane.event_payload(job_id, seq))
 
     @app.get("/v1/cluster")
     async def cluster() -> Response:
@@ -400,16 +405,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         path = plane.dist.file(name) if plane.dist is not None else None
         if path is None:
             raise NotFound(f"no file {name[:200]!r} here: see /v1/dist/")
-        size = path.stat().st_size
-
-        async def chunks() -> Any:  # streamed: a wheelhouse's big wheels, fetched by many nodes at once
-            with open(path, "rb") as f:
-                while chunk := await trio.to_thread.run_sync(f.read, _CHUNK_BYTES):
-                    yield chunk
-
-        response = Response(chunks(), content_type="application/octet-stream")
-        response.headers["content-length"] = str(size)
-        return response
+        return _stream(path)  # a wheelhouse's big wheels, fetched by many nodes at once
 
     @app.get("/v1/cluster/nodes")
     async def cluster_nodes() -> Response:

@@ -20,13 +20,14 @@ from .service import ControlPlane
 
 
 class PlaneCluster:
-    def __init__(self, plane: ControlPlane, grow_every_job: bool = False) -> None:
-        self.plane, self.grow_every_job = plane, grow_every_job
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
 
     def demands(self) -> list[Demand]:
         """Running jobs, oldest first, with the calls they can run at once: inputs not done, capped by
         max_parallelism (inputs still uploading count as they arrive)."""
         wanted = []
+        grow_every_job = self.plane.keeper is not None and self.plane.keeper.config.grow  # `[cluster] grow`
         jobs = sorted(self.plane.scheduler.jobs.values(), key=lambda j: j.created)
         for job in jobs:
             if job.state != m.RUNNING or job.spec.image or job.spec.build:
@@ -45,7 +46,7 @@ class PlaneCluster:
                     calls=calls,
                     func_cpu=job.spec.func_cpu,
                     func_ram=math.ceil(job.spec.func_ram * 1e9),
-                    grow=job.spec.grow or self.grow_every_job,
+                    grow=job.spec.grow or grow_every_job,
                 )
             )
         return wanted

@@ -19,8 +19,8 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -131,11 +131,6 @@ class StoreBook:
         self.store.drop_node_row(name, self.clock(), event)
 
 
-@runtime_checkable
-class _Grows(Protocol):
-    grow_every_job: bool
-
-
 class Cluster(Protocol):
     """What the keeper asks of the control plane."""
 
@@ -194,10 +189,6 @@ class NodeKeeper:
 
     def wake(self) -> None:
         self._wake.set()
-
-    def token_for(self, name: str) -> str | None:
-        """The instance that registers with this token's hash, if it is one of ours."""
-        return next((n.name for n in self.records.values() if n.token_hash and n.token_hash == name), None)
 
     def instance_of(self, token: str) -> str | None:
         """The name of the instance whose registration token this is (None: not an instance token)."""
@@ -284,12 +275,8 @@ class NodeKeeper:
         for zone in spec.zones:
             if not re.fullmatch(m.ZONE, zone):
                 raise ProviderError(f"ClusterSpec.zones: {zone[:80]!r} is not a zone name like us-central1-a")
-        groups = [NodeGroupConfig(**g.to_wire()) for g in spec.groups]
-        config = dataclasses.replace(
-            self.config, groups=groups, zones=list(spec.zones), max_cpus=spec.max_cpus, grow=spec.grow,
-            idle_timeout=spec.idle_timeout, standby_idle_timeout=spec.standby_idle_timeout,
-            boot_timeout=spec.boot_timeout,
-        )  # fmt: skip
+        config = with_spec(self.config, spec)
+        groups = config.groups
         use_zones = getattr(self.provider, "use_zones", None)
         if use_zones is not None:
             use_zones(config.zones)
@@ -306,8 +293,6 @@ class NodeKeeper:
         self.config, self.sizes = config, sizes
         if self.book.standby_on() is None:  # never started or stopped by hand: standby follows the spec
             self.standby_on = any(g.standby for g in groups)
-        if isinstance(self.cluster, _Grows):
-            self.cluster.grow_every_job = config.grow
         self.wake()
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -437,8 +422,7 @@ class NodeKeeper:
             log.warning("node %s (%s) could not be created: %s", node.name, group.machine_type, why)
             self.failures = [*self.failures[-19:], why]
             job = node.job
-            delay = min(600.0, 2 * self._cooldown.get(node.group, (0.0, 15.0))[1])
-            self._cooldown[node.group] = (self.clock() + delay, delay)  # 30 s, 60 s, ... 10 min
+            self._back_off(node.group)
             self._fail(node, why, delete=False)
             self.records.pop(node.name, None)
             self.book.drop_node(node.name, f"could not be created: {why}")
@@ -533,14 +517,18 @@ class NodeKeeper:
         node.state, node.since, node.reason = state, self.clock(), why
         self.book.put_node(node, why)
 
+    def _back_off(self, group: int) -> None:
+        """No standby creates for `group` for a while: 30 s, 60 s, ... 10 min after each failure in a row."""
+        delay = min(600.0, 2 * self._cooldown.get(group, (0.0, 15.0))[1])
+        self._cooldown[group] = (self.clock() + delay, delay)
+
     def _boot_failed(self, node: NodeRecord, why: str) -> None:
         """A node that did not come up (timeout, or its startup script failed): its group backs off, and
         after `BOOT_FAILURES_TO_GIVE_UP` in a row the job it booted for fails with the reason."""
         job = node.job
         failures = self._boot_failures.get(node.group, 0) + 1
         self._boot_failures[node.group] = failures
-        delay = min(600.0, 2 * self._cooldown.get(node.group, (0.0, 15.0))[1])
-        self._cooldown[node.group] = (self.clock() + delay, delay)
+        self._back_off(node.group)
         self.failures = [*self.failures[-19:], f"{node.name}: {why}"]
         self._fail(node, why)
         if job is not None and failures >= BOOT_FAILURES_TO_GIVE_UP and self.cluster is not None:
@@ -579,6 +567,10 @@ class NodeKeeper:
         return rows
 
 
-def agents_of(records: Iterable[NodeRecord]) -> dict[str, str]:
-    """agent id -> node name, of the nodes whose agents registered."""
-    return {n.agent_id: n.name for n in records if n.agent_id}
+def with_spec(config: ClusterConfig, spec: m.ClusterSpec) -> ClusterConfig:
+    """`config` with the groups, zones and limits of `spec` (what `burla cluster spec set` changes)."""
+    return dataclasses.replace(
+        config, groups=[NodeGroupConfig(**g.to_wire()) for g in spec.groups], zones=list(spec.zones),
+        max_cpus=spec.max_cpus, grow=spec.grow, idle_timeout=spec.idle_timeout,
+        standby_idle_timeout=spec.standby_idle_timeout, boot_timeout=spec.boot_timeout,
+    )  # fmt: skip

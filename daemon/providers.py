@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from burla.common.config import NodeGroupConfig
+from burla.common.local import process_alive
 
 log = logging.getLogger("burla.daemon")
 
@@ -160,7 +161,7 @@ class LocalProvider:
             except (OSError, ValueError):
                 group = -1
             proc = self._procs.get(home.name)
-            alive = proc.poll() is None if proc is not None else pid is not None and _alive(pid)
+            alive = proc.poll() is None if proc is not None else pid is not None and process_alive(pid)
             found.append(Instance(home.name, group, status="RUNNING" if alive else "TERMINATED"))
         return found
 
@@ -178,16 +179,6 @@ def _read_pid(home: Path) -> int | None:
         return int((home / "pid").read_text())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill_group(pid: int, grace: float = 5.0) -> None:

@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from burla.common.config import ClusterConfig, DaemonConfig, NodeGroupConfig, StandbyConfig
+from burla.common.config import ClusterConfig, DaemonConfig, StandbyConfig
 from burla.common.trace import trace
 from burla.errors import ConfigError
 from burla.schemas import messages as m
@@ -24,7 +24,7 @@ from burla.schemas import messages as m
 from .app import create_app
 from .cluster_link import PlaneCluster
 from .dist import Dist
-from .node_keeper import NodeKeeper, StoreBook
+from .node_keeper import NodeKeeper, StoreBook, with_spec
 from .providers import LocalProvider, Provider, ProviderError
 from .service import ControlPlane
 from .state_dir import TOKENS_FILE, lock_state_dir
@@ -148,17 +148,12 @@ async def _keep_nodes(
         raise ConfigError("[cluster] has a provider but no [[cluster.groups]]: say which machines to start")
     stored = plane.store.meta("cluster_spec")
     if stored and not cluster_from_file:  # set with `burla cluster spec set` while an earlier burlad ran
-        spec = m.ClusterSpec.from_wire(json.loads(stored))
-        cluster = dataclasses.replace(
-            cluster, groups=[NodeGroupConfig(**g.to_wire()) for g in spec.groups], zones=list(spec.zones),
-            max_cpus=spec.max_cpus, grow=spec.grow, idle_timeout=spec.idle_timeout,
-            standby_idle_timeout=spec.standby_idle_timeout, boot_timeout=spec.boot_timeout,
-        )  # fmt: skip
+        cluster = with_spec(cluster, m.ClusterSpec.from_wire(json.loads(stored)))
     provider = make_provider(cluster, state_dir)
     plane.dist = Dist(state_dir / "dist", plane.version, cluster.wheelhouse)
     await trio.to_thread.run_sync(plane.dist.files)  # the wheel built once, before any node asks
     keeper = NodeKeeper(cluster, provider, StoreBook(plane.store), node_url, plane.version, hash_token)
-    keeper.cluster = PlaneCluster(plane, cluster.grow)
+    keeper.cluster = PlaneCluster(plane)
     plane.keeper = keeper
     try:
         await keeper.run(task_status=task_status)

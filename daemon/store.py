@@ -522,17 +522,6 @@ class Store:
 
     # ---- events ----------------------------------------------------------------------
 
-    def append_event(
-        self,
-        job_id: str,
-        kind: str,
-        lo: int = 0,
-        hi: int = 0,
-        data: dict[str, Any] | None = None,
-        payload: bytes | memoryview | None = None,
-    ) -> int:
-        return self.add_event(job_id, kind, lo, hi, data, payload)[0]
-
     def add_event(
         self,
         job_id: str,
