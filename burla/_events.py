@@ -22,7 +22,7 @@ from burla.schemas import envelope
 
 from ._portal import guarded
 from ._responses import error_from_response
-from .errors import BurlaError, ClusterUnavailableError
+from .errors import AuthenticationError, BurlaError, ClusterUnavailableError
 
 MAX_MESSAGE_BYTES = 1024**3
 _RETRYABLE = (
@@ -125,6 +125,9 @@ class EventStream:
                             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
                         while True:
                             header, blobs = envelope.unpack(await ws.receive_bytes())
+                            if "job_id" not in header:
+                                self._socket_error(header.get("error"))
+                                continue
                             follower = self.jobs.get(header.get("job_id", ""))
                             if follower is not None:
                                 await follower.take_message(header, blobs)
@@ -155,6 +158,19 @@ class EventStream:
         if all(isinstance(e, _RETRYABLE) for e in leaves):
             return  # the daemon is restarting or the network blinked: reconnect
         self._fail_all(BurlaError(f"the connection to the cluster failed: {error!r}"))
+
+    def _socket_error(self, error: Any) -> None:
+        """An error frame for the whole socket: the key's user was removed, or the key revoked or rotated."""
+        if isinstance(error, dict) and error.get("code") == "unauthorized":
+            message = str(error.get("message", ""))[:2000]
+            self._fail_all(
+                AuthenticationError(
+                    f"the cluster stopped accepting this API key ({message}): ask its admin for a new one, then "
+                    "pass api_key=, set BURLA_API_KEY, or run `burla login URL`"
+                )
+            )
+        else:
+            trace("client", f"events: the daemon says {str(error)[:200]}")
 
     def _fail_all(self, error: BurlaError) -> None:
         for job in list(self.jobs.values()):

@@ -15,6 +15,7 @@ from .errors import (
     ClusterError,
     ClusterUnavailableError,
     InvalidArgumentError,
+    PermissionDeniedError,
     TooLargeError,
     UnsatisfiableError,
     VersionMismatchError,
@@ -37,6 +38,8 @@ def error_from_response(status: int, text: str, what: str) -> BurlaError:
         return AuthenticationError(
             f"the cluster refused the API key ({message}). Pass api_key=, set BURLA_API_KEY, or run `burla login URL`."
         )
+    if status == 403:
+        return PermissionDeniedError(f"the cluster refused to {what}: {message}")
     if code == "version_mismatch":
         return VersionMismatchError(message)
     if status == 413 or code == "too_large":

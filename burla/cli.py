@@ -7,6 +7,8 @@ burla cluster start|stop|restart  the machines of a cluster whose daemon starts 
 burla cluster nodes [--json]      each such machine: state, type, zone, age, job, and why it failed
 burla cluster spec show|set FILE  node groups, zones and limits, changed while burlad runs
 burla cluster standby show|set    the images container nodes keep warm
+burla users list|add|remove|rotate|revoke [NAME] [--admin]
+                                  the cluster's users and their API keys (an admin's commands)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     login = sub.add_parser("login", help="remember a cluster's URL and API key")
     login.add_argument("url", help="the cluster's URL, e.g. http://10.0.0.2:8080")
-    login.add_argument("--api-key", help="the cluster's admin token (asked for when omitted)")
+    login.add_argument("--api-key", help="your API key for the cluster (asked for when omitted)")
     status = sub.add_parser("status", help="show the cluster's nodes, workers and jobs")
     status.add_argument("--json", action="store_true", help="print raw JSON")
     local = sub.add_parser("local", help="the embedded local cluster")
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     spec.add_argument("file", nargs="?", help="with set: a TOML file with a [cluster] section and [[cluster.groups]]")
     nodes = cluster_sub.add_parser("nodes", help="the machines the daemon runs, with their state")
     nodes.add_argument("--json", action="store_true", help="print raw JSON")
+    users = sub.add_parser("users", help="the cluster's users and their API keys (for its admins)")
+    users.add_argument("action", choices=["list", "add", "remove", "rotate", "revoke"],
+                       help="add prints the new user's key once; rotate gives a new key and ends the old one; "
+                            "revoke ends it; remove also cancels the user's running jobs")  # fmt: skip
+    users.add_argument("name", nargs="?", help="the user (all but list)")
+    users.add_argument("--admin", action="store_true", help="with add: an admin, who manages the cluster and its users")
+    users.add_argument("--json", action="store_true", help="with list: print raw JSON")
     return p
 
 
@@ -69,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return _nodes(args.json)
         if args.command == "cluster":
             return _cluster_action(args.setting)
+        if args.command == "users":
+            return _users(args.action, args.name, args.admin, args.json)
     except BurlaError as e:
         print(f"burla: {e}", file=sys.stderr)
         return 1
@@ -79,11 +90,14 @@ def _login(url: str, api_key: str | None) -> int:
     key = api_key or getpass.getpass(f"API key for {url}: ")
     with Client(url, key) as client:
         r = client.request("GET", "/v1/info", "log in", check=False, timeout=10)
+        me = client.request("GET", "/v1/me", "log in", check=False, timeout=10) if r.status_code == 200 else r
     if r.status_code != 200:
         print(f"burla: {url} refused the key ({r.status_code}): {r.text[:200]}", file=sys.stderr)
         return 1
     path = _settings.write_login(url, key)
-    print(f"Logged in to {url} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")
+    who = me.json() if me.status_code == 200 else {}
+    as_user = f" as {who['name']} ({who['role']})" if who.get("name") else ""
+    print(f"Logged in to {url}{as_user} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")
     return 0
 
 
@@ -183,6 +197,48 @@ def _nodes(as_json: bool) -> int:
     return 0
 
 
+def _users(action: str, name: str | None, admin: bool, as_json: bool) -> int:
+    if action != "list" and not name:
+        raise BurlaError(f"burla users {action}: name the user, e.g. `burla users {action} alice`")
+    if admin and action != "add":
+        raise BurlaError("--admin: only with `burla users add NAME`")
+    with _cluster() as client:
+        if action == "list":
+            users = client.request("GET", "/v1/users", "list the users", timeout=10).json()["users"]
+        elif action == "add":
+            body = {"name": name, "role": "admin" if admin else "user"}
+            added = client.request("POST", "/v1/users", f"add user {name}", json=body, timeout=10).json()
+        elif action == "rotate":
+            added = client.request("POST", f"/v1/users/{name}/key", f"rotate {name}'s key", timeout=10).json()
+        elif action == "revoke":
+            client.request("DELETE", f"/v1/users/{name}/key", f"revoke {name}'s key", timeout=10)
+        else:
+            removed = client.request("DELETE", f"/v1/users/{name}", f"remove user {name}", timeout=30).json()
+    if action == "list":
+        if as_json:
+            print(json.dumps(users, indent=2))
+            return 0
+        if not users:
+            print("No users but the admin token's. Add one: burla users add NAME")
+        for u in users:
+            key = f"key {u['key_id']}" if u["key_id"] else "no key (revoked: `burla users rotate` gives one)"
+            print(f"{u['name']}  {u['role']}  {key}  {u['running_jobs']} running jobs")
+    elif action in ("add", "rotate"):
+        what = (
+            f"User {name} ({added['role']}) added."
+            if action == "add"
+            else f"New key for {name}; the old one no longer works."
+        )
+        print(f"{what} Their API key, shown only this once:\n\n    {added['api_key']}\n")
+        print(f"They log in with: burla login {client.url} --api-key KEY (or set BURLA_API_KEY)")
+    elif action == "revoke":
+        print(f"{name}'s key no longer works; `burla users rotate {name}` gives them a new one.")
+    else:
+        cancelled = removed.get("cancelled_jobs", [])
+        print(f"User {name} removed" + (f"; {len(cancelled)} running jobs cancelled." if cancelled else "."))
+    return 0
+
+
 def _age(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -229,12 +285,12 @@ def _status(as_json: bool) -> int:
                 f"{p['ready']}/{p['slots']}", f"{p['cpus']:g}", f"{p['ram_bytes'] / 1e9:.1f} GB", containers or "-",
             )  # fmt: skip
         console.print(table)
-    jobs = Table("job", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
+    jobs = Table("job", "user", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
     for j in data["jobs"]:
         total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
         jobs.add_row(
-            j["job_id"][:8], j["function_name"], j["state"], f"{j['n_done']:,}", str(total), str(j["running"]),
-            f"{j['calls_per_second']:,.0f}",
+            j["job_id"][:8], j.get("owner", "") or "-", j["function_name"], j["state"], f"{j['n_done']:,}", str(total),
+            str(j["running"]), f"{j['calls_per_second']:,.0f}",
         )  # fmt: skip
     console.print(jobs if data["jobs"] else "No jobs.")
     return 0

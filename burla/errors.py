@@ -16,7 +16,8 @@ errors of Burla itself::
     ├── InstallError                a package of the client's environment cannot be installed on a node
     ├── ClusterError                the cluster cannot be reached or refused the request
     │   ├── ClusterUnavailableError the daemon is unreachable, or the local cluster failed to start
-    │   ├── AuthenticationError     the cluster refused the API key
+    │   ├── AuthenticationError     the cluster refused the API key (unknown, rotated, revoked)
+    │   ├── PermissionDeniedError   the key's user may not do that (an admin's command)
     │   ├── NoNodesError            no node joined the cluster in time
     │   ├── NodeStartError          the nodes a job needs cannot be started (quota, permission, no zone has them)
     │   └── VersionMismatchError    the cluster runs a Burla version this one cannot work with
@@ -98,6 +99,10 @@ class ClusterUnavailableError(ClusterError):
 
 class AuthenticationError(ClusterError):
     pass
+
+
+class PermissionDeniedError(ClusterError):
+    """The API key is valid, but its user may not do this: the cluster's settings and users are its admins'."""
 
 
 class NoNodesError(ClusterError):
@@ -186,6 +191,7 @@ __all__ = [
     "NodeStartError",
     "NotCallableError",
     "NotIterableError",
+    "PermissionDeniedError",
     "RemoteError",
     "ResultTooLargeError",
     "TooLargeError",

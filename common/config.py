@@ -61,6 +61,8 @@ class DaemonConfig:
     client_grace: float = 3 * MINUTES
     admin_token: str = ""  # default: generated at first start, kept in the state dir
     node_token: str = ""
+    bad_token_burst: int = 20  # bad tokens a minute from one address answered at once; later ones wait
+    bad_token_max_delay: float = 2 * SECONDS  # the longest such a wait (0: never slow down)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir() / "daemon"

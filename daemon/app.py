@@ -1,9 +1,12 @@
 """burlad's HTTP and websocket API: thin quart-trio routes over `ControlPlane`.
 
-Every route but ``/v1/health`` needs a bearer token: the admin token for
-client routes, the node token (or the admin token) for agent routes. Bodies
-are envelopes (`burla.schemas.envelope`) or JSON; malformed ones get a 400
-that says what is wrong and never reach the control plane.
+Every route but ``/v1/health`` (and the wheels booting nodes install) needs a
+bearer token, and `ROUTE_ROLES` says whose: a user's API key (or the admin
+token) for client routes, where a user acts on their own jobs only; an admin's
+for the cluster's settings and its users; the node token for registering, and
+then each agent's own token. Bodies are envelopes (`burla.schemas.envelope`)
+or JSON; malformed ones get a 400 that says what is wrong and never reach the
+control plane.
 """
 
 from __future__ import annotations
@@ -23,17 +26,20 @@ from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
 from .cluster_link import ClusterAdmin
-from .errors import ApiError, BadRequest, NotFound, Unauthorized
+from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
 from .event_hub import EventHub
 from .ids import valid_digest, valid_id
 from .service import ControlPlane
 from .store import hash_token
+from .users import ADMIN as ADMIN_ROLE
+from .users import BOOTSTRAP, KEY_PREFIX, BadTokens, Principal, UserAdmin, valid_name
 
 log = logging.getLogger("burla.daemon")
 
 PUBLIC = "public"  # anyone
-ADMIN = "admin"  # the admin token (the clients' API key)
-NODE = "node"  # the shared node token (or the admin's): agents register with it
+USER = "user"  # any user's API key, or the admin token: a user acts on their own jobs only
+ADMIN = "admin"  # an admin's API key, or the admin token: the cluster's settings, its users, every job
+NODE = "node"  # the shared node token (or the admin token): agents register with it
 AGENT = "agent"  # the agent named in the path, with its own token from registration
 INSTANCE = "instance"  # a cluster node the daemon started, with the token made for that instance
 
@@ -42,17 +48,23 @@ INSTANCE = "instance"  # a cluster node the daemon started, with the token made 
 # walks every route with every kind of token against it.
 ROUTE_ROLES: dict[str, str] = {
     "health": PUBLIC,
-    "info": ADMIN,
-    "create_job": ADMIN,
-    "add_inputs": ADMIN,
-    "cancel_job": ADMIN,
-    "job_status": ADMIN,
-    "event_payload": ADMIN,
-    "put_blob": ADMIN,
-    "missing_blobs": ADMIN,
-    "cluster": ADMIN,
+    "info": USER,
+    "me": USER,
+    "create_job": USER,
+    "add_inputs": USER,
+    "cancel_job": USER,
+    "job_status": USER,
+    "event_payload": USER,
+    "put_blob": USER,
+    "missing_blobs": USER,
+    "cluster": USER,
+    "events": USER,
     "set_standby": ADMIN,
-    "events": ADMIN,
+    "list_users": ADMIN,
+    "add_user": ADMIN,
+    "remove_user": ADMIN,
+    "rotate_key": ADMIN,
+    "revoke_key": ADMIN,
     "get_standby": NODE,
     "register": NODE,  # or a cluster node's instance token
     "boot_failed": INSTANCE,
@@ -111,7 +123,9 @@ def _envelope(header: dict[str, Any], blobs: list[bytes] | None = None) -> Respo
 def create_app(plane: ControlPlane) -> QuartTrio:
     app = QuartTrio("burla.daemon")
     admin = ClusterAdmin(plane)
+    user_admin = UserAdmin(plane)
     config = plane.config
+    bad_tokens = BadTokens(config.bad_token_burst, config.bad_token_max_delay)
     app.config["MAX_CONTENT_LENGTH"] = max(
         config.max_function_bytes + config.max_input_bytes + 64 * 1024**2, config.max_blob_bytes + 1024**2
     )
@@ -120,37 +134,66 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.before_request
     async def authorize_request() -> None:
-        authorize(request.endpoint, request.headers, request.view_args or {})
+        g.principal = await authorize(request.endpoint, request.headers, request.view_args or {}, request.remote_addr)
 
     @app.before_websocket
     async def authorize_websocket() -> None:
-        authorize(websocket.endpoint, websocket.headers, websocket.view_args or {})
+        g.principal = await authorize(
+            websocket.endpoint, websocket.headers, websocket.view_args or {}, websocket.remote_addr
+        )
 
-    def authorize(endpoint: str | None, headers: Any, view_args: dict[str, Any]) -> None:
-        """The one place that says who may call a route: `ROUTE_ROLES`, by endpoint."""
+    async def authorize(
+        endpoint: str | None, headers: Any, view_args: dict[str, Any], address: str | None
+    ) -> Principal | None:
+        """The one place that says who may call a route: `ROUTE_ROLES`, by endpoint. Returns the user
+        a client route acts for. An address that keeps sending bad tokens waits before each 401."""
         name = (endpoint or "").rpartition(".")[2]
         role = ROUTE_ROLES.get(name)
-        if role is None:
-            return  # no route matched: the router answers 404 or 405
-        if role == PUBLIC:
-            return
-        if role == AGENT:
-            check_agent(headers, view_args.get("agent_id", ""))
-        elif role == INSTANCE:
-            check_instance(headers, view_args.get("name", ""))
-        else:
-            check_token(headers, role)
+        if role is None or role == PUBLIC:
+            return None  # PUBLIC, or no route matched: the router answers 404 or 405
+        try:
+            if role == AGENT:
+                check_agent(headers, view_args.get("agent_id", ""))
+            elif role == INSTANCE:
+                check_instance(headers, view_args.get("name", ""))
+            elif role == NODE:
+                check_node(headers)
+            else:
+                return check_user(headers, role)
+        except Unauthorized as e:
+            delay = bad_tokens.failed(address or "")
+            if delay:
+                log.info("bad token from %s for %s: %s (answered after %.2f s)", address, name, e, delay)
+                await trio.sleep(delay)
+            raise
+        return None
 
-    def check_token(headers: Any, role: str) -> None:
+    def is_admin_token(token: str) -> bool:
+        admin_hash = plane.token_hashes.get(ADMIN, "")
+        return bool(admin_hash) and hmac.compare_digest(hash_token(token).encode(), admin_hash.encode())
+
+    def check_user(headers: Any, role: str) -> Principal:
         token = bearer(headers)
-        hashes = plane.token_hashes
-        allowed = [hashes.get(ADMIN, "")] + ([hashes.get(NODE, "")] if role == NODE else [])
-        presented = hash_token(token)
-        if any(hmac.compare_digest(presented.encode(), h.encode()) for h in allowed if h):
+        if token.startswith(KEY_PREFIX):
+            who = plane.users.authenticate(token)
+        elif is_admin_token(token):
+            who = Principal(BOOTSTRAP, ADMIN_ROLE)
+        else:
+            raise Unauthorized(
+                "this token is not an API key of this cluster: pass api_key=, set BURLA_API_KEY, or `burla login`"
+            )
+        if role == ADMIN and not who.admin:
+            raise Forbidden(f"user {who.name} is not an admin of this cluster: this is the admin's to do")
+        return who
+
+    def check_node(headers: Any) -> None:
+        token = bearer(headers)
+        node_hash = plane.token_hashes.get(NODE, "")
+        if is_admin_token(token) or (node_hash and hmac.compare_digest(hash_token(token).encode(), node_hash.encode())):
             return
-        if role == NODE and instance_of(token):
+        if instance_of(token):
             return
-        raise Unauthorized(f"this token is not valid for {role} routes of this cluster")
+        raise Unauthorized("this token is not valid for node routes of this cluster: give the agent the node token")
 
     def instance_of(token: str) -> str:
         """The cluster node this token was made for ("": none)."""
@@ -166,6 +209,12 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         valid_id(agent_id, "agent id")
         if not plane.is_agent(agent_id, bearer(headers)):
             raise Unauthorized(f"this token is not agent {agent_id}'s: register to get its own")
+
+    def caller() -> Principal:
+        """The user a client route acts for (`authorize` found them)."""
+        who = g.get("principal")
+        assert isinstance(who, Principal)
+        return who
 
     async def body() -> bytes:
         g.body_read = True
@@ -270,6 +319,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     # ---- client routes --------------------------------------------------------------
 
+    @app.get("/v1/me")
+    async def me() -> Response:
+        who = caller()
+        return _json({"name": who.name, "role": who.role})
+
     @app.get("/v1/info")
     async def info() -> Response:
         return _json(
@@ -290,7 +344,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         header, blobs = await read_envelope()
         spec = m.JobSpec.from_wire(header.get("spec"))
         fn = blobs_at(blobs, 0, "function")
-        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header), proof(header))
+        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header), proof(header), caller())
         await trio.sleep(0)  # the agents' poll answers go first: the client waits on events, not on this
         return _json({"job_id": spec.job_id})
 
@@ -298,7 +352,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def add_inputs(job_id: str) -> Response:
         valid_id(job_id, "job id")
         header, blobs = await read_envelope()
-        plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header), proof(header))
+        plane.add_inputs(job_id, batches_of(header, blobs, 0), final_count(header), proof(header), caller())
         return _json({"ok": True})
 
     @app.post("/v1/jobs/<job_id>/cancel")
@@ -308,7 +362,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         reason = body.get("reason", "cancelled by the client")
         if not isinstance(reason, str) or len(reason) > _REASON_CHARS:
             raise BadRequest(f"reason: expected a string of at most {_REASON_CHARS} characters")
-        plane.cancel_job(job_id, reason)
+        plane.cancel_job(job_id, reason, caller())
         return _json({"ok": True})
 
     @app.put("/v1/blobs/<digest>")
@@ -338,7 +392,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
         valid_id(job_id, "job id")
-        return _json(plane.job_status(job_id).to_wire())
+        return _json(plane.job_status(job_id, caller()).to_wire())
 
     @app.get("/v1/jobs/<job_id>/events/<int:seq>/payload")
     async def event_payload(job_id: str, seq: int) -> Response:
@@ -346,11 +400,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         valid_id(job_id, "job id")
         if seq > wire.INT64[1]:
             raise BadRequest(f"event seq: at most {wire.INT64[1]}")
-        return _stream(plane.event_payload(job_id, seq))
+        return _stream(plane.event_payload(job_id, seq, caller()))
 
     @app.get("/v1/cluster")
     async def cluster() -> Response:
-        return _json(plane.cluster_status().to_wire())
+        return _json(plane.cluster_status(caller()).to_wire())
 
     @app.get("/v1/standby")
     async def get_standby() -> Response:
@@ -371,10 +425,34 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         plane.set_standby(spec)
         return _json({"images": [i.to_wire() for i in spec], "version": plane.standby_version})
 
+    # ---- users (admin) ----------------------------------------------------------------
+
+    @app.get("/v1/users")
+    async def list_users() -> Response:
+        return _json({"users": user_admin.list()})
+
+    @app.post("/v1/users")
+    async def add_user() -> Response:
+        data = await read_object()
+        return _json(user_admin.add(data.get("name"), data.get("role", "user"), caller()))
+
+    @app.delete("/v1/users/<name>")
+    async def remove_user(name: str) -> Response:
+        return _json(user_admin.remove(valid_name(name), caller()))
+
+    @app.post("/v1/users/<name>/key")
+    async def rotate_key(name: str) -> Response:
+        return _json(user_admin.rotate(valid_name(name), caller()))
+
+    @app.delete("/v1/users/<name>/key")
+    async def revoke_key(name: str) -> Response:
+        user_admin.revoke(valid_name(name), caller())
+        return _json({"name": name, "revoked": True})
+
     @app.websocket("/v1/events")
     async def events() -> None:
         """One websocket per client, carrying the events of every job it follows (event_hub.py)."""
-        await EventHub(plane, websocket).serve()
+        await EventHub(plane, websocket, caller()).serve()
 
     # ---- agent routes -----------------------------------------------------------------
 

@@ -7,6 +7,10 @@ resubscribe with the last sequence it saw, replaces the first); each sends
 envelopes ``{"job_id": ID, "events": [Event...], "status": JobStatus?}``, with
 the events' payloads as blobs, or ``{"job_id": ID, "error": {...}}``. Frames go
 out one at a time; the events come from `ControlPlane.next_events`.
+
+A socket acts for one user: it follows only their jobs (another user's job is
+answered as no job). When the user's key ends (users.py), the socket gets a
+last frame ``{"error": {"code": "unauthorized", ...}}`` and is closed.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from .errors import ApiError, BadRequest
 from .feeds import Follower
 from .ids import valid_id
 from .service import ControlPlane
+from .users import Principal
 
 STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
 JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
+END_GRACE = 2.0  # how long a socket whose user was removed waits for its jobs' final events before closing
 _FINAL = (m.DONE, m.FAILED, m.CANCELLED)
 
 
@@ -41,32 +47,60 @@ class Socket(Protocol):
 class EventHub:
     """Serves one client's events websocket: its subscriptions, and the frames of every job it follows."""
 
-    def __init__(self, plane: ControlPlane, socket: Socket) -> None:
+    def __init__(self, plane: ControlPlane, socket: Socket, who: Principal) -> None:
         self.plane = plane
         self.socket = socket
+        self.who = who
         self._send_lock = trio.Lock()
         self._follows: dict[str, trio.CancelScope] = {}
+        self._following = 0  # follow tasks running
+        self._ended: tuple[str, bool] | None = None  # (why, grace): the user's key ended
+        self._end = trio.Event()
+
+    def end(self, why: str, grace: bool) -> None:
+        """The user's key ended: close the socket, after their jobs' final events when `grace`."""
+        self._ended = (why, grace)
+        self._end.set()
 
     async def serve(self) -> None:
-        """Accept the socket and take the client's messages until it goes away."""
+        """Accept the socket and take the client's messages until it goes away (or its user's key ends)."""
         await self.socket.accept()
-        async with trio.open_nursery() as nursery:
-            while True:
-                raw = await self.socket.receive()
-                try:
-                    op, job_id, after = parse_op(raw)
-                except (BadRequest, WireError) as e:
-                    await self.send({"error": {"code": "bad_request", "message": str(e)}})
-                    continue
-                old = self._follows.pop(job_id, None)
-                if old is not None:
-                    old.cancel()
-                trace("daemon", f"events {op} {job_id[:8]} after={after}")
-                if op == "subscribe":
-                    self._follows[job_id] = trio.CancelScope()
-                    nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
-                else:  # "ack"
-                    self.plane.ack_job(job_id)
+        self.plane.sessions.opened(self.who.name, self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_ended, nursery.cancel_scope)
+                await self._take_messages(nursery)
+        finally:
+            self.plane.sessions.closed(self.who.name, self)
+
+    async def _close_when_ended(self, scope: trio.CancelScope) -> None:
+        await self._end.wait()
+        why, grace = self._ended or ("", False)
+        if grace:
+            with trio.move_on_after(END_GRACE):
+                while self._following:
+                    await trio.sleep(0.02)
+        with trio.move_on_after(1):
+            await self.send({"error": {"code": "unauthorized", "message": why}})
+        scope.cancel()
+
+    async def _take_messages(self, nursery: trio.Nursery) -> None:
+        while True:
+            raw = await self.socket.receive()
+            try:
+                op, job_id, after = parse_op(raw)
+            except (BadRequest, WireError) as e:
+                await self.send({"error": {"code": "bad_request", "message": str(e)}})
+                continue
+            old = self._follows.pop(job_id, None)
+            if old is not None:
+                old.cancel()
+            trace("daemon", f"events {op} {job_id[:8]} after={after}")
+            if op == "subscribe":
+                self._follows[job_id] = trio.CancelScope()
+                nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
+            else:  # "ack"
+                self.plane.ack_job(job_id, self.who)
 
     async def send(self, header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
         data = envelope.pack(header, blobs or [])
@@ -77,17 +111,19 @@ class EventHub:
         """Send a job's events after `after`, and its status as it changes, until its final event."""
         plane = self.plane
         plane.follow_started(job_id)
+        self._following += 1
         try:
             with scope:
                 try:
                     await plane.wait_job(job_id, JOB_WAIT)
-                    plane.job_status(job_id)
+                    plane.job_status(job_id, self.who)
                 except ApiError as e:
                     await self.send({"job_id": job_id, "error": e.body()["error"]})
                     return
                 with plane.follow(job_id, after) as follower:
                     await self._stream(job_id, follower)
         finally:
+            self._following -= 1
             plane.follow_ended(job_id)
 
     async def _stream(self, job_id: str, follower: Follower) -> None:

@@ -59,6 +59,7 @@ class JobState:
     round_chunk: int = 1  # lease size for the current assign() round
     first_result_at: float | None = None
     last_result_at: float | None = None
+    owner: str = ""  # the user who made it
 
     @property
     def job_id(self) -> str:
@@ -194,8 +195,8 @@ class Scheduler:
         """
         return unfit(self.nodes.values(), spec)
 
-    def add_job(self, spec: m.JobSpec, now: float) -> JobState:
-        job = JobState(spec, created=now)
+    def add_job(self, spec: m.JobSpec, now: float, owner: str = "") -> JobState:
+        job = JobState(spec, created=now, owner=owner)
         job.seconds_per_call = self._estimates.get(spec.function_hash)
         self.jobs[spec.job_id] = job
         return job
@@ -423,9 +424,10 @@ class Scheduler:
         n_inputs: int | None,
         done: Iterable[tuple[int, int]],
         leases: Iterable[tuple[m.Lease, str]],
+        owner: str = "",
     ) -> JobState:
         """Rebuild a running job from the store: pending = batches - done - leased."""
-        job = self.add_job(spec, created)
+        job = self.add_job(spec, created, owner)
         job.n_inputs = n_inputs
         for lo, hi in sorted(done):
             job.done.add(lo, hi)
@@ -467,6 +469,7 @@ class Scheduler:
             workers=self._slots_for(job) if self.nodes else 0,
             created=job.created,
             calls_per_second=rate,
+            owner=job.owner,
         )
         phase = Phase(
             nodes=len(self.nodes),

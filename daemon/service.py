@@ -48,6 +48,7 @@ from .placement import TooLarge as CallTooLarge
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
+from .users import BOOTSTRAP, Principal, Sessions, Users
 
 log = logging.getLogger("burla.daemon")
 
@@ -85,6 +86,8 @@ class ControlPlane:
         known = read_tokens(store.path.parent / TOKENS_FILE)  # the plaintext, kept for people in a 0600 file
         self.tokens = store.tokens(config.admin_token, config.node_token, known)
         self.token_hashes = store.token_hashes()
+        self.users = Users(store, clock)
+        self.sessions = Sessions()  # users' open event websockets: ended when their key ends
         self.last_activity = clock()
         self.started = clock()
         self._job_created = trio.Event()
@@ -152,8 +155,9 @@ class ControlPlane:
             if "error" not in job:
                 try:
                     state = self.scheduler.restore_job(
-                        job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"]
-                    )
+                        job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"],
+                        job["owner"],
+                    )  # fmt: skip
                 except (ValueError, TypeError, OverflowError, KeyError) as e:
                     self.scheduler.forget_job(job["spec"].job_id)
                     job = {"job_id": job["spec"].job_id, "error": f"{type(e).__name__}: {e}"}
@@ -188,11 +192,17 @@ class ControlPlane:
         batches: Sequence[tuple[m.BatchMeta, memoryview | None]],
         final_count: int | None,
         payload_proof: str = "",
+        who: Principal | None = None,
     ) -> None:
+        """A new job of `who` (None: the admin token's user)."""
         self.last_activity = self.clock()
-        if self.store.job_exists(spec.job_id):
+        owner = who.name if who is not None else BOOTSTRAP
+        existing = self.store.job_owner(spec.job_id)
+        if existing is not None:
+            if existing != owner:
+                raise Conflict(f"job id {spec.job_id} is taken: make the job again with a new id")
             if spec.job_id in self.scheduler.jobs:  # a retried request: take the batches it carried
-                self.add_inputs(spec.job_id, batches, final_count, payload_proof)
+                self.add_inputs(spec.job_id, batches, final_count, payload_proof, who)
                 return
             raise Conflict(f"job {spec.job_id} already exists and has finished")
         if len(function_blob) > self.config.max_function_bytes:
@@ -221,13 +231,14 @@ class ControlPlane:
         if reason is not None:
             raise Unsatisfiable(status_text.unfit(reason))
         self._check_batches(spec.job_id, batches, payload_proof)
-        self.store.create_job(spec, bytes(function_blob), self.clock())
-        self.scheduler.add_job(spec, self.clock())
+        self.store.create_job(spec, bytes(function_blob), self.clock(), owner)
+        self.scheduler.add_job(spec, self.clock(), owner)
         self.feeds.open(spec.job_id, self.clock())
         self.counters["jobs"] += 1
         self._job_created.set()
         self._job_created = trio.Event()
-        self.add_inputs(spec.job_id, batches, final_count, payload_proof)
+        self.add_inputs(spec.job_id, batches, final_count, payload_proof, who)
+        log.info("job %s of user %s: %s", spec.job_id, owner, spec.function_name[:200])
         if self.keeper is not None:
             self.keeper.wake()
 
@@ -269,13 +280,24 @@ class ControlPlane:
         payloads = self.store.payloads
         return {"host": payloads.host, "dir": str(payloads.root), "inline_limit": payloads.inline_limit}
 
-    def _job(self, job_id: str) -> JobState:
+    def _job(self, job_id: str, who: Principal | None = None) -> JobState:
+        """A running job that `who` may act on (None: the daemon itself, or any admin)."""
+        self._visible(job_id, who)
         job = self.scheduler.jobs.get(job_id)
         if job is None:
             if self.store.job_exists(job_id):
                 raise Conflict(f"job {job_id} has finished")
             raise NotFound(f"no job {job_id}")
         return job
+
+    def _visible(self, job_id: str, who: Principal | None) -> None:
+        """Another user's job is answered as no job at all: its id says nothing, and its existence is not told."""
+        if who is None or who.admin:
+            return
+        job = self.scheduler.jobs.get(job_id)
+        owner = job.owner if job is not None else self.store.job_owner(job_id)
+        if owner is not None and owner != who.name:
+            raise NotFound(f"no job {job_id}")
 
     @_decides
     def add_inputs(
@@ -284,10 +306,11 @@ class ControlPlane:
         batches: Sequence[tuple[m.BatchMeta, memoryview | None]],
         final_count: int | None,
         payload_proof: str = "",
+        who: Principal | None = None,
     ) -> None:
         self.last_activity = self.clock()
         trace("daemon", f"inputs {job_id[:8]} {[b.seq for b, _ in batches]} final={final_count}")
-        job = self._job(job_id)
+        job = self._job(job_id, who)
         if job.state != m.RUNNING:
             return  # a failed or cancelled job takes no more inputs; the client learns why from its events
         self._check_batches(job_id, batches, payload_proof)
@@ -299,12 +322,22 @@ class ControlPlane:
         self.feeds.notify(job_id)
 
     @_decides
-    def cancel_job(self, job_id: str, reason: str) -> None:
-        job = self._job(job_id)
+    def cancel_job(self, job_id: str, reason: str, who: Principal | None = None) -> None:
+        job = self._job(job_id, who)
         if job.state == m.RUNNING:
             self._record(job_id, m.CANCELLED, data={"reason": reason})
             self._finish(job, m.JOB_CANCELLED)
             self.counters["jobs_cancelled"] += 1
+            if who is not None and who.name != job.owner:
+                log.info("job %s of user %s cancelled by %s: %s", job_id, job.owner, who.name, reason[:200])
+
+    @_decides
+    def cancel_jobs_of(self, user: str, reason: str) -> list[str]:
+        """Cancel every running job of `user` (who is being removed); returns their ids."""
+        jobs = [j.job_id for j in self.scheduler.jobs.values() if j.owner == user and j.state == m.RUNNING]
+        for job_id in jobs:
+            self.cancel_job(job_id, reason)
+        return jobs
 
     def follow_started(self, job_id: str) -> None:
         self.feeds.follow_started(job_id)
@@ -332,8 +365,12 @@ class ControlPlane:
         return abandoned
 
     @_decides
-    def ack_job(self, job_id: str) -> None:
+    def ack_job(self, job_id: str, who: Principal | None = None) -> None:
         """The client has every event of a finished job: forget it."""
+        try:
+            self._visible(job_id, who)
+        except NotFound:
+            return  # not theirs to forget
         job = self.scheduler.jobs.get(job_id)
         if job is not None and job.state == m.RUNNING:
             return
@@ -348,7 +385,8 @@ class ControlPlane:
             while job_id not in self.scheduler.jobs and not self.store.job_exists(job_id):
                 await self._job_created.wait()
 
-    def job_status(self, job_id: str) -> m.JobStatus:
+    def job_status(self, job_id: str, who: Principal | None = None) -> m.JobStatus:
+        self._visible(job_id, who)
         job = self.scheduler.jobs.get(job_id)
         if job is None:  # finished before a restart (or failed restoring it): its record in SQLite is all there is
             row = self.store.conn.execute(
@@ -382,9 +420,9 @@ class ControlPlane:
         with self.follow(job_id, after) as follower:
             return await self.next_events(follower, timeout)
 
-    def event_payload(self, job_id: str, seq: int) -> Path:
+    def event_payload(self, job_id: str, seq: int, who: Principal | None = None) -> Path:
         """The file of a payload too large to push (see `wait_events`)."""
-        self._job(job_id)
+        self._job(job_id, who)
         path = self.store.event_payload(job_id, seq)
         if path is None or not path.is_file():
             raise NotFound(f"no payload for event {seq} of job {job_id}")
@@ -743,7 +781,8 @@ class ControlPlane:
 
     # ---- views ------------------------------------------------------------------------
 
-    def cluster_status(self) -> m.ClusterStatus:
+    def cluster_status(self, who: Principal | None = None) -> m.ClusterStatus:
+        """The nodes and the jobs: every job for an admin, a user's own for a user."""
         now = self.clock()
         nodes = tuple(
             m.NodeStatus(
@@ -762,8 +801,13 @@ class ControlPlane:
             )
             for n in self.scheduler.nodes.values()
         )
-        jobs = tuple(status_text.job_status(self.scheduler.job_progress(j, now)) for j in self.scheduler.jobs.values())
-        return m.ClusterStatus(nodes, jobs, self.statistics())
+        jobs = tuple(
+            status_text.job_status(self.scheduler.job_progress(j, now))
+            for j in self.scheduler.jobs.values()
+            if who is None or who.may_act_on(j.owner)
+        )
+        stats = self.statistics() if who is None or who.admin else {"boot_id": self.boot_id}
+        return m.ClusterStatus(nodes, jobs, stats)
 
     def statistics(self) -> dict[str, Any]:
         return {

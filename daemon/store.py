@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from .payloads import PayloadStore
 from .state_dir import new_token
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class StoreError(RuntimeError):
@@ -116,7 +116,18 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.table("node_events").create_index(["name", "id"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    # Users and their API keys (users.py): keys are kept as hashes, found by their public id. A job has an
+    # owner; jobs of older files were made with the admin token.
+    db.table("users").create({"name": str, "role": str, "created": float}, pk="name")
+    db.table("keys").create(
+        {"key_id": str, "user": str, "key_hash": str, "created": float, "ended": float, "why": str}, pk="key_id"
+    )
+    db.table("keys").create_index(["user"])
+    db.table("jobs").add_column("owner", str, not_null_default="admin")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -334,19 +345,61 @@ class Store:
 
     # ---- jobs ----------------------------------------------------------------------
 
-    def create_job(self, spec: m.JobSpec, function_blob: bytes, now: float) -> None:
+    def create_job(self, spec: m.JobSpec, function_blob: bytes, now: float, owner: str) -> None:
         with self.tx() as c:
             c.execute(
                 "INSERT OR IGNORE INTO functions (hash, blob, size, created) VALUES (?, ?, ?, ?)",
                 (spec.function_hash, function_blob, len(function_blob), now),
             )
             c.execute(
-                "INSERT INTO jobs (job_id, spec, state, created) VALUES (?, ?, ?, ?)",
-                (spec.job_id, json.dumps(spec.to_wire()), m.RUNNING, now),
+                "INSERT INTO jobs (job_id, spec, state, created, owner) VALUES (?, ?, ?, ?, ?)",
+                (spec.job_id, json.dumps(spec.to_wire()), m.RUNNING, now, owner),
             )
 
     def job_exists(self, job_id: str) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)) is not None
+
+    def job_owner(self, job_id: str) -> str | None:
+        """Who made the job (None: no such job)."""
+        owner = self._one("SELECT owner FROM jobs WHERE job_id = ?", (job_id,))
+        return None if owner is None else str(owner)
+
+    def running_jobs_of(self, owner: str) -> list[str]:
+        rows = self.conn.execute("SELECT job_id FROM jobs WHERE owner = ? AND state = ?", (owner, m.RUNNING))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    # ---- users and their keys (users.py) ----------------------------------------------
+
+    def users(self) -> list[tuple[str, str, float]]:
+        """(name, role, created) of every user, by name."""
+        rows = self.conn.execute("SELECT name, role, created FROM users ORDER BY name").fetchall()
+        return [(str(n), str(r), float(c)) for n, r, c in rows]
+
+    def keys(self) -> list[tuple[str, str, str, float, float | None, str]]:
+        """(key_id, user, key_hash, created, ended, why ended) of every key, the ended ones too."""
+        rows = self.conn.execute("SELECT key_id, user, key_hash, created, ended, why FROM keys").fetchall()
+        return [(str(k), str(u), str(h), float(c), None if e is None else float(e), str(w or "")) for k, u, h, c, e, w in rows]  # fmt: skip
+
+    def add_user(self, name: str, role: str, now: float) -> None:
+        with self.tx() as c:
+            c.execute("INSERT INTO users (name, role, created) VALUES (?, ?, ?)", (name, role, now))
+
+    def delete_user(self, name: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    def add_key(self, key_id: str, user: str, key_hash: str, now: float) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO keys (key_id, user, key_hash, created) VALUES (?, ?, ?, ?)", (key_id, user, key_hash, now)
+            )
+
+    def end_keys(self, user: str, now: float, why: str) -> list[str]:
+        """End every live key of `user`; returns their ids."""
+        with self.tx() as c:
+            ids = [str(r[0]) for r in c.execute("SELECT key_id FROM keys WHERE user = ? AND ended IS NULL", (user,))]
+            c.execute("UPDATE keys SET ended = ?, why = ? WHERE user = ? AND ended IS NULL", (now, why, user))
+        return ids
 
     def function_blob(self, function_hash: str) -> bytes | None:
         blob = self._one("SELECT blob FROM functions WHERE hash = ?", (function_hash,))
@@ -430,11 +483,11 @@ class Store:
         for the daemon to fail with that reason: one bad row never stops the daemon from starting.
         """
         out: list[dict[str, Any]] = []
-        for job_id, spec, n_inputs, created in self.conn.execute(
-            "SELECT job_id, spec, n_inputs, created FROM jobs WHERE state = ? ORDER BY created", (m.RUNNING,)
+        for job_id, spec, n_inputs, created, owner in self.conn.execute(
+            "SELECT job_id, spec, n_inputs, created, owner FROM jobs WHERE state = ? ORDER BY created", (m.RUNNING,)
         ).fetchall():
             try:
-                out.append(self._running_job(job_id, spec, n_inputs, created))
+                out.append(self._running_job(job_id, spec, n_inputs, created) | {"owner": str(owner)})
             except (ValueError, TypeError, OverflowError, KeyError, sqlite3.Error) as e:
                 out.append({"job_id": str(job_id), "error": f"{type(e).__name__}: {e}"})
         return out

@@ -383,6 +383,7 @@ class JobStatus(Wire):
     created: float = 0.0
     calls_per_second: float = 0.0
     phase: str = ""  # what the cluster is doing for the job, in words
+    owner: str = ""  # the user who made it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,7 @@ class Cluster:
             **os.environ,
             "BURLA_DAEMON_POLL_TIMEOUT": "1",
             "BURLA_DAEMON_AGENT_TIMEOUT": "3",
+            "BURLA_DAEMON_BAD_TOKEN_BURST": "1000000",  # tests send bad tokens on purpose; one tests the slow-down
             **(env or {}),
         }
         self.daemon: subprocess.Popen[bytes] | None = None

@@ -2,7 +2,8 @@
 
 Shared by the CI suite (tests/e2e/test_fuzz.py: a fixed, derandomized corpus of about 1,500 requests)
 and the long run in the benchmarks (bench/fuzz_long.py). Each request goes to a real `burlad serve`
-with the admin token, the node token, an agent's token, a wrong token, or none. What must hold:
+with the admin token, a user's API key, an admin user's, the node token, an agent's token, a wrong
+token, or none. What must hold:
 no 5xx, an answer within `ANSWER_SECONDS`, no file written outside the state dir (every path-like
 value carries `ESCAPE_MARK`, so an escaped write is found by name), and afterwards the daemon still
 runs a normal job to exactly-once results.
@@ -76,6 +77,7 @@ def valid_messages() -> dict[str, dict[str, Any]]:
             pool_errors=(m.PoolError("fuzzjob", "img", "broken"),),
         ).to_wire(),
         "StandbyImage": m.StandbyImage("localhost/x:1", PY, 1.0).to_wire(),
+        "ClusterSpec": m.ClusterSpec(groups=(m.NodeGroup("e2-standard-2"),)).to_wire(),
     }
 
 
@@ -173,7 +175,19 @@ ROUTES = [
     ("GET", "/v1/agents/{agent}/functions/{digest}"),
     ("GET", "/v1/agents/{agent}/batches/{job}/{seq}"),
     ("GET", "/v1/agents/{agent}/blobs/{digest}"),
+    ("GET", "/v1/me"),
+    ("GET", "/v1/users"),
+    ("POST", "/v1/users"),
+    ("DELETE", "/v1/users/{name}"),
+    ("POST", "/v1/users/{name}/key"),
+    ("DELETE", "/v1/users/{name}/key"),
+    ("GET", "/v1/cluster/nodes"),
+    ("GET", "/v1/cluster/spec"),
+    ("PUT", "/v1/cluster/spec"),
+    ("POST", "/v1/cluster/{action}"),
+    ("POST", "/v1/nodes/{name}/boot-failed"),
 ]
+ADMIN_ROUTES = ("/v1/standby", "/v1/users", "/v1/cluster/")  # prefixes of the admin's routes (but GET /v1/standby)
 
 
 @st.composite
@@ -186,15 +200,19 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         "agent": quoted(draw(ids)),
         "digest": quoted(draw(ids)),
         "seq": draw(st.sampled_from(["0", "1", "-1", "a", str(2**64), "9" * 30])),
+        "name": quoted(draw(st.one_of(ids, st.sampled_from(["Alice", "a" * 41, "fuzz-victim", "admin"])))),
+        "action": quoted(draw(st.one_of(ids, st.sampled_from(["start", "restart", "nope"])))),
     }
     path = template.format(**params)
-    right = "admin"
+    right = "user"
     if template == "/v1/agents/register" or template == "/v1/standby" and method == "GET":
         right = "node"
     elif "/agents/" in template:
         right = "agent"
+    elif template.startswith(ADMIN_ROUTES):
+        right = draw(st.sampled_from(["admin", "admin-user"]))
     # mostly the token the route takes, so most requests reach its checks; the others must be refused
-    role = draw(st.sampled_from([right] * 6 + ["admin", "node", "agent", "wrong", "none"]))
+    role = draw(st.sampled_from([right] * 6 + ["admin", "user", "admin-user", "node", "agent", "wrong", "none"]))
     body: bytes = b""
     content_type = "application/json"
     if template == "/v1/jobs":
@@ -215,6 +233,12 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         body = raw_json(draw(st.one_of(json_values, mutated({"digests": ["0" * 64]}))), draw)
     elif template == "/v1/standby" and method == "PUT":
         body = raw_json(draw(st.one_of(json_values, mutated({"images": [valid["StandbyImage"]]}))), draw)
+    elif template == "/v1/users" and method == "POST":
+        body = raw_json(draw(st.one_of(json_values, mutated({"name": "fuzzed", "role": "user"}))), draw)
+    elif template == "/v1/cluster/spec" and method == "PUT":
+        body = raw_json(draw(st.one_of(json_values, mutated(valid["ClusterSpec"]))), draw)
+    elif template.endswith("/boot-failed"):
+        body = raw_json(draw(st.one_of(json_values, mutated({"step": "s", "log": "l"}))), draw)
     elif method == "PUT":
         body = draw(st.binary(max_size=256))
         content_type = "application/octet-stream"

@@ -54,13 +54,19 @@ def fuzz_agent(target: Cluster) -> dict[str, str]:
     info = {"node_id": "fuzz-agent", "hostname": "fuzz", "cpus": 1, "ram_bytes": 10**9, "python_version": "3.99",
             "workers": 1, "agent_version": burla.__version__, "protocol": m.PROTOCOL_VERSION}  # fmt: skip
     headers = {"authorization": f"Bearer {target.node_token}"}
-    return dict(httpx.post(f"{target.url}/v1/agents/register", json=info, headers=headers, timeout=10).json())
+    agent = dict(httpx.post(f"{target.url}/v1/agents/register", json=info, headers=headers, timeout=10).json())
+    admin = {"authorization": f"Bearer {target.admin_token}"}
+    for name, role in (("fuzz-user", "user"), ("fuzz-admin", "admin")):  # the fuzzed names never take these
+        r = httpx.post(f"{target.url}/v1/users", json={"name": name, "role": role}, headers=admin, timeout=10)
+        agent[name] = r.json()["api_key"]
+    return agent
 
 
 def send(client: httpx.Client, cluster: Cluster, agent: dict[str, str], request: dict[str, Any]) -> httpx.Response:
     headers = {"content-type": request["type"]} if request["type"] else {}
     tokens = {"admin": cluster.admin_token, "node": cluster.node_token, "agent": agent["agent_token"],
-              "wrong": "burla-wrong-token", "none": None}  # fmt: skip
+              "user": agent["fuzz-user"], "admin-user": agent["fuzz-admin"], "wrong": "burla-wrong-token",
+              "none": None}  # fmt: skip
     token = tokens[request["role"]]
     if token is not None:
         headers["authorization"] = f"Bearer {token}"

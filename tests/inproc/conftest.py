@@ -16,7 +16,8 @@ from burla.node_agent.agent import Agent
 
 @pytest.fixture
 async def daemon(tmp_path: Path, nursery: trio.Nursery) -> Running:
-    config = DaemonConfig(port=0, state_dir=str(tmp_path / "daemon"), poll_timeout=0.5, agent_timeout=3)
+    config = DaemonConfig(port=0, state_dir=str(tmp_path / "daemon"), poll_timeout=0.5, agent_timeout=3,
+                          bad_token_burst=1_000_000)  # tests send many bad tokens on purpose  # fmt: skip
     running: Running = await nursery.start(serve, config)
     return running
 

@@ -69,21 +69,21 @@ async def test_a_failed_fetch_is_retried_and_a_refused_one_fails_only_its_job(
     real = daemon.plane.event_payload
     calls: list[str] = []
 
-    def flaky(job_id: str, seq: int) -> Any:
+    def flaky(job_id: str, seq: int, who: Any = None) -> Any:
         calls.append(job_id)
         if len(calls) == 1:
             raise RuntimeError("the daemon broke for a moment")  # a 500: the client reconnects and fetches again
         if job_id == refused_job[0]:
             raise NotFound("this payload is gone")
-        return real(job_id, seq)
+        return real(job_id, seq, who)
 
     refused_job: list[str] = [""]
     monkeypatch.setattr(daemon.plane, "event_payload", flaky)
     monkeypatch.setattr("burla.common.local.read_probe", lambda *a: None)  # as from another host: over HTTP
 
-    def refuse_all(job_id: str, seq: int) -> Any:
+    def refuse_all(job_id: str, seq: int, who: Any = None) -> Any:
         refused_job[0] = job_id
-        return flaky(job_id, seq)
+        return flaky(job_id, seq, who)
 
     def as_a_user() -> None:
         with Client(daemon.url, daemon.admin_token) as client:

@@ -18,6 +18,7 @@ from burla.daemon.event_hub import EventHub
 from burla.daemon.feeds import FRAME_BYTES, SPILL_BYTES
 from burla.daemon.service import ControlPlane
 from burla.daemon.store import StoreError
+from burla.daemon.users import SYSTEM
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
@@ -176,7 +177,7 @@ async def test_the_event_hub_follows_a_job_from_before_it_exists_to_its_end(tmp_
     agent = p.register(node("a")).agent_id
     socket = MemorySocket()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(EventHub(p, socket).serve)
+        nursery.start_soon(EventHub(p, socket, SYSTEM).serve)
         await socket.to_hub.send('{"op": "subscribe", "job": "job1", "after": 0}')
         await socket.to_hub.send('{"op": "nonsense"}')
         header, _ = envelope.unpack(await socket.from_hub.receive())
