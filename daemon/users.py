@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from burla.schemas import messages as m
+
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
 from .store import Store
 
@@ -226,7 +228,7 @@ class UserAdmin:
 
     def list(self) -> list[dict[str, Any]]:
         plane = self.plane
-        running = collections.Counter(j.owner for j in plane.scheduler.jobs.values() if j.state == "RUNNING")
+        running = collections.Counter(j.owner for j in plane.scheduler.jobs.values() if j.state == m.RUNNING)
         return [u | {"running_jobs": running.get(u["name"], 0)} for u in plane.users.list()]
 
     def add(self, name: Any, role: Any, by: Principal) -> dict[str, Any]:

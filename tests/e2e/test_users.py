@@ -203,3 +203,49 @@ def test_the_users_commands(cluster: Cluster, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no user eve" in missing.stderr
     bad = burla("users", "add", "Eve!")
     assert bad.returncode == 1 and "name:" in bad.stderr
+
+
+def test_fair_share_a_small_job_is_not_stuck_behind_a_huge_one(cluster: Cluster) -> None:
+    """User A queues 1,000,000 calls of 10 ms on the two agents, then user B 20: B's results come back while
+    A's job has barely begun, not after it (nodes go to users in turn)."""
+    import threading
+    import time
+
+    from burla import Client
+    from burla.errors import JobCancelledError
+
+    keys = {user: add_user(cluster, user) for user in ("huge", "tiny")}
+
+    def ten_ms(x: int) -> int:
+        import time
+
+        time.sleep(0.01)
+        return x
+
+    errors: list[BaseException] = []
+
+    def run_huge() -> None:
+        try:
+            with Client(cluster.url, keys["huge"]) as client:
+                client.map(ten_ms, range(1_000_000), spinner=False)
+        except BaseException as e:  # noqa: BLE001 - cancelled at the end, as the test asserts
+            errors.append(e)
+
+    thread = threading.Thread(target=run_huge)
+    thread.start()
+    try:
+        huge = wait_for(lambda: next((j for j in cluster.status()["jobs"] if j["owner"] == "huge"
+                                      and j["n_done"] > 0 and j["n_uploaded"] == 1_000_000), None), 120,
+                        "the huge job to run with all its inputs queued")  # fmt: skip
+        started = time.monotonic()
+        with Client(cluster.url, keys["tiny"]) as client:
+            assert client.map(ten_ms, range(20), spinner=False) == list(range(20))
+        seconds = time.monotonic() - started
+        after = next(j for j in cluster.status()["jobs"] if j["job_id"] == huge["job_id"])
+        assert after["state"] == "running" and after["n_done"] < 100_000, after
+        print(f"\nfair share: B's 20 calls took {seconds:.2f} s with A's 1,000,000 queued "
+              f"(A had {after['n_done']:,} done)")  # fmt: skip
+    finally:
+        admin_call(cluster, "POST", f"/v1/jobs/{huge['job_id']}/cancel", json={"reason": "the test is over"})
+        thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], JobCancelledError)

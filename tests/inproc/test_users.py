@@ -111,6 +111,8 @@ async def test_users_see_and_act_on_only_their_own_jobs(daemon: Running, admin: 
         job = await make_job(a, alice)
         mine = await make_job(b, bob)
         assert (await a.get(f"/v1/jobs/{job}")).json()["owner"] == "alice"
+        listed = {u["name"]: u["running_jobs"] for u in (await admin.get("/v1/users")).json()["users"]}
+        assert listed == {"alice": 1, "bob": 1}
         stranger = {
             ("GET", f"/v1/jobs/{job}"): None,
             ("POST", f"/v1/jobs/{job}/cancel"): {"reason": "mine now"},
