@@ -2,8 +2,9 @@
 
 Everything arriving is bounded before it is trusted:
 
-* headers: hypercorn refuses a request head over `MAX_HEADER_BYTES` (431) and cuts off a
-  connection whose headers are not in after `daemon.header_timeout` (`hypercorn_limits`);
+* headers: a request whose headers are over `MAX_HEADER_BYTES` gets 431 (hypercorn's bound, and
+  `check_headers` for a head that arrives in one read), and a connection whose headers are not in
+  after `daemon.header_timeout` is cut off (`hypercorn_limits`);
 * bodies: each route takes at most its own size (`body_limits`): the envelope routes their
   inputs, the blob upload its blob, and every other route (JSON, or no body at all) `JSON_BODY_BYTES`,
   so a route added later is small unless it says otherwise. Over it: 413 naming the limit, before
@@ -25,7 +26,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, g, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from quart_trio.wrappers.request import TrioBody, TrioRequest
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, RequestTimeout
 
 from burla.common.config import DaemonConfig
 
@@ -91,7 +92,8 @@ def install(app: QuartTrio, config: DaemonConfig) -> None:
     app.config["BODY_TIMEOUT"] = config.body_timeout
 
     @app.before_request
-    async def bound_body() -> None:
+    async def bound_request() -> None:
+        check_headers(request.headers)
         name = (request.endpoint or "").rpartition(".")[2]
         limit = limits.get(name, JSON_BODY_BYTES)
         g.body_limit = limit
@@ -102,12 +104,20 @@ def install(app: QuartTrio, config: DaemonConfig) -> None:
         if isinstance(body, BoundedBody):
             body.limit(limit)
 
+    @app.before_websocket
+    async def bound_websocket() -> None:
+        check_headers(websocket.headers)
+
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Response:
         status = e.code or 500
         if isinstance(e, RequestEntityTooLarge):
             limit = g.get("body_limit") if has_request_context() else None
-            return _error(TooLarge(too_large(None, limit or app.config["MAX_CONTENT_LENGTH"])).body(), 413)
+            return _closing(_error(TooLarge(too_large(None, limit or app.config["MAX_CONTENT_LENGTH"])).body(), 413))
+        if isinstance(e, RequestTimeout):  # the rest of the body is never read: the connection goes too
+            where = f"{request.method} {request.path}" if has_request_context() else "this request"
+            message = f"the body of {where} did not arrive within {config.body_timeout:g}s (daemon.body_timeout)"
+            return _closing(_error({"error": {"code": "timeout", "message": message}}, 408))
         code = (e.name or "error").lower().replace(" ", "_")
         return _error({"error": {"code": code, "message": e.description or e.name}}, status)
 
@@ -128,10 +138,26 @@ def install(app: QuartTrio, config: DaemonConfig) -> None:
         return _error({"error": {"code": "internal", "message": message}}, 500)
 
 
+def check_headers(headers: Any) -> None:
+    """Refuse a request whose headers are over `MAX_HEADER_BYTES` in all (431).
+
+    hypercorn's own bound (`h11_max_incomplete_size`) holds only for headers that arrive in
+    pieces: a head that comes whole in one read (up to its read size, a MiB) passes it.
+    """
+    size = sum(len(name) + len(value) + 4 for name, value in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise RequestHeaderFieldsTooLarge(f"the request's headers are {size} bytes: at most {MAX_HEADER_BYTES}")
+
+
 def too_large(length: int | None, limit: int) -> str:
     where = f"{request.method} {request.path}" if has_request_context() else "this request"
     size = f"{length} bytes" if length is not None else "over the limit"
     return f"the body of {where} is {size}: this route takes at most {limit} bytes"
+
+
+def _closing(response: Response) -> Response:
+    response.headers["Connection"] = "close"
+    return response
 
 
 def _error(body: dict[str, Any], status: int) -> Response:
