@@ -52,8 +52,9 @@ class Client:
     the client uses the embedded local cluster, started on first use.
     """
 
-    def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
-        self.settings = _settings.resolve(url, api_key)
+    def __init__(self, url: str | None = None, api_key: str | None = None, ca_file: str | None = None) -> None:
+        """`ca_file`: a PEM CA that signed an https cluster's certificate (default: ``BURLA_CA_FILE``)."""
+        self.settings = _settings.resolve(url, api_key, ca_file)
         self._lock = threading.Lock()
         self._portal: Any = None
         self._http: Any = None
@@ -70,7 +71,7 @@ class Client:
         with _DEFAULT_LOCK:
             client = _DEFAULTS.get(key)
             if client is None:
-                client = _DEFAULTS[key] = cls(settings.url, settings.api_key)
+                client = _DEFAULTS[key] = cls(settings.url, settings.api_key, settings.ca_file)
             return client
 
     # ---- connection ----------------------------------------------------------------------
@@ -142,6 +143,7 @@ class Client:
     async def _open(self) -> None:
         import httpx
 
+        from burla.common import tls
         from burla.common.http import async_client
 
         from ._events import EventStream
@@ -155,6 +157,11 @@ class Client:
             {"authorization": f"Bearer {self._key}", "user-agent": "burla-client"},
             httpx.Timeout(120.0, connect=10.0),
             httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            verify=tls.client_context(
+                self.settings.ca_file or "", "the CA file (BURLA_CA_FILE or `burla login --ca-file`)"
+            )
+            if self._url.startswith("https://")
+            else None,
         )
         self._events = EventStream(self._http, self._portal.nursery, RECONNECT_SECONDS)
 

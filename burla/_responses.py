@@ -53,6 +53,14 @@ def error_from_response(status: int, text: str, what: str) -> BurlaError:
 
 def unreachable(url: str, error: Exception) -> ClusterUnavailableError:
     """The error for a request that never got an answer (connection refused, timed out, reset)."""
+    from burla.common.tls import untrusted
+
+    why = untrusted(error)
+    if why:
+        return ClusterUnavailableError(
+            f"the Burla cluster at {url} presented a TLS certificate this client does not trust ({why}). If your "
+            f"own CA signed it, set BURLA_CA_FILE to that CA's PEM file, or run `burla login {url} --ca-file CA.pem`."
+        )
     return ClusterUnavailableError(f"cannot reach the Burla cluster at {url}: {error}")
 
 

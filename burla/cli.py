@@ -1,6 +1,6 @@
 """``burla``: the command line of the client.
 
-burla login URL [--api-key KEY]   remember a cluster and its API key
+burla login URL [--api-key KEY] [--ca-file CA]   remember a cluster, its API key (and its CA)
 burla status [--json]             nodes, workers and jobs of the cluster
 burla local start|stop|status     the embedded local cluster
 burla cluster start|stop|restart  the machines of a cluster whose daemon starts its own ([cluster] provider)
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     login = sub.add_parser("login", help="remember a cluster's URL and API key")
     login.add_argument("url", help="the cluster's URL, e.g. http://10.0.0.2:8080")
     login.add_argument("--api-key", help="your API key for the cluster (asked for when omitted)")
+    login.add_argument("--ca-file", help="a PEM CA that signed an https cluster's certificate")
     status = sub.add_parser("status", help="show the cluster's nodes, workers and jobs")
     status.add_argument("--json", action="store_true", help="print raw JSON")
     local = sub.add_parser("local", help="the embedded local cluster")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "login":
-            return _login(args.url, args.api_key)
+            return _login(args.url, args.api_key, args.ca_file)
         if args.command == "status":
             return _status(args.json)
         if args.command == "local":
@@ -86,15 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2  # pragma: no cover
 
 
-def _login(url: str, api_key: str | None) -> int:
+def _login(url: str, api_key: str | None, ca_file: str | None = None) -> int:
     key = api_key or getpass.getpass(f"API key for {url}: ")
-    with Client(url, key) as client:
+    with Client(url, key, ca_file=ca_file) as client:
         r = client.request("GET", "/v1/info", "log in", check=False, timeout=10)
         me = client.request("GET", "/v1/me", "log in", check=False, timeout=10) if r.status_code == 200 else r
     if r.status_code != 200:
         print(f"burla: {url} refused the key ({r.status_code}): {r.text[:200]}", file=sys.stderr)
         return 1
-    path = _settings.write_login(url, key)
+    path = _settings.write_login(url, key, ca_file)
     who = me.json() if me.status_code == 200 else {}
     as_user = f" as {who['name']} ({who['role']})" if who.get("name") else ""
     print(f"Logged in to {url}{as_user} ({r.json().get('nodes', 0)} nodes). Saved in {path}.")

@@ -45,6 +45,11 @@ class DaemonConfig:
     state_dir: str = ""  # default: $BURLA_HOME/daemon or ~/.local/state/burla/daemon
     payload_dir: str = ""  # large inputs and results, one file each; default: <state_dir>/payloads
     public_url: str = ""  # the URL agents use to reach this daemon, when it differs
+    tls_cert: str = ""  # a PEM certificate chain: with tls_key, burlad serves HTTPS
+    tls_key: str = ""  # the certificate's PEM private key
+    header_timeout: float = 30 * SECONDS  # a request's headers must arrive within this (an idle connection closes)
+    read_timeout: float = 60 * SECONDS  # a connection silent this long mid-request (or a silent websocket) is closed
+    body_timeout: float = 30 * MINUTES  # the longest one request's body may take to arrive
     poll_timeout: float = 2 * SECONDS  # how long an agent's long-poll waits for work
     agent_timeout: float = 10 * SECONDS  # silence after which an agent's leases run elsewhere
     target_lease_seconds: float = 0.2  # work per lease once a function's call time is known
@@ -72,6 +77,7 @@ class DaemonConfig:
 class AgentConfig:
     url: str = ""  # the daemon
     token: str = ""  # the daemon's node token, or the instance token of a node the daemon started
+    ca_file: str = ""  # a PEM CA the daemon's https certificate is verified by (besides the system's)
     instance: str = ""  # the cloud instance this agent runs on (set by a node's startup script)
     state_dir: str = ""  # default: $BURLA_HOME/agent or ~/.local/state/burla/agent
     runtime: str = "process"
@@ -137,6 +143,7 @@ class ClusterConfig:
     standby_idle_timeout: float = 0.0  # the whole cluster unused this long: standby is deleted (0: never)
     boot_timeout: float = 10 * MINUTES  # a node whose agent has not registered by then failed
     node_url: str = ""  # the daemon's URL as nodes reach it (default: daemon.public_url)
+    ca_file: str = ""  # a PEM CA nodes verify an https node_url by (default: daemon.tls_cert when burlad serves TLS)
     network: str = "default"  # gce: the VPC network of the nodes
     service_account: str = ""  # gce: the nodes' service account (default: the project's compute default)
     wheelhouse: str = ""  # a folder of wheels (Burla's dependencies) the daemon serves to booting nodes

@@ -12,7 +12,9 @@ cancelled mid-upload, did that.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx
 
@@ -75,8 +77,19 @@ class _Transport(httpx.AsyncHTTPTransport):
 
 
 def async_client(
-    base_url: str, headers: dict[str, str], timeout: httpx.Timeout, limits: httpx.Limits | None = None
+    base_url: str,
+    headers: dict[str, str],
+    timeout: httpx.Timeout,
+    limits: httpx.Limits | None = None,
+    verify: ssl.SSLContext | None = None,
 ) -> httpx.AsyncClient:
-    """An `httpx.AsyncClient` whose request bodies are safe to cancel mid-send."""
-    transport = _Transport() if limits is None else _Transport(limits=limits)
+    """An `httpx.AsyncClient` whose request bodies are safe to cancel mid-send.
+
+    `verify`: what an https daemon's certificate is checked against (`common.tls.client_context`);
+    None: httpx's default trust. Its websockets (httpx_ws on this client) use the same.
+    """
+    options: dict[str, Any] = {"verify": True if verify is None else verify}
+    if limits is not None:
+        options["limits"] = limits
+    transport = _Transport(**options)
     return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)

@@ -25,6 +25,7 @@ from burla.schemas import envelope, wire
 from burla.schemas import messages as m
 from burla.schemas.wire import WireError
 
+from . import bounds
 from .cluster_link import ClusterAdmin
 from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
 from .event_hub import EventHub
@@ -126,10 +127,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     user_admin = UserAdmin(plane)
     config = plane.config
     bad_tokens = BadTokens(config.bad_token_burst, config.bad_token_max_delay)
-    app.config["MAX_CONTENT_LENGTH"] = max(
-        config.max_function_bytes + config.max_input_bytes + 64 * 1024**2, config.max_blob_bytes + 1024**2
-    )
-    app.config["BODY_TIMEOUT"] = 600
+    bounds.install(app, config)  # each route's body limit; no stack trace in any answer
     app.config["RESPONSE_TIMEOUT"] = 600
 
     @app.before_request

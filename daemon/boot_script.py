@@ -2,9 +2,10 @@
 
 A Compute Engine VM runs its metadata item `startup-script` as root at every boot. This one reads
 the rest of what it needs from the metadata server (`burla-url`, `burla-token`, `burla-version`,
-`burla-instance`, `burla-pip-args`), makes a virtual environment, installs exactly that Burla version
-from the daemon's `/v1/dist/` page (dependencies from the package index, or only from the daemon's
-wheelhouse when `burla-pip-args` says `--no-index`), and runs `burlad agent` with the instance's
+`burla-instance`, `burla-pip-args`, and `burla-ca`: the CA of an https daemon, when it has its own),
+makes a virtual environment, installs exactly that Burla version from the daemon's `/v1/dist/` page
+(dependencies from the package index, or only from the daemon's wheelhouse when `burla-pip-args`
+says `--no-index`), and runs `burlad agent` with the instance's
 token. If a step fails, it tells the daemon which step and the tail of its log
 (`POST /v1/nodes/<instance>/boot-failed`), so the node is marked FAILED with that reason at once
 instead of after the boot timeout.
@@ -31,11 +32,21 @@ url="$(attr burla-url)" && token="$(attr burla-token)" && version="$(attr burla-
 pip_args="$(attr burla-pip-args || true)"
 auth="$home/.authorization"  # the token goes to curl in a file (0600), never on a command line
 (umask 077 && printf 'Authorization: Bearer %s\n' "$token" > "$auth")
+ca="$(attr burla-ca || true)"  # the CA of an https daemon that the system does not trust (its own CA)
+curl_ca=() pip_ca=()
+if [ -n "$ca" ]; then
+  printf '%s\n' "$ca" > "$home/ca.pem"
+  # pip's --cert replaces its trust: the system's bundle goes along, for the package index
+  cat /etc/ssl/certs/ca-certificates.crt "$home/ca.pem" > "$home/ca-bundle.pem" 2>/dev/null \
+    || cp "$home/ca.pem" "$home/ca-bundle.pem"
+  curl_ca=(--cacert "$home/ca.pem") pip_ca=(--cert "$home/ca-bundle.pem")
+  export BURLA_AGENT_CA_FILE="$home/ca.pem"
+fi
 step=""
 fail() {
   echo "burla: $step failed"
   body="$(python3 -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "log": open(sys.argv[2], errors="replace").read()[-4000:]}))' "$step" "$log" 2>/dev/null || echo '{}')"
-  curl -fsS -X POST -H @"$auth" -H 'Content-Type: application/json' \
+  curl -fsS "${curl_ca[@]}" -X POST -H @"$auth" -H 'Content-Type: application/json' \
     --data "$body" "$url/v1/nodes/$instance/boot-failed" || true
   exit 1
 }
@@ -68,14 +79,14 @@ else
   # Burla itself by URL, so no index's unrelated project of the same name can stand in for it; its
   # dependencies from the index, or (pip_args --no-index) only from the daemon's wheelhouse.
   # shellcheck disable=SC2086
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args "${trusted[@]}" \
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args "${trusted[@]}" "${pip_ca[@]}" \
     --find-links "$url/v1/dist/" "$url/v1/dist/burla-$version-py3-none-any.whl" || fail
 fi
 step="burlad agent"
 export BURLA_AGENT_TOKEN="$token" BURLA_AGENT_INSTANCE="$instance"
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null && [ -z "${BURLA_NODE_HOME:-}" ]; then
   systemd-run --unit=burla-agent --collect -p Restart=on-failure \
-    -E BURLA_AGENT_TOKEN -E BURLA_AGENT_INSTANCE \
+    -E BURLA_AGENT_TOKEN -E BURLA_AGENT_INSTANCE ${BURLA_AGENT_CA_FILE:+-E BURLA_AGENT_CA_FILE} \
     "$venv/bin/burlad" agent "$url" --state-dir "$home/agent" || fail
 else
   exec "$venv/bin/burlad" agent "$url" --state-dir "$home/agent"

@@ -1,7 +1,7 @@
 """``burlad``: the daemon and the node agent, one binary.
 
     burlad serve  [--config F] [--host H] [--port P] [--state-dir D]
-    burlad agent  URL [--token-file F] [--workers N] [--runtime process|podman] [--state-dir D]
+    burlad agent  URL [--token-file F] [--ca-file F] [--workers N] [--runtime process|podman] [--state-dir D]
                   (the node token in $BURLA_AGENT_TOKEN or the file: never on the command line)
     burlad tokens [--state-dir D]
 
@@ -44,11 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     agent = sub.add_parser("agent", parents=[common], help="run a node agent")
-    agent.add_argument("url", help="the daemon's URL, e.g. http://10.0.0.2:8080")
+    agent.add_argument("url", help="the daemon's URL, e.g. http://10.0.0.2:8080 or https://burla.example:8080")
     agent.add_argument(
         "--token-file", help="a file holding the daemon's node token (burlad tokens); or set $BURLA_AGENT_TOKEN"
     )
     agent.add_argument("--token", dest="token_in_argv", help=argparse.SUPPRESS)
+    agent.add_argument("--ca-file", dest="agent.ca_file", help="a PEM CA that signed an https daemon's certificate")
     agent.add_argument("--workers", dest="agent.workers", type=int, help="warm workers (default: one per CPU)")
     agent.add_argument("--runtime", dest="agent.runtime", choices=["process", "podman"])
     agent.add_argument("--python", dest="agent.python", help="interpreter for process workers")

@@ -66,6 +66,7 @@ def _run_embedded(config: Config, home: Path, state_dir: Path, state_lock: IO[st
         if ram is not None:
             config.daemon.payload_dir = str(ram)
             ram_dir = ram
+    config.daemon.tls_cert = config.daemon.tls_key = ""  # loopback only: plain HTTP, as its clients expect
     config.daemon.admin_token = config.daemon.admin_token or tokens["admin"]
     config.daemon.node_token = config.daemon.node_token or tokens["node"]
 

@@ -153,6 +153,7 @@ class GceProvider:
             "burla-version": boot.version,
             "burla-instance": name,
             "burla-pip-args": boot.pip_args,
+            "burla-ca": boot.ca_pem,  # the CA of an https burla-url ("": the system's trust)
         }
         instance = c.Instance(
             name=name,

@@ -176,6 +176,7 @@ class NodeKeeper:
         kept = book.standby_on()
         self.standby_on = kept if kept is not None else any(g.standby for g in config.groups)
         self.cluster: Cluster | None = None
+        self.ca_pem = ""  # the CA nodes verify an https daemon URL by (their boot metadata); "": the system's
         self._wake = trio.Event()
         self._creating: set[str] = set()
         self._deleting: set[str] = set()
@@ -414,7 +415,7 @@ class NodeKeeper:
         group = self.config.groups[node.group]
         try:
             pip_args = "--no-index" if self.config.wheelhouse else ""
-            boot = Boot(self.url, token, self.version, pip_args)
+            boot = Boot(self.url, token, self.version, pip_args, self.ca_pem)
             made = await self.provider.create(node.name, node.group, group, boot)
         except Exception as e:  # noqa: BLE001 - whatever the cloud or the machine says, the daemon goes on
             fatal = isinstance(e, ProviderError)  # quota, permission, no zone: waiting will not fix it

@@ -35,6 +35,7 @@ log = logging.getLogger("burla.daemon")
 
 INSTANCE_TOKEN_ENV = "BURLA_AGENT_TOKEN"
 INSTANCE_NAME_ENV = "BURLA_AGENT_INSTANCE"
+CA_FILE_ENV = "BURLA_AGENT_CA_FILE"
 GB = 10**9
 
 
@@ -46,6 +47,7 @@ class Boot:
     token: str  # valid for this one instance's registration
     version: str  # the Burla version the node must run
     pip_args: str = ""  # for its `pip install burla==VERSION`: "--no-index" when the daemon serves a wheelhouse
+    ca_pem: str = ""  # the CA an https `url` is verified by ("": the system's trust)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,9 @@ class LocalProvider:
         cmd = [sys.executable, "-P", "-m", "burla.daemon", "agent", boot.url, "--state-dir", str(home / "agent")]
         cmd += ["--cpus", str(cpus), "--ram", str(ram), "--workers", str(cpus)]
         env = {**os.environ, INSTANCE_TOKEN_ENV: boot.token, INSTANCE_NAME_ENV: name}
+        if boot.ca_pem:
+            (home / "ca.pem").write_text(boot.ca_pem)
+            env[CA_FILE_ENV] = str(home / "ca.pem")
         with open(home / "agent.log", "ab") as out:
             proc = subprocess.Popen(
                 cmd, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True

@@ -16,11 +16,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from burla.common import tls
 from burla.common.config import ClusterConfig, DaemonConfig, StandbyConfig
 from burla.common.trace import trace
 from burla.errors import ConfigError
 from burla.schemas import messages as m
 
+from . import bounds
 from .app import create_app
 from .cluster_link import PlaneCluster
 from .dist import Dist
@@ -82,6 +84,7 @@ async def serve(
 
     `state_lock`: the state dir's lock, taken by the caller (`lock_state_dir`), who lets it go.
     """
+    tls_files = tls.server_files(config.tls_cert, config.tls_key)  # checked before anything listens
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     with (
@@ -105,16 +108,19 @@ async def serve(
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
         hc.websocket_max_message_size = config.max_input_bytes + config.max_function_bytes + 64 * 1024**2
-        hc.keep_alive_timeout = max(30.0, config.poll_timeout * 4)
         hc.graceful_timeout = 1.0
+        bounds.hypercorn_limits(hc, config)
+        if tls_files is not None:
+            hc.certfile, hc.keyfile = tls_files
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn_serve, app, hc))
             nursery.start_soon(plane.housekeeping)
-            url = _url_of(sock) if sock is not None else binds[0].replace("0.0.0.0", "127.0.0.1")
+            scheme = "https" if tls_files is not None else "http"
+            url = _url_of(sock, scheme) if sock is not None else binds[0].replace("0.0.0.0", "127.0.0.1")
             if cluster is not None and cluster.provider:
-                await nursery.start(
-                    _keep_nodes, plane, cluster, state_dir, cluster.node_url or config.public_url or url
-                )
+                node_url = cluster.node_url or config.public_url or url
+                ca_pem = _node_ca(cluster, config, node_url)
+                await nursery.start(_keep_nodes, plane, cluster, state_dir, node_url, ca_pem)
             log.info("burlad %s serving on %s (state in %s)", plane.boot_id, url, state_dir)
             trace("daemon", "serving")
             task_status.started(Running(url, plane, nursery.cancel_scope, state_dir))
@@ -139,8 +145,20 @@ def make_provider(cluster: ClusterConfig, state_dir: Path) -> Provider:
     raise ConfigError(f'[cluster] provider: {cluster.provider!r} is not "local" or "gce"')
 
 
+def _node_ca(cluster: ClusterConfig, config: DaemonConfig, node_url: str) -> str:
+    """The CA (PEM) that nodes verify an https `node_url` by: `[cluster] ca_file`, else the daemon's own
+    certificate when it serves TLS (a self-signed one is its own CA); "" for the system's trust."""
+    if not node_url.startswith("https://"):
+        return ""
+    if cluster.ca_file:
+        return tls.read_ca(cluster.ca_file, "cluster.ca_file")
+    if config.tls_cert:
+        return tls.read_ca(config.tls_cert, "daemon.tls_cert")
+    return ""
+
+
 async def _keep_nodes(
-    plane: ControlPlane, cluster: ClusterConfig, state_dir: Path, node_url: str, task_status: Any
+    plane: ControlPlane, cluster: ClusterConfig, state_dir: Path, node_url: str, ca_pem: str, task_status: Any
 ) -> None:
     """The cluster's machines, for as long as the daemon serves (see node_keeper.py)."""
     cluster_from_file = bool(cluster.groups)  # burla.toml's groups win over a spec set while burlad ran
@@ -153,6 +171,7 @@ async def _keep_nodes(
     plane.dist = Dist(state_dir / "dist", plane.version, cluster.wheelhouse)
     await trio.to_thread.run_sync(plane.dist.files)  # the wheel built once, before any node asks
     keeper = NodeKeeper(cluster, provider, StoreBook(plane.store), node_url, plane.version, hash_token)
+    keeper.ca_pem = ca_pem
     keeper.cluster = PlaneCluster(plane)
     plane.keeper = keeper
     try:
@@ -162,6 +181,6 @@ async def _keep_nodes(
             await provider.aclose()
 
 
-def _url_of(sock: socket.socket) -> str:
+def _url_of(sock: socket.socket, scheme: str) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"

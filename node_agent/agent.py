@@ -27,12 +27,13 @@ from typing import Any
 import httpx
 import trio
 
-from burla.common import local
+from burla.common import local, tls
 from burla.common import version as _version
 from burla.common.config import AgentConfig
 from burla.common.http import Chunks, async_client
 from burla.common.retry import Backoff
 from burla.common.trace import trace
+from burla.errors import ConfigError
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
@@ -102,6 +103,10 @@ class Agent:
         return max(1, int(cpus * self.config.workers_per_cpu))
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            verify = tls.client_context(self.config.ca_file, "agent.ca_file")
+        except ConfigError as e:
+            raise AgentError(str(e)) from None
         lock = host.StateDirLock(self.config.resolved_state_dir())
         # unix socket paths must stay under ~100 bytes: keep them in a short temp dir
         self.run_dir = Path(tempfile.mkdtemp(prefix="burla-agent-"))
@@ -131,7 +136,7 @@ class Agent:
                 "user-agent": f"burla-agent/{_version.version()}",
             }
             timeout = httpx.Timeout(60.0, connect=10.0)
-            async with async_client(self.config.url, headers, timeout) as self.http:
+            async with async_client(self.config.url, headers, timeout, verify=verify) as self.http:
                 async with trio.open_nursery() as nursery:
                     await self.workers.run(nursery, self.run_dir, self.info, lock.state_dir)
                     await self._register()
@@ -151,6 +156,12 @@ class Agent:
             try:
                 r = await self.http.post("/v1/agents/register", json=self.info.to_wire())
             except httpx.TransportError as e:
+                if why := tls.untrusted(e):  # retrying cannot help
+                    raise AgentError(
+                        f"the daemon at {self.config.url} presented a TLS certificate this agent does not trust "
+                        f"({why}): if your own CA signed it, pass --ca-file CA.pem (or set [agent] ca_file, "
+                        "$BURLA_AGENT_CA_FILE)"
+                    ) from None
                 log.info("daemon %s unreachable (%s); retrying", self.config.url, e)
                 await backoff.wait()
                 continue

@@ -8,6 +8,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,21 +53,30 @@ class Cluster:
         agent_args: list[str] | None = None,
         agent_user: str | None = None,
         port: int | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
-        """`podman_user`: agents run the Podman runtime as that user; `agent_user`: they run as that user."""
+        """`podman_user`: agents run the Podman runtime as that user; `agent_user`: they run as that user.
+
+        `tls`: (certificate, key, CA) files: burlad serves HTTPS, agents get `--ca-file CA`, and the
+        client `BURLA_CA_FILE`."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.podman = podman_user is not None
         self.podman_user = podman_user or agent_user
         self.agent_args = agent_args or []
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.ca_file = str(tls[2]) if tls else ""
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if tls else True
+        if tls:
+            self.agent_args = [*self.agent_args, "--ca-file", self.ca_file]
         self.workers = workers
         self.env = {
             **os.environ,
             "BURLA_DAEMON_POLL_TIMEOUT": "1",
             "BURLA_DAEMON_AGENT_TIMEOUT": "3",
             "BURLA_DAEMON_BAD_TOKEN_BURST": "1000000",  # tests send bad tokens on purpose; one tests the slow-down
+            **({"BURLA_DAEMON_TLS_CERT": str(tls[0]), "BURLA_DAEMON_TLS_KEY": str(tls[1])} if tls else {}),
             **(env or {}),
         }
         self.daemon: subprocess.Popen[bytes] | None = None
@@ -111,7 +121,7 @@ class Cluster:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/v1/health", timeout=1, verify=self.verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -182,7 +192,12 @@ class Cluster:
     # ---- views -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/v1/cluster", headers={"authorization": f"Bearer {self.admin_token}"}, timeout=10)
+        r = httpx.get(
+            f"{self.url}/v1/cluster",
+            headers={"authorization": f"Bearer {self.admin_token}"},
+            timeout=10,
+            verify=self.verify,
+        )
         r.raise_for_status()
         return dict(r.json())
 
@@ -198,7 +213,8 @@ class Cluster:
         return wait_for(ready, timeout, f"{n} ready nodes")
 
     def client_env(self) -> dict[str, str]:
-        return {"BURLA_CLUSTER_URL": self.url, "BURLA_API_KEY": self.admin_token}
+        env = {"BURLA_CLUSTER_URL": self.url, "BURLA_API_KEY": self.admin_token}
+        return {**env, "BURLA_CA_FILE": self.ca_file} if self.ca_file else env
 
     def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Choose this cluster for the test's client, by the environment, as a user would."""
