@@ -422,10 +422,11 @@ def _givable(user: _User, moved: set[str]) -> list[tuple[_Want, Node]]:
     return spare + rest
 
 
-def _receive(
-    user: _User, users: dict[str, _User], donors: dict[str, list[tuple[_Want, Node]]], shares: dict[str, int],
-    out: Plan,
-) -> bool:  # fmt: skip
+_Donors = dict[str, list[tuple[_Want, Node]]]  # user -> the nodes it may hand over, in order
+
+
+def _receive(user: _User, users: dict[str, _User], donors: _Donors, shares: dict[str, int], out: Plan) -> bool:
+    """One node for `user` from the user most above its share that has one its lacking jobs can use."""
     lacking = [w for w in user.wants if w.unmet]
     for name in sorted(donors, key=lambda d: shares[d] - users[d].nodes):  # the most above its share first
         donor = users[name]
