@@ -24,8 +24,8 @@ class PlaneCluster:
         self.plane = plane
 
     def demands(self) -> list[Demand]:
-        """Running jobs, oldest first, with the calls they can run at once: inputs not done, capped by
-        max_parallelism (inputs still uploading count as they arrive)."""
+        """Running jobs, oldest first, with their users and the calls they can run at once: inputs not
+        done, capped by max_parallelism (inputs still uploading count as they arrive)."""
         wanted = []
         grow_every_job = self.plane.keeper is not None and self.plane.keeper.config.grow  # `[cluster] grow`
         jobs = sorted(self.plane.scheduler.jobs.values(), key=lambda j: j.created)
@@ -47,6 +47,7 @@ class PlaneCluster:
                     func_cpu=job.spec.func_cpu,
                     func_ram=math.ceil(job.spec.func_ram * 1e9),
                     grow=job.spec.grow or grow_every_job,
+                    user=job.owner,  # nodes are shared between users in turn (scaling.plan)
                 )
             )
         return wanted

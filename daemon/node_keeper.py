@@ -135,11 +135,12 @@ class Cluster(Protocol):
     """What the keeper asks of the control plane."""
 
     def demands(self) -> list[scaling.Demand]:
-        """Running jobs that may run on cluster nodes, oldest first."""
+        """Running jobs that may run on cluster nodes, oldest first, each with the user who made it."""
         ...
 
     def hold(self, agent_id: str, job_id: str) -> None:
-        """From now on this agent runs that job only."""
+        """From now on this agent takes leases of that job only: once the leases of the job it held
+        before (a handover) are done, so no call is preempted."""
         ...
 
     def release(self, agent_id: str) -> None: ...
@@ -369,6 +370,12 @@ class NodeKeeper:
         for name, job in out.assign:
             node = self.records[name]
             self._set(node, NodeState.BUSY, f"held by job {job}", job=job)
+            if cluster is not None and node.agent_id:
+                cluster.hold(node.agent_id, job)
+        for name, job in out.handover:  # fair share: the node finishes the old job's leases, then runs the new
+            node = self.records[name]
+            why = f"handed from job {node.job} to job {job} (fair share between users)"
+            self._set(node, NodeState.BUSY, why, job=job)
             if cluster is not None and node.agent_id:
                 cluster.hold(node.agent_id, job)
         for name, why in out.failed:

@@ -37,7 +37,9 @@ class NodeState:
     pools: dict[str, m.PoolState] = dataclasses.field(default_factory=dict)  # as the agent reports them
     job_phases: dict[str, str] = dataclasses.field(default_factory=dict)  # what it does for a job (installing)
     pool_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    # A cluster node (the daemon started it) is single-tenant: it runs only the job holding it, if any.
+    job_leases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # job -> leases here
+    # A cluster node (the daemon started it) is single-tenant: it runs only the job holding it, if any. It
+    # changes hands between leases: a new tenant's leases start once the leases of the job before are done.
     single_tenant: bool = False
     tenant: str | None = None
 
@@ -75,12 +77,17 @@ class NodeState:
 
     def pick_pool(self, spec: m.JobSpec) -> str | None:
         """A pool with a free worker for one more call of `spec`, if any."""
-        if self.single_tenant and self.tenant != spec.job_id:
+        if self.single_tenant and not self.serves(spec.job_id):
             return None
         for pool in self.pool_views():
             if pool.ready - self.pool_leases[pool.key] > 0 and self.pool_fits(pool, spec):
                 return pool.key
         return None
+
+    def serves(self, job_id: str) -> bool:
+        """Whether a single-tenant node takes a lease of `job_id` now: it holds that job, and no lease of
+        another job (the tenant before) still runs there."""
+        return self.tenant == job_id and all(j == job_id for j in self.job_leases)
 
     def fits(self, spec: m.JobSpec) -> bool:
         return self.pick_pool(spec) is not None
@@ -105,6 +112,7 @@ class NodeState:
         """Reserve a worker of `pool` and one call's CPU and RAM for a lease."""
         self.leases.add(lease_id)
         self.pool_leases[pool or PROCESS_POOL] += 1
+        self.job_leases[spec.job_id] += 1
         self.cpu_used += spec.func_cpu
         self.ram_used += ram_bytes(spec)
 
@@ -113,6 +121,9 @@ class NodeState:
         if lease_id in self.leases:
             self.leases.discard(lease_id)
             self.pool_leases[pool or PROCESS_POOL] -= 1
+            self.job_leases[spec.job_id] -= 1
+            if self.job_leases[spec.job_id] <= 0:
+                del self.job_leases[spec.job_id]
             self.cpu_used = max(0.0, self.cpu_used - spec.func_cpu)
             self.ram_used = max(0, self.ram_used - ram_bytes(spec))
 

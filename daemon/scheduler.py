@@ -47,6 +47,7 @@ class ActiveLease:
 class JobState:
     spec: m.JobSpec
     created: float
+    owner: str = ""  # the user who made it ("": one anonymous user)
     state: str = m.RUNNING
     pending: Pending = dataclasses.field(default_factory=Pending)
     leases: dict[int, ActiveLease] = dataclasses.field(default_factory=dict)
@@ -59,7 +60,6 @@ class JobState:
     round_chunk: int = 1  # lease size for the current assign() round
     first_result_at: float | None = None
     last_result_at: float | None = None
-    owner: str = ""  # the user who made it
 
     @property
     def job_id(self) -> str:
@@ -141,16 +141,20 @@ class Scheduler:
         return requeued
 
     def hold(self, agent_id: str, job_id: str | None) -> list[int]:
-        """A single-tenant node now runs `job_id` only (None: no job). Leases of other jobs there are
-        requeued (returned): there are none unless a hold moved while they ran."""
+        """A single-tenant node now takes leases of `job_id` only; returns the leases requeued.
+
+        The node changes hands between leases: the leases of the job before still run there and report
+        as usual, and `job_id`'s first lease goes there once they are done (`NodeState.serves`), so a
+        handover (fair share, `scaling.plan`) preempts no call. None: the node takes no job any more (its
+        job ended, or it failed or leaves); leases still there, if any, are requeued to run elsewhere.
+        """
         node = self.nodes.get(agent_id)
         if node is None or not node.single_tenant:
             return []
         node.tenant = job_id
-        others = [
-            lid for lid in node.leases
-            if self.lease_owner.get(lid) != job_id
-        ]  # fmt: skip
+        if job_id is not None:
+            return []
+        others = sorted(node.leases)
         self.requeue(others)
         return others
 
@@ -196,6 +200,7 @@ class Scheduler:
         return unfit(self.nodes.values(), spec)
 
     def add_job(self, spec: m.JobSpec, now: float, owner: str = "") -> JobState:
+        """A new running job of user `owner` ("": the one anonymous user)."""
         job = JobState(spec, created=now, owner=owner)
         job.seconds_per_call = self._estimates.get(spec.function_hash)
         self.jobs[spec.job_id] = job
@@ -239,13 +244,25 @@ class Scheduler:
     # ---- leases ------------------------------------------------------------
 
     def assign(self, now: float) -> list[ActiveLease]:
-        """Hand pending inputs to free worker slots; returns the new leases."""
+        """Hand pending inputs to free worker slots; returns the new leases.
+
+        Fair share: each free slot goes to the user with the fewest leases out (over all their jobs),
+        then to that user's job with the fewest leases, then to the oldest. So a user's job of ten
+        million inputs and another user's job of ten split the slots as they free up, and a user with
+        two jobs gets no more than one with one. Running calls are never preempted: slots change
+        hands as leases end, and leases are sized to last about `target_lease_seconds`.
+        """
         runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.pending.size > 0]
         if not runnable:
             return []
         for job in runnable:
             job.slots = self._slots_for(job)
             job.round_chunk = self.chunk_size(job)  # fixed for the round: 4 inputs on 2 slots is 2 + 2
+        # leases out by user: counted once per call, then kept as leases are carved
+        out: collections.Counter[str] = collections.Counter()
+        for job in self.jobs.values():
+            if job.leases:
+                out[job.owner] += len(job.leases)
         issued: list[ActiveLease] = []
         nodes = sorted(self.nodes.values(), key=lambda n: len(n.leases) - n.ready_workers)
         for node in nodes:
@@ -257,8 +274,9 @@ class Scheduler:
                 ]  # fmt: skip
                 if not candidates:
                     break
-                job = min(candidates, key=lambda j: (len(j.leases), j.created))
+                job = min(candidates, key=lambda j: (out[j.owner], len(j.leases), j.created))
                 issued.append(self._carve(job, node, now))
+                out[job.owner] += 1
         return issued
 
     def _slots_for(self, job: JobState) -> int:

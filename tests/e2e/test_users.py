@@ -179,7 +179,7 @@ def test_the_users_commands(cluster: Cluster, tmp_path: Path) -> None:
 
     added = burla("users", "add", "eve")
     assert added.returncode == 0, added.stderr
-    key = re.search(r"burla_key_\w+", added.stdout)
+    key = re.search(r"burla_key_[\w-]+", added.stdout)
     assert key is not None and "shown only this once" in added.stdout
     listed = burla("users", "list")
     assert "eve  user" in listed.stdout and key.group(0) not in listed.stdout

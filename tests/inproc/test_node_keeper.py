@@ -11,11 +11,14 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from burla.common.config import ClusterConfig, NodeGroupConfig
+from burla.common.config import ClusterConfig, DaemonConfig, NodeGroupConfig
+from burla.daemon.cluster_link import PlaneCluster
 from burla.daemon.node_keeper import NodeKeeper, NodeState, StoreBook
 from burla.daemon.providers import Boot, Instance, ProviderError
 from burla.daemon.scaling import Demand
+from burla.daemon.service import ControlPlane
 from burla.daemon.store import Store, hash_token
+from burla.schemas import messages as m
 
 
 class Cloud:
@@ -297,3 +300,47 @@ async def test_an_unexpected_error_of_the_provider_is_retried_and_does_not_stop_
         assert "job1" not in plane.failed  # a blip is no reason to fail the job
         assert len(cloud.instances) >= 1 and any("ConnectionError" in f for f in k.failures)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_user_below_its_fair_share_gets_a_busy_node_handed_over_and_it_goes_back_when_done(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    cloud = Cloud()
+    k, plane, store = keeper(tmp_path, cloud, standby=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(k.run)
+        await trio.sleep(3)
+        first = sorted(k.records)
+        for i, name in enumerate(first):
+            k.registered(name, f"a{i}")
+        plane.wants = [Demand("huge", calls=1000, user="alice")]
+        k.wake()
+        await trio.sleep(2)
+        assert plane.held == {"a0": "huge", "a1": "huge"}  # both standby nodes; 2 more boot for standby
+        plane.wants.append(Demand("small", calls=8, user="bob"))  # no free node: first come would starve it
+        k.wake()
+        await trio.sleep(2)
+        assert sorted(plane.held.values()) == ["huge", "small"]
+        (handed,) = [n for n in k.records.values() if n.job == "small"]
+        assert handed.state == NodeState.BUSY and handed.name in first
+        assert "handed from job huge to job small (fair share between users)" in handed.reason
+        assert store.node_rows() and {r["job"] for r in store.node_rows() if r["name"] == handed.name} == {"small"}
+        await trio.sleep(5)  # rounds go by: the shares are even, nothing moves back and forth
+        assert sorted(plane.held.values()) == ["huge", "small"]
+        plane.wants = plane.wants[:1]  # bob's job ended
+        k.wake()
+        await trio.sleep(2)
+        assert plane.held == {"a0": "huge", "a1": "huge"}  # the node it gave back is alice's again
+        nursery.cancel_scope.cancel()
+
+
+def test_the_cluster_link_names_each_jobs_user(tmp_path: Path) -> None:
+    plane = ControlPlane(Store(tmp_path / "burla.db"), DaemonConfig(), clock=lambda: 1000.0)
+    try:
+        for job_id, owner in [("j-alice", "alice"), ("j-admin", "")]:
+            plane.scheduler.add_job(m.JobSpec(job_id, "f", "0" * 64, "3.11"), 1000.0, owner=owner)
+            plane.scheduler.add_batches(job_id, [m.BatchMeta(0, 0, 5)], final_count=5)
+        demands = PlaneCluster(plane).demands()
+        assert [(d.job_id, d.user, d.calls) for d in demands] == [("j-alice", "alice", 5), ("j-admin", "", 5)]
+    finally:
+        plane.store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 
@@ -129,6 +130,125 @@ def test_failed_and_deleting_nodes_count_against_the_cap_until_gone() -> None:
     assert plan(policy, nodes, [], now=1.0).created() == 0
 
 
+# -- fair share between users ---------------------------------------------------------------------
+
+SMALL = Group("e2-4", cpus=4, ram_bytes=16 * GB)  # 4 calls of 1 CPU a node
+
+
+def busy(count: int, job: str, prefix: str | None = None, group: Group = SMALL) -> list[Node]:
+    return [Node(f"{prefix or job}{i}", group.name, NodeState.BUSY, 0.0, job=job) for i in range(count)]
+
+
+def holders(nodes: list[Node], out: Plan) -> dict[str, str]:
+    """Which job each node holds once `out` is applied."""
+    held = {n.name: n.job for n in nodes if n.job is not None}
+    held.update(dict(out.assign))
+    held.update(dict(out.handover))
+    return {name: job for name, job in held.items() if job is not None}
+
+
+def applied(nodes: list[Node], out: Plan) -> list[Node]:
+    held = holders(nodes, out)
+    return [dataclasses.replace(n, state=NodeState.BUSY, job=held[n.name]) if n.name in held else n for n in nodes]
+
+
+def test_free_nodes_go_to_users_in_turn_not_first_come_first_served() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    demands = [Demand("a1", 100, user="alice"), Demand("a2", 100, user="alice"), Demand("b1", 100, user="bob")]
+    out = plan(policy, free_nodes(SMALL, 4), demands, now=1.0)
+    assert [job for _, job in out.assign] == ["a1", "b1", "a1", "b1"]  # alice's own jobs: in arrival order
+    assert out.handover == [] and "waiting for a free node" in out.notes["a2"]
+
+
+def test_a_user_holding_every_node_hands_half_to_a_user_who_comes_later_and_then_it_is_stable() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(6, "huge")
+    demands = [Demand("huge", 10_000_000, user="alice"), Demand("small", 40, user="bob")]
+    out = plan(policy, nodes, demands, now=1.0)
+    assert out.assign == [] and len(out.handover) == 3 and {job for _, job in out.handover} == {"small"}
+    assert "small" not in out.notes  # it has nodes: they take its leases as theirs end
+    again = plan(policy, applied(nodes, out), demands, now=2.0)
+    assert again.handover == [] and again.assign == [] and again.release == []
+
+
+def test_three_users_get_a_third_of_the_nodes_each() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(9, "a")
+    demands = [Demand("a", 1000, user="ann"), Demand("b", 1000, user="ben"), Demand("c", 1000, user="cat")]
+    out = plan(policy, nodes, demands, now=1.0)
+    counts = collections.Counter(holders(nodes, out).values())
+    assert counts == {"a": 3, "b": 3, "c": 3}
+
+
+def test_a_job_of_ten_gets_what_it_needs_and_no_more() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(8, "huge")
+    out = plan(policy, nodes, [Demand("huge", 10_000_000, user="alice"), Demand("ten", 10, user="bob")], now=1.0)
+    assert collections.Counter(holders(nodes, out).values()) == {"huge": 5, "ten": 3}  # 10 calls: 3 nodes of 4
+
+
+def test_a_user_with_two_jobs_gets_no_double_share_and_its_newest_job_gives_back_first() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(4, "old") + busy(4, "new")
+    demands = [Demand("old", 1000, user="alice"), Demand("new", 1000, user="alice"), Demand("b", 1000, user="bob")]
+    out = plan(policy, nodes, demands, now=1.0)
+    assert sorted(name for name, _ in out.handover) == ["new0", "new1", "new2", "new3"]
+    assert collections.Counter(holders(nodes, out).values()) == {"old": 4, "b": 4}
+
+
+def test_nodes_a_job_does_not_need_are_given_first() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(4, "done-soon") + busy(4, "big")  # done-soon has 4 calls left: one node runs them
+    demands = [Demand("done-soon", 4, user="alice"), Demand("big", 1000, user="alice"), Demand("b", 1000, user="bob")]
+    out = plan(policy, nodes, demands, now=1.0)
+    names = [name for name, _ in out.handover]
+    assert len(names) == 4  # bob's half
+    assert all(n.startswith("done-soon") for n in names[:3]) and names[3].startswith("big")  # done-soon keeps 1
+
+
+def test_a_node_is_handed_only_to_a_job_whose_call_fits_it() -> None:
+    big = Group("n2-32", cpus=32, ram_bytes=128 * GB)
+    policy = Policy([SMALL, big], max_cpus=1000)
+    nodes = busy(4, "a") + busy(2, "a", prefix="big", group=big)
+    demands = [Demand("a", 1000, user="alice"), Demand("wide", 10, func_cpu=16, user="bob")]
+    out = plan(policy, nodes, demands, now=1.0)
+    # bob's share is 3 of the 6 nodes, but a call of 16 CPUs fits only the 2 big ones
+    assert sorted(name for name, _ in out.handover) == ["big0", "big1"]
+    out = plan(Policy([SMALL], max_cpus=1000), nodes[:4], demands, now=1.0)
+    assert out.handover == [] and "no node group" in out.notes["wide"]
+
+
+def test_users_of_the_same_name_are_one_user_and_nothing_moves_between_their_jobs() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(6, "first")
+    out = plan(policy, nodes, [Demand("first", 1000), Demand("second", 1000)], now=1.0)
+    assert out.handover == [] and "waiting for a free node" in out.notes["second"]
+
+
+def test_under_the_cpu_cap_new_nodes_are_shared_between_users_in_turn() -> None:
+    group = Group("e2-8", cpus=8, ram_bytes=32 * GB)
+    policy = Policy([group], max_cpus=40)
+    demands = [
+        Demand("a1", 1000, grow=True, user="alice"),
+        Demand("a2", 1000, grow=True, user="alice"),
+        Demand("b1", 1000, grow=True, user="bob"),
+    ]
+    out = plan(policy, [], demands, now=1.0)
+    assert out.create == [Create("e2-8", 3, "a1"), Create("e2-8", 2, "b1")]  # 5 nodes fit: alice came first
+    assert all("at most 40 CPUs" in out.notes[j] for j in ("a1", "a2", "b1"))
+
+
+def test_nodes_booting_for_a_user_count_as_theirs() -> None:
+    policy = Policy([SMALL], max_cpus=1000)
+    nodes = busy(4, "a") + [Node(f"boot{i}", SMALL.name, NodeState.BOOTING, 0.0, job="b") for i in range(2)]
+    demands = [Demand("a", 1000, user="alice"), Demand("b", 16, grow=True, user="bob")]
+    out = plan(policy, nodes, demands, now=1.0)
+    assert out.created() == 2 and out.handover == []  # 16 calls, 4 nodes: 2 booting, 2 more; 4 each is even
+    demands[1] = dataclasses.replace(demands[1], grow=False)
+    out = plan(policy, nodes, demands, now=1.0)
+    assert out.created() == 0 and len(out.handover) == 1  # 6 nodes: bob has 2 booting, and 1 of alice's
+
+
 # -- a simulated cluster ---------------------------------------------------------------------------
 
 
@@ -139,6 +259,7 @@ class SimJob:
     func_cpu: float
     grow: bool
     work: float  # node-seconds left: the job ends when its nodes have done this much
+    user: str = ""
 
 
 @dataclasses.dataclass
@@ -172,6 +293,14 @@ class Sim:
             node = self.nodes[name]
             assert node.state in (NodeState.READY, NodeState.IDLE) and node.job in (None, job), node
             self.nodes[name] = dataclasses.replace(node, state=NodeState.BUSY, since=self.now, job=job, leases=1)
+        user_of = {j.job_id: j.user for j in self.jobs}
+        handed = [name for name, _ in out.handover]
+        others = {name for name, _ in [*out.assign, *out.delete, *out.failed]} | set(out.release)
+        assert len(handed) == len(set(handed)) and not others & set(handed), f"a node handed and more: {out}"
+        for name, job in out.handover:
+            node = before[name]
+            assert node.state == NodeState.BUSY and node.job is not None and user_of[node.job] != user_of[job], node
+            self.nodes[name] = dataclasses.replace(node, since=self.now, job=job)  # its leases finish first
         for create in out.create:
             for _ in range(create.count):
                 self.serial += 1
@@ -200,7 +329,7 @@ class Sim:
                         self.nodes[name] = dataclasses.replace(n, leases=0)  # its leases are done
 
     def demands(self) -> list[Demand]:
-        return [Demand(j.job_id, j.calls, func_cpu=j.func_cpu, grow=j.grow) for j in self.jobs]
+        return [Demand(j.job_id, j.calls, func_cpu=j.func_cpu, grow=j.grow, user=j.user) for j in self.jobs]
 
     def check(self, out: Plan) -> None:
         policy = self.policy
@@ -229,7 +358,7 @@ def test_a_simulated_cluster_of_a_thousand_nodes_keeps_the_invariants(seed: int)
         if sim.rng.random() < 0.15:
             sim.jobs.append(SimJob(
                 f"job{step}", calls=sim.rng.choice([1, 10, 100, 1000, 5000]), func_cpu=sim.rng.choice([0.5, 1, 2, 8, 32]),
-                grow=sim.rng.random() < 0.7, work=sim.rng.uniform(10, 20_000),
+                grow=sim.rng.random() < 0.7, work=sim.rng.uniform(10, 20_000), user=sim.rng.choice("abc"),
             ))  # fmt: skip
         out = plan(policy, sim.nodes.values(), sim.demands(), sim.now)
         sim.apply(out)

@@ -277,6 +277,131 @@ def test_two_jobs_share_a_node() -> None:
     assert collections.Counter(a.lease.job_id for a in issued) == {"j1": 2, "j2": 2}
 
 
+# ---- fair share between users --------------------------------------------------------------
+
+
+def add(s: Scheduler, job_id: str, owner: str, n: int, now: float) -> JobState:
+    """A job of `owner` with `n` inputs, its call time known."""
+    job = s.add_job(spec(job_id, fhash=f"hash-{job_id}"), now, owner=owner)
+    job.seconds_per_call = 0.001
+    s.add_batches(job_id, batches(n), final_count=n)
+    return job
+
+
+def by_owner(s: Scheduler) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for job in s.jobs.values():
+        counts[job.owner] += len(job.leases)
+    return dict(counts)
+
+
+def test_a_small_job_of_another_user_gets_half_the_slots_at_once_beside_a_huge_one() -> None:
+    s = Scheduler()
+    s.add_node("a1", node(workers=8, cpus=8), 0.0)
+    add(s, "huge", "alice", 10_000_000, 0.0)
+    add(s, "also", "alice", 1_000, 0.5)
+    small = add(s, "small", "bob", 10, 1.0)  # the newest job: first come first served would give it nothing
+    issued = s.assign(2.0)
+    assert len(issued) == 8
+    assert by_owner(s) == {"alice": 4, "bob": 4}  # alice's two jobs share her half: no double share
+    assert collections.Counter(a.lease.job_id for a in issued) == {"huge": 2, "also": 2, "small": 4}
+    assert small.pending.size == 2  # the rest of bob's 10 inputs goes to the next slot that frees up
+
+
+def test_three_users_get_a_third_each_across_nodes() -> None:
+    s = Scheduler()
+    for i in range(3):
+        s.add_node(f"a{i}", node(f"n{i}", workers=3, cpus=3), 0.0)
+    for i, user in enumerate(["ann", "ben", "cat"]):
+        add(s, f"j-{user}", user, 1_000_000, float(i))
+    assert len(s.assign(5.0)) == 9
+    assert by_owner(s) == {"ann": 3, "ben": 3, "cat": 3}
+
+
+def test_a_user_with_two_jobs_does_not_get_twice_the_share() -> None:
+    s = Scheduler()
+    s.add_node("a1", node(workers=6, cpus=6), 0.0)
+    add(s, "b1", "bob", 1_000_000, 0.0)
+    add(s, "b2", "bob", 1_000_000, 1.0)
+    add(s, "c1", "cat", 1_000_000, 2.0)
+    s.assign(3.0)
+    assert by_owner(s) == {"bob": 3, "cat": 3}
+    assert {j: len(job.leases) for j, job in s.jobs.items()} == {"b1": 2, "b2": 1, "c1": 3}
+
+
+def test_slots_that_free_up_go_to_the_user_with_fewer_leases_until_the_shares_are_even() -> None:
+    """A user who came first holds every slot; nothing is preempted, and each lease that ends hands
+    its slot to the user who came later, until both have half."""
+    s = Scheduler()
+    s.add_node("a1", node(workers=8, cpus=8), 0.0)
+    add(s, "huge", "alice", 10_000_000, 0.0)
+    held = s.assign(1.0)
+    assert by_owner(s) == {"alice": 8}
+    add(s, "small", "bob", 1_000, 2.0)
+    assert s.assign(2.0) == []  # no free slot: no call is cut short
+    shares = []
+    for lease in held[:6]:
+        assert finish(s, lease, now=3.0).accepted
+        (new,) = s.assign(3.0)
+        shares.append(new.lease.job_id)
+    assert shares == ["small", "small", "small", "small", "huge", "huge"]
+    assert by_owner(s) == {"alice": 4, "bob": 4}
+
+
+def test_jobs_of_no_user_count_as_one_user() -> None:
+    s = Scheduler()
+    s.add_node("a1", node(workers=4, cpus=4), 0.0)
+    add(s, "admin1", "", 1_000, 0.0)
+    add(s, "admin2", "", 1_000, 1.0)
+    add(s, "dan1", "dan", 1_000, 2.0)
+    s.assign(3.0)
+    assert by_owner(s) == {"": 2, "dan": 2}
+
+
+# ---- single-tenant nodes change hands between leases ------------------------------------------
+
+
+def tenant_setup() -> tuple[Scheduler, list[ActiveLease]]:
+    s = Scheduler()
+    s.add_node("c1", node(workers=4, cpus=4), 0.0, single_tenant=True)
+    s.hold("c1", "old")
+    add(s, "old", "alice", 1_000_000, 0.0)
+    add(s, "new", "bob", 1_000, 1.0)
+    issued = s.assign(1.0)
+    assert {a.lease.job_id for a in issued} == {"old"} and len(issued) == 4  # bob's job may not run there
+    return s, issued
+
+
+def test_a_single_tenant_node_handed_to_another_job_finishes_the_old_jobs_leases_first() -> None:
+    s, running = tenant_setup()
+    assert s.hold("c1", "new") == []  # nothing requeued: the calls running there go on
+    assert set(s.jobs["old"].leases) == {a.lease.lease_id for a in running}
+    for lease in running[:3]:
+        assert finish(s, lease, now=2.0).accepted  # results of the tenant before still count
+        assert s.assign(2.0) == []  # neither the old job (not its node now) nor the new (one old lease runs)
+    assert finish(s, running[3], now=3.0).accepted
+    issued = s.assign(3.0)
+    assert {a.lease.job_id for a in issued} == {"new"} and len(issued) == 4
+
+
+def test_a_lost_lease_of_the_tenant_before_counts_as_done_for_the_handover() -> None:
+    s, running = tenant_setup()
+    s.hold("c1", "new")
+    for lease in running[:3]:
+        finish(s, lease, now=2.0)
+    s.requeue([running[3].lease.lease_id])  # its delivery was lost: its inputs run elsewhere
+    issued = s.assign(3.0)
+    assert {a.lease.job_id for a in issued} == {"new"} and len(issued) == 4
+    done = sum(a.lease.hi - a.lease.lo for a in running[:3])
+    assert s.jobs["old"].pending.size == 1_000_000 - done  # the lost lease's inputs are pending again
+
+
+def test_a_single_tenant_node_released_requeues_what_still_runs_there() -> None:
+    s, running = tenant_setup()
+    assert sorted(s.hold("c1", None)) == sorted(a.lease.lease_id for a in running)
+    assert s.jobs["old"].leases == {} and s.assign(2.0) == []
+
+
 # ---- infeasible ---------------------------------------------------------------------------
 
 
