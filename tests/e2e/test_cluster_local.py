@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,10 +27,10 @@ def square(x: int) -> int:
     return x * x
 
 
-def config(tmp_path: Path, standby: int, idle_timeout: str = "3s") -> Path:
+def config(tmp_path: Path, standby: int, idle_timeout: str = "3s", max_cpus: int = 8) -> Path:
     path = tmp_path / "burla.toml"
     path.write_text(
-        f'[cluster]\nprovider = "local"\nname = "t"\nidle_timeout = "{idle_timeout}"\nmax_cpus = 8\n'
+        f'[cluster]\nprovider = "local"\nname = "t"\nidle_timeout = "{idle_timeout}"\nmax_cpus = {max_cpus}\n'
         f'[[cluster.groups]]\nmachine_type = "e2-standard-2"\ncpus = 1\nstandby = {standby}\n'
     )
     return path
@@ -136,3 +137,44 @@ def test_the_spec_changes_while_burlad_runs_and_is_kept_across_a_restart(cluster
     shown = burla(cluster, "cluster", "spec", "show")
     assert shown.returncode == 0 and "max_cpus = 4" in shown.stdout, shown.stderr
     wait_for(lambda: states(cluster) == ["READY"], 90, "the standby node adopted")
+
+
+def test_a_node_changes_hands_between_users_with_no_call_preempted(cluster_of: Any) -> None:
+    """Two single-tenant nodes, and no room for a third: user A's long job holds both; when user B's job
+    comes, one node is handed to B once A's calls there are done (fair share), and B's job runs on it."""
+    import threading
+
+    from burla import Client
+
+    cluster = cluster_of(standby=2, max_cpus=2)
+    wait_for(lambda: states(cluster) == ["READY", "READY"], 120, "two standby nodes")
+    keys = {}
+    for name in ("ann", "bob"):
+        r = httpx.post(f"{cluster.url}/v1/users", json={"name": name},
+                       headers={"authorization": f"Bearer {cluster.admin_token}"}, timeout=10)  # fmt: skip
+        keys[name] = r.json()["api_key"]
+    results: list[Any] = []
+
+    def run_ann() -> None:
+        with Client(cluster.url, keys["ann"]) as client:
+            results.extend(client.map(naps, range(120), spinner=False))
+
+    thread = threading.Thread(target=run_ann)
+    thread.start()
+    wait_for(lambda: [n["state"] for n in nodes(cluster)["nodes"]] == ["BUSY", "BUSY"], 60, "ann's job on both")
+    with Client(cluster.url, keys["bob"]) as client:
+        assert client.map(square, range(6), spinner=False) == [x * x for x in range(6)]
+    ann = [j for j in cluster.status()["jobs"] if j["owner"] == "ann"]
+    assert ann and ann[0]["state"] == "running", "bob's job ran while ann's still did, not after it"
+    thread.join(120)
+    assert results == list(range(120))  # every call of ann's once: nothing preempted or lost
+    with sqlite3.connect(f"file:{cluster.root / 'daemon' / 'burla.db'}?mode=ro", uri=True) as db:
+        handed = db.execute("SELECT name, why FROM node_events WHERE why LIKE '%fair share%'").fetchall()
+    assert handed, "no node changed hands"  # one of ann's nodes went to bob
+
+
+def naps(x: int) -> int:
+    import time
+
+    time.sleep(0.1)
+    return x
