@@ -33,6 +33,7 @@ from burla.common.config import AgentConfig
 from burla.common.http import Chunks, async_client
 from burla.common.retry import Backoff
 from burla.common.trace import trace
+from burla.errors import ConfigError
 from burla.schemas import envelope
 from burla.schemas import messages as m
 
@@ -70,7 +71,13 @@ class Agent:
         if runtime is None:
             from .process_runtime import ProcessRuntime
 
-            runtime = ProcessRuntime(config.python)
+            runtime = ProcessRuntime(config.python, config.worker_user)
+        elif config.worker_user and getattr(runtime, "user", None) is None:
+            raise ConfigError(
+                f"agent.worker_user is for the process runtime; the {runtime.name} runtime's workers are rootless "
+                "containers, which see none of the agent's files: leave agent.worker_user empty"
+            )
+        runtime.secrets = (config.token,)  # no variable that holds it reaches a worker
         self.runtime = runtime
         self.hostname = host.hostname()
         self.agent_id = ""
@@ -107,6 +114,7 @@ class Agent:
         self.run_dir = Path(tempfile.mkdtemp(prefix="burla-agent-"))
         os.chmod(self.run_dir, 0o755)
         self.runtime.label = lock.node_id[:12]  # one agent per state dir: its containers are its own
+        self.runtime.env_root = lock.state_dir / "envs"
         try:
             try:
                 await self.runtime.prepare(self.run_dir)

@@ -41,6 +41,11 @@ _TAIL_LINES = 20
 
 Fetch = Callable[[str], Awaitable[bytes]]
 Phase = Callable[[str], None]
+Share = Callable[[Path, bool], None]  # let workers read a path (and, if True, all below it)
+
+
+def _share_nothing(path: Path, tree: bool) -> None:
+    """Workers run as the agent's user (or in containers of it): they read what it writes."""
 
 
 class PackageInstallError(WorkerSetupError):
@@ -74,15 +79,20 @@ def compatible(tags: tuple[str, ...], python: str, machine: str) -> bool:
 
 
 class EnvCache:
-    def __init__(self, root: Path, fetch: Fetch, hostname: str, installer: str = "auto") -> None:
+    def __init__(
+        self, root: Path, fetch: Fetch, hostname: str, installer: str = "auto", share: Share = _share_nothing
+    ) -> None:
+        """`share`: makes what the cache holds readable by workers of another user (`Runtime.share`)."""
         self.root = root
         self.fetch = fetch
         self.hostname = hostname
         self.installer = installer
+        self.share = share
         self.machine = platform.machine()
         (root / "dists").mkdir(parents=True, exist_ok=True)
         (root / "code").mkdir(exist_ok=True)
         (root / "manifests").mkdir(exist_ok=True)
+        share(root, True)  # what earlier agents of this state dir installed, too
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
         self._limiter = trio.CapacityLimiter(_INSTALLS_AT_ONCE)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -109,6 +119,7 @@ class EnvCache:
                 data = await self._fetch(digest, "code of the job")
                 tmp = path.with_suffix(".part")
                 local.write_file(tmp, data)
+                self.share(tmp, False)
                 os.replace(tmp, path)
         return str(path)
 
@@ -167,6 +178,7 @@ class EnvCache:
             tmp = final.with_name(f".{final.name}.part")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            self.share(tmp.parent, False)  # dists/py3.X, new for the first install of a Python
             try:
                 if dist.source == FILES:
                     data = await self._fetch(dist.blob, f"files of {dist.name} {dist.version}")
@@ -174,6 +186,7 @@ class EnvCache:
                 else:
                     await self._from_index(dist, manifest, tmp)
                 (tmp / _COMPLETE).write_text(f"{dist.name}=={dist.version}\n")
+                self.share(tmp, True)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
             except BaseException:
