@@ -73,24 +73,25 @@ class ProcessRuntime(Runtime):
             worker_user.share(user, env_root, tree=False)  # the cache's own files: `EnvCache` shares them
         worker_user.share(user, self.shim_root)
         env = {**self._env(), "PYTHONPATH": str(self.shim_root)}
+
+        def cannot(said: str) -> WorkerSetupError:
+            return WorkerSetupError(
+                f"workers cannot run as {worker_user.KEY} {user.name!r}: {self.python} with the shim in "
+                f"{self.shim_root} and the environment cache {env_root} failed ({said}). That user must be able "
+                "to run the interpreter and pass through every folder above them (o+x): give the agent a "
+                "state_dir and an interpreter outside private homes (e.g. /var/lib/burla/agent)"
+            )
+
         try:
             result = await trio.run_process(
                 [self.python, "-c", _PROBE, str(env_root)], capture_stdout=True, capture_stderr=True, check=False,
                 env=env, cwd="/", **user.popen_options(),
             )  # fmt: skip
         except OSError as e:
-            result = None
-            said = f"{type(e).__name__}: {e}"
-        else:
-            said = (result.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-            said = said[0] if said else f"exit code {result.returncode}"
-        if result is None or result.returncode != 0:
-            raise WorkerSetupError(
-                f"workers cannot run as {worker_user.KEY} {user.name!r}: {self.python} with the shim in "
-                f"{self.shim_root} and the environment cache {env_root} failed ({said}). That user must be able "
-                "to run the interpreter and pass through every folder above them (o+x): give the agent a "
-                "state_dir and an interpreter outside private homes (e.g. /var/lib/burla/agent)"
-            )
+            raise cannot(f"{type(e).__name__}: {e}") from None
+        if result.returncode != 0:
+            last = (result.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+            raise cannot(last[0] if last else f"exit code {result.returncode}")
         self._version = result.stdout.decode().strip()
 
     def _env(self) -> dict[str, str]:
@@ -99,7 +100,7 @@ class ProcessRuntime(Runtime):
             env.update(self.user.env())
         return env
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self) -> worker_user.Ids:
         return self.user.popen_options() if self.user is not None else {}
 
     def python_version(self) -> str:

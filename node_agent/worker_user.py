@@ -21,6 +21,7 @@ import os
 import pwd
 import stat
 from pathlib import Path
+from typing import TypedDict
 
 from burla.errors import ConfigError
 
@@ -30,6 +31,14 @@ KEY = "agent.worker_user"
 NEEDED = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
 
 
+class Ids(TypedDict, total=False):
+    """The `subprocess.Popen` options that say whose a process is (none: the agent's)."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerUser:
     name: str
@@ -37,7 +46,7 @@ class WorkerUser:
     gid: int
     home: str
 
-    def popen_options(self) -> dict[str, object]:
+    def popen_options(self) -> Ids:
         """`subprocess.Popen` options that start a process as this user, its group, no other groups."""
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 

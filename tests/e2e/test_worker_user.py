@@ -179,3 +179,12 @@ def test_a_worker_user_the_agent_cannot_be_is_a_config_error(tmp_path: Path) -> 
         shutil.rmtree(state, ignore_errors=True)
     assert result.returncode == 2, result.stderr
     assert "agent.worker_user" in result.stderr and "runs as root" in result.stderr and "CAP_SETUID" in result.stderr
+
+
+def test_a_state_dir_the_worker_user_cannot_reach_stops_the_agent_saying_so(tmp_path: Path) -> None:
+    require_worker_user()
+    state = tmp_path / "agent"  # below pytest's 0700 tmp dirs: the worker user cannot pass
+    result = agent_refuses({"BURLA_AGENT_WORKER_USER": WORKER_USER, "BURLA_AGENT_STATE_DIR": str(state)})
+    assert result.returncode == 1, result.stderr
+    assert f"workers cannot run as agent.worker_user '{WORKER_USER}'" in result.stderr
+    assert str(state / "envs") in result.stderr and "Traceback" not in result.stderr
