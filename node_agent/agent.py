@@ -1,6 +1,6 @@
 """The node agent: keeps warm workers and feeds them the daemon's leases.
 
-One agent runs per node (``burlad agent URL --token T``). It
+One agent runs per node (``burlad agent URL``, the node token in $BURLA_AGENT_TOKEN or a file). It
 
 * registers its host with the daemon, then long-polls it for deliveries
   (leases, the functions and input batches they need, job cancellations);
@@ -66,7 +66,7 @@ class ReportRefused(Exception):
 class Agent:
     def __init__(self, config: AgentConfig, runtime: Runtime | None = None) -> None:
         if not config.url:
-            raise AgentError("the agent needs the daemon's URL (burlad agent URL --token TOKEN)")
+            raise AgentError("the agent needs the daemon's URL (burlad agent URL)")
         self.config = config
         if runtime is None:
             from .process_runtime import ProcessRuntime

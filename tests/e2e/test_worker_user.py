@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
+import burla
 from burla import remote_parallel_map
 from tests.cluster import PYTHON, Cluster, as_user
+from tests.e2e.test_failures import hog_memory
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +115,10 @@ def test_a_call_as_the_worker_user_reads_none_of_the_agents_secrets(
     cluster = start(open_root, monkeypatch, {"BURLA_AGENT_WORKER_USER": WORKER_USER})
     try:
         results = remote_parallel_map(snoop, [targets(cluster, open_root / "agent0")] * 2, spinner=False)
+        # the agent still watches and stops workers of another user: a call over its func_ram is killed
+        with pytest.raises(burla.MemoryLimitError, match="input #1"):
+            remote_parallel_map(hog_memory, range(3), func_ram=0.3, spinner=False)
+        assert remote_parallel_map(abs, range(-4, 0), spinner=False) == [4, 3, 2, 1]
         log = cluster.log_text()
     finally:
         cluster.stop()
