@@ -72,11 +72,13 @@ class Agent:
             from .process_runtime import ProcessRuntime
 
             runtime = ProcessRuntime(config.python, config.worker_user)
-        elif config.worker_user and getattr(runtime, "user", None) is None:
+        elif config.worker_user and runtime.containers:
             raise ConfigError(
                 f"agent.worker_user is for the process runtime; the {runtime.name} runtime's workers are rootless "
                 "containers, which see none of the agent's files: leave agent.worker_user empty"
             )
+        elif config.worker_user and getattr(runtime, "user", None) is None:
+            raise ConfigError(f"agent.worker_user is set, but the {runtime.name} runtime given was made without it")
         runtime.secrets = (config.token,)  # no variable that holds it reaches a worker
         self.runtime = runtime
         self.hostname = host.hostname()

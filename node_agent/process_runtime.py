@@ -7,6 +7,7 @@ then a call cannot read the agent's tokens or state files.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,8 @@ class ProcessRuntime(Runtime):
         cwd.mkdir(exist_ok=True)
         if self.user is not None:
             worker_user.give(self.user, cwd)
+            if not os.path.isdir(self.user.home):  # a system user without one: its working dir, not the agent's
+                full_env["HOME"] = str(cwd)
         proc = await trio.lowlevel.open_process(
             [self.python, "-m", "burla.node_agent.worker_shim"],
             env=full_env,

@@ -62,7 +62,8 @@ def snoop(targets: dict[str, str]) -> dict[str, Any]:
             read[name] = type(e).__name__
     with open("scratch.txt", "w") as f:  # its working dir is its own
         f.write("a call's scratch file")
-    return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "env": dict(os.environ), "read": read}
+    return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "env": dict(os.environ), "read": read,
+            "cwd": os.getcwd()}  # fmt: skip
 
 
 def targets(cluster: Cluster, agent_state: Path) -> dict[str, str]:
@@ -125,7 +126,8 @@ def test_a_call_as_the_worker_user_reads_none_of_the_agents_secrets(
     for seen in results:
         assert (seen["uid"], seen["gid"]) == (user.pw_uid, user.pw_gid)
         assert set(seen["groups"]) <= {user.pw_gid}, "supplementary groups (root's) kept"
-        assert seen["env"]["HOME"] == user.pw_dir and seen["env"]["USER"] == WORKER_USER
+        home = user.pw_dir if os.path.isdir(user.pw_dir) else seen["cwd"]  # no home (useradd -M): its working dir
+        assert seen["env"]["HOME"] == home and seen["env"]["USER"] == WORKER_USER
         env_text = "\n".join(f"{k}={v}" for k, v in seen["env"].items())
         assert not tokens_in(cluster, env_text), "a token in the worker's environment"
         assert not [k for k in seen["env"] if "TOKEN" in k.upper() or "API_KEY" in k.upper()]

@@ -96,3 +96,13 @@ def test_share_and_open_state_dir_give_the_group_read_and_pass_never_write(tmp_p
     assert mode(code) == 0o640 and code.stat().st_gid == user.gid
     assert mode(tool) == 0o750  # runnable by the group as by its owner, never writable
     assert mode(state / "envs" / "dists" / "pkg") & 0o070 == 0o050
+
+
+def test_worker_user_is_refused_with_the_podman_runtime() -> None:
+    from burla.common.config import AgentConfig
+    from burla.node_agent.agent import Agent
+    from burla.node_agent.podman_runtime import PodmanRuntime
+
+    config = AgentConfig(url="http://127.0.0.1:9", token="t", worker_user="burla-worker")
+    with pytest.raises(ConfigError, match=r"agent\.worker_user is for the process runtime"):
+        Agent(config, PodmanRuntime())
