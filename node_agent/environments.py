@@ -36,16 +36,22 @@ from .runtime import WorkerSetupError
 log = logging.getLogger("burla.agent")
 
 _COMPLETE = ".burla-complete"
+INSTALL_HOME = ".burla-install-home"  # an installer's HOME inside its target folder, where one needs its own
 _INSTALLS_AT_ONCE = 4
 _TAIL_LINES = 20
 
 Fetch = Callable[[str], Awaitable[bytes]]
 Phase = Callable[[str], None]
 Share = Callable[[Path, bool], None]  # let workers read a path (and, if True, all below it)
+InstallerOptions = Callable[[Path], dict[str, Any]]  # how to run an installer into a folder (`Runtime`)
 
 
 def _share_nothing(path: Path, tree: bool) -> None:
     """Workers run as the agent's user (or in containers of it): they read what it writes."""
+
+
+def _as_agent(target: Path) -> dict[str, Any]:
+    return {}
 
 
 class PackageInstallError(WorkerSetupError):
@@ -80,14 +86,22 @@ def compatible(tags: tuple[str, ...], python: str, machine: str) -> bool:
 
 class EnvCache:
     def __init__(
-        self, root: Path, fetch: Fetch, hostname: str, installer: str = "auto", share: Share = _share_nothing
+        self,
+        root: Path,
+        fetch: Fetch,
+        hostname: str,
+        installer: str = "auto",
+        share: Share = _share_nothing,
+        installer_options: InstallerOptions = _as_agent,
     ) -> None:
-        """`share`: makes what the cache holds readable by workers of another user (`Runtime.share`)."""
+        """`share`: makes what the cache holds readable by workers of another user (`Runtime.share`);
+        `installer_options`: as whom and with what environment uv or pip run (`Runtime.installer_options`)."""
         self.root = root
         self.fetch = fetch
         self.hostname = hostname
         self.installer = installer
         self.share = share
+        self.installer_options = installer_options
         self.machine = platform.machine()
         (root / "dists").mkdir(parents=True, exist_ok=True)
         (root / "code").mkdir(exist_ok=True)
@@ -185,6 +199,7 @@ class EnvCache:
                     await trio.to_thread.run_sync(_unpack, data, tmp)
                 else:
                     await self._from_index(dist, manifest, tmp)
+                shutil.rmtree(tmp / INSTALL_HOME, ignore_errors=True)
                 (tmp / _COMPLETE).write_text(f"{dist.name}=={dist.version}\n")
                 self.share(tmp, True)
                 shutil.rmtree(final, ignore_errors=True)
@@ -209,7 +224,9 @@ class EnvCache:
         else:
             command = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
                        "--disable-pip-version-check", "--no-warn-script-location", "--quiet", *indexes, requirement]  # fmt: skip
-        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        result = await trio.run_process(
+            command, capture_stdout=True, capture_stderr=True, check=False, **self.installer_options(target)
+        )
         if result.returncode != 0:
             output = (result.stderr or b"").decode(errors="replace") + (result.stdout or b"").decode(errors="replace")
             raise PackageInstallError(

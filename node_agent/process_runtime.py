@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from . import worker_user
+from .environments import INSTALL_HOME
 from .pools import PoolSpec
 from .runtime import LIST_DISTRIBUTIONS, Runtime, WorkerProcess, WorkerSetupError, build_shim_tree, worker_env
 
@@ -152,6 +153,19 @@ class ProcessRuntime(Runtime):
     def share(self, path: Path, tree: bool = True) -> None:
         if self.user is not None:
             worker_user.share(self.user, path, tree)
+
+    def installer_options(self, target: Path) -> dict[str, Any]:
+        """With a worker user, installers run as it too: a package's build code is a job's code, and must
+        not run as the agent. It writes `target` and a home of its own inside (`INSTALL_HOME`, removed after)."""
+        options = super().installer_options(target)
+        if self.user is None:
+            return options
+        home = target / INSTALL_HOME
+        home.mkdir()
+        for path in (target, home):
+            worker_user.give(self.user, path)
+        options["env"].update(self.user.env(), HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+        return {**options, "cwd": str(home), **self.user.popen_options()}
 
     def statistics(self) -> dict[str, Any]:
         user = {"worker_user": self.user.name} if self.user is not None else {}

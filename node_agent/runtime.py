@@ -103,6 +103,13 @@ class Runtime(abc.ABC):
     def share(self, path: Path, tree: bool = True) -> None:  # noqa: B027 - workers that read all the agent wrote
         """Let workers read `path` (and all below it, with `tree`), which the agent wrote for them."""
 
+    def installer_options(self, target: Path) -> dict[str, Any]:
+        """`trio.run_process` options for an installer of a job's packages into `target` (a new folder).
+
+        Whatever it runs (a package's build code) gets no token in its environment.
+        """
+        return {"env": worker_env(secrets=self.secrets)}
+
     async def aclose(self) -> None:  # noqa: B027 - optional for runtimes with nothing to release
         """Release what `prepare` set up."""
 

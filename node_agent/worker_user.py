@@ -112,8 +112,10 @@ def open_state_dir(user: WorkerUser, state_dir: Path) -> None:
 
 
 def share(user: WorkerUser, path: Path, tree: bool = True) -> None:
-    """Make `path` (and, with `tree`, all below it) readable by `user`'s group: its group theirs, g+r, g+x
-    on folders and on what its owner may run. Nothing becomes writable to them."""
+    """Make `path` (and, with `tree`, all below it) readable by `user`'s group: the agent's own, its group
+    theirs, g+r, g+x on folders and on what its owner may run. Nothing stays writable to them, not even
+    what an installer running as them wrote (a later job's calls must not change an earlier job's packages)."""
+    agent = os.geteuid()
     paths = [path]
     if tree and path.is_dir() and not path.is_symlink():
         for root, dirs, files in os.walk(path):
@@ -122,12 +124,12 @@ def share(user: WorkerUser, path: Path, tree: bool = True) -> None:
         st = os.lstat(p)
         if stat.S_ISLNK(st.st_mode):
             continue
-        mode = stat.S_IMODE(st.st_mode) | stat.S_IRGRP
+        mode = stat.S_IMODE(st.st_mode) | stat.S_IRGRP | stat.S_IRUSR
         if stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR:
-            mode |= stat.S_IXGRP
-        mode &= ~stat.S_IWGRP
-        if st.st_gid != user.gid:
-            os.chown(p, -1, user.gid)
+            mode |= stat.S_IXGRP | stat.S_IXUSR
+        mode &= ~(stat.S_IWGRP | stat.S_IWOTH | stat.S_ISUID | stat.S_ISGID)
+        if (st.st_uid, st.st_gid) != (agent, user.gid):
+            os.chown(p, agent, user.gid)
         if mode != stat.S_IMODE(st.st_mode):
             os.chmod(p, mode)
 

@@ -166,6 +166,12 @@ def test_workers_of_another_user_get_the_clients_packages_and_local_code(client_
     cluster = Cluster(root / "cluster", agents=1, workers=2, env={"BURLA_AGENT_WORKER_USER": WORKER_USER})
     try:
         check_replication(cluster, client_site, tmp_path)
+        # installed as the worker user, then the agent's: no later job's calls can change a cached package
+        cache = root / "cluster" / "agent0" / "envs"
+        found = [p for p in cache.rglob("*") if not p.is_symlink()]
+        assert any(p.name == "humanize" for p in found)
+        assert not [p for p in found if p.stat().st_uid != os.geteuid() or p.stat().st_mode & 0o022]
+        assert not [p for p in found if p.name == ".burla-install-home"]
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
