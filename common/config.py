@@ -86,6 +86,7 @@ class AgentConfig:
     cpus: int = 0  # 0: what the host has
     ram: int = 0  # bytes; 0: what the host has
     python: str = ""  # interpreter for process workers; default: the agent's own
+    worker_user: str = ""  # process workers run as this user (name or uid; the agent must be root); "": the agent's
     memory_check_interval: float = 0.05 * SECONDS
     log_flush_interval: float = 0.1 * SECONDS
     max_backoff: float = 1 * SECONDS  # reconnect backoff cap when the daemon is unreachable

@@ -166,6 +166,11 @@ def _agent(config: Config, early_stop: list[int]) -> int:
     elif config.agent.runtime != "process":
         print(f"burlad agent: unknown runtime {config.agent.runtime!r} (process or podman)", file=sys.stderr)
         return 2
+    try:
+        agent = Agent(config.agent, runtime)  # checks agent.worker_user: its user, and the right to be it
+    except (ConfigError, AgentError) as e:
+        print(f"burlad agent: {e}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         # Listening before the agent starts: a SIGTERM while it starts its workers or registers (a local
@@ -175,7 +180,7 @@ def _agent(config: Config, early_stop: list[int]) -> int:
                 if early_stop:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-                await nursery.start(Agent(config.agent, runtime).run)
+                await nursery.start(agent.run)
 
     if early_stop:
         return 0

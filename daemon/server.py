@@ -86,7 +86,9 @@ async def serve(
     """
     tls_files = tls.server_files(config.tls_cert, config.tls_key)  # checked before anything listens
     state_dir = config.resolved_state_dir()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if state_dir.stat().st_uid == os.geteuid():
+        os.chmod(state_dir, 0o700)  # tokens.json, the database and the payloads: no other user's to list or read
     with (
         contextlib.nullcontext(state_lock) if state_lock is not None else lock_state_dir(state_dir),
         contextlib.closing(Store(state_dir / "burla.db", config.payload_dir or None)) as store,

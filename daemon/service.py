@@ -758,7 +758,7 @@ class ControlPlane:
                             "index": -1,
                             "type_name": m.ErrorType.NO_NODES,
                             "message": f"no node joined the cluster within {self.config.no_node_timeout:.0f}s "
-                            "(daemon.no_node_timeout); start node agents with `burlad agent URL --token TOKEN`",
+                            "(daemon.no_node_timeout); start node agents with `burlad agent URL --token-file FILE`",
                         },
                     )
                     self._finish(job, m.JOB_FAILED)

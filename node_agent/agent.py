@@ -1,6 +1,6 @@
 """The node agent: keeps warm workers and feeds them the daemon's leases.
 
-One agent runs per node (``burlad agent URL --token T``). It
+One agent runs per node (``burlad agent URL``, the node token in $BURLA_AGENT_TOKEN or a file). It
 
 * registers its host with the daemon, then long-polls it for deliveries
   (leases, the functions and input batches they need, job cancellations);
@@ -66,12 +66,20 @@ class ReportRefused(Exception):
 class Agent:
     def __init__(self, config: AgentConfig, runtime: Runtime | None = None) -> None:
         if not config.url:
-            raise AgentError("the agent needs the daemon's URL (burlad agent URL --token TOKEN)")
+            raise AgentError("the agent needs the daemon's URL (burlad agent URL)")
         self.config = config
         if runtime is None:
             from .process_runtime import ProcessRuntime
 
-            runtime = ProcessRuntime(config.python)
+            runtime = ProcessRuntime(config.python, config.worker_user)
+        elif config.worker_user and runtime.containers:
+            raise ConfigError(
+                f"agent.worker_user is for the process runtime; the {runtime.name} runtime's workers are rootless "
+                "containers, which see none of the agent's files: leave agent.worker_user empty"
+            )
+        elif config.worker_user and getattr(runtime, "user", None) is None:
+            raise ConfigError(f"agent.worker_user is set, but the {runtime.name} runtime given was made without it")
+        runtime.secrets = (config.token,)  # no variable that holds it reaches a worker
         self.runtime = runtime
         self.hostname = host.hostname()
         self.agent_id = ""
@@ -112,6 +120,7 @@ class Agent:
         self.run_dir = Path(tempfile.mkdtemp(prefix="burla-agent-"))
         os.chmod(self.run_dir, 0o755)
         self.runtime.label = lock.node_id[:12]  # one agent per state dir: its containers are its own
+        self.runtime.env_root = lock.state_dir / "envs"
         try:
             try:
                 await self.runtime.prepare(self.run_dir)

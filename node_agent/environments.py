@@ -36,11 +36,22 @@ from .runtime import WorkerSetupError
 log = logging.getLogger("burla.agent")
 
 _COMPLETE = ".burla-complete"
+INSTALL_HOME = ".burla-install-home"  # an installer's HOME inside its target folder, where one needs its own
 _INSTALLS_AT_ONCE = 4
 _TAIL_LINES = 20
 
 Fetch = Callable[[str], Awaitable[bytes]]
 Phase = Callable[[str], None]
+Share = Callable[[Path, bool], None]  # let workers read a path (and, if True, all below it)
+InstallerOptions = Callable[[Path], dict[str, Any]]  # how to run an installer into a folder (`Runtime`)
+
+
+def _share_nothing(path: Path, tree: bool) -> None:
+    """Workers run as the agent's user (or in containers of it): they read what it writes."""
+
+
+def _as_agent(target: Path) -> dict[str, Any]:
+    return {}
 
 
 class PackageInstallError(WorkerSetupError):
@@ -74,15 +85,28 @@ def compatible(tags: tuple[str, ...], python: str, machine: str) -> bool:
 
 
 class EnvCache:
-    def __init__(self, root: Path, fetch: Fetch, hostname: str, installer: str = "auto") -> None:
+    def __init__(
+        self,
+        root: Path,
+        fetch: Fetch,
+        hostname: str,
+        installer: str = "auto",
+        share: Share = _share_nothing,
+        installer_options: InstallerOptions = _as_agent,
+    ) -> None:
+        """`share`: makes what the cache holds readable by workers of another user (`Runtime.share`);
+        `installer_options`: as whom and with what environment uv or pip run (`Runtime.installer_options`)."""
         self.root = root
         self.fetch = fetch
         self.hostname = hostname
         self.installer = installer
+        self.share = share
+        self.installer_options = installer_options
         self.machine = platform.machine()
         (root / "dists").mkdir(parents=True, exist_ok=True)
         (root / "code").mkdir(exist_ok=True)
         (root / "manifests").mkdir(exist_ok=True)
+        share(root, True)  # what earlier agents of this state dir installed, too
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
         self._limiter = trio.CapacityLimiter(_INSTALLS_AT_ONCE)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -109,6 +133,7 @@ class EnvCache:
                 data = await self._fetch(digest, "code of the job")
                 tmp = path.with_suffix(".part")
                 local.write_file(tmp, data)
+                self.share(tmp, False)
                 os.replace(tmp, path)
         return str(path)
 
@@ -167,13 +192,16 @@ class EnvCache:
             tmp = final.with_name(f".{final.name}.part")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            self.share(tmp.parent, False)  # dists/py3.X, new for the first install of a Python
             try:
                 if dist.source == FILES:
                     data = await self._fetch(dist.blob, f"files of {dist.name} {dist.version}")
                     await trio.to_thread.run_sync(_unpack, data, tmp)
                 else:
                     await self._from_index(dist, manifest, tmp)
+                shutil.rmtree(tmp / INSTALL_HOME, ignore_errors=True)
                 (tmp / _COMPLETE).write_text(f"{dist.name}=={dist.version}\n")
+                self.share(tmp, True)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
             except BaseException:
@@ -196,7 +224,9 @@ class EnvCache:
         else:
             command = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
                        "--disable-pip-version-check", "--no-warn-script-location", "--quiet", *indexes, requirement]  # fmt: skip
-        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        result = await trio.run_process(
+            command, capture_stdout=True, capture_stderr=True, check=False, **self.installer_options(target)
+        )
         if result.returncode != 0:
             output = (result.stderr or b"").decode(errors="replace") + (result.stdout or b"").decode(errors="replace")
             raise PackageInstallError(

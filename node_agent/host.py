@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+from burla.common import local
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -47,8 +49,10 @@ class StateDirLock:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(state_dir / "agent.lock", "w")
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if state_dir.stat().st_uid == os.geteuid():
+            os.chmod(state_dir, 0o700)  # the agent's alone (`worker_user` lets its workers' group pass through)
+        self._file: IO[str] = open(os.open(state_dir / "agent.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,7 +62,7 @@ class StateDirLock:
             ) from None
         id_file = state_dir / "node_id"
         if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex)
+            local.write_file(id_file, uuid.uuid4().hex.encode())
         self.node_id = id_file.read_text().strip()
 
     def release(self) -> None:

@@ -4,7 +4,10 @@ Each worker is a container of its pool's image running the worker shim,
 which is bind-mounted read-only with `burla.schemas` and cloudpickle (the
 image needs nothing but a python3 of the clients' minor version). The shim
 connects to the agent's unix socket, bind-mounted too; no service listens
-inside a container.
+inside a container. A container sees nothing else of the host but the
+environment cache (read-only) and its own progress file: not the agent's
+state, not the Podman API socket (which would let it start containers that
+see everything of the agent's user), and no token in its environment.
 
 The agent starts ``podman system service`` as its own user unless a socket is
 configured, and talks to it with the `podman` package (in threads: it is
@@ -25,7 +28,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,8 +38,10 @@ from typing import Any
 
 import trio
 
+from burla.schemas import worker as proto
+
 from .pools import PoolSpec
-from .runtime import LIST_DISTRIBUTIONS, Runtime, WorkerProcess, WorkerSetupError, build_shim_tree
+from .runtime import LIST_DISTRIBUTIONS, Runtime, WorkerProcess, WorkerSetupError, build_shim_tree, worker_env
 
 log = logging.getLogger("burla.agent")
 
@@ -128,6 +135,7 @@ class PodmanRuntime(Runtime):
         self._prepare_lock = trio.Lock()
         self.shim_root: Path | None = None
         self.run_dir: Path | None = None
+        self._service_dir: Path | None = None
         self.counters: dict[str, int] = {"pulls": 0, "builds": 0, "build_cache_hits": 0, "containers_started": 0}
 
     @classmethod
@@ -148,8 +156,10 @@ class PodmanRuntime(Runtime):
         self.run_dir = run_dir
         self.shim_root = build_shim_tree(run_dir / "shim")
         if not self.socket_url:
-            socket_path = run_dir / "podman.sock"
-            env = dict(os.environ)
+            # the API gives whoever reaches it all of this user's rights: a private folder, never a mounted one
+            self._service_dir = Path(tempfile.mkdtemp(prefix="burla-podman-"))
+            socket_path = self._service_dir / "podman.sock"
+            env = worker_env(secrets=self.secrets)  # Podman needs none of Burla's variables, tokens least
             if self.registry_auth_file:
                 env["REGISTRY_AUTH_FILE"] = self.registry_auth_file
             self._service = await trio.lowlevel.open_process(
@@ -204,6 +214,8 @@ class PodmanRuntime(Runtime):
                 with trio.move_on_after(5):
                     await self._service.wait()
                 self._service.kill()
+            if self._service_dir is not None:
+                shutil.rmtree(self._service_dir, ignore_errors=True)
 
     def worker_path(self, host_path: str) -> str | None:
         if self.env_root is not None and Path(host_path).is_relative_to(self.env_root):
@@ -346,10 +358,12 @@ class PodmanRuntime(Runtime):
 
     def _start(self, slot: int, env: dict[str, str], spec: PoolSpec) -> tuple[str, int]:
         podman = _podman()
-        mounts = [
-            {"type": "bind", "source": str(self.shim_root), "target": SHIM_DIR, "read_only": True},
-            {"type": "bind", "source": str(self.run_dir), "target": RUN_DIR},
-        ]
+        # of the run dir, only the agent's socket and this worker's progress file: not the shim's writable
+        # original (a job could change what later jobs' workers run), nor the other workers' files
+        mounts = [{"type": "bind", "source": str(self.shim_root), "target": SHIM_DIR, "read_only": True}]
+        for key in (proto.SOCKET_ENV, proto.PROGRESS_ENV):
+            inside = env[key]  # under RUN_DIR (`start_worker`)
+            mounts.append({"type": "bind", "source": str(self.run_dir) + inside[len(RUN_DIR) :], "target": inside})
         if self.env_root is not None:  # the node's cache of users' packages and code, read-only
             mounts.append({"type": "bind", "source": str(self.env_root), "target": ENV_DIR, "read_only": True})
         kwargs: dict[str, Any] = {

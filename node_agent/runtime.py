@@ -64,6 +64,8 @@ class Runtime(abc.ABC):
     label = "burla"
     #: The node's cache of users' environments (the agent sets it): workers must be able to read it.
     env_root: Path | None = None
+    #: What no worker may see (the agent's tokens; the agent sets it): a variable holding one is not passed on.
+    secrets: tuple[str, ...] = ()
 
     @abc.abstractmethod
     async def prepare(self, run_dir: Path) -> None:
@@ -97,6 +99,16 @@ class Runtime(abc.ABC):
     def worker_path(self, host_path: str) -> str | None:
         """Where a worker sees a file of this host, or None if it cannot read it."""
         return None
+
+    def share(self, path: Path, tree: bool = True) -> None:  # noqa: B027 - workers that read all the agent wrote
+        """Let workers read `path` (and all below it, with `tree`), which the agent wrote for them."""
+
+    def installer_options(self, target: Path) -> dict[str, Any]:
+        """`trio.run_process` options for an installer of a job's packages into `target` (a new folder).
+
+        Whatever it runs (a package's build code) gets no token in its environment.
+        """
+        return {"env": worker_env(secrets=self.secrets)}
 
     async def aclose(self) -> None:  # noqa: B027 - optional for runtimes with nothing to release
         """Release what `prepare` set up."""
@@ -140,10 +152,15 @@ def build_shim_tree(dest: Path) -> Path:
     return dest
 
 
-def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a process worker starts with: the agent's, minus what must not leak."""
+def worker_env(base: dict[str, str] | None = None, secrets: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a process worker starts with: the agent's, minus what must not leak.
+
+    Every ``BURLA_*`` variable goes (the agent's config: its token, a client's API key, a daemon's
+    tokens), and so does any other that holds one of `secrets` (a token under another name).
+    """
     env = dict(os.environ if base is None else base)
-    for key in list(env):
-        if key.startswith("BURLA_") and key not in (proto.LOG_FLUSH_ENV,):
+    secrets = tuple(s for s in secrets if s)
+    for key, value in list(env.items()):
+        if (key.startswith("BURLA_") and key != proto.LOG_FLUSH_ENV) or any(s in value for s in secrets):
             del env[key]
     return env

@@ -338,7 +338,10 @@ class Supervisor:
         self._nursery = nursery
         self.info = info
         self.runtime.env_root = state_dir / "envs"
-        self.envs = EnvCache(self.runtime.env_root, self.fetch, self.hostname, self.config.installer)
+        self.envs = EnvCache(
+            self.runtime.env_root, self.fetch, self.hostname, self.config.installer,
+            share=self.runtime.share, installer_options=self.runtime.installer_options,
+        )  # fmt: skip
         await self.starter.listen(nursery, run_dir)
         nursery.start_soon(self.reconcile_loop)
         if not self.runtime.enforces_memory:

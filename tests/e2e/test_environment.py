@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -152,6 +154,27 @@ def test_process_workers_get_the_clients_packages_and_local_code(
     process_cluster: Cluster, client_site: Path, tmp_path: Path
 ) -> None:
     check_replication(process_cluster, client_site, tmp_path)
+
+
+def test_workers_of_another_user_get_the_clients_packages_and_local_code(client_site: Path, tmp_path: Path) -> None:
+    """agent.worker_user: the node's cache (in the agent's state dir) is the worker user's group's to read."""
+    from tests.e2e.test_worker_user import WORKER_USER, require_worker_user
+
+    require_worker_user()
+    root = Path(tempfile.mkdtemp(prefix="burla-worker-env-"))  # pytest's tmp dirs are 0700: not passable
+    root.chmod(0o755)
+    cluster = Cluster(root / "cluster", agents=1, workers=2, env={"BURLA_AGENT_WORKER_USER": WORKER_USER})
+    try:
+        check_replication(cluster, client_site, tmp_path)
+        # installed as the worker user, then the agent's: no later job's calls can change a cached package
+        cache = root / "cluster" / "agent0" / "envs"
+        found = [p for p in cache.rglob("*") if not p.is_symlink()]
+        assert any(p.name == "humanize" for p in found)
+        assert not [p for p in found if p.stat().st_uid != os.geteuid() or p.stat().st_mode & 0o022]
+        assert not [p for p in found if p.name == ".burla-install-home"]
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_an_environment_does_not_leak_into_another_jobs_workers(

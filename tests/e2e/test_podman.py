@@ -15,12 +15,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import burla
 from burla import remote_parallel_map
+from burla.node_agent.podman_runtime import RUN_DIR
 from tests.cluster import BackgroundMap, Cluster, as_user, wait_for
+from tests.e2e.test_worker_user import tokens_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
 
@@ -339,3 +342,43 @@ def test_an_idle_podman_node_takes_jobs_after_burlad_restarts(containers: Cluste
     thread.start()
     thread.join(30)
     assert results == ["base", "base"], containers.status()["nodes"][0]["pools"]
+
+
+def snoop_container(targets: dict[str, str]) -> dict[str, Any]:
+    """In a container: its environment, what it could read of each target, whether it can change the shim."""
+    read: dict[str, str] = {}
+    for name, path in targets.items():
+        try:
+            if os.path.isdir(path):
+                read[name] = "listed: " + ",".join(sorted(os.listdir(path)))
+            else:
+                with open(path, "rb") as f:
+                    read[name] = "read: " + f.read().decode(errors="replace")
+        except OSError as e:
+            read[name] = type(e).__name__
+    try:
+        with open("/burla/shim/burla/__init__.py", "a"):
+            shim = "writable"
+    except OSError as e:
+        shim = type(e).__name__
+    return {"env": dict(os.environ), "read": read, "shim": shim}
+
+
+def test_a_call_in_a_container_sees_no_token_and_none_of_the_agents_files(containers: Cluster) -> None:
+    assert containers.daemon is not None
+    daemon = containers.root / "daemon"
+    agent_state = containers.agent_dirs[0]
+    paths = {"tokens.json": str(daemon / "tokens.json"), "daemon state dir": str(daemon),
+             "agent state dir": str(agent_state), "agent node_id": str(agent_state / "node_id"),
+             "run dir": RUN_DIR}  # fmt: skip
+    (seen,) = remote_parallel_map(snoop_container, [paths], spinner=False)
+    env_text = "\n".join(f"{k}={v}" for k, v in seen["env"].items())
+    assert not tokens_in(containers, env_text), "a token in the container's environment"
+    assert not [k for k in seen["env"] if "TOKEN" in k.upper() or "API_KEY" in k.upper()]
+    read = seen["read"]
+    for name in ("tokens.json", "daemon state dir", "agent state dir", "agent node_id"):
+        assert read[name] == "FileNotFoundError", f"a call in a container read {name}: {read[name][:200]}"
+    # of the agent's run dir, only its socket and this worker's progress file: no Podman API, no writable shim
+    listed = read["run dir"].removeprefix("listed: ").split(",")
+    assert listed[0] == "agent.sock" and len(listed) == 2 and listed[1].endswith(".progress"), read["run dir"]
+    assert seen["shim"] in ("OSError", "PermissionError"), seen["shim"]
