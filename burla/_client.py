@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import httpx
 
 _DEFAULT_LOCK = threading.Lock()
-_DEFAULTS: dict[tuple[str | None, str | None], Client] = {}
+_DEFAULTS: dict[tuple[str | None, str | None, str | None], Client] = {}
 
 
 def check_version(info: dict[str, Any], url: str) -> None:
@@ -67,7 +67,7 @@ class Client:
     @classmethod
     def default(cls, api_key: str | None = None) -> Client:
         settings = _settings.resolve(None, api_key)
-        key = (settings.url, settings.api_key)
+        key = (settings.url, settings.api_key, settings.ca_file)
         with _DEFAULT_LOCK:
             client = _DEFAULTS.get(key)
             if client is None:

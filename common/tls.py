@@ -8,6 +8,7 @@ system's trust (httpx's default) or, given a CA file (`BURLA_CA_FILE`, `burla lo
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def untrusted(error: BaseException) -> str:
 def read_ca(path: str, key: str) -> str:
     """A CA file's PEM text, for a node that must trust the daemon (its boot metadata)."""
     text = _read(path, key)
-    if "-----BEGIN CERTIFICATE-----" not in text:
+    # only the certificates: a file that also holds the daemon's private key must not hand it to every node
+    blocks = re.findall(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----", text)
+    if not blocks:
         raise ConfigError(f"{key} = {path!r} holds no PEM certificate")
-    return text
+    return "\n".join(blocks) + "\n"

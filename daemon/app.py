@@ -209,10 +209,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             raise Unauthorized(f"this token is not agent {agent_id}'s: register to get its own")
 
     def caller() -> Principal:
-        """The user a client route acts for (`authorize` found them)."""
+        """The user a client route acts for (`authorize` found them), checked again: a route calls this
+        once it has read its body, which may take long enough for the key to end meanwhile."""
         who = g.get("principal")
         assert isinstance(who, Principal)
-        return who
+        return plane.users.current(who)
 
     async def body() -> bytes:
         g.body_read = True

@@ -64,9 +64,13 @@ class EventHub:
 
     async def serve(self) -> None:
         """Accept the socket and take the client's messages until it goes away (or its user's key ends)."""
-        await self.socket.accept()
-        self.plane.sessions.opened(self.who.name, self)
+        self.plane.sessions.opened(self.who.name, self)  # before accepting: a key that ends meanwhile ends it
         try:
+            self.plane.users.current(self.who)
+        except ApiError as e:
+            self.end(e.message, grace=False)  # it ended since the socket's key was checked
+        try:
+            await self.socket.accept()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._close_when_ended, nursery.cancel_scope)
                 await self._take_messages(nursery)
@@ -110,21 +114,21 @@ class EventHub:
     async def follow(self, job_id: str, after: int, scope: trio.CancelScope) -> None:
         """Send a job's events after `after`, and its status as it changes, until its final event."""
         plane = self.plane
-        plane.follow_started(job_id)
-        self._following += 1
-        try:
-            with scope:
-                try:
-                    await plane.wait_job(job_id, JOB_WAIT)
-                    plane.job_status(job_id, self.who)
-                except ApiError as e:
-                    await self.send({"job_id": job_id, "error": e.body()["error"]})
-                    return
+        with scope:
+            try:
+                await plane.wait_job(job_id, JOB_WAIT, self.who)
+                plane.job_status(job_id, self.who)
+            except ApiError as e:
+                await self.send({"job_id": job_id, "error": e.body()["error"]})
+                return
+            plane.follow_started(job_id)  # only once it is the caller's: another's follow keeps no job alive
+            self._following += 1
+            try:
                 with plane.follow(job_id, after) as follower:
                     await self._stream(job_id, follower)
-        finally:
-            self._following -= 1
-            plane.follow_ended(job_id)
+            finally:
+                self._following -= 1
+                plane.follow_ended(job_id)
 
     async def _stream(self, job_id: str, follower: Follower) -> None:
         plane = self.plane

@@ -513,9 +513,7 @@ class NodeKeeper:
         self.wake()
 
     def _gone(self, node: NodeRecord, why: str) -> None:
-        if node.agent_id and self.cluster is not None:
-            self.cluster.node_gone(node.agent_id, why)
-        self._fail(node, why)
+        self._fail(node, why)  # its agent is forgotten, and what it ran runs elsewhere
 
     # ---- records ------------------------------------------------------------------------
 
@@ -544,7 +542,10 @@ class NodeKeeper:
 
     def _fail(self, node: NodeRecord, why: str, delete: bool = True) -> None:
         if node.agent_id and self.cluster is not None:
-            self.cluster.release(node.agent_id)
+            if delete:
+                self.cluster.node_gone(node.agent_id, why)  # what it ran runs elsewhere now
+            else:
+                self.cluster.release(node.agent_id)
         self._set(node, NodeState.FAILED, why, job=None)
         if delete:
             self._start(self._delete, node.name)

@@ -146,17 +146,14 @@ class Scheduler:
         The node changes hands between leases: the leases of the job before still run there and report
         as usual, and `job_id`'s first lease goes there once they are done (`NodeState.serves`), so a
         handover (fair share, `scaling.plan`) preempts no call. None: the node takes no job any more (its
-        job ended, or it failed or leaves); leases still there, if any, are requeued to run elsewhere.
+        job ended); leases of a job before it, still running there after a handover, run to their end
+        too. A node that fails or leaves is forgotten (`remove_node`), which requeues what it ran.
         """
         node = self.nodes.get(agent_id)
         if node is None or not node.single_tenant:
             return []
         node.tenant = job_id
-        if job_id is not None:
-            return []
-        others = sorted(node.leases)
-        self.requeue(others)
-        return others
+        return []
 
     def touch_node(
         self,

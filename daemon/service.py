@@ -379,11 +379,17 @@ class ControlPlane:
         self.access.forget(job_id)
         self.store.delete_job(job_id)
 
-    async def wait_job(self, job_id: str, timeout: float) -> None:
-        """Wait until `job_id` exists (a client opens its events while creating it)."""
+    async def wait_job(self, job_id: str, timeout: float, who: Principal | None = None) -> None:
+        """Wait until `job_id` exists (a client opens its events while creating it); another user's job
+        is waited for as one that does not exist."""
         with trio.move_on_after(timeout):
-            while job_id not in self.scheduler.jobs and not self.store.job_exists(job_id):
+            while not self._exists_for(job_id, who):
                 await self._job_created.wait()
+
+    def _exists_for(self, job_id: str, who: Principal | None) -> bool:
+        job = self.scheduler.jobs.get(job_id)
+        owner = job.owner if job is not None else self.store.job_owner(job_id)
+        return owner is not None and (who is None or who.may_act_on(owner))
 
     def job_status(self, job_id: str, who: Principal | None = None) -> m.JobStatus:
         self._visible(job_id, who)
@@ -797,7 +803,7 @@ class ControlPlane:
                 runtime=n.info.runtime,
                 last_seen_ago=round(now - n.last_seen, 3),
                 stats=n.stats,
-                pools=tuple(n.pool_views()),
+                pools=tuple(self._pool_seen_by(p, who) for p in n.pool_views()),
             )
             for n in self.scheduler.nodes.values()
         )
@@ -808,6 +814,12 @@ class ControlPlane:
         )
         stats = self.statistics() if who is None or who.admin else {"boot_id": self.boot_id}
         return m.ClusterStatus(nodes, jobs, stats)
+
+    def _pool_seen_by(self, pool: m.PoolState, who: Principal | None) -> m.PoolState:
+        """A pool made for another user's job shows that it is busy, not whose job, image or phase it is."""
+        if not pool.job_id or who is None or who.admin or self._exists_for(pool.job_id, who):
+            return pool
+        return dataclasses.replace(pool, job_id="", image="", phase="another user's job", containers=())
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -384,9 +384,10 @@ class Store:
         with self.tx() as c:
             c.execute("INSERT INTO users (name, role, created) VALUES (?, ?, ?)", (name, role, now))
 
-    def delete_user(self, name: str) -> None:
+    def remove_user(self, name: str) -> None:
+        """Keep the name, with no role: jobs are owned by name, and a new user of that name must not get them."""
         with self.tx() as c:
-            c.execute("DELETE FROM users WHERE name = ?", (name,))
+            c.execute("UPDATE users SET role = 'removed' WHERE name = ?", (name,))
 
     def add_key(self, key_id: str, user: str, key_hash: str, now: float) -> None:
         with self.tx() as c:

@@ -9,8 +9,9 @@ when it is made, and never stored or logged: errors and logs name its user inste
 The cluster's admin token (tokens.json) acts as the user `BOOTSTRAP`, an admin; the node token
 and agents' tokens are not users (app.py). Rotating a key ends the old one; revoking ends it with
 no new one; removing a user ends their keys and cancels their running jobs (`UserAdmin`). A key
-that ends fails at once: the next request gets 401, and the user's open event websockets are
-closed (`Sessions`).
+that ends fails at once: the next request gets 401, a request under way when it ended is refused
+once its body is read (`Users.current`), and the user's open event websockets are closed
+(`Sessions`). A removed user's name is never given again: jobs are owned by name.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Principal:
 
     name: str
     role: str
+    key_id: str = ""  # the key it came with ("": the admin token, or the daemon itself)
 
     @property
     def admin(self) -> bool:
@@ -102,8 +104,10 @@ class Users:
 
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store, self.clock = store, clock
-        self.roles: dict[str, str] = {name: role for name, role, _ in store.users()}
-        self.created: dict[str, float] = {name: created for name, _, created in store.users()}
+        users = store.users()
+        self.roles: dict[str, str] = {name: role for name, role, _ in users if role in ROLES}
+        self.removed: set[str] = {name for name, role, _ in users if role not in ROLES}  # names never reused
+        self.created: dict[str, float] = {name: created for name, _, created in users}
         self._keys: dict[str, _Key] = {k: _Key(u, h, e, w) for k, u, h, _, e, w in store.keys()}
 
     def authenticate(self, token: str) -> Principal:
@@ -119,7 +123,16 @@ class Users:
                 f"the API key of user {key.user} was {key.why or 'revoked'} at {when}: ask the cluster's admin for "
                 "a new one (`burla users rotate NAME`), then `burla login`"
             )
-        return Principal(key.user, role)
+        return Principal(key.user, role, key_id or "")
+
+    def current(self, who: Principal) -> Principal:
+        """`who` again, if the key it came with is still live (a request under way may outlast its key)."""
+        if who.key_id:
+            key = self._keys.get(who.key_id)
+            if key is None or key.ended is not None or who.name not in self.roles:
+                why = key.why if key is not None and key.why else "revoked"
+                raise Unauthorized(f"the API key of user {who.name} was {why} while this request was under way")
+        return who
 
     def list(self) -> list[dict[str, Any]]:
         live = {k.user: (key_id, k) for key_id, k in self._keys.items() if k.ended is None}
@@ -138,6 +151,10 @@ class Users:
             raise Conflict(f"name: {name!r} is the cluster's own: pick another name")
         if name in self.roles:
             raise Conflict(f"user {name} already exists: `burla users rotate {name}` gives them a new key")
+        if name in self.removed:
+            raise Conflict(
+                f"name: a user {name} was removed before, and the jobs they left are theirs: pick another name"
+            )
         now = self.clock()
         with self.store.tx():
             self.store.add_user(name, role, now)
@@ -163,9 +180,9 @@ class Users:
         now = self.clock()
         with self.store.tx():
             self._end(name, now, "removed with its user")
-            self.store.delete_user(name)
+            self.store.remove_user(name)
         self.roles.pop(name, None)
-        self.created.pop(name, None)
+        self.removed.add(name)
 
     def _existing(self, name: str) -> None:
         valid_name(name)

@@ -105,7 +105,12 @@ async def test_a_user_may_not_do_the_admins_work(daemon: Running, admin: httpx.A
     assert [u["name"] for u in (await admin.get("/v1/users")).json()["users"]] == ["alice"]
 
 
-async def test_users_see_and_act_on_only_their_own_jobs(daemon: Running, admin: httpx.AsyncClient) -> None:
+async def test_users_see_and_act_on_only_their_own_jobs(
+    daemon: Running, admin: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from burla.daemon import event_hub
+
+    monkeypatch.setattr(event_hub, "JOB_WAIT", 0.3)  # another's job is waited for as a missing one
     alice, bob = await add_user(admin, "alice"), await add_user(admin, "bob")
     async with httpx.AsyncClient(base_url=daemon.url) as a, httpx.AsyncClient(base_url=daemon.url) as b:
         job = await make_job(a, alice)
@@ -248,3 +253,90 @@ async def test_a_daemon_slows_an_address_that_keeps_sending_bad_tokens(tmp_path:
         assert (await c.get("/v1/info", headers=bearer("wrong"))).status_code == 401
         assert trio.current_time() - started >= 0.05  # it waited before answering
         assert (await c.get("/v1/info", headers=bearer(running.admin_token))).status_code == 200
+
+
+async def test_a_request_under_way_when_its_user_is_removed_makes_no_job(
+    daemon: Running, admin: httpx.AsyncClient
+) -> None:
+    """The key is checked before the body is read; a body slow enough to outlast the key is refused once read
+    (found in review: such a job ran, owned by nobody)."""
+    alice = await add_user(admin, "alice")
+    job_id = uuid.uuid4().hex
+    blob = cloudpickle.dumps(abs)
+    body = envelope.pack(job_header(job_id, blob, 1), [blob, pickle.dumps([1])])
+    sent_half = trio.Event()
+    go_on = trio.Event()
+
+    async def slowly() -> Any:
+        yield body[:10]
+        sent_half.set()
+        await go_on.wait()
+        yield body[10:]
+
+    async with httpx.AsyncClient(base_url=daemon.url) as a, trio.open_nursery() as nursery:
+        answer: list[httpx.Response] = []
+
+        async def post() -> None:
+            headers = bearer(alice) | {"content-type": envelope.CONTENT_TYPE, "content-length": str(len(body))}
+            answer.append(await a.post("/v1/jobs", content=slowly(), headers=headers))
+
+        nursery.start_soon(post)
+        await sent_half.wait()
+        await trio.sleep(0.2)  # the daemon has the headers and is reading the body
+        assert (await admin.delete("/v1/users/alice")).json()["cancelled_jobs"] == []
+        go_on.set()
+    assert answer[0].status_code == 401 and "while this request was under way" in answer[0].text
+    assert job_id not in daemon.plane.scheduler.jobs and not daemon.plane.store.job_exists(job_id)
+
+
+async def test_a_removed_users_name_is_never_given_again(daemon: Running, admin: httpx.AsyncClient) -> None:
+    """Jobs are owned by name: a new user of a removed user's name would get the jobs left behind."""
+    alice = await add_user(admin, "alice")
+    async with httpx.AsyncClient(base_url=daemon.url) as a:
+        job = await make_job(a, alice)
+    await admin.delete("/v1/users/alice")
+    r = await admin.post("/v1/users", json={"name": "alice"})
+    assert r.status_code == 409 and "removed before" in r.text
+    assert daemon.plane.store.job_owner(job) == "alice"
+    assert (await admin.get("/v1/users")).json()["users"] == []
+
+
+async def test_another_users_pools_show_no_job_image_or_phase(daemon: Running, admin: httpx.AsyncClient) -> None:
+    """A container node's pools name the job they were made for: a user sees only their own (found in review)."""
+    from burla.daemon.placement import NodeState
+
+    alice, bob = await add_user(admin, "alice"), await add_user(admin, "bob")
+    async with httpx.AsyncClient(base_url=daemon.url) as a, httpx.AsyncClient(base_url=daemon.url) as b:
+        job = await make_job(a, alice)
+        await make_job(b, bob)
+        info = m.NodeInfo("n", "h", 2, 10**9, "3.11", 2, runtime="podman")
+        pool = m.PoolState("p1", image="alice/private:1", state="preparing", phase="pulling alice/private:1",
+                           job_id=job, containers=(("c1", "running"),))  # fmt: skip
+        daemon.plane.scheduler.nodes["x"] = NodeState("x", info, 0.0, 0, pools={"p1": pool})
+        seen = {who: (await c.get("/v1/cluster")).json()["nodes"][0]["pools"][0] for who, c in
+                (("alice", a), ("bob", b), ("admin", admin))}  # fmt: skip
+    assert seen["alice"]["image"] == seen["admin"]["image"] == "alice/private:1"
+    assert seen["alice"]["job_id"] == job
+    assert (seen["bob"]["image"], seen["bob"]["job_id"], seen["bob"]["containers"]) == ("", "", [])
+    assert "alice" not in json.dumps(seen["bob"])
+
+
+async def test_another_users_job_is_answered_on_the_websocket_as_a_missing_one(
+    daemon: Running, admin: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As slowly (a job that may yet be created is waited for), and without counting as its follower: another
+    user's subscription must not keep an abandoned job alive (found in review)."""
+    from burla.daemon import event_hub
+
+    monkeypatch.setattr(event_hub, "JOB_WAIT", 0.3)
+    alice, bob = await add_user(admin, "alice"), await add_user(admin, "bob")
+    async with httpx.AsyncClient(base_url=daemon.url) as a, httpx.AsyncClient(base_url=daemon.url) as b:
+        job = await make_job(a, alice)
+        feeds = daemon.plane.feeds
+        unfollowed = feeds.unfollowed_since[job]
+        async with aconnect_ws(f"{daemon.url}/v1/events", b, headers=bearer(bob)) as ws:
+            started = trio.current_time()
+            await ws.send_text(json.dumps({"op": "subscribe", "job": job, "after": 0}))
+            frame = await receive(ws)
+            assert frame["error"]["code"] == "not_found" and trio.current_time() - started >= 0.25
+        assert feeds.unfollowed_since[job] == unfollowed and not feeds.followers[job]

@@ -396,10 +396,22 @@ def test_a_lost_lease_of_the_tenant_before_counts_as_done_for_the_handover() -> 
     assert s.jobs["old"].pending.size == 1_000_000 - done  # the lost lease's inputs are pending again
 
 
-def test_a_single_tenant_node_released_requeues_what_still_runs_there() -> None:
+def test_a_node_released_after_a_handover_preempts_no_call_of_the_job_before() -> None:
+    """Bob's job ends (or he cancels it) while alice's calls still run on the node handed to him: they run
+    to their end and count, and none runs twice (found in review: the release requeued them)."""
     s, running = tenant_setup()
-    assert sorted(s.hold("c1", None)) == sorted(a.lease.lease_id for a in running)
-    assert s.jobs["old"].leases == {} and s.assign(2.0) == []
+    s.hold("c1", "new")
+    assert s.hold("c1", None) == []
+    assert set(s.jobs["old"].leases) == {a.lease.lease_id for a in running}
+    assert all(finish(s, lease, now=2.0).accepted for lease in running)
+    done = sum(a.lease.hi - a.lease.lo for a in running)
+    assert s.jobs["old"].pending.size == 1_000_000 - done and s.jobs["old"].done.size == done
+
+
+def test_a_single_tenant_node_that_is_gone_requeues_what_ran_there() -> None:
+    s, running = tenant_setup()
+    assert sorted(s.remove_node("c1")) == sorted(a.lease.lease_id for a in running)
+    assert s.jobs["old"].leases == {} and s.jobs["old"].pending.size == 1_000_000
 
 
 # ---- infeasible ---------------------------------------------------------------------------

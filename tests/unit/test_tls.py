@@ -72,3 +72,18 @@ def test_burlad_serve_with_half_a_tls_config_exits_with_the_key_named(
     assert cli.main(["serve", "--port", "0", "--state-dir", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert "daemon.tls_key is not" in err and "Traceback" not in err
+
+
+def test_the_ca_given_to_nodes_never_carries_the_daemons_private_key(
+    files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A file holding both certificate and key is a valid tls_cert; what nodes get of it is the certificate
+    only (found in review: the whole file went into every node's metadata)."""
+    cert, key, _ = files
+    both = tmp_path / "both.pem"
+    both.write_text(key.read_text() + cert.read_text())
+    assert tls.server_files(str(both), str(both)) is not None
+    given = tls.read_ca(str(both), "daemon.tls_cert")
+    assert "PRIVATE KEY" not in given and given.count("BEGIN CERTIFICATE") == cert.read_text().count(
+        "BEGIN CERTIFICATE"
+    )
