@@ -183,8 +183,10 @@ async def test_the_event_hub_follows_a_job_from_before_it_exists_to_its_end(tmp_
         header, _ = envelope.unpack(await socket.from_hub.receive())
         assert header["error"]["code"] == "bad_request"
         await trio.sleep(0.01)
-        assert p.feeds.followers["job1"] == 1  # subscribed before the job exists
+        assert not p.feeds.followers["job1"]  # subscribed before the job exists: it waits for the job
         p.create_job(spec(), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2)
+        await trio.sleep(0.01)
+        assert p.feeds.followers["job1"] == 1  # then follows it (another user's job is never followed)
         delivery, _ = report(p, agent)
         results = each_blob([result_for(lease) for lease in delivery.leases])
         report(p, agent, [r for r, _ in results], [b for _, b in results])
