@@ -3,7 +3,10 @@
 A job subscribes with the sequence number of the last event it has seen, so
 when the connection drops (the daemon restarted, the network blinked) the
 stream reconnects and every job resumes where it was. Jobs ignore events they
-have already seen, so a subscription sent twice does no harm.
+have already seen, so a subscription sent twice does no harm. A small job is
+created on the stream too: its create frame (the envelope of ``POST /v1/jobs``)
+creates and subscribes in one message, and is sent again on a reconnect until
+the daemon has answered for the job (a create of a job that exists subscribes).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
 
 class Follower(Protocol):
     after: int
+    create_frame: bytes | None  # the job's create frame, until the daemon answers for the job
 
     @property
     def job_id(self) -> str: ...
@@ -73,8 +77,14 @@ class EventStream:
             self.nursery.start_soon(guarded, self._run)
         self._wake.set()
         if self._ws is not None:
-            await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
+            await self._subscribe(job)
         # otherwise _run subscribes every followed job as soon as it connects
+
+    async def _subscribe(self, job: Follower) -> None:
+        if job.create_frame is not None:
+            await self._send(job.create_frame)
+        else:
+            await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
 
     async def ack(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -87,13 +97,16 @@ class EventStream:
     def close(self) -> None:
         self._scope.cancel()
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: dict[str, Any] | bytes) -> None:
         ws = self._ws
         if ws is None:
             return
         try:
             async with self._send_lock:
-                await ws.send_text(json.dumps(message))
+                if isinstance(message, bytes):
+                    await ws.send_bytes(message)
+                else:
+                    await ws.send_text(json.dumps(message))
         except (WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the reader notices and reconnects, then resubscribes
 
@@ -122,7 +135,7 @@ class EventStream:
                         lost_since = None
                         backoff.reset()
                         for job in list(self.jobs.values()):
-                            await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
+                            await self._subscribe(job)
                         while True:
                             header, blobs = envelope.unpack(await ws.receive_bytes())
                             if "job_id" not in header:

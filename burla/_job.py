@@ -4,7 +4,9 @@
 
 * the uploader creates the job with the first batch of inputs, then sends the
   rest (at most `UPLOADS_IN_FLIGHT` requests at a time, so memory stays
-  bounded), pulling and pickling batches in a worker thread;
+  bounded), pulling and pickling batches in a worker thread; a job whose
+  inputs all fit in a small first batch is created on the event stream
+  instead (one websocket frame creates and subscribes: no HTTP request);
 * the client's `EventStream` (one websocket for all its jobs) hands the job
   its events: it prints what calls print as it arrives, feeds the spinner,
   and queues results and failures for the caller's thread. After a daemon
@@ -44,6 +46,7 @@ from ._spinner import Spinner
 from .errors import BurlaError, ClusterUnavailableError, JobCancelledError
 
 UPLOADS_IN_FLIGHT = 2
+STREAM_CREATE_BYTES = 1024**2  # a job of one batch up to this size is created on the event stream
 CANCEL_SECONDS = 3.0
 _TERMINAL = (m.DONE, m.FAILED, m.CANCELLED)
 
@@ -72,6 +75,7 @@ class JobRun:
         self.spinner = Spinner(spinner, spec.function_name)
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.after = 0  # the last event seen
+        self.create_frame: bytes | None = None  # sent on the event stream until the daemon answers for the job
         self._scope: trio.CancelScope | None = None
         self._created = False
         self._ended = trio.Event()  # the job's final event arrived (or it failed here)
@@ -114,7 +118,8 @@ class JobRun:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._upload)
+                    if not self._create_on_stream():
+                        nursery.start_soon(self._upload)
                     await self.stream.follow(self)
                     await self._ended.wait()
                     nursery.cancel_scope.cancel()
@@ -140,9 +145,12 @@ class JobRun:
 
     async def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
         """A message of the event stream for this job."""
+        self.create_frame = None  # the daemon has the job (or said why not)
         if "error" in header:
             e = header["error"]
-            status = {"not_found": 404, "conflict": 409, "unauthorized": 401}.get(e.get("code"), 400)
+            status = e.get("status")
+            if isinstance(status, bool) or not isinstance(status, int):
+                status = {"not_found": 404, "conflict": 409, "unauthorized": 401}.get(e.get("code"), 400)
             self.fail(error_from_response(status, json.dumps({"error": e}), "follow the job"))
             return
         self.spinner.update(header.get("status"))
@@ -190,12 +198,17 @@ class JobRun:
     async def _cancel(self, reason: str) -> None:
         with trio.move_on_after(CANCEL_SECONDS):
             if self._created:
-                await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason})
+                # a job created on the stream may not be made yet: its cancel waits for it
+                await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason},
+                                      missing_retried=self.create_frame is not None)  # fmt: skip
         if self._scope is not None:
             self._scope.cancel()
 
-    async def _post(self, path: str, content: bytes, content_type: str, what: str) -> httpx.Response:
-        """POST with retries while the daemon is unreachable (e.g. restarting)."""
+    async def _post(
+        self, path: str, content: bytes, content_type: str, what: str, missing_retried: bool = False
+    ) -> httpx.Response:
+        """POST with retries while the daemon is unreachable (e.g. restarting), and while it answers 404 with
+        `missing_retried` (the job's create frame is still on its way)."""
         deadline = trio.current_time() + RECONNECT_SECONDS
         backoff = Backoff(first=0.02, cap=1.0)
         while True:
@@ -207,7 +220,9 @@ class JobRun:
                 if trio.current_time() > deadline:
                     raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
             else:
-                if r.status_code < 500:
+                if r.status_code == 404 and missing_retried and self.create_frame is not None:
+                    pass  # retried: the daemon has not taken the job's create frame yet
+                elif r.status_code < 500:
                     if r.status_code != 200:
                         raise error_from_response(r.status_code, r.text, what)
                     return r
@@ -215,8 +230,8 @@ class JobRun:
                     raise error_from_response(r.status_code, r.text, what)
             await backoff.wait()
 
-    async def _post_json(self, path: str, body: dict[str, Any]) -> None:
-        await self._post(path, json.dumps(body).encode(), "application/json", "cancel the job")
+    async def _post_json(self, path: str, body: dict[str, Any], missing_retried: bool = False) -> None:
+        await self._post(path, json.dumps(body).encode(), "application/json", "cancel the job", missing_retried)
 
     def _place(self, batch: tuple[m.BatchMeta, bytes]) -> tuple[m.BatchMeta, list[bytes]]:
         """A batch as it goes up: in the body, or as a file in the daemon's payload dir (same host)."""
@@ -232,6 +247,17 @@ class JobRun:
         if self.local_payloads is not None and any(meta.payload_ref for meta in metas):
             header["payload_proof"] = self.local_payloads[1]
         return header
+
+    def _create_on_stream(self) -> bool:
+        """Create the job on the event stream if it is small and all there is; whether it is."""
+        meta, payload = self.first
+        if not self.batcher.exhausted or len(payload) + len(self.function_blob) > STREAM_CREATE_BYTES:
+            return False
+        header = {"spec": self.spec.to_wire(), **self._header([meta], self.batcher.count), "after": 0}
+        self.create_frame = envelope.pack(header, [self.function_blob, payload])
+        self._created = True  # as good as: a cancel waits for it (see _cancel)
+        self.first = (meta, b"")
+        return True
 
     async def _upload(self) -> None:
         meta, blobs = self._place(self.first)

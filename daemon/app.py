@@ -338,14 +338,19 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             }
         )
 
+    def create(header: dict[str, Any], blobs: list[memoryview], who: Principal) -> str:
+        """A new job from a create envelope (POST /v1/jobs, or a create frame on the events websocket)."""
+        spec = m.JobSpec.from_wire(header.get("spec"))
+        fn = blobs_at(blobs, 0, "function")
+        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header), proof(header), who)
+        return spec.job_id
+
     @app.post("/v1/jobs")
     async def create_job() -> Response:
         header, blobs = await read_envelope()
-        spec = m.JobSpec.from_wire(header.get("spec"))
-        fn = blobs_at(blobs, 0, "function")
-        plane.create_job(spec, fn, batches_of(header, blobs, 1), final_count(header), proof(header), caller())
+        job_id = create(header, blobs, caller())
         await trio.sleep(0)  # the agents' poll answers go first: the client waits on events, not on this
-        return _json({"job_id": spec.job_id})
+        return _json({"job_id": job_id})
 
     @app.post("/v1/jobs/<job_id>/inputs")
     async def add_inputs(job_id: str) -> Response:
@@ -451,7 +456,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.websocket("/v1/events")
     async def events() -> None:
         """One websocket per client, carrying the events of every job it follows (event_hub.py)."""
-        await EventHub(plane, websocket, caller()).serve()
+        await EventHub(plane, websocket, caller(), create).serve()
 
     # ---- agent routes -----------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """The events websocket (``/v1/events``): one per client, carrying the events of every job it follows.
 
 The client sends ``{"op": "subscribe", "job": ID, "after": SEQ}`` and, once it
-has a job's final event, ``{"op": "ack", "job": ID}``. A subscribe starts one
+has a job's final event, ``{"op": "ack", "job": ID}``. A binary frame is a
+create: the envelope of ``POST /v1/jobs`` (spec, function, first inputs), up to
+`CREATE_BYTES`, which creates the job and subscribes to it in one message; a
+create sent again for a job of the caller's that exists (after a reconnect) only
+subscribes. An error creating it is the job's ``{"job_id": ID, "error": {...,
+"status": HTTP status}}``, the answer ``POST /v1/jobs`` would have given. A subscribe starts one
 follow task per job (a second subscribe to the same job, a reconnect's
 resubscribe with the last sequence it saw, replaces the first); each sends
 envelopes ``{"job_id": ID, "events": [Event...], "status": JobStatus?}``, with
@@ -15,6 +20,7 @@ last frame ``{"error": {"code": "unauthorized", ...}}`` and is closed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -33,7 +39,11 @@ from .users import Principal
 STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
 JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
 END_GRACE = 2.0  # how long a socket whose user was removed waits for its jobs' final events before closing
+CREATE_BYTES = 8 * 1024**2  # of a create frame: a bigger job is created with POST /v1/jobs
 _FINAL = (m.DONE, m.FAILED, m.CANCELLED)
+
+# Creates a job from the envelope of POST /v1/jobs for a user; returns its id (app.py's `create`).
+Create = Callable[[dict[str, Any], list[memoryview], Principal], str]
 
 
 class Socket(Protocol):
@@ -47,10 +57,11 @@ class Socket(Protocol):
 class EventHub:
     """Serves one client's events websocket: its subscriptions, and the frames of every job it follows."""
 
-    def __init__(self, plane: ControlPlane, socket: Socket, who: Principal) -> None:
+    def __init__(self, plane: ControlPlane, socket: Socket, who: Principal, create: Create | None = None) -> None:
         self.plane = plane
         self.socket = socket
         self.who = who
+        self.create = create
         self._send_lock = trio.Lock()
         self._follows: dict[str, trio.CancelScope] = {}
         self._following = 0  # follow tasks running
@@ -91,6 +102,9 @@ class EventHub:
     async def _take_messages(self, nursery: trio.Nursery) -> None:
         while True:
             raw = await self.socket.receive()
+            if isinstance(raw, (bytes, bytearray)) and raw[: len(envelope.MAGIC)] == envelope.MAGIC:
+                await self._create(raw, nursery)
+                continue
             try:
                 op, job_id, after = parse_op(raw)
             except (BadRequest, WireError) as e:
@@ -105,6 +119,34 @@ class EventHub:
                 nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
             else:  # "ack"
                 self.plane.ack_job(job_id, self.who)
+
+    async def _create(self, raw: bytes | bytearray, nursery: trio.Nursery) -> None:
+        """A create frame: make the job (unless it is the caller's already) and follow it from `after`."""
+        job_id = ""
+        try:
+            if self.create is None:
+                raise BadRequest("this socket takes no create frames: create the job with POST /v1/jobs")
+            if len(raw) > CREATE_BYTES:
+                raise BadRequest(f"a create frame is at most {CREATE_BYTES} bytes: send bigger jobs to POST /v1/jobs")
+            header, blobs = envelope.unpack(bytes(raw))
+            spec = header.get("spec")
+            job_id = valid_id(spec.get("job_id") if isinstance(spec, dict) else None, "spec.job_id")
+            after = header.get("after", 0)
+            if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= wire.INT64[1]:
+                raise BadRequest(f"after: expected a non-negative integer event sequence, got {str(after)[:40]}")
+            trace("daemon", f"events create {job_id[:8]} after={after}")
+            if not self.plane.has_job(job_id, self.who):  # else sent again after a reconnect: it exists
+                self.create(header, blobs, self.plane.users.current(self.who))
+        except (ApiError, WireError, envelope.EnvelopeError) as e:
+            error = e if isinstance(e, ApiError) else BadRequest(str(e))
+            body = {**error.body()["error"], "status": error.status}
+            await self.send({"job_id": job_id, "error": body} if job_id else {"error": body})
+            return
+        old = self._follows.pop(job_id, None)
+        if old is not None:
+            old.cancel()
+        self._follows[job_id] = trio.CancelScope()
+        nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
 
     async def send(self, header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
         data = envelope.pack(header, blobs or [])

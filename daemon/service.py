@@ -386,6 +386,10 @@ class ControlPlane:
             while not self._exists_for(job_id, who):
                 await self._job_created.wait()
 
+    def has_job(self, job_id: str, who: Principal | None = None) -> bool:
+        """Whether `job_id` exists (running or finished) and is `who`'s to see."""
+        return self._exists_for(job_id, who)
+
     def _exists_for(self, job_id: str, who: Principal | None) -> bool:
         job = self.scheduler.jobs.get(job_id)
         owner = job.owner if job is not None else self.store.job_owner(job_id)
