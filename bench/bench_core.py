@@ -1,6 +1,6 @@
 """The core benchmark: Burla's embedded default beside multiprocessing, Dask and Ray.
 
-    python bench/bench_core.py [--quick] [--peers burla,multiprocessing,dask,ray] [--json OUT]
+    python bench/bench_core.py [--quick] [--peers burla,multiprocessing,dask,ray] [--peer-python PY] [--json OUT]
 
 Every system gets 2 workers on this machine and is called the way its users
 call it (one task per input). Each figure is measured in a fresh Python
@@ -9,10 +9,15 @@ process, so one system's leftovers never slow another. Figures:
   1. warm:   median time of a 4-input trivial map on a warm cluster, to all results
   2. many:   wall time and inputs/s for 100,000 and 1,000,000 trivial inputs (x * 2)
   3. bytes:  MB/s moving 64 inputs of 4 MiB each (the function returns len(x))
-  4. cold:   from nothing running to the results of a 4-input map
+  4. sleep:  200 calls of time.sleep(0.05): efficiency = ideal wall time (5 s on 2 workers) / wall time
+  5. cold:   from nothing running to the results of a 4-input map
 
-Dask and Ray are measured only when installed (pip install burla[bench]).
-A measurement that runs past --timeout seconds is reported as such.
+Then the aims of issue 12, each a ratio to a peer measured in the same run, marked met or not.
+
+Dask and Ray are measured only when installed (pip install burla[bench]) in the interpreter of
+--peer-python (default: this one; e.g. a separate venv with dask[distributed] and ray), which runs
+the peers; Burla runs in this interpreter. A measurement that runs past --timeout seconds is
+reported as such.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def double(x):
     return x * 2
 def size(x):
     return len(x)
+def nap(x):
+    time.sleep(0.05)
+    return x
 def report(**figures):
     print("RESULT " + json.dumps(figures), flush=True)
 """
@@ -148,14 +156,61 @@ dt = time.perf_counter() - t
 assert out == [4 * 1024 * 1024] * 64
 report(seconds=dt, mb_per_second=64 * 4 * 1.048576 / dt)
 """,
+    "sleep": """
+t = time.perf_counter()
+out = run(nap, range(200))
+dt = time.perf_counter() - t
+assert out == list(range(200))
+report(seconds=dt, efficiency=200 * 0.05 / {workers} / dt)
+""",
 }
+
+# The aims of issue 12: (what, figure, field, peer, how Burla's figure compares to the peer's, bound).
+# "ratio<=": Burla's / the peer's at most the bound; "ratio>=": at least; "atleast": Burla's at least the
+# peer's and at least the bound.
+AIMS = [
+    ("warm 4-input map vs Ray", "warm", "warm", "ray", "ratio<=", 0.5),
+    ("sleep efficiency vs multiprocessing", "sleep", "efficiency", "multiprocessing", "atleast", 0.98),
+    ("64 x 4 MiB MB/s vs Ray", "bytes", "mb_per_second", "ray", "ratio>=", 1.2),
+    ("cold start vs Dask", "cold", "cold", "dask", "ratio<=", 0.5),
+    ("1,000,000 inputs vs multiprocessing.Pool.map", "many_1000000", "seconds", "multiprocessing", "ratio<=", 2.0),
+]
+
+
+def aims(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per aim: Burla's figure beside the peer's of the same run, the ratio, met or not."""
+    lines = []
+    for what, figure, field, peer, how, bound in AIMS:
+        ours = rows.get("burla", {}).get(figure, {}).get(field)
+        theirs = rows.get(peer, {}).get(figure, {}).get(field)
+        if ours is None or theirs is None or not theirs:
+            lines.append(f"{what}: not measured in this run")
+            continue
+        ratio = ours / theirs
+        if how == "atleast":
+            met = ours >= theirs and ours >= bound
+            aim = f"at least {peer}'s and at least {bound}"
+            shown = f"Burla {ours:.3f}, {peer} {theirs:.3f} ({ratio:.2f}x)"
+        else:
+            met = ratio <= bound if how == "ratio<=" else ratio >= bound
+            aim = f"{'at most' if how == 'ratio<=' else 'at least'} {bound}x"
+            shown = f"{ratio:.2f}x (Burla {ours:.4g}, {peer} {theirs:.4g})"
+        lines.append(f"{what}: {shown}; aim {aim}: {'met' if met else 'NOT met'}")
+    return lines
+
+
+PYTHON: dict[str, str] = {}  # system -> the interpreter that runs it (main() sets the peers')
+
+
+def python(system: str) -> str:
+    return PYTHON.get(system, sys.executable)
 
 
 def available(system: str) -> bool:
     module = {"dask": "distributed", "ray": "ray"}.get(system)
     if module is None:
         return True
-    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+    return subprocess.run([python(system), "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
 def measure(system: str, figure: str, timeout: float, home: str, **params: Any) -> dict[str, Any]:
@@ -171,7 +226,7 @@ def measure(system: str, figure: str, timeout: float, home: str, **params: Any) 
         subprocess.run([sys.executable, "-m", "burla.cli", "local", "stop"], env=env, capture_output=True)
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([python(system), "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         _cleanup(system, env)
         return {"error": f"did not finish in {timeout:.0f}s"}
@@ -186,7 +241,7 @@ def _cleanup(system: str, env: dict[str, str]) -> None:
     if system == "burla":
         subprocess.run([sys.executable, "-m", "burla.cli", "local", "stop"], env=env, capture_output=True)
     elif system == "ray":
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        subprocess.run([python(system), "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
 def fmt(result: dict[str, Any], key: str, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
@@ -201,7 +256,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip the 1,000,000-input run")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a measurement is abandoned")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--peer-python",
+        default=os.environ.get("BURLA_BENCH_PEER_PYTHON", ""),
+        help="the interpreter that runs multiprocessing, Dask and Ray (default: $BURLA_BENCH_PEER_PYTHON, or this one)",
+    )
     args = parser.parse_args()
+    if args.peer_python:
+        PYTHON.update(dict.fromkeys(("multiprocessing", "dask", "ray"), args.peer_python))
     systems = [s for s in args.peers.split(",") if s]
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
     rows: dict[str, dict[str, Any]] = {}
@@ -216,11 +278,13 @@ def main() -> int:
             for n in sizes:
                 row[f"many_{n}"] = measure(system, "many", args.timeout, home, n=n)
             row["bytes"] = measure(system, "bytes", args.timeout, home)
+            row["sleep"] = measure(system, "sleep", args.timeout, home, workers=WORKERS)
             _cleanup(system, {**os.environ, "BURLA_HOME": home})
             rows[system] = row
     print(f"\nBurla core benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {WORKERS} workers per system\n")  # fmt: skip
-    header = ["system", "warm 4-input map", *[f"{n:,} inputs" for n in sizes], "64 x 4 MiB", "cold start"]
+    header = ["system", "warm 4-input map", *[f"{n:,} inputs" for n in sizes], "64 x 4 MiB", "sleep efficiency",
+              "cold start"]  # fmt: skip
     table = [header, ["-" * len(h) for h in header]]
     for system, row in rows.items():
         many = []
@@ -232,14 +296,19 @@ def main() -> int:
             fmt(row["warm"], "warm", 1000, " ms", 2),
             *many,
             fmt(row["bytes"], "mb_per_second", 1, " MB/s", 0),
+            fmt(row["sleep"], "efficiency", 1, "", 3),
             fmt(row["cold"], "cold", 1, " s", 2),
         ])  # fmt: skip
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for r in table:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    print("\nAims (issue 12), each against the peer measured in this run:")
+    for line in aims(rows):
+        print(f"  {line}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "rows": rows}, f, indent=2)
+            out = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "rows": rows, "aims": aims(rows)}
+            json.dump(out, f, indent=2)
     return 0
 
 
