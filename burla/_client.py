@@ -262,10 +262,13 @@ class Client:
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.common import version as _version
+        from burla.common.trace import trace
         from burla.schemas import messages as m
 
         from ._job import JobRun, ResultIterator, collect
         from ._pickling import InputBatcher, function_hash, function_name, pickle_function
+
+        trace("client", "map")
 
         _check_resources(func_cpu, func_ram, max_parallelism)
         if not isinstance(grow, bool):
@@ -321,6 +324,7 @@ class Client:
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()
         )
+        trace("client", "map start")
         job.start()
         if generator:
             return ResultIterator(job)

@@ -7,6 +7,8 @@ have already seen, so a subscription sent twice does no harm. A small job is
 created on the stream too: its create frame (the envelope of ``POST /v1/jobs``)
 creates and subscribes in one message, and is sent again on a reconnect until
 the daemon has answered for the job (a create of a job that exists subscribes).
+A finished job's ack waits `ACK_DELAY` for the next create frame to ride on
+(after it: the next job is created first), else goes on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ._responses import error_from_response
 from .errors import AuthenticationError, BurlaError, ClusterUnavailableError
 
 MAX_MESSAGE_BYTES = 1024**3
+ACK_DELAY = 0.2  # seconds an ack waits for a create frame to carry it
 _RETRYABLE = (
     httpx.TransportError,
     WebSocketNetworkError,
@@ -48,7 +51,7 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
 
 class Follower(Protocol):
     after: int
-    create_frame: bytes | None  # the job's create frame, until the daemon answers for the job
+    create: tuple[dict[str, Any], list[bytes]] | None  # the job's create frame, until the daemon answers for it
 
     @property
     def job_id(self) -> str: ...
@@ -69,6 +72,8 @@ class EventStream:
         self._wake = trio.Event()
         self._send_lock = trio.Lock()
         self._scope = trio.CancelScope()
+        self._acks: list[str] = []  # finished jobs to ack, with the next create frame or after ACK_DELAY
+        self._acks_due = False  # a task sends them after ACK_DELAY
 
     async def follow(self, job: Follower) -> None:
         self.jobs[job.job_id] = job
@@ -81,14 +86,30 @@ class EventStream:
         # otherwise _run subscribes every followed job as soon as it connects
 
     async def _subscribe(self, job: Follower) -> None:
-        if job.create_frame is not None:
-            await self._send(job.create_frame)
+        if job.create is not None:
+            header, blobs = job.create
+            acks, self._acks = self._acks, []
+            await self._send(envelope.pack({**header, "ack": acks} if acks else header, blobs))
         else:
             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
 
     async def ack(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
-        if self._ws is not None:
+        if self._ws is None:
+            return
+        self._acks.append(job_id)
+        if not self._acks_due:
+            self._acks_due = True
+            self.nursery.start_soon(guarded, self._send_acks)
+
+    async def _send_acks(self) -> None:
+        """The acks no create frame took within ACK_DELAY, each in its own message."""
+        try:
+            await trio.sleep(ACK_DELAY)
+        finally:
+            self._acks_due = False
+        acks, self._acks = self._acks, []
+        for job_id in acks:
             await self._send({"op": "ack", "job": job_id})
 
     def forget(self, job_id: str) -> None:
@@ -103,6 +124,7 @@ class EventStream:
             return
         try:
             async with self._send_lock:
+                trace("client", f"events send {len(message)}")
                 if isinstance(message, bytes):
                     await ws.send_bytes(message)
                 else:

@@ -75,7 +75,8 @@ class JobRun:
         self.spinner = Spinner(spinner, spec.function_name)
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.after = 0  # the last event seen
-        self.create_frame: bytes | None = None  # sent on the event stream until the daemon answers for the job
+        self.create: tuple[dict[str, Any], list[bytes]] | None = None  # the create frame (header, blobs), sent
+        # on the event stream until the daemon answers for the job
         self._scope: trio.CancelScope | None = None
         self._created = False
         self._ended = trio.Event()  # the job's final event arrived (or it failed here)
@@ -145,7 +146,7 @@ class JobRun:
 
     async def take_message(self, header: dict[str, Any], blobs: list[memoryview]) -> None:
         """A message of the event stream for this job."""
-        self.create_frame = None  # the daemon has the job (or said why not)
+        self.create = None  # the daemon has the job (or said why not)
         if "error" in header:
             e = header["error"]
             status = e.get("status")
@@ -200,7 +201,7 @@ class JobRun:
             if self._created:
                 # a job created on the stream may not be made yet: its cancel waits for it
                 await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason},
-                                      missing_retried=self.create_frame is not None)  # fmt: skip
+                                      missing_retried=self.create is not None)  # fmt: skip
         if self._scope is not None:
             self._scope.cancel()
 
@@ -220,7 +221,7 @@ class JobRun:
                 if trio.current_time() > deadline:
                     raise ClusterUnavailableError(f"lost the Burla cluster at {self.http.base_url}: {e}") from None
             else:
-                if r.status_code == 404 and missing_retried and self.create_frame is not None:
+                if r.status_code == 404 and missing_retried and self.create is not None:
                     pass  # retried: the daemon has not taken the job's create frame yet
                 elif r.status_code < 500:
                     if r.status_code != 200:
@@ -254,7 +255,7 @@ class JobRun:
         if not self.batcher.exhausted or len(payload) + len(self.function_blob) > STREAM_CREATE_BYTES:
             return False
         header = {"spec": self.spec.to_wire(), **self._header([meta], self.batcher.count), "after": 0}
-        self.create_frame = envelope.pack(header, [self.function_blob, payload])
+        self.create = (header, [self.function_blob, payload])
         self._created = True  # as good as: a cancel waits for it (see _cancel)
         self.first = (meta, b"")
         return True
@@ -372,6 +373,7 @@ def collect(job: JobRun) -> list[Any]:
         raise
     finally:
         _finish(job)
+    trace("client", "collected")
     results: list[Any] = []
     for lo in sorted(chunks):
         if lo != len(results):

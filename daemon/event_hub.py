@@ -5,7 +5,8 @@ has a job's final event, ``{"op": "ack", "job": ID}``. A binary frame is a
 create: the envelope of ``POST /v1/jobs`` (spec, function, first inputs), up to
 `CREATE_BYTES`, which creates the job and subscribes to it in one message; a
 create sent again for a job of the caller's that exists (after a reconnect) only
-subscribes. An error creating it is the job's ``{"job_id": ID, "error": {...,
+subscribes; its header may carry ``"ack": [ID, ...]``, acks of finished jobs, taken once the job is made.
+An error creating it is the job's ``{"job_id": ID, "error": {...,
 "status": HTTP status}}``, the answer ``POST /v1/jobs`` would have given. A subscribe starts one
 follow task per job (a second subscribe to the same job, a reconnect's
 resubscribe with the last sequence it saw, replaces the first); each sends
@@ -40,6 +41,7 @@ STATUS_INTERVAL = 0.25  # seconds between status updates on a job's websocket
 JOB_WAIT = 10.0  # how long a websocket waits for its job to be created
 END_GRACE = 2.0  # how long a socket whose user was removed waits for its jobs' final events before closing
 CREATE_BYTES = 8 * 1024**2  # of a create frame: a bigger job is created with POST /v1/jobs
+_ACKS = 1000  # acks taken from one create frame
 _FINAL = (m.DONE, m.FAILED, m.CANCELLED)
 
 # Creates a job from the envelope of POST /v1/jobs for a user; returns its id (app.py's `create`).
@@ -147,6 +149,13 @@ class EventHub:
             old.cancel()
         self._follows[job_id] = trio.CancelScope()
         nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
+        acks = header.get("ack", [])
+        for acked in acks[:_ACKS] if isinstance(acks, list) else ():
+            if isinstance(acked, str) and acked != job_id:
+                try:
+                    self.plane.ack_job(valid_id(acked, "ack"), self.who)
+                except BadRequest:
+                    pass  # not a job id: nothing to forget
 
     async def send(self, header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
         data = envelope.pack(header, blobs or [])

@@ -135,3 +135,64 @@ async def test_leases_waiting_for_their_environment_are_not_run_twice(
             await trio.sleep(0.05)
     assert daemon.plane.job_status("withenv").state == m.JOB_DONE
     assert daemon.plane.counters["leases_lost"] == 0 and daemon.plane.counters["results_dropped"] == 0
+
+
+def create_frame(job_id: str, values: list[Any], ack: list[str] | None = None, fn_hash: str = "") -> bytes:
+    """The create frame of the events socket: the envelope of POST /v1/jobs."""
+    import pickle
+    import sys
+
+    import cloudpickle
+
+    fn = cloudpickle.dumps(abs)
+    spec = m.JobSpec(
+        job_id, "abs", fn_hash or hashlib.sha256(fn).hexdigest(), f"{sys.version_info[0]}.{sys.version_info[1]}"
+    )
+    header: dict[str, Any] = {"spec": spec.to_wire(), "batches": [m.BatchMeta(0, 0, len(values)).to_wire()],
+                              "final_count": len(values), "after": 0}  # fmt: skip
+    if ack is not None:
+        header["ack"] = ack
+    return envelope.pack(header, [fn, pickle.dumps(values)])
+
+
+async def events_until_done(ws: Any, job_id: str) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(20):
+        while not seen or seen[-1]["kind"] != m.DONE:
+            header, _ = envelope.unpack(await ws.receive_bytes())
+            assert header["job_id"] == job_id and "error" not in header, header
+            seen += header.get("events", [])
+    return seen
+
+
+async def test_a_create_frame_on_the_events_socket_makes_the_job_and_follows_it(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    async with aconnect_ws("/v1/events", admin) as ws:
+        await ws.send_bytes(create_frame("onsocket1", [-1, -2, -3]))
+        first = await events_until_done(ws, "onsocket1")
+        assert sum(e["kind"] == m.RESULTS for e in first) >= 1
+        # sent again (a reconnect before any answer): the job is followed, not made twice nor refused
+        await ws.send_bytes(create_frame("onsocket1", [-1, -2, -3]))
+        again = await events_until_done(ws, "onsocket1")
+        assert [e["seq"] for e in again] == [e["seq"] for e in first]
+        assert daemon.plane.counters["jobs"] == 1
+        # the next job's frame carries the ack of the first: it is forgotten once the second is made
+        await ws.send_bytes(create_frame("onsocket2", [-4], ack=["onsocket1", "not an id"]))
+        await events_until_done(ws, "onsocket2")
+        assert not daemon.plane.store.job_exists("onsocket1") and daemon.plane.store.job_exists("onsocket2")
+    assert (await admin.get("/v1/jobs/onsocket1")).status_code == 404
+
+
+async def test_a_refused_create_frame_answers_as_post_would(daemon: Running, admin: httpx.AsyncClient) -> None:
+    async with aconnect_ws("/v1/events", admin) as ws:
+        await ws.send_bytes(create_frame("badhash", [1], fn_hash="0" * 64))
+        with trio.fail_after(10):
+            header, _ = envelope.unpack(await ws.receive_bytes())
+        assert header["job_id"] == "badhash"
+        assert header["error"]["status"] == 400 and "function_hash" in header["error"]["message"]
+        await ws.send_bytes(envelope.MAGIC + b"\xff\xff\xff\xff")  # not an envelope: the socket's error
+        with trio.fail_after(10):
+            header, _ = envelope.unpack(await ws.receive_bytes())
+        assert "job_id" not in header and header["error"]["code"] == "bad_request"
+    assert not daemon.plane.store.job_exists("badhash")
