@@ -12,6 +12,7 @@ The network stack (httpx, trio, `_job`) is imported inside the methods that use 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -72,6 +73,7 @@ class Client:
             client = _DEFAULTS.get(key)
             if client is None:
                 client = _DEFAULTS[key] = cls(settings.url, settings.api_key, settings.ca_file)
+                atexit.register(client.close)  # sends the last job's ack, so the daemon forgets it now
             return client
 
     # ---- connection ----------------------------------------------------------------------
@@ -230,6 +232,8 @@ class Client:
                     import trio
 
                     try:
+                        if self._events is not None:  # a finished job's ack may still wait for a next job
+                            self._portal.run(self._events.flush_acks)
                         self._portal.run(self._http.aclose)
                     except (trio.RunFinishedError, httpx.HTTPError, OSError):
                         pass  # the loop or the connection is gone already: nothing left to close

@@ -108,6 +108,10 @@ class EventStream:
             await trio.sleep(ACK_DELAY)
         finally:
             self._acks_due = False
+        await self.flush_acks()
+
+    async def flush_acks(self) -> None:
+        """Send the acks still waiting for a create frame now (the client is closing)."""
         acks, self._acks = self._acks, []
         for job_id in acks:
             await self._send({"op": "ack", "job": job_id})

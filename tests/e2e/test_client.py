@@ -125,3 +125,14 @@ def test_burla_login_remembers_the_cluster(cluster: Cluster, tmp_path: Path, mon
         "from burla import remote_parallel_map\nprint(remote_parallel_map(abs, [-7], spinner=False))\n", env, tmp_path
     )
     assert use.returncode == 0 and use.stdout.strip() == "[7]", use.stderr
+
+
+def test_a_caller_that_exits_right_after_its_map_leaves_no_job_behind(cluster: Cluster, tmp_path: Path) -> None:
+    """The last job's ack waits for a next job to ride on; a process that exits first still sends it, so the
+    daemon forgets the finished job now, not after daemon.job_retention."""
+    from tests.cluster import wait_for
+
+    done = run_client("from burla import remote_parallel_map\nprint(remote_parallel_map(abs, [-1, -2], spinner=False))",
+                      cluster.client_env(), tmp_path)  # fmt: skip
+    assert done.stdout.strip() == "[1, 2]", done.stderr
+    wait_for(lambda: not cluster.status()["jobs"], 10, "the finished job to be forgotten")
