@@ -247,6 +247,15 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     return {"method": method, "template": template, "path": path, "role": role, "body": body, "type": content_type}
 
 
+@st.composite
+def websocket_creates(draw: st.DrawFn) -> bytes:
+    """A create frame of the events websocket: the envelope of POST /v1/jobs, mostly malformed."""
+    valid = valid_messages()
+    header = {"spec": valid["JobSpec"], "batches": [valid["BatchMeta"]], "final_count": 3, "after": 0,
+              "ack": ["fuzzjob", "x" * 65, 7]}  # fmt: skip
+    return draw(envelopes(draw(mutated(header))))
+
+
 websocket_messages = st.one_of(
     st.builds(lambda v: json.dumps(v), json_values),
     st.builds(lambda v: json.dumps(v), st.fixed_dictionaries(
@@ -255,6 +264,7 @@ websocket_messages = st.one_of(
     )),
     st.sampled_from(['{"op": "subscribe", "job": "j", "after": 1e400}', "[" * 50_000, "{", "", "\x00" * 10]),
     st.text(max_size=200),
+    websocket_creates(),
 )  # fmt: skip
 
 
