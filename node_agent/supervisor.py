@@ -83,7 +83,10 @@ class Supervisor:
         self.envs: EnvCache | None = None
         self.env_paths: dict[str, list[str]] = {"": []}  # environment key -> the host paths its workers start with
         self.env_ready: dict[tuple[str, str], str] = {}  # (manifest digest, pool) -> environment key
-        self.pool_envs: dict[str, str] = {}  # pool -> the environment its last lease ran with: new workers start in it
+        # new workers start in the environment their pool's last lease ran with, or a new pool's in the node's
+        # last: most often the next lease's (a wrong guess costs what a worker started in none does, a switch)
+        self.pool_envs: dict[str, str] = {}
+        self.last_env = ""
         self.env_waiting: dict[tuple[str, str], list[m.Lease]] = {}  # leases whose environment is being prepared
         self.job_phases: dict[str, str] = {}  # job -> what this node is doing for it ("installing 3 packages")
         self.counters: collections.Counter[str] = collections.Counter()
@@ -144,7 +147,7 @@ class Supervisor:
             self._nursery.start_soon(self._prepare, key)
         for key, count in steps.fill:
             for _ in range(count):
-                slot = self.pool.add_slot(key, self.pool_envs.get(key, ""))
+                slot = self.pool.add_slot(key, self.pool_envs.get(key, self.last_env))
                 self._nursery.start_soon(self._keep_worker, slot.index)
         for key in steps.forget:
             del self.runs[key]
@@ -275,7 +278,7 @@ class Supervisor:
     def _start(self, started: list[tuple[Slot, m.Lease]]) -> None:
         assert self._nursery is not None
         for slot, lease in started:
-            self.pool_envs[slot.pool] = lease.env
+            self.pool_envs[slot.pool] = self.last_env = lease.env
             if slot.state == SlotState.SWITCHING:
                 self._kill(slot.index)  # its keeper starts a worker of the lease's environment, which runs it
                 self.counters["environment_switches"] += 1

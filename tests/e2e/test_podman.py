@@ -112,8 +112,8 @@ def container_ids(pool: dict[str, Any]) -> set[str]:
 
 
 def pool_of(cluster: Cluster, image: str) -> dict[str, Any] | None:
-    """The node's pool of `image` (its containers by id), if it has one."""
-    found = [p for p in pools(cluster) if p["image"] == image]
+    """The node's pool of `image` in one CPU's shape (its containers by id), if it has one."""
+    found = [p for p in pools(cluster) if p["image"] == image and p["cpus"] == 1]
     assert len(found) <= 1, found
     return found[0] if found else None
 
