@@ -8,8 +8,13 @@ containers of localhost/burla-base:py3; for processes, the same user so the
 two move data the same way, over HTTP), then prints the core figures:
 warm 4-input map, 100,000 and 1,000,000 trivial inputs, 64 x 4 MiB, and cold
 start (from nothing running: burlad, the agent, its workers or containers,
-to the results of a 4-input map). Then the first and the second job of a
-new `dockerfile=` (a build, then the cache).
+to the results of a 4-input map). Then custom containers, each a 4-input
+map: the first and the second job of `image=` (another local image) and of a
+new `dockerfile=` (a build, then the cache), and a plain job right after each
+(on standby's containers). The second jobs and the plain ones after them are
+repeated and their median shown.
+
+    sudo python bench/bench_podman.py --containers   (the custom-container figures only)
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from tests.cluster import Cluster  # noqa: E402
 
 USER = os.environ.get("BURLA_PODMAN_USER", "burla")
 BASE = "localhost/burla-base:py3"
+ALT = "localhost/burla-alt:py3"
+REPEATS = 5  # of each second job and each plain job after a custom one
 
 
 def double(x: int) -> int:
@@ -38,6 +45,58 @@ def double(x: int) -> int:
 
 def size(x: bytes) -> int:
     return len(x)
+
+
+def timed_map(client: Client, **kwargs: Any) -> float:
+    t = time.perf_counter()
+    assert client.map(double, range(4), spinner=False, **kwargs) == [0, 2, 4, 6]
+    return time.perf_counter() - t
+
+
+def custom_figures(client: Client) -> dict[str, float]:
+    """Seconds to the results of a 4-input map: custom containers the first time, the second, and a plain
+    job right after one."""
+    context = Path(tempfile.mkdtemp(prefix="burla-bench-build-"))
+    (context / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo {time.time()} > /etc/burla-bench\n")
+    out: dict[str, float] = {}
+    for name, kwargs in (("image", {"image": ALT}), ("dockerfile", {"dockerfile": context / "Dockerfile"})):
+        out[f"{name}_first"] = timed_map(client, **kwargs)
+        seconds, plains = [], []
+        for _ in range(REPEATS):
+            seconds.append(timed_map(client, **kwargs))
+            plains.append(timed_map(client))
+        out[f"{name}_second"] = statistics.median(seconds)
+        out[f"{name}_plain_after"] = statistics.median(plains)
+        out[f"{name}_spread"] = max(seconds + plains) - min(seconds + plains)
+    return out
+
+
+def print_custom(figures: dict[str, float]) -> None:
+    for name in ("image", "dockerfile"):
+        first = "an image in the node's store" if name == "image" else "builds"
+        print(f"{name}=: first job {figures[f'{name}_first']:.2f} s ({first}), second "
+              f"{figures[f'{name}_second']:.2f} s, a plain job after it {figures[f'{name}_plain_after']:.2f} s "
+              f"(medians of {REPEATS}, all within {figures[f'{name}_spread']:.2f} s)")  # fmt: skip
+
+
+def podman_cluster(root: Path) -> Cluster:
+    return Cluster(root, agents=1, workers=2, env={"BURLA_STANDBY_IMAGES": BASE}, podman_user=USER, agent_user=USER)
+
+
+def containers_only() -> int:
+    with tempfile.TemporaryDirectory(prefix="burla-bench-") as root:
+        cluster = podman_cluster(Path(root) / "podman")
+        client = Client(cluster.url, cluster.admin_token)
+        try:
+            timed_map(client)  # the standby containers warm
+            figures = custom_figures(client)
+        finally:
+            client.close()
+            cluster.stop()
+    print(f"\ncustom containers on a Podman node, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+          "4-input maps\n")  # fmt: skip
+    print_custom(figures)
+    return 0
 
 
 def figures(runtime: str, root: Path, quick: bool) -> dict[str, Any]:
@@ -71,12 +130,7 @@ def figures(runtime: str, root: Path, quick: bool) -> dict[str, Any]:
         assert client.map(size, data, spinner=False) == [4 * 1024 * 1024] * 64
         out["mb_per_s"] = 64 * 4 * 1.048576 / (time.perf_counter() - t)
         if podman:
-            context = Path(tempfile.mkdtemp(prefix="burla-bench-build-"))
-            (context / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo {time.time()} > /etc/burla-bench\n")
-            for name in ("dockerfile_first", "dockerfile_second"):
-                t = time.perf_counter()
-                client.map(double, range(4), dockerfile=context / "Dockerfile", spinner=False)
-                out[name] = time.perf_counter() - t
+            out.update(custom_figures(client))
         return out
     finally:
         client.close()
@@ -86,7 +140,10 @@ def figures(runtime: str, root: Path, quick: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the 1,000,000-input run")
+    parser.add_argument("--containers", action="store_true", help="only the custom-container figures")
     args = parser.parse_args()
+    if args.containers:
+        return containers_only()
     with tempfile.TemporaryDirectory(prefix="burla-bench-") as root:
         rows = {runtime: figures(runtime, Path(root), args.quick) for runtime in ("process", "podman")}
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
@@ -103,8 +160,8 @@ def main() -> int:
     for row in table:
         print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     podman = rows["podman"]
-    print(f"\ndockerfile=: first job {podman['dockerfile_first']:.2f} s (builds), "
-          f"second {podman['dockerfile_second']:.2f} s (cached image)")  # fmt: skip
+    print()
+    print_custom(podman)
     process = rows["process"]
     for key, label in (("warm", "warm"), ("mb_per_s", "MB/s"), *((f"many_{n}", f"{n:,} inputs") for n in sizes)):
         ratio = podman[key] / process[key]

@@ -93,6 +93,7 @@ class AgentConfig:
     podman_socket: str = ""  # the Podman API; default: the agent starts `podman system service` itself
     container_network: bool = True  # containers reach the network (rootless: slirp4netns)
     registry_auth_file: str = ""  # credentials for private registries; default: the user's `podman login`
+    warm_containers_per_cpu: float = 4.0  # containers a Podman node keeps running per CPU, jobs' and warm ones
     installer: str = "auto"  # installs clients' packages: "uv", "pip", or "auto" (uv when there is one)
 
     def resolved_state_dir(self) -> Path:

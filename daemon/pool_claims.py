@@ -4,7 +4,8 @@ Between jobs a container node keeps warm the standby images the cluster names
 (their shape is `StandbyImage.shape`, the one definition the agent uses too). A
 job that no standby container fits (another image, a dockerfile=, more CPU or
 RAM per call) claims container nodes, and each claimed node makes a pool in
-that job's shape. A claim lasts until the job ends.
+that job's shape, or takes the one it parked after an earlier job of that image
+(nodes with one are claimed first). A claim lasts until the job ends.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def standby_fits(standby: Sequence[m.StandbyImage], node: NodeState, spec: m.Job
             cpus, ram, _ = image.shape(node.info.cpus, node.info.ram_bytes)
             return spec.func_cpu <= cpus + EPSILON and ram_bytes(spec) <= ram
     return False
+
+
+def parked_for(node: NodeState, spec: m.JobSpec) -> bool:
+    """Does `node` keep warm a pool of `spec`'s image, parked after an earlier job?"""
+    return any(p.state == "parked" and p.image == spec.image and not p.default for p in node.pools.values())
 
 
 def want_for(standby: Sequence[m.StandbyImage], node: NodeState, spec: m.JobSpec) -> m.PoolWant | None:
@@ -50,7 +56,8 @@ def plan_wants(
 
     `claims` (agent id -> job id) is updated in place: claims of nodes or jobs
     that are gone are dropped, and each job in `running` (oldest first) claims
-    free container nodes, least busy first, until it has max_parallelism workers.
+    free container nodes, those with a pool of its image parked first, then the least busy, until it has
+    max_parallelism workers.
     """
     for agent_id, job_id in list(claims.items()):
         if agent_id not in nodes or job_id not in running:
@@ -65,7 +72,7 @@ def plan_wants(
             if job_id == spec.job_id:
                 want = want_for(standby, nodes[agent_id], spec)
                 have += want.count if want else 0
-        for node in containers:
+        for node in sorted(containers, key=lambda n: not (spec.image and parked_for(n, spec))):  # stable
             if have >= needed:
                 break
             if node.agent_id in claims or standby_fits(standby, node, spec):

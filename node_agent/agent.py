@@ -204,7 +204,7 @@ class Agent:
         return m.AgentReport(
             boot_id=self.boot_id,
             ack_delivery=self.ack,
-            ready_workers=self.workers.pool.ready(),
+            ready_workers=self.workers.ready_workers(),
             running=tuple(sorted(self.workers.held() | self.unacked | self.outbox.lease_ids())),
             results=taken.results if taken is not None else (),
             logs=taken.logs if taken is not None else (),

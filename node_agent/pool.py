@@ -83,8 +83,9 @@ class WorkerPool:
 
     # ---- slots come and go -------------------------------------------------------
 
-    def add_slot(self, pool: str = DEFAULT_POOL) -> Slot:
-        slot = Slot(next(self._next), pool)
+    def add_slot(self, pool: str = DEFAULT_POOL, env: str = "") -> Slot:
+        """A new worker slot of `pool`, its worker to start with `env` (the one its pool last ran, say)."""
+        slot = Slot(next(self._next), pool, env=env)
         self.slots[slot.index] = slot
         return slot
 

@@ -3,7 +3,9 @@
 `pools.plan` says which pools a node should have (from the daemon's standby spec and wants);
 `converge` compares them with the pools being prepared or running and their worker slots, and says
 what to do: retire the slots of pools no longer wanted, prepare new pools, add workers to ready pools
-that lack them, forget pools that are gone. `pool_state` is how a pool is reported. No I/O.
+that lack them, forget pools that are gone. A parked pool (kept warm for a later job) is kept as it is:
+never prepared or filled, so a job's containers never wait on containers no job uses.
+`pool_state` is how a pool is reported. No I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from burla.schemas import messages as m
 from .pool import Slot
 from .pools import PoolSpec
 
-PREPARING, READY, FAILED, DRAINING = "preparing", "ready", "failed", "draining"
+PREPARING, READY, FAILED, DRAINING, PARKED = "preparing", "ready", "failed", "draining", "parked"
 
 
 @dataclasses.dataclass
@@ -47,11 +49,11 @@ class Steps:
 def converge(desired: Mapping[str, PoolSpec], runs: Mapping[str, PoolRun], slots: Iterable[Slot]) -> Steps:
     slots = list(slots)
     retire = [s.index for s in slots if s.pool not in desired and not s.retired]
-    prepare = [key for key in desired if key not in runs]
+    prepare = [key for key, spec in desired.items() if key not in runs and not spec.parked]
     fill = []
     for key, spec in desired.items():
         run = runs.get(key)
-        if run is not None and run.state == READY:
+        if run is not None and run.state == READY and not spec.parked:
             have = sum(1 for s in slots if s.pool == key and not s.retired)
             if spec.count > have:
                 fill.append((key, spec.count - have))
@@ -62,9 +64,12 @@ def converge(desired: Mapping[str, PoolSpec], runs: Mapping[str, PoolRun], slots
 def pool_state(
     run: PoolRun, wanted: bool, ready: int, containers: Sequence[tuple[str | None, str]] = ()
 ) -> m.PoolState:
-    """How the daemon hears of a pool: `ready` workers, and per worker its container id and slot state."""
+    """How the daemon hears of a pool: `ready` workers, and per worker its container id and slot state.
+
+    A parked pool is reported as such, for no job and with no ready worker: the scheduler gives it no
+    lease until the agent is asked for it again."""
     spec = run.spec
-    state = run.state if wanted else DRAINING
+    state = DRAINING if not wanted else PARKED if spec.parked and run.state == READY else run.state
     return m.PoolState(
         key=spec.key,
         image=spec.image,

@@ -1,7 +1,9 @@
 """The agent's workers: which pools to keep, starting and replacing workers, feeding them leases.
 
 `Supervisor` converges the node on its desired pools (`pools.plan`, then
-`reconcile.converge`): it prepares each pool's image, keeps its count of warm
+`reconcile.converge`): it keeps the pools of recent jobs parked, warm for the
+next job of their image, within the node's room (`agent.warm_containers_per_cpu`),
+prepares each pool's image, keeps its count of warm
 workers (`startup`), retires workers of pools no longer wanted (idle ones at
 once, busy ones after their lease), starts each lease on a worker of its pool
 (`WorkerPool` decides which), and turns every worker death into the right
@@ -74,12 +76,17 @@ class Supervisor:
         self.conns: dict[int, WorkerConn] = {}
         self.runs: dict[str, PoolRun] = {}  # pools prepared or being prepared
         self.desired: dict[str, pools.PoolSpec] = {}
+        self.recent: list[pools.PoolSpec] = []  # parked pools of jobs that ran here, most recently used first
         self.standby: tuple[m.StandbyImage, ...] = ()
         self.wants: tuple[m.PoolWant, ...] = ()
         self.pool_errors: list[m.PoolError] = []
         self.envs: EnvCache | None = None
         self.env_paths: dict[str, list[str]] = {"": []}  # environment key -> the host paths its workers start with
         self.env_ready: dict[tuple[str, str], str] = {}  # (manifest digest, pool) -> environment key
+        # new workers start in the environment their pool's last lease ran with, or a new pool's in the node's
+        # last: most often the next lease's (a wrong guess costs what a worker started in none does, a switch)
+        self.pool_envs: dict[str, str] = {}
+        self.last_env = ""
         self.env_waiting: dict[tuple[str, str], list[m.Lease]] = {}  # leases whose environment is being prepared
         self.job_phases: dict[str, str] = {}  # job -> what this node is doing for it ("installing 3 packages")
         self.counters: collections.Counter[str] = collections.Counter()
@@ -96,16 +103,41 @@ class Supervisor:
             self.wants = wants
         self._changed.set()
 
+    def room(self) -> int:
+        """How many containers this node keeps running, warm ones and busy ones together."""
+        assert self.info is not None
+        return int(self.config.warm_containers_per_cpu * self.info.cpus + 1e-9)
+
     def _reconcile(self) -> None:
         """Converge on the desired pools: retire what is not wanted, prepare and fill what is."""
         assert self.info is not None and self._nursery is not None
-        self.desired = {
-            spec.key: spec
-            for spec in pools.plan(
-                self.runtime.containers, self.info.cpus, self.info.ram_bytes, self.info.workers, self.standby,
-                self.wants,
-            )
-        }  # fmt: skip
+        wanted = {pools.job_pool_key(w) for w in self.wants}
+        for key, spec in self.desired.items():  # pools of jobs that ended: parked, the most recent first
+            run = self.runs.get(key)
+            ended = spec.job_id and not spec.parked and key not in wanted
+            if ended and run is not None and run.state != reconcile.FAILED:
+                self.recent = [pools.parked(spec), *(r for r in self.recent if r.key != key)]
+        planned = pools.plan(
+            self.runtime.containers, self.info.cpus, self.info.ram_bytes, self.info.workers, self.standby,
+            self.wants, self.recent, self.room(),
+        )  # fmt: skip
+        self.desired = {spec.key: spec for spec in planned}
+        for spec in self.recent:
+            if spec.key not in self.desired:
+                log.info("parked pool %s (image %s, %d containers) stopped: the node's room of %d containers "
+                         "is needed", spec.key, spec.image, spec.count, self.room())  # fmt: skip
+                self.counters["pools_evicted"] += 1
+        self.recent = [spec for spec in self.recent if spec.key in self.desired and self.desired[spec.key].parked]
+        for key, spec in self.desired.items():
+            run = self.runs.get(key)
+            if run is None:
+                continue
+            if run.state == reconcile.FAILED and spec.job_id and spec.job_id != run.spec.job_id:
+                del self.runs[key]  # failed for another job: this one tries again, and hears why itself
+            else:
+                if run.spec.parked and spec.job_id:  # a later job takes the pool of an earlier one
+                    self.counters["parked_pools_reused"] += 1
+                run.spec = spec  # parked, or taken by a job
         steps = reconcile.converge(self.desired, self.runs, self.pool.slots.values())
         for index in steps.retire:
             if self.pool.retire(index):
@@ -115,11 +147,15 @@ class Supervisor:
             self._nursery.start_soon(self._prepare, key)
         for key, count in steps.fill:
             for _ in range(count):
-                slot = self.pool.add_slot(key)
+                slot = self.pool.add_slot(key, self.pool_envs.get(key, self.last_env))
                 self._nursery.start_soon(self._keep_worker, slot.index)
         for key in steps.forget:
             del self.runs[key]
         self.outbox.mark_dirty()
+
+    def ready_workers(self) -> int:
+        """Workers that take leases now: none of parked pools."""
+        return sum(self.pool.ready(key) for key, spec in self.desired.items() if not spec.parked)
 
     async def _prepare(self, key: str) -> None:
         run = self.runs[key]
@@ -242,6 +278,7 @@ class Supervisor:
     def _start(self, started: list[tuple[Slot, m.Lease]]) -> None:
         assert self._nursery is not None
         for slot, lease in started:
+            self.pool_envs[slot.pool] = self.last_env = lease.env
             if slot.state == SlotState.SWITCHING:
                 self._kill(slot.index)  # its keeper starts a worker of the lease's environment, which runs it
                 self.counters["environment_switches"] += 1

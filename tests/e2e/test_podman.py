@@ -92,10 +92,11 @@ def pools(cluster: Cluster) -> list[dict[str, object]]:
 
 
 def standby_ready(cluster: Cluster) -> bool:
-    """The node is on standby: its standby pool is warm and a job's pools have finished draining."""
+    """The node is on standby: its standby pool is warm, jobs' pools are parked or gone (none draining)."""
     current = pools(cluster)
-    return len(current) == 1 and all(
-        p["image"] == BASE and p["state"] == "ready" and p["ready"] == 2 and not p["job_id"] for p in current
+    standby = [p for p in current if p["state"] != "parked"]
+    return len(standby) == 1 and all(
+        p["image"] == BASE and p["state"] == "ready" and p["ready"] == 2 and not p["job_id"] for p in standby
     )
 
 
@@ -106,8 +107,25 @@ def wait_standby(cluster: Cluster, timeout: float, what: str) -> None:
         raise TimeoutError(f"{e}; the node's pools: {pools(cluster)}\n{cluster.log_text()[-4000:]}") from None
 
 
+def container_ids(pool: dict[str, Any]) -> set[str]:
+    return {container for container, _ in pool["containers"]}  # type: ignore[attr-defined]
+
+
+def pool_of(cluster: Cluster, image: str) -> dict[str, Any] | None:
+    """The node's pool of `image` in one CPU's shape (its containers by id), if it has one."""
+    found = [p for p in pools(cluster) if p["image"] == image and p["cpus"] == 1]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
 def agent_stats(cluster: Cluster) -> dict[str, int]:
     return dict(cluster.status()["nodes"][0]["stats"])
+
+
+def hostname(_: int) -> str:
+    import socket
+
+    return socket.gethostname()  # Podman names a container's host by the start of its id
 
 
 def in_container(x: int) -> tuple[int, str, int]:
@@ -160,7 +178,7 @@ def test_image_runs_another_local_image_and_the_node_returns_to_standby(containe
     assert remote_parallel_map(marker, range(2), spinner=False) == ["base", "base"]
 
 
-def test_dockerfile_builds_once_then_hits_the_cache(containers: Cluster, tmp_path: Path) -> None:
+def test_dockerfile_builds_once_then_runs_on_its_warm_containers(containers: Cluster, tmp_path: Path) -> None:
     context = tmp_path / "ctx"
     context.mkdir()
     (context / "Dockerfile").write_text(f"FROM {BASE}\nCOPY note.txt /etc/burla-built\n")
@@ -187,10 +205,10 @@ def test_dockerfile_builds_once_then_hits_the_cache(containers: Cluster, tmp_pat
     assert results == [expected] * 2
     assert any(p.startswith("building image localhost/burla-build:") and p.endswith("on 1 node") for p in phases)
     assert agent_stats(containers)["builds"] == builds + 1
-    hits = agent_stats(containers).get("build_cache_hits", 0)
+    reused = agent_stats(containers).get("parked_pools_reused", 0)
     assert remote_parallel_map(marker, range(2), dockerfile=context / "Dockerfile", spinner=False) == [expected] * 2
     stats = agent_stats(containers)
-    assert stats["builds"] == builds + 1 and stats["build_cache_hits"] == hits + 1
+    assert stats["builds"] == builds + 1 and stats["parked_pools_reused"] == reused + 1  # no build, no start
 
 
 def test_a_failed_build_shows_the_tail_of_its_log(containers: Cluster, tmp_path: Path) -> None:
@@ -242,8 +260,8 @@ def sleeper(x: int) -> int:
 def test_a_container_killed_mid_job_fails_its_input_and_the_node_recovers(containers: Cluster) -> None:
     def kill_one() -> None:
         wait_for(lambda: containers.status()["nodes"][0]["busy"] == 2, 10, "both containers busy")
-        ids = podman("ps", "-q", "--filter", f"ancestor={BASE}").stdout.split()
-        podman("kill", ids[0])
+        (ids,) = [container_ids(p) for p in pools(containers) if p["state"] == "ready"]  # not a parked pool's
+        podman("kill", sorted(ids)[0])
 
     killer = threading.Thread(target=kill_one)
     killer.start()
@@ -382,3 +400,71 @@ def test_a_call_in_a_container_sees_no_token_and_none_of_the_agents_files(contai
     listed = read["run dir"].removeprefix("listed: ").split(",")
     assert listed[0] == "agent.sock" and len(listed) == 2 and listed[1].endswith(".progress"), read["run dir"]
     assert seen["shim"] in ("OSError", "PermissionError"), seen["shim"]
+
+
+def test_a_second_job_of_an_image_or_a_dockerfile_runs_on_the_same_containers_and_so_does_standby(
+    containers: Cluster, tmp_path: Path
+) -> None:
+    """A job's containers stay warm after it (parked), standby's stay running beside them: nothing starts
+    again for the second job of the image, nor for a plain job after it."""
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo {time.time()} > /etc/burla-built\n")
+    standby = pool_of(containers, BASE)
+    assert standby is not None
+    for kwargs in ({"image": ALT}, {"dockerfile": tmp_path / "Dockerfile"}):
+        first = set(remote_parallel_map(hostname, range(4), spinner=False, **kwargs))  # type: ignore[arg-type]
+        wait_standby(containers, 30, "standby taking jobs again")
+        image = ALT if "image" in kwargs else next(p["image"] for p in pools(containers) if "burla-build" in p["image"])
+        parked = pool_of(containers, image)
+        assert parked is not None and parked["state"] == "parked" and not parked["job_id"], pools(containers)
+        assert first <= {c[:12] for c in container_ids(parked)}
+        assert container_ids(pool_of(containers, BASE) or {}) == container_ids(standby)  # standby kept running
+        count = agent_stats(containers)["containers_started"]
+        second = set(remote_parallel_map(hostname, range(4), spinner=False, **kwargs))  # type: ignore[arg-type]
+        assert second <= {c[:12] for c in container_ids(parked)}, (first, second, parked)
+        plain = set(remote_parallel_map(hostname, range(4), spinner=False))
+        assert plain <= {c[:12] for c in container_ids(standby)}, (plain, standby)
+        assert agent_stats(containers)["containers_started"] == count  # neither job started a container
+    assert agent_stats(containers).get("parked_pools_reused", 0) >= 2
+
+
+def test_when_room_is_short_the_least_recently_used_image_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for 4 containers on 2 CPUs: standby's 2 and one other image's; the older image goes."""
+    require_podman()
+    cluster = Cluster(
+        tmp_path / "cluster",
+        agents=1,
+        workers=2,
+        env={"BURLA_STANDBY_IMAGES": BASE, "BURLA_AGENT_WARM_CONTAINERS_PER_CPU": "2"},
+        podman_user=USER,
+        agent_args=["--cpus", "2"],
+    )
+    try:
+        cluster.use(monkeypatch)
+        monkeypatch.setenv("BURLA_CLIENT_REPLICATE_ENVIRONMENT", "false")
+        wait_standby(cluster, 120, "standby warm")
+        standby = container_ids(pool_of(cluster, BASE) or {})
+        alt = set(remote_parallel_map(hostname, range(4), image=ALT, spinner=False))
+        wait_standby(cluster, 30, "standby taking jobs again")
+        assert pool_of(cluster, ALT) is not None and agent_stats(cluster).get("pools_evicted", 0) == 0
+        dockerfile = tmp_path / "ctx" / "Dockerfile"  # its folder is the build context: not the cluster's logs
+        dockerfile.parent.mkdir()
+        dockerfile.write_text(f"FROM {BASE}\nRUN echo {time.time()} > /etc/burla-built\n")
+        remote_parallel_map(hostname, range(4), dockerfile=dockerfile, spinner=False)
+        wait_standby(cluster, 30, "standby taking jobs again")
+        assert pool_of(cluster, ALT) is None, pools(cluster)  # the least recently used: stopped for the build's
+        assert agent_stats(cluster)["pools_evicted"] == 1
+        assert "parked pool" in cluster.log_text() and "stopped: the node's room of 4 containers" in cluster.log_text()
+        again = set(remote_parallel_map(hostname, range(4), image=ALT, spinner=False))
+        assert not again & alt  # new containers: the first ones were stopped
+        wait_standby(cluster, 30, "standby taking jobs again")
+        assert agent_stats(cluster)["pools_evicted"] == 2  # now the build's pool was the older one
+        assert not [p for p in pools(cluster) if "burla-build" in p["image"]], pools(cluster)
+        assert container_ids(pool_of(cluster, BASE) or {}) == standby  # standby's stayed running throughout
+        assert set(remote_parallel_map(hostname, range(4), spinner=False)) <= {c[:12] for c in standby}
+        remote_parallel_map(hostname, range(2), dockerfile=dockerfile, spinner=False)
+        stats = agent_stats(cluster)
+        assert stats["builds"] == 1 and stats["build_cache_hits"] == 1  # its image is kept when its pool is not
+    finally:
+        cluster.stop()

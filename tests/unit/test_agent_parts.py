@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
-from burla.node_agent import memory, reconcile
+from burla.node_agent import memory, pools, reconcile
 from burla.node_agent.outbox import Lines, Outbox, Outcome
 from burla.node_agent.pool import Slot
 from burla.node_agent.pools import PoolSpec
@@ -123,3 +124,56 @@ def test_results_taken_for_a_report_are_still_named_as_held_by_a_poll_sent_befor
     taken = agent._take()
     assert [r.lease_id for r in taken.results] == [7]
     assert 7 in agent._report().running
+
+
+# ---- parked pools ------------------------------------------------------------------------------
+
+
+STANDBY = (m.StandbyImage("base:1"),)
+
+
+def want(job: str, image: str = "alt:1", count: int = 2) -> m.PoolWant:
+    return m.PoolWant(job, image, cpus=1, ram_bytes=10**9, count=count, python_version="3.11")
+
+
+def plan(
+    wants: tuple[m.PoolWant, ...] = (), recent: tuple[PoolSpec, ...] = (), room: int | None = None
+) -> list[PoolSpec]:
+    return pools.plan(True, 2, 16 * 10**9, 2, STANDBY, wants, recent, room)
+
+
+def test_a_jobs_pool_is_keyed_by_what_its_containers_are_so_the_next_job_of_the_image_takes_it() -> None:
+    (first,) = plan((want("j1"),), room=8)[:1]
+    (second,) = plan((want("j2"),), recent=(pools.parked(first),), room=8)[:1]
+    assert first.key == second.key and second.job_id == "j2" and not second.parked
+    assert pools.job_pool_key(want("j1")) != pools.job_pool_key(want("j1", image="other:1"))
+    assert pools.job_pool_key(want("j1")) != pools.job_pool_key(dataclasses.replace(want("j1"), build="a" * 64))
+    small = plan((want("j3", count=1),), recent=(pools.parked(first),), room=8)[0]
+    assert small.key == first.key and small.count == 2  # a parked pool is taken whole
+
+
+def test_standby_is_parked_while_a_job_runs_and_recent_pools_after_their_job_within_the_room() -> None:
+    job, standby = plan((want("j1"),), room=8)
+    assert job.job_id == "j1" and not job.parked and standby.key.startswith("standby-") and standby.parked
+    after = plan(recent=(pools.parked(job),), room=8)
+    assert [(p.key, p.parked, p.job_id) for p in after] == [(standby.key, False, ""), (job.key, True, "")]
+
+
+def test_when_room_is_short_the_least_recently_used_parked_pool_is_stopped_then_standby() -> None:
+    a = pools.parked(plan((want("j1", image="a:1"),))[0])
+    b = pools.parked(plan((want("j2", image="b:1"),))[0])
+    c = plan((want("j3", image="c:1"),), recent=(b, a), room=6)  # c runs, standby and b (more recent) fit
+    assert [p.image for p in c] == ["c:1", "base:1", "b:1"]
+    assert [p.image for p in plan((want("j3", image="c:1"),), recent=(b, a), room=2)] == ["c:1"]  # standby too
+    assert [p.image for p in plan(recent=(b, a), room=2)] == ["base:1"]  # standby takes leases: always kept
+    assert [p.image for p in plan(recent=(b, a))] == ["base:1", "b:1", "a:1"]  # no limit
+
+
+def test_a_parked_pool_is_never_prepared_nor_filled_and_reported_as_parked() -> None:
+    spec = pools.parked(PoolSpec("a", image="img-a", count=2))
+    assert reconcile.converge({"a": spec}, {}, []).prepare == []
+    run = PoolRun(spec, state=reconcile.READY)
+    steps = reconcile.converge({"a": spec}, {"a": run}, [Slot(0, "a")])
+    assert steps.fill == [] and steps.retire == []
+    state = reconcile.pool_state(run, wanted=True, ready=1)
+    assert state.state == "parked" and state.ready == 0 and state.job_id == ""

@@ -1105,3 +1105,21 @@ def test_a_container_node_gets_no_lease_before_it_reports_a_ready_pool() -> None
     ready = dataclasses.replace(preparing, ready=2, state="ready")
     s.touch_node("a", 2.0, pools=[ready])
     assert [lease.lease.pool for lease in s.assign(2.0)] == ["standby-x", "standby-x"]
+
+
+def test_a_job_of_an_image_claims_the_node_that_parked_a_pool_of_it_and_a_parked_pool_takes_no_lease() -> None:
+    s = Scheduler()
+    for agent_id in ("a", "b"):
+        info = m.NodeInfo(agent_id, "h", cpus=2, ram_bytes=16 * 10**9, python_version="3.11", workers=2,
+                          runtime="podman")  # fmt: skip
+        s.add_node(agent_id, info, 0.0)
+    s.standby = [m.StandbyImage("base:1")]
+    standby = m.PoolState("standby-x", "base:1", "3.11", cpus=1, slots=2, ready=2, default=True)
+    parked = m.PoolState("job-alt", "alt:1", "3.11", cpus=1, slots=2, state="parked")
+    s.touch_node("a", 0.0, pools=[standby])
+    s.touch_node("b", 0.0, pools=[standby, parked])  # "b" sorts after "a" among equally busy nodes
+    s.add_job(m.JobSpec("j", "f", "fh", "3.11", image="alt:1", func_ram=1, max_parallelism=2), 0.0)
+    s.add_batches("j", [m.BatchMeta(0, 0, 4)], final_count=4)
+    assert s.assign(0.0) == []  # the parked pool is for no job until its node is asked for it
+    wants = s.plan_wants()
+    assert wants["a"] == () and [w.image for w in wants["b"]] == ["alt:1"]
