@@ -141,7 +141,16 @@ class Supervisor:
         else:
             run.state, run.phase = reconcile.READY, ""
             trace("agent", f"pool {key} ready")
+            # Listed now, while its workers start: the first lease with an environment then waits for no listing.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._list_distributions, run.spec)
         self._changed.set()
+
+    async def _list_distributions(self, spec: pools.PoolSpec) -> None:
+        try:
+            await self.runtime.distributions(spec)  # kept by the runtime; asked again by `_prepare_env`
+        except Exception as e:  # noqa: BLE001 - `_prepare_env` asks again, and reports what fails then
+            log.debug("listing the distributions of pool %s failed: %s", spec.key, e)
 
     def _pool_failed(self, run: PoolRun, message: str) -> None:
         run.state, run.error, run.phase = reconcile.FAILED, message, ""
