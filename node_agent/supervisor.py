@@ -54,6 +54,7 @@ class WorkerConn:
     proc: WorkerProcess
     stream: FrameStream
     nonce: str
+    env: str = ""  # the environment on its worker's import path: given at its start, or adopted (`Run.paths`)
     functions: collections.OrderedDict[str, None] = dataclasses.field(default_factory=collections.OrderedDict)
     batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(default_factory=collections.OrderedDict)
 
@@ -290,6 +291,11 @@ class Supervisor:
         slot = self.pool.slots.get(index)
         if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
             return  # cancelled or the worker died while we fetched
+        paths: tuple[str, ...] = ()
+        if slot.env != conn.env:  # a fresh worker adopts the lease's environment (`WorkerPool`): no restart
+            seen = [self.runtime.worker_path(p) for p in self.env_paths.get(slot.env, [])]
+            paths = tuple(p for p in seen if p)
+            self.counters["environments_adopted"] += 1
         run = proto.Run(
             lease_id=lease.lease_id,
             job_id=lease.job_id,
@@ -302,9 +308,11 @@ class Supervisor:
             batch_blob=batch_blob,
             batch_file=batch_file,
             max_result_bytes=self.max_result_bytes,
+            paths=paths,
         )
         trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
         conn.proc.oom_kills_at_start = oom_kills()  # a SIGKILL during this lease is blamed on memory only if it rose
+        conn.env = slot.env
         try:
             await conn.stream.send(run.to_wire(), blobs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -409,7 +417,7 @@ class Supervisor:
                 if started.frames is None:
                     self.pool.died(index)
                     return
-                conn = WorkerConn(index, proc, started.frames, started.nonce)
+                conn = WorkerConn(index, proc, started.frames, started.nonce, self.pool.slots[index].env)
                 self.conns[index] = conn
                 self._start(self.pool.worker_ready(index))
                 if self.pool.slots[index].retired:

@@ -386,6 +386,8 @@ class Worker:
         return self.functions[fn_hash], self.batches[key]
 
     def run(self, run: proto.Run, blobs: list[memoryview]) -> None:
+        if run.paths:  # the lease's environment, taken by this worker that has run nothing yet (as in `main`)
+            sys.path[0:0] = run.paths
         lo, hi, base = run.lo, run.hi, run.batch_start
         try:
             fn, items = self._load(run, blobs)
