@@ -8,8 +8,9 @@ all). Dask distributed gets a venv of its own (skip it with --no-dask); multipro
 bare venv. Venvs and downloads are cached under ~/.cache/burla-bench-cold (BURLA_BENCH_CACHE), so a rerun
 installs only the sources that changed.
 
-Every measurement is a fresh Python process in an empty folder (no local code to ship) with a fresh
-BURLA_HOME (no local cluster, nothing installed by an earlier run), timed as bench_core.py's "cold" is:
+Every measurement is a fresh Python process in an empty folder (no local code to ship; in the big venv also
+as main.py with a helpers.py beside it, which travel as the job's code) with a fresh BURLA_HOME (no local
+cluster, nothing installed by an earlier run), timed as bench_core.py's "cold" is:
 from before `from burla import remote_parallel_map` to the results, 2 workers. The runs alternate between
 systems and venvs; the table gives the median and the spread of the runs, the CPU seconds all of Burla's
 processes used (client, daemon, agent, workers), and each figure over multiprocessing's and Dask's median.
@@ -208,16 +209,23 @@ def count_distributions(venv: Path) -> int:
     return int(subprocess.run([venv / "bin" / "python", "-c", code], capture_output=True, text=True).stdout)
 
 
-def measure(python: Path, script: str, timeout: float) -> dict[str, Any]:
+def measure(python: Path, script: str, timeout: float, as_file: bool = False) -> dict[str, Any]:
+    """One cold start, of `script` given with -c or (`as_file`) as main.py with a module of its own beside it."""
     with tempfile.TemporaryDirectory(prefix="burla-cold-") as scratch:
         env = {**os.environ, "BURLA_HOME": str(Path(scratch) / "home"), "BURLA_EMBEDDED_WORKERS": "2"}
         for name in ("BURLA_CLUSTER_URL", "BURLA_API_KEY", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE"):
             env.pop(name, None)
         work = Path(scratch) / "work"
         work.mkdir()
+        command = [str(python), "-c", textwrap.dedent(script)]
+        if as_file:  # local code the workers need: main.py and helpers.py travel as the job's code zip
+            (work / "helpers.py").write_text("def double(x):\n    return x * 2\n")
+            (work / "main.py").write_text(
+                textwrap.dedent(script).replace("return x * 2", "import helpers\n    return helpers.double(x)")
+            )
+            command = [str(python), "main.py"]
         try:
-            proc = subprocess.run([python, "-c", textwrap.dedent(script)], cwd=work, env=env, capture_output=True,
-                                  text=True, timeout=timeout)  # fmt: skip
+            proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"did not finish in {timeout:.0f}s"}
         finally:
@@ -238,23 +246,26 @@ def main() -> int:
     parser.add_argument("--json", help="also write every measurement to this file")
     args = parser.parse_args()
 
-    systems: dict[str, tuple[Path, str]] = {}
+    systems: dict[str, tuple[Path, str, bool]] = {}
     for source in args.sources.split(","):
         tag, src = source_dir(source.strip())
         for big in (False, True):
             venv = burla_venv(tag, src, big)
-            systems[f"burla {tag} {'big' if big else 'bare'} ({count_distributions(venv)} dists)"] = (venv, CLIENT)
+            name = f"burla {tag} {'big' if big else 'bare'} ({count_distributions(venv)} dists)"
+            systems[name] = (venv, CLIENT, False)
+            if big:
+                systems[f"{name}, main.py + helpers.py"] = (venv, CLIENT, True)
     first = next(iter(systems.values()))[0]
-    systems["multiprocessing"] = (first, MULTIPROCESSING)
+    systems["multiprocessing"] = (first, MULTIPROCESSING, False)
     if not args.no_dask:
-        systems["dask LocalCluster"] = (dask_venv(), DASK)
+        systems["dask LocalCluster"] = (dask_venv(), DASK, False)
 
-    for venv, script in systems.values():  # a first run each: bytecode and the page cache are warm
-        measure(venv / "bin" / "python", script, args.timeout)
+    for venv, script, as_file in systems.values():  # a first run each: bytecode and the page cache are warm
+        measure(venv / "bin" / "python", script, args.timeout, as_file)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     for run in range(args.runs):
-        for name, (venv, script) in systems.items():
-            results[name].append(measure(venv / "bin" / "python", script, args.timeout))
+        for name, (venv, script, as_file) in systems.items():
+            results[name].append(measure(venv / "bin" / "python", script, args.timeout, as_file))
         print(f"run {run + 1}: " + "; ".join(f"{n} {_fmt(r[-1])}" for n, r in results.items()), file=sys.stderr)
 
     def median(name: str) -> float | None:
