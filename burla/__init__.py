@@ -10,9 +10,40 @@ package, do not load the client when they are imported.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from . import _source_layout  # noqa: F401  (first: in a source checkout it maps burla.schemas & co.)
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in for a module until one of its other names is used, then loads it and answers from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from importlib import import_module
+
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(import_module(self.__name__), name)
+
+
+def _httpx_main(*args: Any, **kwargs: Any) -> Any:
+    """`httpx.main`, the `httpx` command: httpx's command-line client, loaded now."""
+    return _HTTPX_CLI.__getattr__("main")(*args, **kwargs)
+
+
+# `import httpx` imports `httpx._main`, its command-line client, which imports click, rich and pygments
+# (Burla's dependencies install all three): some 50 ms of the start of the client and of every node agent,
+# for a tool neither runs. A stand-in takes its place until its `main` is called or another name used.
+_HTTPX_CLI = _DeferredModule("httpx._main")
+_HTTPX_CLI.main = _httpx_main  # type: ignore[attr-defined]
+
+
+if "httpx" not in sys.modules:  # loaded already: the real one is there too
+    sys.modules.setdefault("httpx._main", _HTTPX_CLI)
 
 __version__ = "0.1.0"
 

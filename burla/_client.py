@@ -64,6 +64,7 @@ class Client:
         self._url = self.settings.url or ""
         self._key = self.settings.api_key or ""
         self.limits: dict[str, Any] = {}
+        self._starting: Any = None  # the local cluster `_start_local` began, for `connect` to wait on
 
     @classmethod
     def default(cls, api_key: str | None = None) -> Client:
@@ -86,8 +87,10 @@ class Client:
         """Reach the cluster (starting the local one if need be) and learn its limits."""
         with self._lock:
             reopen = self._http is None
-            starting = None
-            if self.settings.embedded and _local.discover() is None:
+            starting, self._starting = self._starting, None
+            if starting is not None and starting.poll() is not None:
+                starting = None  # begun by a map that failed before it connected, and gone since: start afresh
+            if starting is None and self.settings.embedded and _local.discover() is None:
                 starting = _local.start()  # boots while this process imports its network stack below
             if self._start_portal():
                 reopen = True
@@ -113,6 +116,16 @@ class Client:
                 if not self.settings.embedded:  # the local cluster's version was checked as it was found
                     check_version(limits, self._url)
                 self.limits = limits
+
+    def _start_local(self) -> None:
+        """Begin starting the local cluster if this client needs it and none runs; `connect` waits for it.
+
+        Called first thing in `map`, so that it boots while this process imports its network stack,
+        pickles the function and describes its environment.
+        """
+        if self.settings.embedded and self._starting is None and not self.limits and _local.discover() is None:
+            with self._lock:
+                self._starting = _local.start()
 
     def request(self, method: str, path: str, what: str, check: bool = True, **kwargs: Any) -> httpx.Response:
         """Send one request to the cluster at this client's URL and return the daemon's answer.
@@ -265,15 +278,9 @@ class Client:
         grow: bool = False,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
-        from burla.common import version as _version
         from burla.common.trace import trace
-        from burla.schemas import messages as m
-
-        from ._job import JobRun, ResultIterator, collect
-        from ._pickling import InputBatcher, function_hash, function_name, pickle_function
 
         trace("client", "map")
-
         _check_resources(func_cpu, func_ram, max_parallelism)
         if not isinstance(grow, bool):
             raise InvalidArgumentError(f"grow must be True or False, got {grow!r}")
@@ -281,6 +288,14 @@ class Client:
             raise InvalidArgumentError("pass image= or dockerfile=, not both")
         if image is not None and (not isinstance(image, str) or not image.strip()):
             raise InvalidArgumentError(f"image must be an image name like 'python:3.11-slim', got {image!r}")
+        self._start_local()  # before the imports, the pickling and the snapshot below: it boots meanwhile
+
+        from burla.common import version as _version
+        from burla.schemas import messages as m
+
+        from ._job import JobRun, ResultIterator, collect
+        from ._pickling import InputBatcher, function_hash, function_name, pickle_function
+
         context = None
         if dockerfile is not None:
             from ._build_context import pack_build_context

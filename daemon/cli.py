@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve_unless_taken(config, args.embedded)
     if args.command == "agent":
-        return _agent(config, early_stop)
+        return run_agent(config, early_stop)
     if args.command == "tokens":
         path = config.daemon.resolved_state_dir() / TOKENS_FILE  # SQLite keeps only their hashes
         try:
@@ -145,7 +145,7 @@ def _serve(config: Config) -> None:
     trio.run(main)
 
 
-def _agent(config: Config, early_stop: list[int]) -> int:
+def run_agent(config: Config, early_stop: list[int]) -> int:
     """Run a node agent until SIGTERM or SIGINT; `early_stop` is not empty once one came before it listened."""
     import trio
 

@@ -7,7 +7,10 @@ state directory so later calls from any process of this user find it. It
 stops itself, and its agent, after ``embedded.idle_timeout`` with no job.
 
 The socket is bound and the agent started before the daemon's heavy imports,
-so the agent's and its workers' start-up overlaps the daemon's.
+so the agent's and its workers' start-up overlaps the daemon's. That agent is
+forked from this process once trio, the wire schemas and the config are
+imported (`fork_agent`), so it does not import them again; an agent started
+again after a crash is a process of its own (`start_agent`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Union
 
 from burla.common.config import ClusterConfig, Config, NodeGroupConfig
 from burla.common.local import DISCOVERY_FILE, START_LOCK_FD_ENV, local_cluster_home
@@ -79,7 +83,8 @@ def _run_embedded(config: Config, home: Path, state_dir: Path, state_lock: IO[st
     url = f"http://{host}:{port}"
 
     # the live one is last: _watch replaces a dead one; with `nodes`, the node keeper keeps them instead
-    agents = [] if config.embedded.nodes else [start_agent(config, url, home)]
+    private = [sock.fileno(), state_lock.fileno(), *([start_lock] if start_lock >= 0 else [])]
+    agents: list[AgentProcess] = [] if config.embedded.nodes else [fork_agent(config, url, home, private)]
     if config.embedded.nodes:
         config.cluster = local_nodes(config.embedded.nodes, config.cluster)
     try:
@@ -120,6 +125,99 @@ def _delete_local_nodes(state_dir: Path) -> None:
     trio.run(delete_all)
 
 
+class ForkedAgent:
+    """An agent `fork_agent` started: waited for, signalled and reaped as a `subprocess.Popen` is."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone all the same
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"agent {self.pid}", timeout or 0.0)
+            time.sleep(0.01)
+        return code
+
+    def _signal(self, signum: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+AgentProcess = Union[subprocess.Popen[bytes], ForkedAgent]
+
+
+def fork_agent(config: Config, url: str, home: Path, private: list[int]) -> ForkedAgent:
+    """Start the local cluster's agent as a fork of this process, which has imported what both need.
+
+    The child is what `start_agent` starts: its own session, cwd and log, stdin from /dev/null, none of
+    this daemon's tokens but the node token, and none of `private`, the descriptors only the daemon holds
+    (its socket, its locks). It never returns: it exits when its agent does.
+    """
+    import trio  # noqa: F401 - imported once, for this daemon and its agent
+
+    from burla.schemas import messages  # noqa: F401
+
+    workers = config.embedded.workers or config.agent.workers
+    agent = dataclasses.replace(
+        config.agent, url=url, state_dir=str(home / "agent"), token=config.daemon.node_token, workers=workers
+    )
+    agent_config = dataclasses.replace(
+        config, agent=agent, daemon=dataclasses.replace(config.daemon, admin_token="", node_token="")
+    )
+    log_fd = os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or the child writes this process's buffered output again
+    pid = os.fork()
+    if pid:
+        os.close(log_fd)
+        return ForkedAgent(pid)
+    code = 1
+    try:
+        os.setsid()  # as start_new_session: it ignores the daemon's Ctrl-C
+        os.chdir(home)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        for fd in (null, log_fd, *private):
+            os.close(fd)
+        early_stop: list[int] = []  # as `burlad agent`: a SIGTERM before it listens is kept, not fatal
+        signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.append(signum))
+        from .cli import run_agent
+
+        code = run_agent(agent_config, early_stop)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+
+
 def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-P", "-m", "burla.daemon", "agent", url, "--state-dir", str(home / "agent")]
     workers = config.embedded.workers or config.agent.workers
@@ -132,7 +230,7 @@ def start_agent(config: Config, url: str, home: Path) -> subprocess.Popen[bytes]
     )
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+def _stop(proc: AgentProcess, timeout: float = 5.0) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -158,7 +256,7 @@ async def _serve_embedded(
     config: Config,
     sock: socket.socket,
     url: str,
-    agents: list[subprocess.Popen[bytes]],
+    agents: list[AgentProcess],
     home: Path,
     state_lock: IO[str],
     start_lock: int,
@@ -203,7 +301,7 @@ async def _cancel_on_signal(signals: Any, scope: Any) -> None:
         return
 
 
-async def _watch(config: Config, running: Any, agents: list[subprocess.Popen[bytes]], home: Path, scope: Any) -> None:
+async def _watch(config: Config, running: Any, agents: list[AgentProcess], home: Path, scope: Any) -> None:
     """Restart the agent if it dies; stop everything once idle."""
     import trio
 

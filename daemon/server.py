@@ -10,7 +10,7 @@ import os
 import socket
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -24,13 +24,12 @@ from burla.schemas import messages as m
 
 from . import bounds
 from .app import create_app
-from .cluster_link import PlaneCluster
-from .dist import Dist
-from .node_keeper import NodeKeeper, StoreBook, with_spec
-from .providers import LocalProvider, Provider, ProviderError
 from .service import ControlPlane
 from .state_dir import TOKENS_FILE, lock_state_dir
 from .store import Store, hash_token
+
+if TYPE_CHECKING:
+    from .providers import Provider
 
 log = logging.getLogger("burla.daemon")
 
@@ -130,6 +129,8 @@ async def serve(
 
 def make_provider(cluster: ClusterConfig, state_dir: Path) -> Provider:
     """The provider `[cluster] provider` names, or ConfigError saying what to set."""
+    from .providers import LocalProvider, ProviderError  # here: a daemon of no [cluster] loads none of these
+
     if cluster.provider == "local":
         return LocalProvider(state_dir / "nodes", cluster.name)
     if cluster.provider == "gce":
@@ -163,6 +164,10 @@ async def _keep_nodes(
     plane: ControlPlane, cluster: ClusterConfig, state_dir: Path, node_url: str, ca_pem: str, task_status: Any
 ) -> None:
     """The cluster's machines, for as long as the daemon serves (see node_keeper.py)."""
+    from .cluster_link import PlaneCluster
+    from .dist import Dist
+    from .node_keeper import NodeKeeper, StoreBook, with_spec
+
     cluster_from_file = bool(cluster.groups)  # burla.toml's groups win over a spec set while burlad ran
     if not cluster.groups and not plane.store.meta("cluster_spec"):
         raise ConfigError("[cluster] has a provider but no [[cluster.groups]]: say which machines to start")

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
@@ -40,15 +40,17 @@ from . import status_text
 from .access import Access, check_blob_indices, within
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
-from .dist import Dist
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
-from .node_keeper import NodeKeeper
 from .placement import TooLarge as CallTooLarge
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
 from .users import BOOTSTRAP, Principal, Sessions, Users
+
+if TYPE_CHECKING:  # only a daemon that starts its own nodes loads them (server.py), not every one at its start
+    from .dist import Dist
+    from .node_keeper import NodeKeeper
 
 log = logging.getLogger("burla.daemon")
 

@@ -11,8 +11,11 @@ its pool and runs only on a worker of it (a lease naming none runs anywhere).
 
 A worker runs one environment (`Slot.env`: the import path it was started
 with). A lease goes to an idle worker of its environment if there is one;
-otherwise an idle worker is switched: restarted with the lease's environment,
-the lease waiting on it. A worker never carries one job's packages into another's.
+else to a fresh worker of none (started with no extra path, and has run no
+lease), which adopts the lease's: the path is put first before the run, the
+same state as a worker started with it; otherwise an idle worker is switched:
+restarted with the lease's environment, the lease waiting on it. A worker
+never carries one job's packages into another's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Slot:
     deaths: int = 0  # consecutive deaths before becoming ready
     retired: bool = False  # its pool is no longer wanted: stop it once idle
     env: str = ""  # the environment (import path) its worker runs with
+    fresh: bool = False  # its worker has run no lease yet: with env "", it can adopt a lease's environment
 
 
 class WorkerPool:
@@ -107,8 +111,10 @@ class WorkerPool:
         slot = self.slots[index]
         slot.memory_kill = None
         slot.deaths = 0
+        slot.fresh = True
         if slot.lease is not None and not slot.retired:  # restarted for the lease it holds: run it now
             slot.state = SlotState.BUSY
+            slot.fresh = False
             return [(slot, slot.lease), *self._fill()]
         slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
         slot.lease = None
@@ -158,9 +164,11 @@ class WorkerPool:
         return victims
 
     def _fill(self) -> list[tuple[Slot, m.Lease]]:
-        """Give queued leases to idle workers: of their environment first, else switch one.
+        """Give queued leases to idle workers: of their environment first, else a fresh one adopts it, else
+        switch one.
 
-        Returned slots in state SWITCHING must have their worker stopped; the others run the lease now.
+        Returned slots in state SWITCHING must have their worker stopped; the others run the lease now (a
+        slot whose `env` is not yet its worker's puts that environment's path first: see `Run.paths`).
         """
         started = []
         waiting: collections.deque[m.Lease] = collections.deque()
@@ -169,6 +177,10 @@ class WorkerPool:
             lease = self.queue.popleft()
             fitting = [s for s in idle if not lease.pool or s.pool == lease.pool]
             slot = next((s for s in fitting if s.env == lease.env), None)
+            if slot is None:
+                slot = next((s for s in fitting if s.fresh and not s.env), None)
+                if slot is not None:
+                    slot.env = lease.env  # adopted: no restart
             if slot is None and fitting:
                 slot = fitting[0]
                 slot.state = SlotState.SWITCHING
@@ -179,6 +191,7 @@ class WorkerPool:
             idle.remove(slot)
             if slot.state != SlotState.SWITCHING:
                 slot.state = SlotState.BUSY
+                slot.fresh = False
             slot.lease = lease
             started.append((slot, lease))
         self.queue = waiting

@@ -48,6 +48,7 @@ class ProcessRuntime(Runtime):
         self.user = worker_user.resolve(worker_user_spec)
         self._version = ""
         self._dists: dict[str, str] | None = None
+        self._listing = trio.Lock()
         self.shim_root: Path | None = None
         self.run_dir: Path | None = None
 
@@ -109,6 +110,10 @@ class ProcessRuntime(Runtime):
         return self._version
 
     async def distributions(self, spec: PoolSpec) -> dict[str, str]:
+        async with self._listing:  # once: asked early by the supervisor, then by each environment
+            return await self._list_distributions()
+
+    async def _list_distributions(self) -> dict[str, str]:
         if self._dists is None:
             env = self._env()
             env["PYTHONPATH"] = str(self.shim_root)

@@ -10,6 +10,7 @@ rootless containers.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -117,11 +118,11 @@ class Runtime(abc.ABC):
         return {"runtime": self.name}
 
 
-# Run by a worker's python3: its version and its distributions.
+# Run by a worker's python3: its version and its distributions (of two with one name, the first on its path).
 LIST_DISTRIBUTIONS = (
     "import importlib.metadata as m, json, sys; "
     "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
-    "'dists': {d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}}))"
+    "'dists': {d.metadata['Name']: d.version for d in reversed(list(m.distributions())) if d.metadata['Name']}}))"
 )
 
 
@@ -141,15 +142,24 @@ def build_shim_tree(dest: Path) -> Path:
     pkg = dest / "burla"
     (pkg / "node_agent").mkdir(parents=True)
     # burla's own root: it loads nothing on import, and its finder of a source checkout does nothing here
-    shutil.copy2(Path(burla.__file__), pkg / "__init__.py")
-    shutil.copy2(Path(_source_layout.__file__), pkg / "_source_layout.py")
+    _copy_module(Path(burla.__file__), pkg / "__init__.py")
+    _copy_module(Path(_source_layout.__file__), pkg / "_source_layout.py")
     (pkg / "node_agent" / "__init__.py").write_text("")
-    shutil.copy2(Path(node_agent.__file__).parent / "worker_shim.py", pkg / "node_agent" / "worker_shim.py")
-    shutil.copytree(Path(schemas.__file__).parent, pkg / "schemas", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(
-        Path(cloudpickle.__file__).parent, dest / "cloudpickle", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    _copy_module(Path(node_agent.__file__).parent / "worker_shim.py", pkg / "node_agent" / "worker_shim.py")
+    # with their bytecode: each worker would compile them again (one of another user cannot even keep it)
+    shutil.copytree(Path(schemas.__file__).parent, pkg / "schemas")
+    shutil.copytree(Path(cloudpickle.__file__).parent, dest / "cloudpickle")
     return dest
+
+
+def _copy_module(source: Path, dest: Path) -> None:
+    """Copy a module and its bytecode for this Python, if there is some (copy2 keeps the mtime it checks)."""
+    shutil.copy2(source, dest)
+    compiled = Path(importlib.util.cache_from_source(str(source)))
+    if compiled.exists():
+        target = Path(importlib.util.cache_from_source(str(dest)))
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy2(compiled, target)
 
 
 def worker_env(base: dict[str, str] | None = None, secrets: tuple[str, ...] = ()) -> dict[str, str]:

@@ -56,6 +56,7 @@ class WorkerConn:
     proc: WorkerProcess
     stream: FrameStream
     nonce: str
+    env: str = ""  # the environment on its worker's import path: given at its start, or adopted (`Run.paths`)
     functions: collections.OrderedDict[str, None] = dataclasses.field(default_factory=collections.OrderedDict)
     batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(default_factory=collections.OrderedDict)
 
@@ -177,7 +178,16 @@ class Supervisor:
         else:
             run.state, run.phase = reconcile.READY, ""
             trace("agent", f"pool {key} ready")
+            # Listed now, while its workers start: the first lease with an environment then waits for no listing.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._list_distributions, run.spec)
         self._changed.set()
+
+    async def _list_distributions(self, spec: pools.PoolSpec) -> None:
+        try:
+            await self.runtime.distributions(spec)  # kept by the runtime; asked again by `_prepare_env`
+        except Exception as e:  # noqa: BLE001 - `_prepare_env` asks again, and reports what fails then
+            log.debug("listing the distributions of pool %s failed: %s", spec.key, e)
 
     def _pool_failed(self, run: PoolRun, message: str) -> None:
         run.state, run.error, run.phase = reconcile.FAILED, message, ""
@@ -318,6 +328,11 @@ class Supervisor:
         slot = self.pool.slots.get(index)
         if slot is None or slot.lease is not lease or self.conns.get(index) is not conn:
             return  # cancelled or the worker died while we fetched
+        paths: tuple[str, ...] = ()
+        if slot.env != conn.env:  # a fresh worker adopts the lease's environment (`WorkerPool`): no restart
+            seen = [self.runtime.worker_path(p) for p in self.env_paths.get(slot.env, [])]
+            paths = tuple(p for p in seen if p)
+            self.counters["environments_adopted"] += 1
         run = proto.Run(
             lease_id=lease.lease_id,
             job_id=lease.job_id,
@@ -330,9 +345,11 @@ class Supervisor:
             batch_blob=batch_blob,
             batch_file=batch_file,
             max_result_bytes=self.max_result_bytes,
+            paths=paths,
         )
         trace("agent", f"run w{index} [{lease.lo},{lease.hi}) blobs={len(blobs)}")
         conn.proc.oom_kills_at_start = oom_kills()  # a SIGKILL during this lease is blamed on memory only if it rose
+        conn.env = slot.env
         try:
             await conn.stream.send(run.to_wire(), blobs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -437,7 +454,7 @@ class Supervisor:
                 if started.frames is None:
                     self.pool.died(index)
                     return
-                conn = WorkerConn(index, proc, started.frames, started.nonce)
+                conn = WorkerConn(index, proc, started.frames, started.nonce, self.pool.slots[index].env)
                 self.conns[index] = conn
                 self._start(self.pool.worker_ready(index))
                 if self.pool.slots[index].retired:

@@ -17,6 +17,7 @@ import codecs
 import copyreg
 import ctypes
 import dataclasses
+import importlib
 import io
 import linecache
 import mmap
@@ -386,6 +387,9 @@ class Worker:
         return self.functions[fn_hash], self.batches[key]
 
     def run(self, run: proto.Run, blobs: list[memoryview]) -> None:
+        if run.paths:  # the lease's environment, taken by this worker that has run nothing yet (as in `main`)
+            sys.path[0:0] = run.paths
+            importlib.invalidate_caches()  # no finder keeps a view of the path from before
         lo, hi, base = run.lo, run.hi, run.batch_start
         try:
             fn, items = self._load(run, blobs)

@@ -76,6 +76,9 @@ class Run(Wire):
     batch_blob: int | None = field(None, lo=0, hi=MAX_BLOB)
     batch_file: str | None = field(None, max_len=4096)  # where the worker reads the batch itself
     max_result_bytes: int = field(0, lo=0, hi=m.MAX_BYTES)  # per call's pickled result; 0: no limit
+    # A worker started with no environment that has run nothing takes the lease's here: put first on its
+    # import path, as `PATHS_ENV` would have at its start (its shim has imported nothing of the job's).
+    paths: tuple[str, ...] = field((), max_items=100_001)  # the code zip, then a folder per distribution
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -210,3 +210,42 @@ def test_burla_local_start_with_nodes_runs_the_cluster_life_on_this_machine(loca
         return False
 
     wait_for(lambda: all(gone(p) for p in pids), 30, "the local nodes ended with their cluster")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _listening_inode(port: int) -> str:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_the_agent_forked_from_the_daemon_holds_none_of_its_descriptors_and_is_replaced_when_it_dies(
+    local_home: Path,
+) -> None:
+    assert remote_parallel_map(abs, [-1, -2], spinner=False) == [1, 2]
+    info = discovery(local_home)
+    daemon = int(str(info["pid"]))
+    (agent,) = _children(daemon)
+    assert os.getsid(agent) == agent  # a session of its own, as `start_new_session` gives
+    held = {os.readlink(f"/proc/{agent}/fd/{fd}") for fd in os.listdir(f"/proc/{agent}/fd")}
+    assert not [h for h in held if h.endswith(("burlad.lock", "start.lock"))], held
+    socket_of_daemon = f"socket:[{_listening_inode(int(str(info['url']).rsplit(':', 1)[1]))}]"
+    assert socket_of_daemon not in held and str(local_home / "agent.log") in held
+    assert "registered with" in (local_home / "agent.log").read_text()
+
+    os.kill(agent, 9)
+    wait_for(lambda: [pid for pid in _children(daemon) if pid != agent], 30, "another agent")
+    assert remote_parallel_map(abs, [-3], spinner=False) == [3]  # on the agent started in its place
+    assert discovery(local_home)["pid"] == info["pid"]

@@ -123,6 +123,8 @@ def check_replication(cluster: Cluster, client_site: Path, tmp_path: Path) -> No
     assert all("/envs/" in r[3] or "/burla/env/" in r[3] for r in results)  # from the node's cache
     stats = node_stats(cluster)
     assert stats["installs"] >= 2  # humanize from PyPI, burlatestpkg from its files
+    # the warm workers had run nothing: they took the environment's path as it was, none was restarted
+    assert stats.get("environments_adopted", 0) >= 1 and stats.get("environment_switches", 0) == 0, stats
 
     second = run_project(root, cluster, client_site)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -204,8 +204,10 @@ def test_a_lease_prefers_a_worker_of_its_environment_and_else_switches_one() -> 
     pool = WorkerPool(2)
     for index in pool.slots:
         pool.worker_ready(index)
-    plain = pool.offer([env_lease(1, "")])
-    assert [s.state for s, _ in plain] == [SlotState.BUSY]  # env "" matches fresh workers
+    plain = pool.offer([env_lease(1, ""), env_lease(9, "")])
+    assert [s.state for s, _ in plain] == [SlotState.BUSY] * 2  # env "" matches fresh workers
+    for index in pool.slots:
+        pool.finished(index)  # each has run a lease: no longer fresh
     ((slot, lease),) = pool.offer([env_lease(2, "E")])
     assert slot.state == SlotState.SWITCHING and slot.env == "E" and slot.lease is lease
     assert pool.died(slot.index) == (None, None)  # stopped on purpose: not a failure
@@ -219,8 +221,37 @@ def test_a_lease_prefers_a_worker_of_its_environment_and_else_switches_one() -> 
 def test_cancelling_a_job_mid_switch_leaves_an_idle_worker() -> None:
     pool = WorkerPool(1)
     pool.worker_ready(0)
-    ((slot, _),) = pool.offer([env_lease(1, "E", job="gone")])
+    pool.offer([env_lease(1, "")])
+    pool.finished(0)
+    ((slot, _),) = pool.offer([env_lease(2, "E", job="gone")])
     assert slot.state == SlotState.SWITCHING
     pool.cancel_job("gone")
     pool.died(slot.index)
     assert pool.worker_ready(slot.index) == [] and slot.state == SlotState.IDLE and slot.env == "E"
+    ((again, _),) = pool.offer([env_lease(3, "F")])
+    assert again is slot and again.state == SlotState.SWITCHING  # fresh, but started with E: never E and F
+
+
+def test_a_fresh_worker_of_no_environment_adopts_a_leases_without_a_restart() -> None:
+    pool = WorkerPool(2)
+    pool.worker_ready(0)
+    pool.worker_ready(1)
+    pairs = pool.offer([env_lease(1, "E"), env_lease(2, "E")])
+    assert [(s.state, s.env) for s, _ in pairs] == [(SlotState.BUSY, "E")] * 2  # both run at once
+    pool.finished(0)
+    ((slot, _),) = pool.offer([env_lease(3, "F")])
+    assert slot.index == 0 and slot.state == SlotState.SWITCHING  # it has run E's code: restarted for F
+    pool.died(0)
+    assert [(s.index, s.state) for s, _ in pool.worker_ready(0)] == [(0, SlotState.BUSY)]
+    pool.finished(0)
+    ((slot, _),) = pool.offer([env_lease(4, "G")])
+    assert slot.state == SlotState.SWITCHING  # restarted for F's lease, which it ran: not fresh either
+
+
+def test_a_worker_that_ran_a_plain_lease_is_switched_for_an_environment() -> None:
+    pool = WorkerPool(1)
+    pool.worker_ready(0)
+    pool.offer([env_lease(1, "")])
+    pool.finished(0)
+    ((slot, _),) = pool.offer([env_lease(2, "E")])
+    assert slot.state == SlotState.SWITCHING  # the job before may have imported anything
