@@ -74,7 +74,9 @@ class ControlPlane:
         self.clock = clock
         self.boot_id = uuid.uuid4().hex[:12]
         self.version, self.protocol = _version.version(), _version.protocol()
-        self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
+        self.scheduler = Scheduler(
+            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot
+        )
         self.counters: collections.Counter[str] = collections.Counter()
         self.couriers = Couriers(store, self.scheduler, self.boot_id, self.counters)
         self.links = self.couriers.links
@@ -799,7 +801,7 @@ class ControlPlane:
                 ram_bytes=n.info.ram_bytes,
                 python_version=n.info.python_version,
                 workers=n.ready_workers,
-                busy=len(n.leases),
+                busy=n.running,
                 runtime=n.info.runtime,
                 last_seen_ago=round(now - n.last_seen, 3),
                 stats=n.stats,
