@@ -460,6 +460,7 @@ class Supervisor:
     def _worker_died(self, index: int, started: Started, spec: pools.PoolSpec) -> None:
         lease, memory_kill = self.pool.died(index)
         self.outbox.mark_dirty()
+        self._start(self.pool.start_queued())  # a lease that followed its lease may go to another worker
         if lease is None:
             return
         self.counters["worker_deaths"] += 1
