@@ -691,6 +691,7 @@ class ControlPlane:
         trace("daemon", f"dispatch {[(a.agent_id[:6], a.lease.lo, a.lease.hi) for a in issued]}")
         self.store.put_leases([(a.lease, a.agent_id) for a in issued])
         self.counters["leases_issued"] += len(issued)
+        self.counters["leases_prefetched"] += sum(a.queued for a in issued)
         self.couriers.post(issued)
 
     def put_blob(self, digest: str, data: bytes) -> None:

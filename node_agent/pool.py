@@ -58,6 +58,7 @@ class WorkerPool:
         self.slots: dict[int, Slot] = {}
         self.queue: collections.deque[m.Lease] = collections.deque()
         self.following: dict[int, list[m.Lease]] = {}  # lease id -> prefetched leases that start when it ends
+        self.followed = 0  # prefetched leases that waited here for the lease before them, and went on after it
         for _ in range(n_slots):
             self.add_slot(pool)
 
@@ -137,8 +138,10 @@ class WorkerPool:
 
     def _ended(self, lease: m.Lease | None) -> None:
         """`lease` is settled here: the leases that followed it go first in the queue."""
-        if lease is not None:
-            self.queue.extendleft(reversed(self.following.pop(lease.lease_id, [])))
+        if lease is not None and lease.lease_id in self.following:
+            following = self.following.pop(lease.lease_id)
+            self.queue.extendleft(reversed(following))
+            self.followed += len(following)
 
     def finished(self, index: int) -> list[tuple[Slot, m.Lease]]:
         """The worker in `index` answered its lease."""

@@ -512,7 +512,8 @@ class Supervisor:
 
     def statistics(self) -> dict[str, Any]:
         envs = self.envs.statistics() if self.envs is not None else {}
-        return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters}
+        followed = {"leases_followed": self.pool.followed}
+        return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters, **followed}
 
 
 def _short_id(conn: WorkerConn) -> str:
