@@ -36,6 +36,7 @@ _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
 # A lease expected to last longer is not prefetched: its round trip costs it under 1% of its time, and a
 # slot promised to it for long would keep another user's job waiting.
 PREFETCH_MAX_LEASE_SECONDS = 1.0
+PREFETCH_MIN_SPLIT_SECONDS = 0.05  # see Scheduler._prefetch_chunk
 
 
 @dataclasses.dataclass
@@ -330,8 +331,18 @@ class Scheduler:
                 and (j.spec.max_parallelism is None or j.running < j.spec.max_parallelism)
             ):  # fmt: skip
                 continue  # another job gets the slot when it frees
-            issued.append(self._carve(job, node, now, after=tail, pool=pool))
+            issued.append(self._carve(job, node, now, after=tail, pool=pool, chunk=self._prefetch_chunk(job)))
         return issued
+
+    def _prefetch_chunk(self, job: JobState) -> int:
+        """A prefetched lease's size: guided as if each slot's queue were a slot of its own, since it starts
+        a lease later than one carved now for a free slot. So near the end it is smaller and the slots finish
+        together; but never below `PREFETCH_MIN_SPLIT_SECONDS` of work, where a lease costs more than the
+        balance gains (a million trivial calls keep their few large leases)."""
+        spc = job.seconds_per_call or 0.0
+        guided = math.ceil(job.pending.size / max(1, job.slots * (1 + self.prefetch_per_slot)))
+        floor = math.ceil(PREFETCH_MIN_SPLIT_SECONDS / max(spc, 1e-9))
+        return max(1, min(job.round_chunk, max(guided, floor)))
 
     def _short_calls(self, job: JobState) -> bool:
         """Whether `job`'s leases are short enough to prefetch (its call time known: no probe is)."""
@@ -349,8 +360,10 @@ class Scheduler:
             cap = max(1, int(self.target_lease_seconds / max(job.seconds_per_call, 1e-9)))
         return max(1, min(guided, cap, self.max_lease_inputs))
 
-    def _carve(self, job: JobState, node: NodeState, now: float, after: int = 0, pool: str = "") -> ActiveLease:
-        seq, start, lo, hi = job.pending.take(job.round_chunk)
+    def _carve(
+        self, job: JobState, node: NodeState, now: float, after: int = 0, pool: str = "", chunk: int = 0
+    ) -> ActiveLease:
+        seq, start, lo, hi = job.pending.take(chunk or job.round_chunk)
         lease = m.Lease(
             lease_id=self.next_lease_id,
             job_id=job.job_id,

@@ -456,6 +456,25 @@ def test_prefetch_goes_as_deep_as_prefetch_per_slot() -> None:
     assert (job.running, job.queued) == (1, 3)
 
 
+def test_near_the_end_prefetched_leases_shrink_so_the_slots_finish_together() -> None:
+    s, job = prefetching(n=10)
+    issued = s.assign(1.0)
+    # 4 + 4 to the free slots; the last 2 as 1 behind each (not 2 behind one of them: that slot would end last)
+    assert [(a.lease.hi - a.lease.lo, bool(a.lease.after)) for a in issued] == [
+        (4, False),
+        (4, False),
+        (1, True),
+        (1, True),
+    ]
+
+
+def test_leases_of_trivial_calls_are_not_split_finer_for_prefetch() -> None:
+    s, job = prefetching(n=100_000, spc=1e-7)
+    assert [a.lease.hi - a.lease.lo for a in s.assign(1.0)] == [50_000, 50_000]  # guided: nothing left to prefetch
+    s.add_batches("j1", [m.BatchMeta(1, 100_000, 100_000)], final_count=200_000)
+    assert [a.lease.hi - a.lease.lo for a in s.assign(2.0)] == [50_000, 50_000]  # a lease's cost beats finer balance
+
+
 def test_no_prefetch_when_off_for_probes_for_long_calls_or_for_agents_that_cannot_hold_them() -> None:
     for s, job in (prefetching(prefetch=0), prefetching(spc=None), prefetching(spc=2.0)):
         issued = s.assign(1.0)
