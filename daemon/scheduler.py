@@ -314,22 +314,25 @@ class Scheduler:
     def _prefetch_once(
         self, node: NodeState, runnable: list[JobState], out: collections.Counter[str], now: float
     ) -> list[ActiveLease]:
-        issued = []
-        for tail in node.tails(self.prefetch_per_slot):
+        issued: list[ActiveLease] = []
+        tails = node.tails(self.prefetch_per_slot)
+        if not tails:
+            return issued
+        servable = [j for j in runnable if j.pending.size > 0 and node.could_serve(j.spec)]
+        # a job at its max_parallelism takes no freed slot; the slot's own job keeps its count as it goes on
+        rivals = [j for j in servable if j.spec.max_parallelism is None or j.running < j.spec.max_parallelism]
+        for tail in tails:
             job = self.jobs.get(self.lease_owner.get(tail, ""))
-            if job is None or job.state != m.RUNNING or job.pending.size == 0 or job not in runnable:
+            if job is None or job.pending.size == 0 or job not in servable:
                 continue
             pool = job.leases[tail].lease.pool
-            if not self._short_calls(job) or not node.pool_ready(pool) or not node.could_serve(job.spec):
+            if not self._short_calls(job) or not node.pool_ready(pool):
                 continue
             # the slot's lease ends before this one starts: rank its job as if it had one call fewer running
             mine = (out[job.owner] - 1, job.running - 1, job.created)
             if any(
-                (out[j.owner] - (j.owner == job.owner), j.running, j.created) < mine
-                for j in runnable
-                if j is not job and j.pending.size > 0 and node.could_serve(j.spec)
-                and (j.spec.max_parallelism is None or j.running < j.spec.max_parallelism)
-            ):  # fmt: skip
+                (out[j.owner] - (j.owner == job.owner), j.running, j.created) < mine for j in rivals if j is not job
+            ):
                 continue  # another job gets the slot when it frees
             issued.append(self._carve(job, node, now, after=tail, pool=pool, chunk=self._prefetch_chunk(job)))
         return issued
