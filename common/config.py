@@ -54,6 +54,7 @@ class DaemonConfig:
     agent_timeout: float = 10 * SECONDS  # silence after which an agent's leases run elsewhere
     target_lease_seconds: float = 0.2  # work per lease once a function's call time is known
     max_lease_inputs: int = 100_000
+    prefetch_per_slot: int = 1  # leases queued on a node behind each busy worker's, so it never waits (0: none)
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
     max_result_bytes: int = 256 * MB  # one call's pickled return value; workers refuse a larger one, naming the input

@@ -42,6 +42,15 @@ class NodeState:
     # changes hands between leases: a new tenant's leases start once the leases of the job before are done.
     single_tenant: bool = False
     tenant: str | None = None
+    # Prefetched leases: each waits on the node for the lease before it in its slot (`Lease.after`), and
+    # reserves nothing until that one ends, when it takes over its worker, CPU and RAM (`release`).
+    queued: dict[int, int] = dataclasses.field(default_factory=dict)  # lease -> the lease it follows
+    successor: dict[int, int] = dataclasses.field(default_factory=dict)  # lease -> the lease that follows it
+
+    @property
+    def running(self) -> int:
+        """Leases that hold a worker here (the prefetched ones wait for one)."""
+        return len(self.leases) - len(self.queued)
 
     @property
     def containers(self) -> bool:
@@ -56,8 +65,9 @@ class NodeState:
                         ready=self.ready_workers, default=True)
         ]  # fmt: skip
 
-    def pool_fits(self, pool: m.PoolState, spec: m.JobSpec) -> bool:
-        """Could `pool` run calls of `spec` (free slots aside)?"""
+    def pool_fits(self, pool: m.PoolState, spec: m.JobSpec, reserved: bool = True) -> bool:
+        """Could `pool` run calls of `spec` (free slots aside; with `reserved` False, what other calls
+        reserve of a shared pool's CPU and RAM aside too)?"""
         if pool.state != "ready":
             return False
         if pool.job_id:  # made for one job, in its shape
@@ -70,9 +80,8 @@ class NodeState:
             return False
         ram = ram_bytes(spec)
         if pool.cpus <= 0:  # shared by every call on the node: reserve per call
-            return (
-                self.cpu_used + spec.func_cpu <= self.info.cpus + EPSILON and self.ram_used + ram <= self.info.ram_bytes
-            )
+            cpu_used, ram_used = (self.cpu_used, self.ram_used) if reserved else (0.0, 0)
+            return cpu_used + spec.func_cpu <= self.info.cpus + EPSILON and ram_used + ram <= self.info.ram_bytes
         return spec.func_cpu <= pool.cpus + EPSILON and (pool.ram_bytes <= 0 or ram <= pool.ram_bytes)
 
     def pick_pool(self, spec: m.JobSpec) -> str | None:
@@ -108,24 +117,70 @@ class NodeState:
         by_ram = math.floor(self.info.ram_bytes / ram + EPSILON) if ram > 0 else limit
         return max(0, min(limit, by_cpu, by_ram))
 
-    def hold(self, lease_id: int, pool: str, spec: m.JobSpec) -> None:
-        """Reserve a worker of `pool` and one call's CPU and RAM for a lease."""
+    def hold(self, lease_id: int, pool: str, spec: m.JobSpec, after: int = 0) -> None:
+        """Reserve a worker of `pool` and one call's CPU and RAM for a lease.
+
+        `after`: a prefetched lease, which runs in the slot of lease `after` once that one ends (a lease of
+        the same job, so of the same pool and shape): it reserves nothing until then.
+        """
         self.leases.add(lease_id)
-        self.pool_leases[pool or PROCESS_POOL] += 1
         self.job_leases[spec.job_id] += 1
+        if after and after in self.leases and after not in self.successor:
+            self.queued[lease_id] = after
+            self.successor[after] = lease_id
+            return
+        self.pool_leases[pool or PROCESS_POOL] += 1
         self.cpu_used += spec.func_cpu
         self.ram_used += ram_bytes(spec)
 
-    def release(self, lease_id: int, pool: str, spec: m.JobSpec) -> None:
-        """Give back what `hold` reserved (nothing if this node does not hold the lease)."""
-        if lease_id in self.leases:
-            self.leases.discard(lease_id)
-            self.pool_leases[pool or PROCESS_POOL] -= 1
-            self.job_leases[spec.job_id] -= 1
-            if self.job_leases[spec.job_id] <= 0:
-                del self.job_leases[spec.job_id]
-            self.cpu_used = max(0.0, self.cpu_used - spec.func_cpu)
-            self.ram_used = max(0, self.ram_used - ram_bytes(spec))
+    def release(self, lease_id: int, pool: str, spec: m.JobSpec) -> int | None:
+        """Give back what `hold` reserved (nothing if this node does not hold the lease).
+
+        Returns the prefetched lease that took over its reservation, if one followed it: it runs now.
+        """
+        if lease_id not in self.leases:
+            return None
+        self.leases.discard(lease_id)
+        self.job_leases[spec.job_id] -= 1
+        if self.job_leases[spec.job_id] <= 0:
+            del self.job_leases[spec.job_id]
+        follower = self.successor.pop(lease_id, None)
+        before = self.queued.pop(lease_id, None)
+        if before is not None:  # it was waiting itself: what followed it follows the lease before it now
+            del self.successor[before]
+            if follower is not None:
+                self.queued[follower] = before
+                self.successor[before] = follower
+            return None
+        if follower is not None:  # it takes over the worker, CPU and RAM this lease held
+            del self.queued[follower]
+            return follower
+        self.pool_leases[pool or PROCESS_POOL] -= 1
+        self.cpu_used = max(0.0, self.cpu_used - spec.func_cpu)
+        self.ram_used = max(0, self.ram_used - ram_bytes(spec))
+        return None
+
+    def tails(self, depth: int) -> list[int]:
+        """For each running lease whose slot has fewer than `depth` leases queued after it, the last of them."""
+        out = []
+        for lease_id in sorted(self.leases):
+            if lease_id in self.queued:
+                continue
+            tail, n = lease_id, 0
+            while tail in self.successor:
+                tail, n = self.successor[tail], n + 1
+            if n < depth:
+                out.append(tail)
+        return out
+
+    def could_serve(self, spec: m.JobSpec) -> bool:
+        """Could a slot of this node take a call of `spec` once it frees (other calls' CPU and RAM aside)?"""
+        if self.single_tenant and not self.serves(spec.job_id):
+            return False
+        return any(self.pool_fits(p, spec, reserved=False) for p in self.pool_views())
+
+    def pool_ready(self, key: str) -> bool:
+        return any(p.key == (key or PROCESS_POOL) and p.state == "ready" for p in self.pool_views())
 
 
 def slots_for(nodes: Collection[NodeState], spec: m.JobSpec) -> int:

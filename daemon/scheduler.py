@@ -33,6 +33,10 @@ from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
 from .ranges import RangeSet
 
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
+# A lease expected to last longer is not prefetched: its round trip costs it under 1% of its time, and a
+# slot promised to it for long would keep another user's job waiting.
+PREFETCH_MAX_LEASE_SECONDS = 1.0
+PREFETCH_MIN_SPLIT_SECONDS = 0.05  # see Scheduler._prefetch_chunk
 
 
 @dataclasses.dataclass
@@ -41,6 +45,7 @@ class ActiveLease:
     agent_id: str
     delivered: int | None = None  # the delivery that carried it; 0 when restored from disk
     issued: float = 0.0
+    queued: bool = False  # prefetched: it waits on its node for the lease before it in its slot
 
 
 @dataclasses.dataclass
@@ -51,6 +56,7 @@ class JobState:
     state: str = m.RUNNING
     pending: Pending = dataclasses.field(default_factory=Pending)
     leases: dict[int, ActiveLease] = dataclasses.field(default_factory=dict)
+    queued: int = 0  # of its leases, those prefetched (waiting on their node for a worker)
     done: RangeSet = dataclasses.field(default_factory=RangeSet)
     n_inputs: int | None = None  # known once the client has sent the last batch
     n_uploaded: int = 0
@@ -72,6 +78,11 @@ class JobState:
     @property
     def n_pending(self) -> int:
         return self.pending.size
+
+    @property
+    def running(self) -> int:
+        """Leases that hold a worker (the prefetched ones wait for one)."""
+        return len(self.leases) - self.queued
 
     def finished_uploading(self) -> bool:
         return self.n_inputs is not None and self.n_uploaded >= self.n_inputs
@@ -115,10 +126,15 @@ class Completion:
 
 class Scheduler:
     def __init__(
-        self, target_lease_seconds: float = 0.2, max_lease_inputs: int = 100_000, next_lease_id: int = 1
+        self,
+        target_lease_seconds: float = 0.2,
+        max_lease_inputs: int = 100_000,
+        next_lease_id: int = 1,
+        prefetch_per_slot: int = 1,
     ) -> None:
         self.target_lease_seconds = target_lease_seconds
         self.max_lease_inputs = max_lease_inputs
+        self.prefetch_per_slot = max(0, min(prefetch_per_slot, 16))
         self.next_lease_id = next_lease_id
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[str, JobState] = {}
@@ -241,13 +257,20 @@ class Scheduler:
     # ---- leases ------------------------------------------------------------
 
     def assign(self, now: float) -> list[ActiveLease]:
-        """Hand pending inputs to free worker slots; returns the new leases.
+        """Hand pending inputs to free worker slots, and prefetch the next lease of busy ones; returns the
+        new leases.
 
-        Fair share: each free slot goes to the user with the fewest leases out (over all their jobs),
-        then to that user's job with the fewest leases, then to the oldest. So a user's job of ten
-        million inputs and another user's job of ten split the slots as they free up, and a user with
-        two jobs gets no more than one with one. Running calls are never preempted: slots change
-        hands as leases end, and leases are sized to last about `target_lease_seconds`.
+        Fair share: each free slot goes to the user with the fewest calls running (over all their jobs),
+        then to that user's job with the fewest, then to the oldest. So a user's job of ten million inputs
+        and another user's job of ten split the slots as they free up, and a user with two jobs gets no
+        more than one with one. Running calls are never preempted: slots change hands as leases end, and
+        leases are sized to last about `target_lease_seconds`.
+
+        Prefetch (`prefetch_per_slot`): a slot busy with a lease of a job whose calls are short gets the
+        next lease of the same job ahead of time, queued on its node (`Lease.after`), so its worker goes on
+        the moment the lease ends instead of after a report and a poll. Only where fair share would give
+        the slot to that job again once the lease ends: when another user's job would get it, the slot
+        frees and is handed out as above.
         """
         runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.pending.size > 0]
         if not runnable:
@@ -255,26 +278,79 @@ class Scheduler:
         for job in runnable:
             job.slots = self._slots_for(job)
             job.round_chunk = self.chunk_size(job)  # fixed for the round: 4 inputs on 2 slots is 2 + 2
-        # leases out by user: counted once per call, then kept as leases are carved
+        # calls running by user: counted once per call, then kept as leases are carved
         out: collections.Counter[str] = collections.Counter()
         for job in self.jobs.values():
             if job.leases:
-                out[job.owner] += len(job.leases)
+                out[job.owner] += job.running
         issued: list[ActiveLease] = []
-        nodes = sorted(self.nodes.values(), key=lambda n: len(n.leases) - n.ready_workers)
+        nodes = sorted(self.nodes.values(), key=lambda n: n.running - n.ready_workers)
         for node in nodes:
-            while len(node.leases) < node.ready_workers:
+            while node.running < node.ready_workers:
                 candidates = [
                     j for j in runnable
                     if j.pending.size > 0 and node.fits(j.spec)
-                    and (j.spec.max_parallelism is None or len(j.leases) < j.spec.max_parallelism)
+                    and (j.spec.max_parallelism is None or j.running < j.spec.max_parallelism)
                 ]  # fmt: skip
                 if not candidates:
                     break
-                job = min(candidates, key=lambda j: (out[j.owner], len(j.leases), j.created))
+                job = min(candidates, key=lambda j: (out[j.owner], j.running, j.created))
                 issued.append(self._carve(job, node, now))
                 out[job.owner] += 1
+        for node in nodes:
+            if self.prefetch_per_slot and node.info.runs_after and node.running <= node.ready_workers:
+                issued += self._prefetch(node, runnable, out, now)
         return issued
+
+    def _prefetch(
+        self, node: NodeState, runnable: list[JobState], out: collections.Counter[str], now: float
+    ) -> list[ActiveLease]:
+        """The next leases of each busy slot of `node` whose job fair share would give it to again."""
+        issued: list[ActiveLease] = []
+        while more := self._prefetch_once(node, runnable, out, now):
+            issued += more
+        return issued
+
+    def _prefetch_once(
+        self, node: NodeState, runnable: list[JobState], out: collections.Counter[str], now: float
+    ) -> list[ActiveLease]:
+        issued: list[ActiveLease] = []
+        tails = node.tails(self.prefetch_per_slot)
+        if not tails:
+            return issued
+        servable = [j for j in runnable if j.pending.size > 0 and node.could_serve(j.spec)]
+        # a job at its max_parallelism takes no freed slot; the slot's own job keeps its count as it goes on
+        rivals = [j for j in servable if j.spec.max_parallelism is None or j.running < j.spec.max_parallelism]
+        for tail in tails:
+            job = self.jobs.get(self.lease_owner.get(tail, ""))
+            if job is None or job.pending.size == 0 or job not in servable:
+                continue
+            pool = job.leases[tail].lease.pool
+            if not self._short_calls(job) or not node.pool_ready(pool):
+                continue
+            # the slot's lease ends before this one starts: rank its job as if it had one call fewer running
+            mine = (out[job.owner] - 1, job.running - 1, job.created)
+            if any(
+                (out[j.owner] - (j.owner == job.owner), j.running, j.created) < mine for j in rivals if j is not job
+            ):
+                continue  # another job gets the slot when it frees
+            issued.append(self._carve(job, node, now, after=tail, pool=pool, chunk=self._prefetch_chunk(job)))
+        return issued
+
+    def _prefetch_chunk(self, job: JobState) -> int:
+        """A prefetched lease's size: guided as if each slot's queue were a slot of its own, since it starts
+        a lease later than one carved now for a free slot. So near the end it is smaller and the slots finish
+        together; but never below `PREFETCH_MIN_SPLIT_SECONDS` of work, where a lease costs more than the
+        balance gains (a million trivial calls keep their few large leases)."""
+        spc = job.seconds_per_call or 0.0
+        guided = math.ceil(job.pending.size / max(1, job.slots * (1 + self.prefetch_per_slot)))
+        floor = math.ceil(PREFETCH_MIN_SPLIT_SECONDS / max(spc, 1e-9))
+        return max(1, min(job.round_chunk, max(guided, floor)))
+
+    def _short_calls(self, job: JobState) -> bool:
+        """Whether `job`'s leases are short enough to prefetch (its call time known: no probe is)."""
+        spc = job.seconds_per_call
+        return spc is not None and job.round_chunk * spc <= PREFETCH_MAX_LEASE_SECONDS
 
     def _slots_for(self, job: JobState) -> int:
         return slots_for(self.nodes.values(), job.spec)
@@ -287,8 +363,10 @@ class Scheduler:
             cap = max(1, int(self.target_lease_seconds / max(job.seconds_per_call, 1e-9)))
         return max(1, min(guided, cap, self.max_lease_inputs))
 
-    def _carve(self, job: JobState, node: NodeState, now: float) -> ActiveLease:
-        seq, start, lo, hi = job.pending.take(job.round_chunk)
+    def _carve(
+        self, job: JobState, node: NodeState, now: float, after: int = 0, pool: str = "", chunk: int = 0
+    ) -> ActiveLease:
+        seq, start, lo, hi = job.pending.take(chunk or job.round_chunk)
         lease = m.Lease(
             lease_id=self.next_lease_id,
             job_id=job.job_id,
@@ -299,8 +377,9 @@ class Scheduler:
             hi=hi,
             func_cpu=job.spec.func_cpu,
             func_ram_bytes=job.func_ram_bytes,
-            pool=node.pick_pool(job.spec) or "",
+            pool=pool if after else node.pick_pool(job.spec) or "",
             env=job.spec.env,
+            after=after,
         )
         self.next_lease_id += 1
         active = ActiveLease(lease, node.agent_id, issued=now)
@@ -311,15 +390,25 @@ class Scheduler:
         job.leases[active.lease.lease_id] = active
         self.lease_owner[active.lease.lease_id] = job.job_id
         if node is not None:
-            node.hold(active.lease.lease_id, active.lease.pool, job.spec)
+            node.hold(active.lease.lease_id, active.lease.pool, job.spec, active.lease.after)
+            active.queued = active.lease.lease_id in node.queued
+        else:
+            active.queued = False  # restored, its agent gone: requeued next
+        job.queued += active.queued
 
     def _drop_lease(self, job: JobState, lease_id: int) -> ActiveLease | None:
         active = job.leases.pop(lease_id, None)
         self.lease_owner.pop(lease_id, None)
-        if active is not None:
-            node = self.nodes.get(active.agent_id)
-            if node is not None:
-                node.release(lease_id, active.lease.pool, job.spec)
+        if active is None:
+            return None
+        job.queued -= active.queued
+        node = self.nodes.get(active.agent_id)
+        if node is not None:
+            follower = node.release(lease_id, active.lease.pool, job.spec)
+            promoted = job.leases.get(follower) if follower is not None else None
+            if promoted is not None and promoted.queued:  # it runs now, in this lease's slot
+                promoted.queued = False
+                job.queued -= 1
         return active
 
     def requeue(self, lease_ids: Iterable[int]) -> None:
@@ -480,7 +569,7 @@ class Scheduler:
             n_inputs=job.n_inputs,
             n_uploaded=job.n_uploaded,
             n_done=job.done.size,
-            running=len(job.leases),
+            running=job.running,
             workers=self._slots_for(job) if self.nodes else 0,
             created=job.created,
             calls_per_second=rate,
@@ -489,7 +578,7 @@ class Scheduler:
         phase = Phase(
             nodes=len(self.nodes),
             preparing=preparing.most_common(1)[0] if preparing else None,
-            running=len(job.leases),
+            running=job.running,
             pending=job.pending.size,
         )
         return Progress(status, phase)

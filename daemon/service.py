@@ -76,7 +76,9 @@ class ControlPlane:
         self.clock = clock
         self.boot_id = uuid.uuid4().hex[:12]
         self.version, self.protocol = _version.version(), _version.protocol()
-        self.scheduler = Scheduler(config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1)
+        self.scheduler = Scheduler(
+            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot
+        )
         self.counters: collections.Counter[str] = collections.Counter()
         self.couriers = Couriers(store, self.scheduler, self.boot_id, self.counters)
         self.links = self.couriers.links
@@ -695,6 +697,7 @@ class ControlPlane:
         trace("daemon", f"dispatch {[(a.agent_id[:6], a.lease.lo, a.lease.hi) for a in issued]}")
         self.store.put_leases([(a.lease, a.agent_id) for a in issued])
         self.counters["leases_issued"] += len(issued)
+        self.counters["leases_prefetched"] += sum(a.queued for a in issued)
         self.couriers.post(issued)
 
     def put_blob(self, digest: str, data: bytes) -> None:
@@ -805,7 +808,7 @@ class ControlPlane:
                 ram_bytes=n.info.ram_bytes,
                 python_version=n.info.python_version,
                 workers=n.ready_workers,
-                busy=len(n.leases),
+                busy=n.running,
                 runtime=n.info.runtime,
                 last_seen_ago=round(now - n.last_seen, 3),
                 stats=n.stats,

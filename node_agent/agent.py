@@ -139,6 +139,7 @@ class Agent:
                 agent_version=_version.version(),
                 protocol=_version.protocol(),
                 instance=self.config.instance,
+                runs_after=True,  # a prefetched lease waits for the one it follows (WorkerPool.offer)
             )
             headers = {
                 "authorization": f"Bearer {self.config.token}",

@@ -16,6 +16,10 @@ lease), which adopts the lease's: the path is put first before the run, the
 same state as a worker started with it; otherwise an idle worker is switched:
 restarted with the lease's environment, the lease waiting on it. A worker
 never carries one job's packages into another's.
+
+A prefetched lease names the lease it follows in its slot (`Lease.after`): while that one is held here
+(running or queued), it waits behind it, and it joins the queue the moment that one ends, so the worker
+goes straight on to it. The daemon counted it as taking that lease's worker, CPU and RAM only then.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class WorkerPool:
         self._next = itertools.count()
         self.slots: dict[int, Slot] = {}
         self.queue: collections.deque[m.Lease] = collections.deque()
+        self.following: dict[int, list[m.Lease]] = {}  # lease id -> prefetched leases that start when it ends
+        self.followed = 0  # prefetched leases that waited here for the lease before them, and went on after it
         for _ in range(n_slots):
             self.add_slot(pool)
 
@@ -72,8 +78,11 @@ class WorkerPool:
         )
 
     def held(self) -> set[int]:
-        """Leases this agent holds: queued or running."""
-        return {lease.lease_id for lease in self.queue} | {s.lease.lease_id for s in self.slots.values() if s.lease}
+        """Leases this agent holds: queued (prefetched ones too) or running."""
+        following = {lease.lease_id for leases in self.following.values() for lease in leases}
+        return (
+            {lease.lease_id for lease in self.queue} | {s.lease.lease_id for s in self.slots.values() if s.lease}
+        ) | following
 
     def busy(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state == SlotState.BUSY]
@@ -83,7 +92,8 @@ class WorkerPool:
 
     def statistics(self) -> dict[str, int]:
         counts = collections.Counter(s.state.value for s in self.slots.values())
-        return {"workers": len(self.slots), "queued_leases": len(self.queue), **counts}
+        queued = len(self.queue) + sum(len(leases) for leases in self.following.values())
+        return {"workers": len(self.slots), "queued_leases": queued, **counts}
 
     # ---- slots come and go -------------------------------------------------------
 
@@ -121,15 +131,31 @@ class WorkerPool:
         return self._fill()
 
     def offer(self, leases: list[m.Lease]) -> list[tuple[Slot, m.Lease]]:
-        """New leases: start what fits on idle workers, queue the rest."""
-        self.queue.extend(leases)
+        """New leases: start what fits on idle workers, queue the rest (a prefetched one behind its lease)."""
+        for lease in leases:
+            if lease.after and lease.after in self.held():
+                self.following.setdefault(lease.after, []).append(lease)
+            else:  # what it follows has ended already (or never came): it runs like any other
+                self.queue.append(lease)
         return self._fill()
+
+    def start_queued(self) -> list[tuple[Slot, m.Lease]]:
+        """Give queued leases to idle workers (after a death freed what waited on its lease)."""
+        return self._fill()
+
+    def _ended(self, lease: m.Lease | None) -> None:
+        """`lease` is settled here: the leases that followed it go first in the queue."""
+        if lease is not None and lease.lease_id in self.following:
+            following = self.following.pop(lease.lease_id)
+            self.queue.extendleft(reversed(following))
+            self.followed += len(following)
 
     def finished(self, index: int) -> list[tuple[Slot, m.Lease]]:
         """The worker in `index` answered its lease."""
         slot = self.slots[index]
         if slot.state == SlotState.BUSY:
             slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
+        self._ended(slot.lease)
         slot.lease = None
         return self._fill()
 
@@ -142,6 +168,7 @@ class WorkerPool:
         lease = slot.lease if slot.state == SlotState.BUSY else None
         memory = slot.memory_kill
         slot.state = SlotState.STOPPING if slot.retired else SlotState.STARTING
+        self._ended(slot.lease)  # what followed it waits for a worker now (`start_queued`)
         slot.lease = None
         slot.memory_kill = None
         slot.deaths += 1
@@ -155,12 +182,19 @@ class WorkerPool:
     def cancel_job(self, job_id: str) -> list[Slot]:
         """Drop a job's queued leases; returns the workers running it, to kill."""
         self.queue = collections.deque(lease for lease in self.queue if lease.job_id != job_id)
+        for before, leases in list(self.following.items()):
+            self.following[before] = [lease for lease in leases if lease.job_id != job_id]
+            if not self.following[before]:
+                del self.following[before]
         victims = [s for s in self.slots.values() if s.state == SlotState.BUSY and s.lease and s.lease.job_id == job_id]
         for slot in victims:
             slot.state = SlotState.STOPPING
         for slot in self.slots.values():
             if slot.lease is not None and slot.lease.job_id == job_id and slot.state != SlotState.BUSY:
                 slot.lease = None  # a switch for a cancelled job: the new worker just becomes idle
+        held = self.held()
+        for before in [b for b in self.following if b not in held]:
+            self.queue.extend(self.following.pop(before))  # what they followed was dropped: they wait no more
         return victims
 
     def _fill(self) -> list[tuple[Slot, m.Lease]]:

@@ -514,6 +514,7 @@ class Supervisor:
     def _worker_died(self, index: int, started: Started, spec: pools.PoolSpec) -> None:
         lease, memory_kill = self.pool.died(index)
         self.outbox.mark_dirty()
+        self._start(self.pool.start_queued())  # a lease that followed its lease may go to another worker
         if lease is None:
             return
         self.counters["worker_deaths"] += 1
@@ -565,7 +566,8 @@ class Supervisor:
 
     def statistics(self) -> dict[str, Any]:
         envs = self.envs.statistics() if self.envs is not None else {}
-        return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters}
+        followed = {"leases_followed": self.pool.followed}
+        return {**self.pool.statistics(), **self.runtime.statistics(), **envs, **self.counters, **followed}
 
 
 def _short_id(conn: WorkerConn) -> str:

@@ -135,6 +135,7 @@ class NodeInfo(Wire):
     agent_version: str = field("", max_len=64)
     protocol: int = field(0, lo=0, hi=2**31)  # PROTOCOL_VERSION of the agent; 0: an agent older than protocol numbers
     instance: str = field("", pattern=INSTANCE_NAME)  # the cloud instance it runs on, when the daemon started it
+    runs_after: bool = False  # it holds a lease naming Lease.after until that lease ends (older agents: no prefetch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +191,9 @@ class Lease(Wire):
     func_ram_bytes: int = field(4 * 1024**3, lo=0, hi=MAX_BYTES)
     pool: str = field("", max_len=256)  # the agent's pool of workers to run it on (PoolState.key)
     env: str = field("", pattern=OPTIONAL_SHA256)  # the job's environment manifest (JobSpec.env)
+    # prefetched: the lease it follows in its slot on the node; it starts when that one ends, not before
+    # (0: it starts on any free worker of its pool). See NodeInfo.runs_after.
+    after: int = field(0, lo=0)
 
 
 MACHINE_TYPE = r"[a-z][-a-z0-9]{0,62}"

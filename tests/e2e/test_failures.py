@@ -105,6 +105,29 @@ def test_burlad_restarted_mid_job_loses_nothing(own_cluster: Cluster) -> None:
     assert own_cluster.status()["daemon"].get("jobs_restored", 0) == 1
 
 
+def prefetched_everywhere(cluster: Cluster) -> bool:
+    """Every node holds leases queued behind its running ones (prefetched), as its last report says."""
+    nodes = cluster.status()["nodes"]
+    return bool(nodes) and all(n["stats"].get("queued_leases", 0) > 0 for n in nodes)
+
+
+@pytest.mark.parametrize("what", ["agent killed", "burlad restarted"])
+def test_prefetched_leases_are_neither_lost_nor_run_twice_when_a_part_fails(own_cluster: Cluster, what: str) -> None:
+    """Leases queued on a node behind its running ones: a killed agent's run elsewhere, a restarted daemon
+    keeps them with the agent that holds them; each input's result comes back once."""
+    job = BackgroundMap(numbered, range(80))  # 0.2 s calls: after the probes, one call per lease, each with its next
+    wait_for(lambda: prefetched_everywhere(own_cluster), 20, "prefetched leases on every node")
+    if what == "agent killed":
+        own_cluster.kill_agent(0)
+    else:
+        own_cluster.restart_daemon()
+    job.join(90)
+    assert not job.is_alive() and not job.errors, job.errors
+    assert [x for x, _ in job.results] == list(range(80))
+    counters = own_cluster.status()["daemon"]
+    assert counters.get("agents_expired" if what == "agent killed" else "jobs_restored", 0) == 1
+
+
 WAITING_CLIENT = """
 import os, time
 from burla import remote_parallel_map

@@ -39,3 +39,52 @@ def test_unfit_facts() -> None:
     nodes = [node("n1", cpus=4, ram_gb=16), node("n2", cpus=16, ram_gb=64), node("n3", cpus=96, py="3.12")]
     assert unfit(nodes, spec(func_cpu=32)) == TooLarge(32, 1.0, 16, 64 * GB)
     assert unfit(nodes, spec(func_cpu=16)) is None
+
+
+def test_a_prefetched_lease_reserves_nothing_until_the_lease_it_follows_ends() -> None:
+    n = node("n1", cpus=2)
+    job = spec(func_cpu=1.0, func_ram=2.0)
+    n.hold(1, "", job)
+    n.hold(2, "", job, after=1)
+    assert n.leases == {1, 2} and n.queued == {2: 1} and n.successor == {1: 2}
+    assert n.running == 1 and n.pool_leases[m.PROCESS_POOL] == 1
+    assert (n.cpu_used, n.ram_used) == (1.0, 2 * GB)
+    assert n.job_leases["j1"] == 2  # a prefetched lease of the job still runs here: the handover waits for it
+    assert n.release(1, "", job) == 2  # it takes over lease 1's worker, CPU and RAM
+    assert n.leases == {2} and n.queued == {} and n.successor == {}
+    assert n.running == 1 and n.pool_leases[m.PROCESS_POOL] == 1 and n.cpu_used == 1.0
+    assert n.release(2, "", job) is None
+    assert (n.running, n.cpu_used, n.ram_used, n.pool_leases[m.PROCESS_POOL]) == (0, 0.0, 0, 0)
+
+
+def test_a_prefetched_lease_dropped_first_leaves_the_one_before_as_it_was() -> None:
+    n = node("n1", cpus=2)
+    job = spec()
+    n.hold(1, "", job)
+    n.hold(2, "", job, after=1)
+    n.hold(3, "", job, after=2)  # two deep: 3 follows 2, which follows 1
+    assert n.tails(2) == [] and n.tails(3) == [3]
+    assert n.release(2, "", job) is None  # cancelled or requeued while it waited
+    assert n.queued == {3: 1} and n.successor == {1: 3} and n.cpu_used == 1.0
+    assert n.release(1, "", job) == 3
+    assert n.queued == {} and n.running == 1 and n.cpu_used == 1.0
+
+
+def test_a_lease_follows_only_a_lease_held_here_and_not_yet_followed() -> None:
+    n = node("n1", cpus=4)
+    job = spec()
+    n.hold(1, "", job)
+    n.hold(2, "", job, after=9)  # what it follows is not here (restored, or ended): it holds a worker
+    n.hold(3, "", job, after=1)
+    n.hold(4, "", job, after=1)  # lease 1 has a follower already
+    assert n.queued == {3: 1} and n.running == 3 and n.cpu_used == 3.0
+    assert n.tails(1) == [2, 4]
+
+
+def test_could_serve_ignores_what_other_calls_reserve() -> None:
+    n = node("n1", cpus=2)
+    n.hold(1, "", spec(func_cpu=2.0))
+    assert n.pick_pool(spec(func_cpu=1.0)) is None
+    assert n.could_serve(spec(func_cpu=1.0)) and n.could_serve(spec(func_cpu=2.0))
+    assert not n.could_serve(spec(func_cpu=3.0)) and not n.could_serve(spec(py="3.12"))
+    assert n.pool_ready("") and n.pool_ready(m.PROCESS_POOL) and not n.pool_ready("other")

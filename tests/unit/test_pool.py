@@ -255,3 +255,57 @@ def test_a_worker_that_ran_a_plain_lease_is_switched_for_an_environment() -> Non
     pool.finished(0)
     ((slot, _),) = pool.offer([env_lease(2, "E")])
     assert slot.state == SlotState.SWITCHING  # the job before may have imported anything
+
+
+def after(lease_id: int, before: int, job_id: str = "j1") -> m.Lease:
+    return m.Lease(lease_id, job_id, "hash", 0, 0, lease_id * 10, lease_id * 10 + 10, after=before)
+
+
+def test_a_prefetched_lease_waits_for_the_one_it_follows_even_beside_an_idle_worker() -> None:
+    pool = ready_pool(2)
+    assert started(pool.offer([lease(1), after(2, 1)])) == [(0, 1)]  # worker 1 stays idle: 2 is 1's next
+    assert pool.held() == {1, 2} and not pool.queue
+    assert pool.statistics() == {"workers": 2, "queued_leases": 1, "busy": 1, "idle": 1}
+    assert started(pool.finished(0)) == [(0, 2)]  # the worker goes straight on to it
+    assert pool.held() == {2} and pool.following == {}
+
+
+def test_a_prefetched_lease_goes_before_other_queued_leases_when_its_lease_ends() -> None:
+    pool = ready_pool(1)
+    pool.offer([lease(1), lease(3)])
+    pool.offer([after(2, 1)])
+    assert started(pool.finished(0)) == [(0, 2)]
+    assert [ls.lease_id for ls in pool.queue] == [3]
+
+
+def test_a_prefetched_lease_whose_lease_already_ended_runs_at_once() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1)])
+    pool.finished(0)  # its result is on its way while the daemon sends the next one
+    assert started(pool.offer([after(2, 1)])) == [(0, 2)]
+
+
+def test_chains_of_prefetched_leases_run_in_order() -> None:
+    pool = ready_pool(1)
+    pool.offer([lease(1), after(2, 1), after(3, 2)])
+    assert pool.held() == {1, 2, 3}
+    assert started(pool.finished(0)) == [(0, 2)]
+    assert started(pool.finished(0)) == [(0, 3)]
+
+
+def test_a_death_frees_what_followed_its_lease_for_another_worker() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1), after(2, 1)])
+    dead, _ = pool.died(0)
+    assert dead is not None and dead.lease_id == 1  # reported as failed: the daemon fails the job
+    assert started(pool.start_queued()) == [(1, 2)]
+
+
+def test_cancel_drops_prefetched_leases_of_the_job_at_once() -> None:
+    pool = ready_pool(2)
+    pool.offer([lease(1), after(2, 1), lease(3, "j2"), after(4, 3, "j2")])
+    assert [s.index for s in pool.cancel_job("j1")] == [0]
+    assert pool.held() == {3, 4} and pool.following == {3: [after(4, 3, "j2")]}  # j2's leases untouched
+    pool.died(0)
+    assert pool.held() == {3, 4} and not pool.queue
+    assert started(pool.finished(1)) == [(1, 4)]

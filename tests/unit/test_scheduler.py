@@ -23,8 +23,10 @@ PY = "3.11"
 GB = 10**9
 
 
-def node(node_id: str = "n1", cpus: int = 4, ram_gb: float = 64, workers: int = 4, py: str = PY) -> m.NodeInfo:
-    return m.NodeInfo(node_id, f"host-{node_id}", cpus, int(ram_gb * GB), py, workers)
+def node(
+    node_id: str = "n1", cpus: int = 4, ram_gb: float = 64, workers: int = 4, py: str = PY, runs_after: bool = False
+) -> m.NodeInfo:
+    return m.NodeInfo(node_id, f"host-{node_id}", cpus, int(ram_gb * GB), py, workers, runs_after=runs_after)
 
 
 def spec(
@@ -414,6 +416,172 @@ def test_a_single_tenant_node_that_is_gone_requeues_what_ran_there() -> None:
     assert s.jobs["old"].leases == {} and s.jobs["old"].pending.size == 1_000_000
 
 
+# ---- prefetch: a busy slot's next lease waits on its node -------------------------------------
+
+
+def prefetching(
+    n: int = 200, workers: int = 2, spc: float | None = 0.05, prefetch: int = 1, **spec_kw: object
+) -> tuple[Scheduler, JobState]:
+    s = Scheduler(prefetch_per_slot=prefetch)
+    s.add_node("a1", node(workers=workers, cpus=workers, runs_after=True), 0.0)
+    job = s.add_job(spec(**spec_kw), 0.0)  # type: ignore[arg-type]
+    job.seconds_per_call = spc
+    s.add_batches("j1", batches(n), final_count=n)
+    return s, job
+
+
+def test_each_busy_slot_gets_its_next_lease_ahead_naming_the_lease_it_follows() -> None:
+    s, job = prefetching()
+    issued = s.assign(1.0)
+    first, second = issued[:2], issued[2:]
+    assert [a.lease.after for a in first] == [0, 0]
+    assert [a.lease.after for a in second] == [a.lease.lease_id for a in first]
+    assert [a.queued for a in issued] == [False, False, True, True]
+    assert [a.lease.hi - a.lease.lo for a in issued] == [4, 4, 4, 4]  # 0.2 s of 0.05 s calls each
+    assert (job.running, job.queued, s.nodes["a1"].running) == (2, 2, 2)
+    assert s.assign(1.0) == []  # one lease ahead per slot (prefetch_per_slot)
+    assert finish(s, first[0], now=2.0, elapsed=0.2).accepted
+    assert not job.leases[second[0].lease.lease_id].queued  # it runs now, in the slot of the lease before
+    (nxt,) = s.assign(2.0)
+    assert nxt.lease.after == second[0].lease.lease_id and nxt.queued
+    assert (job.running, job.queued) == (2, 2)
+    status = job_status(s, job, 2.0)
+    assert status.running == 2 and status.phase == "running on 2 workers"
+
+
+def test_prefetch_goes_as_deep_as_prefetch_per_slot() -> None:
+    s, job = prefetching(workers=1, prefetch=3)
+    issued = s.assign(1.0)
+    assert [a.lease.after for a in issued] == [0, *(a.lease.lease_id for a in issued[:3])]
+    assert (job.running, job.queued) == (1, 3)
+
+
+def test_near_the_end_prefetched_leases_shrink_so_the_slots_finish_together() -> None:
+    s, job = prefetching(n=10)
+    issued = s.assign(1.0)
+    # 4 + 4 to the free slots; the last 2 as 1 behind each (not 2 behind one of them: that slot would end last)
+    assert [(a.lease.hi - a.lease.lo, bool(a.lease.after)) for a in issued] == [
+        (4, False),
+        (4, False),
+        (1, True),
+        (1, True),
+    ]
+
+
+def test_leases_of_trivial_calls_are_not_split_finer_for_prefetch() -> None:
+    s, job = prefetching(n=100_000, spc=1e-7)
+    assert [a.lease.hi - a.lease.lo for a in s.assign(1.0)] == [50_000, 50_000]  # guided: nothing left to prefetch
+    s.add_batches("j1", [m.BatchMeta(1, 100_000, 100_000)], final_count=200_000)
+    assert [a.lease.hi - a.lease.lo for a in s.assign(2.0)] == [50_000, 50_000]  # a lease's cost beats finer balance
+
+
+def test_no_prefetch_when_off_for_probes_for_long_calls_or_for_agents_that_cannot_hold_them() -> None:
+    for s, job in (prefetching(prefetch=0), prefetching(spc=None), prefetching(spc=2.0)):
+        issued = s.assign(1.0)
+        assert len(issued) == 2 and all(a.lease.after == 0 for a in issued) and job.queued == 0
+    s, job = prefetching()
+    s.nodes["a1"].info = node(workers=2, cpus=2, runs_after=False)  # an agent older than prefetch
+    assert len(s.assign(1.0)) == 2 and job.queued == 0
+
+
+def test_the_probe_teaches_the_call_time_then_slots_prefetch() -> None:
+    s, job = prefetching(spc=None)
+    probes = s.assign(1.0)
+    assert [a.lease.hi - a.lease.lo for a in probes] == [1, 1]
+    finish(s, probes[0], now=2.0, elapsed=0.05)
+    issued = s.assign(2.0)
+    assert [a.lease.hi - a.lease.lo for a in issued] == [4, 4, 4]  # a free slot, then one ahead of each
+    assert sorted(a.lease.after for a in issued) == [0, probes[1].lease.lease_id, issued[0].lease.lease_id]
+
+
+def test_max_parallelism_counts_running_calls_not_prefetched_leases() -> None:
+    s, job = prefetching(workers=4, max_parallelism=1)
+    issued = s.assign(1.0)
+    assert [a.lease.after for a in issued] == [0, issued[0].lease.lease_id]
+    assert (job.running, job.queued) == (1, 1)
+
+
+def test_a_slot_is_not_prefetched_for_a_user_when_another_would_get_it_once_it_frees() -> None:
+    """Alice holds both slots and their next leases; bob's job arrives. Each slot runs alice's lease
+    already promised to it, then goes to bob: prefetch never keeps his job waiting longer than that."""
+    s = Scheduler()
+    s.add_node("a1", node(workers=2, cpus=2, runs_after=True), 0.0)
+    alice = add(s, "big", "alice", 100_000, 0.0)
+    held = s.assign(1.0)
+    assert (alice.running, alice.queued) == (2, 2)
+    bob = add(s, "small", "bob", 1_000, 2.0)
+    bob.seconds_per_call = None  # a probe first: never prefetched
+    assert s.assign(2.0) == []
+    finish(s, held[0], now=3.0)  # its prefetched lease runs now; the next time the slot frees, it is bob's
+    assert s.assign(3.0) == []
+    finish(s, held[2], now=4.0)  # the slot is free: bob's probe
+    (probe,) = s.assign(4.0)
+    assert probe.lease.job_id == "small" and probe.lease.after == 0
+    assert by_owner(s) == {"alice": 2, "bob": 1}  # alice: one running, one prefetched behind it
+    finish(s, probe, now=5.0, elapsed=0.001)  # bob's calls are short: his slot prefetches now too
+    issued = s.assign(5.0)
+    assert [a.lease.job_id for a in issued] == ["small", "small"]
+    assert [bool(a.lease.after) for a in issued] == [False, True]
+    assert (bob.running, bob.queued, alice.running, alice.queued) == (1, 1, 1, 1)
+
+
+def test_a_single_tenant_handover_waits_for_the_prefetched_leases_of_the_job_before() -> None:
+    s = Scheduler()
+    s.add_node("c1", node(workers=2, cpus=2, runs_after=True), 0.0, single_tenant=True)
+    s.hold("c1", "old")
+    old = add(s, "old", "alice", 1_000_000, 0.0)
+    add(s, "new", "bob", 1_000, 1.0)
+    held = s.assign(1.0)
+    assert (old.running, old.queued) == (2, 2)
+    s.hold("c1", "new")
+    for lease in held[:3]:
+        assert finish(s, lease, now=2.0).accepted
+        assert s.assign(2.0) == []  # the old job's leases, prefetched ones too, run there first
+    assert finish(s, held[3], now=3.0).accepted
+    issued = s.assign(3.0)
+    assert {a.lease.job_id for a in issued} == {"new"} and len(issued) == 4  # its call time is known: 2 + 2
+    assert s.nodes["c1"].running == 2
+
+
+def test_a_cancelled_job_stops_its_prefetched_leases_and_a_lost_node_requeues_them() -> None:
+    s, job = prefetching()
+    issued = s.assign(1.0)
+    ids = sorted(a.lease.lease_id for a in issued)
+    assert sorted(lid for _, lid in s.finish_job("j1", m.JOB_CANCELLED)) == ids
+    assert job.leases == {} and job.queued == 0 and s.nodes["a1"].leases == set()
+    assert (s.nodes["a1"].running, s.nodes["a1"].cpu_used, s.nodes["a1"].queued) == (0, 0.0, {})
+    s, job = prefetching()
+    issued = s.assign(1.0)
+    assert sorted(s.remove_node("a1")) == sorted(a.lease.lease_id for a in issued)
+    assert job.leases == {} and job.queued == 0 and job.pending.size == 200
+
+
+def test_a_lease_the_agent_lost_hands_its_slot_to_the_one_that_followed_it() -> None:
+    s, job = prefetching()
+    first, _, after0, _ = s.assign(1.0)
+    s.requeue([first.lease.lease_id])  # its delivery was lost; the prefetched one is still held
+    assert not job.leases[after0.lease.lease_id].queued
+    assert (job.running, job.queued, s.nodes["a1"].running) == (2, 1, 2)
+    assert [a.lease.after for a in s.assign(2.0)] == [after0.lease.lease_id]
+
+
+def test_a_restart_restores_prefetched_leases_as_running_until_their_slots_settle() -> None:
+    """The store keeps no `after`: a restarted daemon counts every lease as holding a worker, so it hands
+    out less until they end, never more; the agent still runs them one after the other."""
+    s, job = prefetching()
+    issued = s.assign(1.0)
+    s2 = Scheduler()
+    s2.add_node("a1", node(workers=2, cpus=2, runs_after=True), 2.0)
+    stored = [(dataclasses.replace(a.lease, after=0), "a1") for a in issued]
+    job2 = s2.restore_job(job.spec, 0.0, batches(200), 200, [], stored)
+    assert (job2.running, job2.queued, s2.nodes["a1"].running) == (4, 0, 4)
+    assert s2.assign(2.0) == []
+    for a in issued[:3]:
+        finish(s2, a, now=3.0, elapsed=0.2)
+    new = s2.assign(3.0)  # one lease still held there: a free slot, and one lease ahead of each
+    assert [a.lease.after for a in new] == [0, issued[3].lease.lease_id, new[0].lease.lease_id]
+
+
 # ---- infeasible ---------------------------------------------------------------------------
 
 
@@ -800,7 +968,10 @@ class Harness:
     def add_node(self, node_id: str | None = None, workers: int = 2) -> None:
         self.next_agent += 1
         agent = f"a{self.next_agent}"
-        self.s.add_node(agent, node(node_id or f"n{self.next_agent}", workers=workers, cpus=workers), self.now)
+        info = node(
+            node_id or f"n{self.next_agent}", workers=workers, cpus=workers, runs_after=self.next_agent % 3 != 0
+        )
+        self.s.add_node(agent, info, self.now)  # most agents take prefetched leases
 
     def upload(self, count: int = 1) -> None:
         """Upload the next batches; sometimes re-send an old one (a retried upload)."""
@@ -894,7 +1065,14 @@ class Harness:
             assert lid in s.nodes[active.agent_id].leases
         for agent, n in s.nodes.items():
             assert n.leases == {lid for lid, a in job.leases.items() if a.agent_id == agent}
-            assert n.cpu_used == pytest.approx(len(n.leases) * job.spec.func_cpu)
+            assert n.cpu_used == pytest.approx(n.running * job.spec.func_cpu)
+            assert n.pool_leases[m.PROCESS_POOL] == n.running <= n.info.workers
+            # prefetched leases: each follows one lease held on its node, one each, in chains of prefetch_per_slot
+            assert set(n.queued) <= n.leases and set(n.queued.values()) <= n.leases
+            assert {v: k for k, v in n.queued.items()} == n.successor
+            assert set(n.queued) == {lid for lid, a in job.leases.items() if a.agent_id == agent and a.queued}
+            assert all(n.info.runs_after and n.queued[lid] not in n.queued for lid in n.queued)
+        assert job.queued == sum(a.queued for a in job.leases.values())
         if job.state != m.RUNNING:
             return
         # pending, active leases and done partition the uploaded inputs
