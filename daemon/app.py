@@ -166,15 +166,17 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             raise
         return None
 
-    def is_admin_token(token: str) -> bool:
-        admin_hash = plane.token_hashes.get(ADMIN, "")
-        return bool(admin_hash) and hmac.compare_digest(hash_token(token).encode(), admin_hash.encode())
+    def is_token(token: str, *roles: str) -> bool:
+        """Is `token` the cluster's admin or node token (of one of `roles`)? Compared as hashes, in constant time."""
+        presented = hash_token(token).encode()
+        hashes = [plane.token_hashes.get(role, "") for role in roles]
+        return any(hmac.compare_digest(presented, h.encode()) for h in hashes if h)
 
     def check_user(headers: Any, role: str) -> Principal:
         token = bearer(headers)
         if token.startswith(KEY_PREFIX):
             who = plane.users.authenticate(token)
-        elif is_admin_token(token):
+        elif is_token(token, ADMIN):
             who = Principal(BOOTSTRAP, ADMIN_ROLE)
         else:
             raise Unauthorized(
@@ -186,10 +188,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     def check_node(headers: Any) -> None:
         token = bearer(headers)
-        node_hash = plane.token_hashes.get(NODE, "")
-        if is_admin_token(token) or (node_hash and hmac.compare_digest(hash_token(token).encode(), node_hash.encode())):
-            return
-        if instance_of(token):
+        if is_token(token, ADMIN, NODE) or instance_of(token):
             return
         raise Unauthorized("this token is not valid for node routes of this cluster: give the agent the node token")
 

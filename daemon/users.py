@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import hmac
 import logging
 import re
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from burla.schemas import messages as m
 
 from .errors import BadRequest, Conflict, NotFound, Unauthorized
-from .store import Store
+from .store import Store, hash_token
 
 if TYPE_CHECKING:
     from .service import ControlPlane
@@ -75,10 +74,6 @@ def valid_name(value: Any, what: str = "name") -> str:
     return value
 
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def make_key() -> tuple[str, str]:
     """(key id, key): a fresh API key."""
     key_id = secrets.token_hex(6)
@@ -114,7 +109,7 @@ class Users:
         """The user whose live key `token` is; else Unauthorized, naming the user when the key was theirs."""
         key_id = key_id_of(token)
         key = self._keys.get(key_id) if key_id else None
-        if key is None or not hmac.compare_digest(hash_key(token), key.key_hash):
+        if key is None or not hmac.compare_digest(hash_token(token), key.key_hash):
             raise Unauthorized("this API key is not one of this cluster's: check BURLA_API_KEY or `burla login`")
         role = self.roles.get(key.user)
         if key.ended is not None or role is None:
@@ -191,8 +186,9 @@ class Users:
 
     def _new_key(self, name: str, now: float) -> str:
         key_id, key = make_key()
-        self.store.add_key(key_id, name, hash_key(key), now)
-        self.store.after_commit(lambda: self._keys.__setitem__(key_id, _Key(name, hash_key(key))))
+        key_hash = hash_token(key)
+        self.store.add_key(key_id, name, key_hash, now)
+        self.store.after_commit(lambda: self._keys.__setitem__(key_id, _Key(name, key_hash)))
         return key
 
     def _end(self, name: str, now: float, why: str) -> None:
