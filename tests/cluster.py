@@ -233,6 +233,14 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def skip_or_fail(missing: str | None, required_by: str) -> None:
+    """Skip the calling test for what is `missing`; fail it instead where `$required_by` is 1 (as in CI)."""
+    if missing:
+        if os.environ.get(required_by) == "1":
+            pytest.fail(f"{required_by}=1 but {missing}")
+        pytest.skip(missing)
+
+
 def as_user(user: str, home: str, runtime_dir: Path) -> list[str]:
     """A command prefix running as `user` with its own Podman configuration (not the tests' XDG dirs)."""
     return ["runuser", "-u", user, "--", "env", "-u", "XDG_CONFIG_HOME", "-u", "XDG_DATA_HOME",

@@ -22,7 +22,7 @@ import pytest
 import burla
 from burla import remote_parallel_map
 from burla.node_agent.podman_runtime import RUN_DIR
-from tests.cluster import BackgroundMap, Cluster, as_user, wait_for
+from tests.cluster import BackgroundMap, Cluster, as_user, skip_or_fail, wait_for
 from tests.e2e.test_worker_user import tokens_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman]
@@ -56,11 +56,7 @@ def podman_missing() -> str | None:
 
 def require_podman() -> None:
     """Skip the calling test where Podman is missing; fail it under BURLA_REQUIRE_PODMAN=1."""
-    missing = podman_missing()
-    if missing:
-        if os.environ.get("BURLA_REQUIRE_PODMAN") == "1":
-            pytest.fail(f"BURLA_REQUIRE_PODMAN=1 but {missing}")
-        pytest.skip(missing)
+    skip_or_fail(podman_missing(), "BURLA_REQUIRE_PODMAN")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 import burla
 from burla import remote_parallel_map
-from tests.cluster import PYTHON, Cluster, as_user
+from tests.cluster import PYTHON, Cluster, as_user, skip_or_fail
 from tests.e2e.test_failures import hog_memory
 
 pytestmark = pytest.mark.e2e
@@ -41,11 +41,7 @@ def worker_user_missing() -> str | None:
 
 
 def require_worker_user() -> None:
-    missing = worker_user_missing()
-    if missing:
-        if os.environ.get("BURLA_REQUIRE_WORKER_USER") == "1":
-            pytest.fail(f"BURLA_REQUIRE_WORKER_USER=1 but {missing}")
-        pytest.skip(missing)
+    skip_or_fail(worker_user_missing(), "BURLA_REQUIRE_WORKER_USER")
 
 
 def snoop(targets: dict[str, str]) -> dict[str, Any]:
