@@ -294,13 +294,17 @@ class ControlPlane:
             raise NotFound(f"no job {job_id}")
         return job
 
+    def _owner(self, job_id: str) -> str | None:
+        """Who made the job, running or finished (None: no such job)."""
+        job = self.scheduler.jobs.get(job_id)
+        return job.owner if job is not None else self.store.job_owner(job_id)
+
     def _visible(self, job_id: str, who: Principal | None) -> None:
         """Another user's job is answered as no job at all: its id says nothing, and its existence is not told."""
         if who is None or who.admin:
             return
-        job = self.scheduler.jobs.get(job_id)
-        owner = job.owner if job is not None else self.store.job_owner(job_id)
-        if owner is not None and owner != who.name:
+        owner = self._owner(job_id)
+        if owner is not None and not who.may_act_on(owner):
             raise NotFound(f"no job {job_id}")
 
     @_decides
@@ -387,16 +391,12 @@ class ControlPlane:
         """Wait until `job_id` exists (a client opens its events while creating it); another user's job
         is waited for as one that does not exist."""
         with trio.move_on_after(timeout):
-            while not self._exists_for(job_id, who):
+            while not self.has_job(job_id, who):
                 await self._job_created.wait()
 
     def has_job(self, job_id: str, who: Principal | None = None) -> bool:
         """Whether `job_id` exists (running or finished) and is `who`'s to see."""
-        return self._exists_for(job_id, who)
-
-    def _exists_for(self, job_id: str, who: Principal | None) -> bool:
-        job = self.scheduler.jobs.get(job_id)
-        owner = job.owner if job is not None else self.store.job_owner(job_id)
+        owner = self._owner(job_id)
         return owner is not None and (who is None or who.may_act_on(owner))
 
     def job_status(self, job_id: str, who: Principal | None = None) -> m.JobStatus:
@@ -826,7 +826,7 @@ class ControlPlane:
 
     def _pool_seen_by(self, pool: m.PoolState, who: Principal | None) -> m.PoolState:
         """A pool made for another user's job shows that it is busy, not whose job, image or phase it is."""
-        if not pool.job_id or who is None or who.admin or self._exists_for(pool.job_id, who):
+        if not pool.job_id or who is None or who.admin or self.has_job(pool.job_id, who):
             return pool
         return dataclasses.replace(pool, job_id="", image="", phase="another user's job", containers=())
 
