@@ -112,15 +112,23 @@ class EventHub:
             except (BadRequest, WireError) as e:
                 await self.send({"error": {"code": "bad_request", "message": str(e)}})
                 continue
-            old = self._follows.pop(job_id, None)
-            if old is not None:
-                old.cancel()
+            self._unfollow(job_id)
             trace("daemon", f"events {op} {job_id[:8]} after={after}")
             if op == "subscribe":
-                self._follows[job_id] = trio.CancelScope()
-                nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
+                self._follow(job_id, after, nursery)
             else:  # "ack"
                 self.plane.ack_job(job_id, self.who)
+
+    def _unfollow(self, job_id: str) -> None:
+        old = self._follows.pop(job_id, None)
+        if old is not None:
+            old.cancel()
+
+    def _follow(self, job_id: str, after: int, nursery: trio.Nursery) -> None:
+        """Follow `job_id` from `after`, in place of any follow of it before (a reconnect's resubscribe)."""
+        self._unfollow(job_id)
+        self._follows[job_id] = trio.CancelScope()
+        nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
 
     async def _create(self, raw: bytes | bytearray, nursery: trio.Nursery) -> None:
         """A create frame: make the job (unless it is the caller's already) and follow it from `after`."""
@@ -144,11 +152,7 @@ class EventHub:
             body = {**error.body()["error"], "status": error.status}
             await self.send({"job_id": job_id, "error": body} if job_id else {"error": body})
             return
-        old = self._follows.pop(job_id, None)
-        if old is not None:
-            old.cancel()
-        self._follows[job_id] = trio.CancelScope()
-        nursery.start_soon(self.follow, job_id, after, self._follows[job_id])
+        self._follow(job_id, after, nursery)
         acks = header.get("ack", [])
         for acked in acks[:_ACKS] if isinstance(acks, list) else ():
             if isinstance(acked, str) and acked != job_id:
