@@ -159,7 +159,7 @@ class Users:
 
     def rotate(self, name: str) -> str:
         """A new key for `name`; the old one fails from now on. Returns the new key."""
-        self._existing(name)
+        self.existing(name)
         now = self.clock()
         with self.store.tx():
             self._end(name, now, "rotated")
@@ -167,11 +167,11 @@ class Users:
 
     def revoke(self, name: str) -> None:
         """End `name`'s key, with no new one (rotate gives one)."""
-        self._existing(name)
+        self.existing(name)
         self._end(name, self.clock(), "revoked")
 
     def remove(self, name: str) -> None:
-        self._existing(name)
+        self.existing(name)
         now = self.clock()
         with self.store.tx():
             self._end(name, now, "removed with its user")
@@ -179,7 +179,8 @@ class Users:
         self.roles.pop(name, None)
         self.removed.add(name)
 
-    def _existing(self, name: str) -> None:
+    def existing(self, name: str) -> None:
+        """Raise NotFound unless `name` is a user now."""
         valid_name(name)
         if name not in self.roles:
             raise NotFound(f"no user {name}: `burla users list` shows who there is")
@@ -263,7 +264,7 @@ class UserAdmin:
     def remove(self, name: str, by: Principal) -> dict[str, Any]:
         """Remove a user: their running jobs are cancelled (their callers are told why), their keys end."""
         plane = self.plane
-        plane.users._existing(name)
+        plane.users.existing(name)
         why = f"user {name} was removed from the cluster by {by.name}"
         cancelled = plane.cancel_jobs_of(name, why)
         plane.users.remove(name)
