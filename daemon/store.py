@@ -125,6 +125,9 @@ def _v6(db: sqlite_utils.Database) -> None:
     )
     db.table("keys").create_index(["user"])
     db.table("jobs").add_column("owner", str, not_null_default="admin")
+    # A prefetched lease names the lease it follows in its slot (0: none), so a restarted daemon counts it as
+    # waiting there, not as a call of its own.
+    db.table("leases").add_column("after", int, not_null_default=0)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
@@ -518,13 +521,14 @@ class Store:
                         "func_ram_bytes": ram,
                         "pool": pool,
                         "env": env,
+                        "after": after,
                     }
                 ),
                 str(agent),
             )  # fmt: skip
-            for lid, agent, fh, seq, start, lo, hi, cpu, ram, pool, env in self.conn.execute(
+            for lid, agent, fh, seq, start, lo, hi, cpu, ram, pool, env, after in self.conn.execute(
                 "SELECT lease_id, agent_id, function_hash, batch_seq, batch_start, lo, hi, func_cpu,"
-                " func_ram_bytes, pool, env FROM leases WHERE job_id = ?",
+                " func_ram_bytes, pool, env, after FROM leases WHERE job_id = ? ORDER BY lease_id",  # before who follows
                 (job_id,),
             )
         ]
@@ -550,7 +554,7 @@ class Store:
         with self.tx() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO leases (lease_id, job_id, agent_id, function_hash, batch_seq, batch_start,"
-                " lo, hi, func_cpu, func_ram_bytes, pool, env) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " lo, hi, func_cpu, func_ram_bytes, pool, env, after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         x.lease_id,
@@ -565,6 +569,7 @@ class Store:
                         x.func_ram_bytes,
                         x.pool,
                         x.env,
+                        x.after,
                     )
                     for x, agent in leases
                 ],  # fmt: skip

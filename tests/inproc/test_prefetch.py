@@ -83,3 +83,26 @@ async def test_a_cancel_drops_the_prefetched_leases_at_once(
     await submit_sleeps(admin, "next", 0.01, 40)
     assert await wait_state(daemon, "next", 30) == m.JOB_DONE
     assert sum(hi - lo for lo, hi in result_ranges(daemon, "next")) == 40
+
+
+async def test_a_restarted_daemon_counts_prefetched_leases_as_waiting_not_running(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    """The store keeps whom a prefetched lease follows: restored, it takes no worker of its own, so the node's
+    busy count stays its running calls (found by CI: a restarted daemon showed twice the node's workers busy)."""
+    from burla.common.config import DaemonConfig
+    from burla.daemon.service import ControlPlane
+    from burla.daemon.store import Store
+
+    await submit_sleeps(admin, "long", 0.2, 60)
+    plane = daemon.plane
+    with trio.fail_after(30):
+        while not (queued := dict(plane.scheduler.nodes[agent.agent_id].queued)):
+            await trio.sleep(0.01)
+    store = plane.store
+    again = ControlPlane(Store(store.path), DaemonConfig(state_dir=str(store.path.parent)))
+    node = again.scheduler.nodes[agent.agent_id]
+    restored = {lid: after for lid, after in queued.items() if lid in node.leases and after in node.leases}
+    assert restored and all(node.queued.get(lid) == after for lid, after in restored.items())
+    assert node.running <= node.ready_workers
+    await admin.post("/v1/jobs/long/cancel", json={"reason": "the test is over"})
