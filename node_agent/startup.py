@@ -93,19 +93,29 @@ class WorkerStarter:
                 nursery.start_soon(self._greet, stream)
 
     async def _greet(self, stream: trio.SocketStream) -> None:
+        """Hand a connection that says hello with a waiting nonce to its `running`; close any other.
+
+        The connection is closed on every other way out, a cancel included (the agent stopping)."""
         frames = FrameStream(stream)
-        with trio.move_on_after(HELLO_TIMEOUT):
-            try:
-                message = await frames.receive()
-                hello = proto.Hello.from_wire(message[0]) if message is not None else None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, envelope.EnvelopeError, wire.WireError):
-                hello = None
-            if hello is not None and hello.kind == proto.HELLO:
-                channel = self._hello.get(hello.nonce)
-                if channel is not None:
-                    await channel.send(frames)
-                    return
-        await stream.aclose()  # a stale or stray connection
+        try:
+            with trio.move_on_after(HELLO_TIMEOUT):
+                try:
+                    message = await frames.receive()
+                    hello = proto.Hello.from_wire(message[0]) if message is not None else None
+                except (trio.BrokenResourceError, trio.ClosedResourceError, envelope.EnvelopeError, wire.WireError):
+                    hello = None
+                if hello is not None and hello.kind == proto.HELLO:
+                    channel = self._hello.get(hello.nonce)
+                    if channel is not None:
+                        try:
+                            channel.send_nowait(frames)  # no checkpoint since the lookup: `running` still waits
+                            return
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # a second hello with that nonce, or its worker gave up waiting
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        await trio.aclose_forcefully(stream)  # a stale or stray connection
 
     @contextlib.asynccontextmanager
     async def running(self, index: int, spec: PoolSpec, paths: list[str], forward: Forward) -> AsyncIterator[Started]:
@@ -167,6 +177,12 @@ class WorkerStarter:
             with trio.CancelScope(shield=True):
                 if started.frames is not None:
                     await started.frames.aclose()
+                while True:  # a hello that came after `_wait_hello` gave up waiting: no one else will close it
+                    try:
+                        await receive.receive_nowait().aclose()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                receive.close()
                 with trio.move_on_after(5):
                     await proc.wait()  # reap it, even when the agent itself is stopping
 
