@@ -1,6 +1,7 @@
 """The core benchmark: Burla's embedded default beside multiprocessing, Dask and Ray.
 
     python bench/bench_core.py [--quick] [--peers burla,multiprocessing,dask,ray] [--peer-python PY] [--json OUT]
+                               [--figures cold,warm,many,bytes,sleep] [--repeat N]
 
 Every system gets 2 workers on this machine and is called the way its users
 call it (one task per input). Each figure is measured in a fresh Python
@@ -244,6 +245,18 @@ def _cleanup(system: str, env: dict[str, str]) -> None:
         subprocess.run([python(system), "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
+ALL_FIGURES = ("cold", "warm", "many", "bytes", "sleep")
+NOT_RUN = {"error": "not run"}
+_MEDIAN_OF = {"cold": "cold", "warm": "warm", "bytes": "mb_per_second", "sleep": "efficiency", "many": "seconds"}
+
+
+def _median(figure: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median figure (the lower middle one of an even count), its other fields with it;
+    the first error if no round finished."""
+    good = sorted((r for r in results if "error" not in r), key=lambda r: float(r[_MEDIAN_OF[figure.split("_")[0]]]))
+    return good[(len(good) - 1) // 2] if good else results[0]
+
+
 def fmt(result: dict[str, Any], key: str, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
     if "error" in result:
         return result["error"]
@@ -256,31 +269,49 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip the 1,000,000-input run")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a measurement is abandoned")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--figures", default=",".join(ALL_FIGURES),
+                        help="measure only these figures (comma-separated: cold,warm,many,bytes,sleep)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each figure this many times, alternating the systems; the median is shown")  # fmt: skip
     parser.add_argument(
         "--peer-python",
         default=os.environ.get("BURLA_BENCH_PEER_PYTHON", ""),
         help="the interpreter that runs multiprocessing, Dask and Ray (default: $BURLA_BENCH_PEER_PYTHON, or this one)",
     )
     args = parser.parse_args()
+    figures = [f for f in args.figures.split(",") if f]
+    unknown = sorted(set(figures) - set(ALL_FIGURES))
+    if unknown or args.repeat < 1:
+        parser.error(
+            f"unknown figure(s) {unknown}: choose from {','.join(ALL_FIGURES)}" if unknown else "--repeat: at least 1"
+        )
     if args.peer_python:
         PYTHON.update(dict.fromkeys(("multiprocessing", "dask", "ray"), args.peer_python))
     systems = [s for s in args.peers.split(",") if s]
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
-    rows: dict[str, dict[str, Any]] = {}
+    for system in [s for s in systems if not available(s)]:
+        print(f"{system}: not installed, skipped (pip install burla[bench])", file=sys.stderr)
+        systems.remove(system)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in systems}
     with tempfile.TemporaryDirectory(prefix="burla-bench-") as home:
-        for system in systems:
-            if not available(system):
-                print(f"{system}: not installed, skipped (pip install burla[bench])", file=sys.stderr)
-                continue
-            print(f"measuring {system}...", file=sys.stderr)
-            row: dict[str, Any] = {"cold": measure(system, "cold", args.timeout, home)}
-            row["warm"] = measure(system, "warm", args.timeout, home, repeats=50)
-            for n in sizes:
-                row[f"many_{n}"] = measure(system, "many", args.timeout, home, n=n)
-            row["bytes"] = measure(system, "bytes", args.timeout, home)
-            row["sleep"] = measure(system, "sleep", args.timeout, home, workers=WORKERS)
-            _cleanup(system, {**os.environ, "BURLA_HOME": home})
-            rows[system] = row
+        for round_ in range(args.repeat):  # the systems alternate, so a noisy minute hits them all alike
+            for system in systems:
+                print(f"measuring {system}{f' (round {round_ + 1})' if args.repeat > 1 else ''}...", file=sys.stderr)
+                row = runs[system]
+                if "cold" in figures:
+                    row.setdefault("cold", []).append(measure(system, "cold", args.timeout, home))
+                if "warm" in figures:
+                    row.setdefault("warm", []).append(measure(system, "warm", args.timeout, home, repeats=50))
+                if "many" in figures:
+                    for n in sizes:
+                        row.setdefault(f"many_{n}", []).append(measure(system, "many", args.timeout, home, n=n))
+                for figure in ("bytes", "sleep"):
+                    if figure in figures:
+                        row.setdefault(figure, []).append(measure(system, figure, args.timeout, home, workers=WORKERS))
+                _cleanup(system, {**os.environ, "BURLA_HOME": home})
+    rows = {
+        system: {figure: _median(figure, results) for figure, results in row.items()} for system, row in runs.items()
+    }
     print(f"\nBurla core benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {WORKERS} workers per system\n")  # fmt: skip
     header = ["system", "warm 4-input map", *[f"{n:,} inputs" for n in sizes], "64 x 4 MiB", "sleep efficiency",
@@ -289,15 +320,15 @@ def main() -> int:
     for system, row in rows.items():
         many = []
         for n in sizes:
-            r = row[f"many_{n}"]
+            r = row.get(f"many_{n}", NOT_RUN)
             many.append(r["error"] if "error" in r else f"{r['seconds']:.2f} s ({r['per_second']:,.0f}/s)")
         table.append([
             system,
-            fmt(row["warm"], "warm", 1000, " ms", 2),
+            fmt(row.get("warm", NOT_RUN), "warm", 1000, " ms", 2),
             *many,
-            fmt(row["bytes"], "mb_per_second", 1, " MB/s", 0),
-            fmt(row["sleep"], "efficiency", 1, "", 3),
-            fmt(row["cold"], "cold", 1, " s", 2),
+            fmt(row.get("bytes", NOT_RUN), "mb_per_second", 1, " MB/s", 0),
+            fmt(row.get("sleep", NOT_RUN), "efficiency", 1, "", 3),
+            fmt(row.get("cold", NOT_RUN), "cold", 1, " s", 2),
         ])  # fmt: skip
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for r in table:
@@ -305,9 +336,12 @@ def main() -> int:
     print("\nAims (issue 12), each against the peer measured in this run:")
     for line in aims(rows):
         print(f"  {line}")
+    if args.repeat > 1:
+        print(f"\n(medians of {args.repeat} rounds; every round's figures are in --json)")
     if args.json:
         with open(args.json, "w") as f:
-            out = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "rows": rows, "aims": aims(rows)}
+            out = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "rows": rows, "aims": aims(rows),
+                   "rounds": runs}  # fmt: skip
             json.dump(out, f, indent=2)
     return 0
 

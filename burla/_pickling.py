@@ -30,6 +30,7 @@ FIRST_BATCH_INPUTS = 1024
 PROBE_INPUTS = 1  # pickle one input first: its size decides how many more to take
 MAX_BATCH_INPUTS = 100_000
 TARGET_BATCH_BYTES = 2 * 1024 * 1024
+FILE_BATCH_BYTES = 16 * 1024 * 1024  # the target once batches go as files on the daemon's host (no HTTP body)
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -117,6 +118,7 @@ class InputBatcher:
                 f"inputs must be an iterable (a list, range, generator...), not {type(inputs).__name__}"
             ) from None
         self.max_input_bytes = max_input_bytes
+        self.target_bytes = TARGET_BATCH_BYTES  # pickled bytes per batch; larger when batches go as files
         self.count = 0  # inputs taken so far
         self.seq = 0
         self.exhausted = False  # no batch is left: the last one has been returned
@@ -150,7 +152,7 @@ class InputBatcher:
                 return self._emit(items, probe)
             items += self._take(want - len(items))
         else:
-            items += self._take(self._batch_inputs - len(items))
+            items += self._take(self._count_for(self._per_item) - len(items))  # follows a changed target_bytes
         if not items:
             self.exhausted = True
             return None
@@ -161,14 +163,13 @@ class InputBatcher:
         self.drained = self.drained or len(taken) < n
         return taken
 
-    @staticmethod
-    def _count_for(per_item: float) -> int:
-        return max(1, min(MAX_BATCH_INPUTS, int(TARGET_BATCH_BYTES / max(per_item, 1.0))))
+    def _count_for(self, per_item: float) -> int:
+        return max(1, min(MAX_BATCH_INPUTS, int(self.target_bytes / max(per_item, 1.0))))
 
     def _emit(self, items: list[Any], payload: bytes) -> tuple[m.BatchMeta, bytes]:
-        if len(items) > 1 and len(payload) > 2 * TARGET_BATCH_BYTES:
+        if len(items) > 1 and len(payload) > 2 * self.target_bytes:
             # a few large inputs: send fewer per batch; the rest waits for the next one
-            keep = max(1, int(len(items) * TARGET_BATCH_BYTES / len(payload)))
+            keep = max(1, int(len(items) * self.target_bytes / len(payload)))
             self._carry = items[keep:]
             items = items[:keep]
             payload = self._pickle(items, self.count)

@@ -12,6 +12,7 @@ import pytest
 
 from burla import _pickling
 from burla._pickling import (
+    FILE_BATCH_BYTES,
     FIRST_BATCH_INPUTS,
     MAX_BATCH_INPUTS,
     TARGET_BATCH_BYTES,
@@ -166,6 +167,21 @@ def test_big_items_go_one_per_batch() -> None:
         seen.append(batcher.exhausted)
     assert seen == [False, False, False, True]
     assert batcher.next_batch() is None
+
+
+def test_a_larger_target_puts_several_big_items_in_a_batch() -> None:
+    # as when batches go as files on the daemon's host (JobRun sets FILE_BATCH_BYTES after the first batch)
+    inputs = [bytes([i]) * 3_000_000 for i in range(12)]
+    batcher = InputBatcher(inputs)
+    first, _ = batcher.next_batch()  # type: ignore[misc]
+    assert first.count == 1
+    batcher.target_bytes = FILE_BATCH_BYTES
+    batches = drain(batcher)
+    assert [x for _, items in batches for x in items] == inputs[1:]
+    assert all(1 < meta.count <= FILE_BATCH_BYTES // 3_000_000 for meta, _ in batches[:-1])
+    assert [meta.start for meta, _ in batches] == [
+        1 + sum(m.count for m, _ in batches[:i]) for i in range(len(batches))
+    ]
 
 
 def test_batch_count_shrinks_for_medium_items() -> None:
