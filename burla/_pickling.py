@@ -124,7 +124,6 @@ class InputBatcher:
         self.exhausted = False  # no batch is left: the last one has been returned
         self.drained = False  # the iterable has no more items (some may still be carried over)
         self._per_item: float | None = None  # pickled bytes per input, once measured
-        self._batch_inputs = FIRST_BATCH_INPUTS
         self._carry: list[Any] = []
 
     def __iter__(self) -> Iterator[tuple[m.BatchMeta, bytes]]:
@@ -147,7 +146,7 @@ class InputBatcher:
                 return None
             probe = self._pickle(items, self.count)
             self._per_item = len(probe) / len(items)
-            want = min(self._batch_inputs, self._count_for(self._per_item))
+            want = min(FIRST_BATCH_INPUTS, self._count_for(self._per_item))
             if want <= len(items) or self.drained:
                 return self._emit(items, probe)
             items += self._take(want - len(items))
@@ -180,7 +179,6 @@ class InputBatcher:
         self.count += len(items)
         self.exhausted = self.drained and not self._carry
         self._per_item = len(payload) / len(items)
-        self._batch_inputs = self._count_for(self._per_item)
         return meta, payload
 
     def check_sizes(self, batch: tuple[m.BatchMeta, bytes]) -> None:
