@@ -97,6 +97,7 @@ class WorkerStarter:
 
         The connection is closed on every other way out, a cancel included (the agent stopping)."""
         frames = FrameStream(stream)
+        handed = False
         try:
             with trio.move_on_after(HELLO_TIMEOUT):
                 try:
@@ -109,13 +110,12 @@ class WorkerStarter:
                     if channel is not None:
                         try:
                             channel.send_nowait(frames)  # no checkpoint since the lookup: `running` still waits
-                            return
+                            handed = True
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                             pass  # a second hello with that nonce, or its worker gave up waiting
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        await trio.aclose_forcefully(stream)  # a stale or stray connection
+        finally:
+            if not handed:  # a stale or stray connection, or the agent is stopping
+                await trio.aclose_forcefully(stream)
 
     @contextlib.asynccontextmanager
     async def running(self, index: int, spec: PoolSpec, paths: list[str], forward: Forward) -> AsyncIterator[Started]:
