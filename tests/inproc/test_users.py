@@ -156,6 +156,31 @@ async def test_users_see_and_act_on_only_their_own_jobs(
         assert r.status_code == 200 and plane.job_status(mine).state == m.JOB_CANCELLED
 
 
+async def test_an_ack_over_http_forgets_only_the_callers_own_finished_job(
+    daemon: Running, admin: httpx.AsyncClient
+) -> None:
+    alice, bob = await add_user(admin, "alice"), await add_user(admin, "bob")
+    async with httpx.AsyncClient(base_url=daemon.url) as a, httpx.AsyncClient(base_url=daemon.url) as b:
+        job = await make_job(a, alice)
+        b.headers.update(bearer(bob))
+        plane = daemon.plane
+        assert (await a.post(f"/v1/jobs/{job}/ack")).json() == {"ok": True}
+        assert plane.job_status(job).state == m.RUNNING  # not finished: an ack does not end it
+        assert (await a.post(f"/v1/jobs/{job}/cancel", json={})).status_code == 200
+        # another user's ack reads as an ack of no job at all, and forgets nothing
+        assert (await b.post(f"/v1/jobs/{job}/ack")).json() == {"ok": True}
+        assert (await b.post(f"/v1/jobs/{uuid.uuid4().hex}/ack")).json() == {"ok": True}
+        assert plane.store.job_exists(job)
+        r = await a.post("/v1/jobs/..%2F..%2Fdaemon/ack")
+        assert r.status_code in (400, 404) and plane.store.job_exists(job)
+        r = await a.post(f"/v1/jobs/{'x' * 65}/ack")
+        assert r.status_code == 400 and "job id" in r.json()["error"]["message"]
+        assert (await a.post(f"/v1/jobs/{job}/ack")).json() == {"ok": True}
+        assert not plane.store.job_exists(job)
+        assert (await a.post(f"/v1/jobs/{job}/ack")).json() == {"ok": True}  # again: idempotent
+        assert (await a.get(f"/v1/jobs/{job}")).status_code == 404
+
+
 async def test_a_revoked_key_fails_at_once_also_on_an_open_websocket(daemon: Running, admin: httpx.AsyncClient) -> None:
     alice = await add_user(admin, "alice")
     async with httpx.AsyncClient(base_url=daemon.url) as a:
@@ -312,7 +337,9 @@ async def test_another_users_pools_show_no_job_image_or_phase(daemon: Running, a
         info = m.NodeInfo("n", "h", 2, 10**9, "3.11", 2, runtime="podman")
         pool = m.PoolState("p1", image="alice/private:1", state="preparing", phase="pulling alice/private:1",
                            job_id=job, containers=(("c1", "running"),))  # fmt: skip
-        daemon.plane.scheduler.nodes["x"] = NodeState("x", info, 0.0, 0, pools={"p1": pool})
+        # Seen now by the daemon's own clock, or its sweep may forget the node as silent before the GET.
+        seen_now = daemon.plane.clock()
+        daemon.plane.scheduler.nodes["x"] = NodeState("x", info, seen_now, 0, pools={"p1": pool})
         seen = {who: (await c.get("/v1/cluster")).json()["nodes"][0]["pools"][0] for who, c in
                 (("alice", a), ("bob", b), ("admin", admin))}  # fmt: skip
     assert seen["alice"]["image"] == seen["admin"]["image"] == "alice/private:1"
