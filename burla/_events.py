@@ -8,7 +8,8 @@ created on the stream too: its create frame (the envelope of ``POST /v1/jobs``)
 creates and subscribes in one message, and is sent again on a reconnect until
 the daemon has answered for the job (a create of a job that exists subscribes).
 A finished job's ack waits `ACK_DELAY` for the next create frame to ride on
-(after it: the next job is created first), else goes on its own.
+(after it: the next job is created first), else goes on its own; a closing
+client posts the acks still waiting over HTTP, where it learns they arrived.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .errors import AuthenticationError, BurlaError, ClusterUnavailableError
 
 MAX_MESSAGE_BYTES = 1024**3
 ACK_DELAY = 0.2  # seconds an ack waits for a create frame to carry it
+ACK_TIMEOUT = 2.0  # seconds a closing client waits for each ack over HTTP
 _RETRYABLE = (
     httpx.TransportError,
     WebSocketNetworkError,
@@ -95,9 +97,7 @@ class EventStream:
 
     async def ack(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
-        if self._ws is None:
-            return
-        self._acks.append(job_id)
+        self._acks.append(job_id)  # also while reconnecting: the next create frame, or the flush, takes it
         if not self._acks_due:
             self._acks_due = True
             self.nursery.start_soon(guarded, self._send_acks)
@@ -108,13 +108,30 @@ class EventStream:
             await trio.sleep(ACK_DELAY)
         finally:
             self._acks_due = False
-        await self.flush_acks()
-
-    async def flush_acks(self) -> None:
-        """Send the acks still waiting for a create frame now (the client is closing)."""
         acks, self._acks = self._acks, []
+        if self._ws is None:  # reconnecting: over HTTP, or they would wait for daemon.job_retention
+            await self._post_acks(acks)
+            return
         for job_id in acks:
             await self._send({"op": "ack", "job": job_id})
+
+    async def flush_acks(self) -> None:
+        """Send the acks still waiting for a create frame now, and know they arrived: the client is closing.
+
+        Over HTTP, not the websocket: a frame sent just before the socket closes may be dropped by the
+        daemon's server when it sees the close first, and a socket that is reconnecting sends nothing."""
+        acks, self._acks = self._acks, []
+        await self._post_acks(acks)
+
+    async def _post_acks(self, acks: list[str]) -> None:
+        for job_id in acks:
+            try:
+                response = await self.http.post(f"/v1/jobs/{job_id}/ack", timeout=ACK_TIMEOUT)
+            except httpx.HTTPError as e:  # the daemon is gone: it keeps the job until daemon.job_retention
+                trace("client", f"ack of {job_id[:8]} not sent: {e!r}")
+                continue
+            if response.status_code != 200:
+                trace("client", f"ack of {job_id[:8]}: {response.status_code} {response.text[:200]}")
 
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)

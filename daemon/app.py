@@ -54,6 +54,7 @@ ROUTE_ROLES: dict[str, str] = {
     "create_job": USER,
     "add_inputs": USER,
     "cancel_job": USER,
+    "ack_job": USER,
     "job_status": USER,
     "event_payload": USER,
     "put_blob": USER,
@@ -366,6 +367,15 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         if not isinstance(reason, str) or len(reason) > _REASON_CHARS:
             raise BadRequest(f"reason: expected a string of at most {_REASON_CHARS} characters")
         plane.cancel_job(job_id, reason, caller())
+        return _json({"ok": True})
+
+    @app.post("/v1/jobs/<job_id>/ack")
+    async def ack_job(job_id: str) -> Response:
+        """The caller has every event of a finished job (the events websocket's ack, for a client that is
+        closing and must know it arrived): the daemon forgets the job. Idempotent; a running job or another
+        user's is left as it is."""
+        valid_id(job_id, "job id")
+        plane.ack_job(job_id, caller())
         return _json({"ok": True})
 
     @app.put("/v1/blobs/<digest>")

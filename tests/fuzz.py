@@ -162,6 +162,7 @@ ROUTES = [
     ("POST", "/v1/jobs"),
     ("POST", "/v1/jobs/{job}/inputs"),
     ("POST", "/v1/jobs/{job}/cancel"),
+    ("POST", "/v1/jobs/{job}/ack"),
     ("GET", "/v1/jobs/{job}"),
     ("GET", "/v1/jobs/{job}/events/{seq}/payload"),
     ("PUT", "/v1/blobs/{digest}"),

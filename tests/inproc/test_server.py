@@ -85,6 +85,26 @@ async def test_the_events_socket_replays_after_a_sequence_and_acks(
     assert (await admin.get("/v1/jobs/replay")).status_code == 404
 
 
+async def test_a_closing_client_acks_over_http_also_while_its_websocket_is_down(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    """The ack of a finished job is not lost when the events socket is reconnecting at that moment, nor when
+    the process exits right after it (found in CI: the job was then kept until daemon.job_retention)."""
+    from burla._events import EventStream
+
+    await submit(admin, "closing", [-1, -2])
+    with trio.fail_after(20):
+        while daemon.plane.job_status("closing").state == m.RUNNING:
+            await trio.sleep(0.02)
+    async with trio.open_nursery() as nursery:
+        stream = EventStream(admin, nursery, reconnect_seconds=5)  # never connected: no websocket at all
+        await stream.ack("closing")
+        await stream.flush_acks()
+        nursery.cancel_scope.cancel()
+    assert not daemon.plane.store.job_exists("closing")
+    assert (await admin.get("/v1/jobs/closing")).status_code == 404
+
+
 async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, admin: httpx.AsyncClient) -> None:
     import pickle
     import sys
