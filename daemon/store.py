@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from .payloads import PayloadStore
 from .state_dir import new_token
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class StoreError(RuntimeError):
@@ -130,7 +130,18 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.table("leases").add_column("after", int, not_null_default=0)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    # Every failed attempt of a job's calls that ran again (retries=, a lost node) or failed its input after
+    # others: shown by `burla status`, and counted on after a restart (scheduler.restore_job).
+    db.execute(
+        "CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, lo INTEGER NOT NULL,"
+        " hi INTEGER NOT NULL, attempt INTEGER NOT NULL, kind TEXT NOT NULL, type_name TEXT NOT NULL,"
+        " message TEXT NOT NULL, node TEXT NOT NULL, at REAL NOT NULL, retried INTEGER NOT NULL)"
+    )
+    db.table("attempts").create_index(["job_id", "id"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -466,7 +477,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self.tx() as c:
-            for table in ("events", "batches", "leases", "jobs"):
+            for table in ("events", "batches", "leases", "attempts", "jobs"):
                 c.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
             c.execute(
                 "DELETE FROM functions WHERE hash NOT IN (SELECT json_extract(spec, '$.function_hash') FROM jobs)"
@@ -506,6 +517,9 @@ class Store:
         done = self.conn.execute(
             "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
         ).fetchall()
+        failed = self.conn.execute(  # inputs done with their error (return_exceptions)
+            "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.CALL_FAILED)
+        ).fetchall()
         leases = [
             (
                 m.Lease.from_wire(
@@ -534,16 +548,38 @@ class Store:
         ]
         if n_inputs is not None and not (isinstance(n_inputs, int) and 0 <= n_inputs <= m.MAX_INDEX):
             raise ValueError(f"n_inputs {n_inputs!r} is not a count of inputs")
-        if not all(isinstance(v, int) and 0 <= v <= m.MAX_INDEX for row in done for v in row):
+        if not all(isinstance(v, int) and 0 <= v <= m.MAX_INDEX for row in [*done, *failed] for v in row):
             raise ValueError("a result range is not a range of input indices")
         return {
             "spec": m.JobSpec.from_wire(wire.loads(spec)),
             "n_inputs": n_inputs,
             "created": float(created),
             "batches": batches,
-            "done": [tuple(r) for r in done],
+            "done": [tuple(r) for r in [*done, *failed]],
             "leases": leases,
+            "attempts": self.attempts(job_id),
+            "failed": sum(hi - lo for lo, hi in failed),
         }
+
+    # ---- failed attempts -------------------------------------------------------------
+
+    def add_attempt(self, job_id: str, a: m.Attempt) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO attempts (job_id, lo, hi, attempt, kind, type_name, message, node, at, retried)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, a.lo, a.hi, a.attempt, a.kind, a.type_name, a.message, a.node, a.at, int(a.retried)),
+            )
+
+    def attempts(self, job_id: str, last: int | None = None) -> list[m.Attempt]:
+        """A job's failed attempts, oldest first (the `last` ones only, when given); each row checked."""
+        rows = self.conn.execute(
+            "SELECT lo, hi, attempt, kind, type_name, message, node, at, retried FROM attempts WHERE job_id = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (job_id, -1 if last is None else last),
+        ).fetchall()
+        keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
+        return [m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True))) for row in reversed(rows)]
 
     def max_lease_id(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)

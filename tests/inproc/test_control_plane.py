@@ -310,7 +310,7 @@ def test_leases_of_a_version_3_file_get_their_jobs_environment_and_the_process_p
     conn.close()
 
     store = Store(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert store.schema_version() == SCHEMA_VERSION == 7
     (job,) = store.running_jobs()
     assert [(x.lease_id, x.pool, x.env, agent) for x, agent in job["leases"]] == [
         (1, "process", "e" * 64, "proc"),
