@@ -50,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BurlaError",
     "CallError",
+    "CallTimeoutError",
     "Client",
     "ClusterError",
     "ClusterUnavailableError",
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidArgumentError",
     "JobCancelledError",
     "MemoryLimitError",
+    "NodeLostError",
     "RemoteError",
     "ResultTooLargeError",
     "UnsatisfiableError",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     from .errors import (
         BurlaError,
         CallError,
+        CallTimeoutError,
         ClusterError,
         ClusterUnavailableError,
         ImageError,
@@ -81,6 +84,7 @@ if TYPE_CHECKING:
         InvalidArgumentError,
         JobCancelledError,
         MemoryLimitError,
+        NodeLostError,
         RemoteError,
         ResultTooLargeError,
         UnsatisfiableError,

@@ -23,6 +23,11 @@ def remote_parallel_map(
     exclude_packages: Iterable[str] | None = None,
     requirements: Iterable[str] | None = None,
     grow: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    retry_delay: float = 1.0,
+    return_exceptions: bool = False,
 ) -> list[Any] | Iterator[Any]:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
@@ -30,7 +35,8 @@ def remote_parallel_map(
     built-in ``map`` (a tuple is passed as a tuple). What the calls print
     appears here while they run; an exception raised by a call is raised here
     as itself, with the remote frames in its traceback and the input's index
-    in a note, and the rest of the job is cancelled.
+    in a note, and the rest of the job is cancelled (unless `retries=` runs it
+    again, or `return_exceptions=True` keeps its exception in its slot).
 
     Args:
         function_: any picklable callable of one argument.
@@ -55,6 +61,30 @@ def remote_parallel_map(
             once; the job starts on what is free and takes on each new node as it
             joins. Without it, the job runs on free nodes and waits for one when
             none is free. New nodes are deleted after the cluster's idle_timeout.
+        timeout: seconds one call may run. A call past it is killed on its node (the
+            worker is replaced) and its input fails with `burla.CallTimeoutError`,
+            naming the input, the limit and the node. The node enforces it, so it
+            holds while this process is away. Default: no limit.
+        retries: how many times a call that fails is run again (default 0: its
+            failure fails the job). A call that kills its own worker (a segfault,
+            `os._exit`, over `func_ram`) and a timeout count as its failures too.
+            Each retry is shown by the spinner and `burla status`.
+        retry_on: an exception class, or a tuple of them, that a failure must be
+            an instance of to be retried (default: every Exception). Matched on
+            the cluster by the classes' qualified names.
+        retry_delay: seconds before the first retry of an input; each next one
+            waits twice as long, up to 60 s. The input waits on the cluster, not
+            on a worker.
+        return_exceptions: the job does not stop at the first failure: each
+            input's slot in the results holds its return value or, if it failed,
+            its exception (rebuilt as raised, with the remote traceback and
+            `burla_input_index`, or a `burla.CallError`). Works with generator=True.
+
+    Burla runs a call again by itself when its node is lost (its agent stops
+    heartbeating or restarts, the machine is preempted): up to the cluster's
+    `daemon.infra_retries` times (3), then its input fails with
+    `burla.NodeLostError`. A call may therefore run more than once, in part or
+    whole: functions should be idempotent.
 
     This environment is replicated on the workers: every installed distribution,
     pinned (nodes install what their workers lack, once, then cache it), and the
@@ -81,4 +111,9 @@ def remote_parallel_map(
         exclude_packages=exclude_packages,
         requirements=requirements,
         grow=grow,
+        timeout=timeout,
+        retries=retries,
+        retry_on=retry_on,
+        retry_delay=retry_delay,
+        return_exceptions=return_exceptions,
     )

@@ -81,6 +81,7 @@ class JobRun:
         self._created = False
         self._ended = trio.Event()  # the job's final event arrived (or it failed here)
         self.finished = False
+        self.return_exceptions = spec.return_exceptions  # failed inputs' slots hold their errors
 
     @property
     def job_id(self) -> str:
@@ -302,6 +303,11 @@ class JobRun:
             print_lines(pickle.loads(blob))
         elif event.kind == m.FAILED:
             self.queue.put(("failed", rebuild(event.data, blob)))
+        elif event.kind == m.CALL_FAILED:  # return_exceptions: each input of [lo, hi) gets its error
+            errors = [rebuild({**event.data, "index": i}, blob) for i in range(event.lo, event.hi)]
+            self.queue.put(("call_failed", event.lo, event.hi, errors))
+        elif event.kind == m.RETRY:
+            trace("client", f"retry [{event.lo},{event.hi}) attempt {event.data.get('attempt')}")
         elif event.kind == m.DONE:
             self.queue.put(("done", event.data.get("n_inputs")))
         elif event.kind == m.CANCELLED:
@@ -364,7 +370,7 @@ def collect(job: JobRun) -> list[Any]:
         while True:
             item = job.get()
             kind = item[0]
-            if kind == "results":
+            if kind in ("results", "call_failed"):
                 chunks[item[1]] = item[3]
             elif kind == "done":
                 break
@@ -381,7 +387,8 @@ def collect(job: JobRun) -> list[Any]:
     for lo in sorted(chunks):
         if lo != len(results):
             raise BurlaError(f"results are missing for inputs {len(results)} to {lo - 1}: this is a bug in Burla")
-        results.extend(pickle.loads(chunks.pop(lo)))
+        chunk = chunks.pop(lo)
+        results.extend(chunk if isinstance(chunk, list) else pickle.loads(chunk))  # a list: errors in their slots
     _check_all_arrived(job, len(results))
     return results
 
@@ -418,8 +425,8 @@ class ResultIterator:
                 self._job.cancel("cancelled by Ctrl-C in the client")
                 raise
             kind = item[0]
-            if kind == "results":
-                values = pickle.loads(item[3])
+            if kind in ("results", "call_failed"):
+                values = item[3] if kind == "call_failed" else pickle.loads(item[3])
                 self._received += len(values)
                 self._buffer.extend(values)
             elif kind == "done":

@@ -286,14 +286,24 @@ def _status(as_json: bool) -> int:
                 f"{p['ready']}/{p['slots']}", f"{p['cpus']:g}", f"{p['ram_bytes'] / 1e9:.1f} GB", containers or "-",
             )  # fmt: skip
         console.print(table)
-    jobs = Table("job", "user", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
+    jobs = Table("job", "user", "function", "state", "done", "inputs", "running", "retried", "failed", "calls/s",
+                 title="Jobs")  # fmt: skip
     for j in data["jobs"]:
         total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
         jobs.add_row(
             j["job_id"][:8], j.get("owner", "") or "-", j["function_name"], j["state"], f"{j['n_done']:,}", str(total),
-            str(j["running"]), f"{j['calls_per_second']:,.0f}",
+            str(j["running"]), f"{j.get('retried', 0):,}", f"{j.get('failed', 0):,}", f"{j['calls_per_second']:,.0f}",
         )  # fmt: skip
     console.print(jobs if data["jobs"] else "No jobs.")
+    attempts = [(j, a) for j in data["jobs"] for a in j.get("attempts", ())]
+    if attempts:
+        table = Table("job", "input", "attempt", "what", "node", "then", title="Failed attempts (latest)")
+        for j, a in attempts:
+            where = f"#{a['lo']}" if a["hi"] - a["lo"] <= 1 else f"#{a['lo']}-#{a['hi'] - 1}"
+            what = f"{a['type_name'].rpartition('.')[2]}: {a['message']}"[:120]
+            table.add_row(j["job_id"][:8], where, str(a["attempt"]), what, a["node"] or "-",
+                          "retried" if a["retried"] else "failed")  # fmt: skip
+        console.print(table)
     return 0
 
 

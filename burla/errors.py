@@ -27,6 +27,8 @@ errors of Burla itself::
         ├── UnpicklingError         the worker could not load the function or an input
         ├── UnpicklableResultError  a return value cannot be pickled
         ├── ResultTooLargeError     a return value is over the cluster's max_result_bytes
+        ├── CallTimeoutError        the call ran past timeout= and was killed on its worker
+        ├── NodeLostError           the node running the call was lost more than infra_retries times
         └── WorkerDiedError         the worker process died mid-call (exit code or signal)
             └── MemoryLimitError    the call went over func_ram and was killed
 
@@ -171,6 +173,21 @@ class WorkerDiedError(CallError):
     pass
 
 
+class CallTimeoutError(CallError):
+    """The call ran longer than `timeout=` and was killed on its worker (which was replaced).
+
+    The message names the input, the limit and the node. With `retries=` it is retried like any failure.
+    """
+
+
+class NodeLostError(CallError):
+    """The node running the call was lost (its agent stopped heartbeating, it was preempted or deleted)
+    more times than the cluster's `daemon.infra_retries`. The message names the input and each loss.
+
+    Lost calls are run again from the start on another worker, so functions should be idempotent.
+    """
+
+
 class MemoryLimitError(WorkerDiedError):
     pass
 
@@ -179,6 +196,7 @@ __all__ = [
     "AuthenticationError",
     "BurlaError",
     "CallError",
+    "CallTimeoutError",
     "ClusterError",
     "ClusterUnavailableError",
     "ConfigError",
@@ -188,6 +206,7 @@ __all__ = [
     "JobCancelledError",
     "MemoryLimitError",
     "NoNodesError",
+    "NodeLostError",
     "NodeStartError",
     "NotCallableError",
     "NotIterableError",

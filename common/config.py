@@ -55,6 +55,7 @@ class DaemonConfig:
     target_lease_seconds: float = 0.2  # work per lease once a function's call time is known
     max_lease_inputs: int = 100_000
     prefetch_per_slot: int = 1  # leases queued on a node behind each busy worker's, so it never waits (0: none)
+    infra_retries: int = 3  # times a call whose node is lost (silent agent, preempted) runs again before it fails
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
     max_result_bytes: int = 256 * MB  # one call's pickled return value; workers refuse a larger one, naming the input

@@ -30,6 +30,7 @@ from .cluster_link import ClusterAdmin
 from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
 from .event_hub import EventHub
 from .ids import valid_digest, valid_id
+from .scheduler import ATTEMPTS_KEPT
 from .service import ControlPlane
 from .store import hash_token
 from .users import ADMIN as ADMIN_ROLE
@@ -405,7 +406,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
         valid_id(job_id, "job id")
-        return _json(plane.job_status(job_id, caller()).to_wire())
+        return _json(plane.job_status(job_id, caller(), attempts=ATTEMPTS_KEPT).to_wire())
 
     @app.get("/v1/jobs/<job_id>/events/<int:seq>/payload")
     async def event_payload(job_id: str, seq: int) -> Response:

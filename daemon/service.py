@@ -43,6 +43,7 @@ from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
 from .feeds import SPILL_BYTES, Events, Feeds, Follower
 from .placement import TooLarge as CallTooLarge
+from .retry_policy import retryable_error
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
@@ -53,6 +54,8 @@ if TYPE_CHECKING:  # only a daemon that starts its own nodes loads them (server.
     from .node_keeper import NodeKeeper
 
 log = logging.getLogger("burla.daemon")
+
+STATUS_ATTEMPTS = 20  # failed attempts of each job shown by `burla status` (GET /v1/jobs/ID: up to 1000)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,8 +80,9 @@ class ControlPlane:
         self.boot_id = uuid.uuid4().hex[:12]
         self.version, self.protocol = _version.version(), _version.protocol()
         self.scheduler = Scheduler(
-            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot
-        )
+            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot,
+            config.infra_retries,
+        )  # fmt: skip
         self.counters: collections.Counter[str] = collections.Counter()
         self.couriers = Couriers(store, self.scheduler, self.boot_id, self.counters)
         self.links = self.couriers.links
@@ -95,6 +99,7 @@ class ControlPlane:
         self.last_activity = clock()
         self.started = clock()
         self._job_created = trio.Event()
+        self._retry_delayed = trio.Event()  # a failed call waits for its backoff: `release_retries` wakes
         self.keeper: NodeKeeper | None = None  # the cluster's machines, when the daemon starts its own
         self.notes: dict[str, str] = {}  # job -> why it has fewer nodes than it wants (node_keeper)
         self.dist: Dist | None = None  # the wheels booting cluster nodes install
@@ -160,7 +165,7 @@ class ControlPlane:
                 try:
                     state = self.scheduler.restore_job(
                         job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"],
-                        job["owner"],
+                        job["owner"], job["attempts"], job["failed"],
                     )  # fmt: skip
                 except (ValueError, TypeError, OverflowError, KeyError) as e:
                     self.scheduler.forget_job(job["spec"].job_id)
@@ -221,6 +226,8 @@ class ControlPlane:
             raise BadRequest("func_cpu and func_ram must be positive")
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
             raise BadRequest("max_parallelism must be at least 1")
+        if any(not name or len(name) > m.TYPE_NAME for name in spec.retry_on):
+            raise BadRequest(f"spec.retry_on: each a class's qualified name, of 1 to {m.TYPE_NAME} characters")
         for what, digest in (("build context", spec.build), ("environment", spec.env)):
             if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
@@ -399,7 +406,9 @@ class ControlPlane:
         owner = self._owner(job_id)
         return owner is not None and (who is None or who.may_act_on(owner))
 
-    def job_status(self, job_id: str, who: Principal | None = None) -> m.JobStatus:
+    def job_status(self, job_id: str, who: Principal | None = None, attempts: int = 0) -> m.JobStatus:
+        """Where a job stands; with its latest `attempts` failed attempts (its record: `burla status`, the
+        job's route; the status pushed with every event carries none)."""
         self._visible(job_id, who)
         job = self.scheduler.jobs.get(job_id)
         if job is None:  # finished before a restart (or failed restoring it): its record in SQLite is all there is
@@ -409,9 +418,13 @@ class ControlPlane:
             if row is None:
                 raise NotFound(f"no job {job_id}")
             state, n_inputs, created = row
+            kept = tuple(self.store.attempts(job_id, attempts)) if attempts else ()
             return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
-                               created=float(created or 0.0))  # fmt: skip
+                               created=float(created or 0.0), retried=sum(a.retried for a in kept),
+                               attempts=kept)  # fmt: skip
         status = status_text.job_status(self.scheduler.job_progress(job, self.clock()))
+        if attempts:
+            status = dataclasses.replace(status, attempts=tuple(job.history)[-attempts:])
         note = self.notes.get(job_id)
         return (
             dataclasses.replace(status, phase=f"{status.phase}; {note}" if status.phase else note) if note else status
@@ -480,11 +493,12 @@ class ControlPlane:
         """The agent's machine is gone: its leases run elsewhere now, not after agent_timeout."""
         if agent_id not in self.scheduler.nodes:
             return
-        lease_ids = self.scheduler.remove_node(agent_id)
+        lease_ids = self.scheduler.remove_node(agent_id, f"its machine is gone ({why})")
         self.store.delete_leases(lease_ids)
         self.couriers.drop(agent_id)
         self.store.delete_agents([agent_id])
         log.warning("agent %s is gone (%s): %d leases requeued", agent_id, why, len(lease_ids))
+        self._take_losses()
         self._dispatch()
 
     @_decides
@@ -519,6 +533,7 @@ class ControlPlane:
         now = self.clock()
         requeued = self.scheduler.add_node(agent_id, info, now, single_tenant=bool(instance))
         self.store.delete_leases(requeued)
+        self._take_losses()
         self.store.delete_agents(self.couriers.drop_stale())
         self.store.put_agent(agent_id, info, now)
         self.couriers.add(agent_id)
@@ -627,8 +642,10 @@ class ControlPlane:
         now = self.clock()
         trace("daemon", f"result lease={result.lease_id} lo={result.lo} n={result.n_ok}")
         error = result.error
+        job = self.scheduler.jobs.get(result.job_id)
+        retryable = error is not None and job is not None and retryable_error(job.spec, error)
         c: Completion = self.scheduler.complete(
-            result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error is not None, now
+            result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error, now, retryable
         )
         if not c.accepted or c.job is None:
             self.store.delete_leases([result.lease_id])
@@ -639,16 +656,61 @@ class ControlPlane:
         self.store.delete_leases([result.lease_id, *c.superseded])
         if c.hi > c.lo:
             self._record(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
-        if error is not None:
+        if c.attempt is not None:
+            self.store.add_attempt(result.job_id, c.attempt)
+        if error is not None and c.retry_in is not None and c.attempt is not None:
+            self._record(result.job_id, m.RETRY, c.at, c.at + 1, data=c.attempt.to_wire())
+            self.counters["calls_retried"] += 1
+            self._retry_delayed.set()
+        elif error is not None:
             exc = blobs[error.exc_blob] if error.exc_blob is not None else None
-            data = dataclasses.replace(error, exc_blob=None).to_wire()
+            data = dataclasses.replace(error, exc_blob=None, index=c.at).to_wire()
             data["has_exception"] = exc is not None
-            self._record(result.job_id, m.FAILED, error.index, error.index + 1, data=data, payload=exc)
-            self.counters["jobs_failed"] += 1
-            self._stop_on_agents(result.job_id, c.stopped)
-            self._finish(c.job, m.JOB_FAILED)
+            kind = m.CALL_FAILED if c.call_failed else m.FAILED
+            self._record(result.job_id, kind, c.at, c.at + 1, data=data, payload=exc)
+            if c.call_failed:
+                self.counters["calls_failed"] += 1
+                if c.job_done:
+                    self._finish(c.job, m.JOB_DONE)
+            else:
+                self.counters["jobs_failed"] += 1
+                self._stop_on_agents(result.job_id, c.stopped)
+                self._finish(c.job, m.JOB_FAILED)
         elif c.job_done:
             self._finish(c.job, m.JOB_DONE)
+
+    def _take_losses(self) -> None:
+        """Calls of lost nodes (`Scheduler.remove_node`): each loss kept in its job's record; a range lost
+        past `infra_retries` fails with a NodeLostError naming the input and every loss."""
+        losses, self.scheduler.losses = self.scheduler.losses, []
+        for lost in losses:
+            job = lost.job
+            self.store.add_attempt(job.job_id, lost.attempt)
+            if not lost.exhausted:
+                self._record(job.job_id, m.RETRY, lost.lo, lost.hi, data=lost.attempt.to_wire())
+                self.counters["calls_lost"] += 1
+                continue
+            history = [a for a in job.history if a.kind == m.LOST and a.lo < lost.hi and lost.lo < a.hi]
+            each = "; ".join(f"{i}) node {a.node or '?'}: {a.message}" for i, a in enumerate(history[-10:], 1))
+            span = f" (of inputs #{lost.lo} to #{lost.hi - 1}, run together)" if lost.hi - lost.lo > 1 else ""
+            message = (
+                f"input #{lost.lo}{span} was lost with its node {lost.attempt.attempt} times, more than "
+                f"daemon.infra_retries ({self.config.infra_retries}): {each}"
+            )
+            error = m.CallError(lost.lo, m.LOST, m.ErrorType.NODE_LOST, message[: m.MAX_ERROR_MESSAGE],
+                                node=lost.attempt.node)  # fmt: skip
+            data = error.to_wire() | {"has_exception": False}
+            if job.spec.return_exceptions:
+                self._record(job.job_id, m.CALL_FAILED, lost.lo, lost.hi, data=data)
+                self.counters["calls_failed"] += 1
+                if job.state == m.RUNNING and job.complete():
+                    job.state = m.JOB_DONE
+                    self._finish(job, m.JOB_DONE)
+            elif lost.stopped is not None and job.state == m.JOB_FAILED:
+                self._record(job.job_id, m.FAILED, lost.lo, lost.lo + 1, data=data)
+                self.counters["jobs_failed"] += 1
+                self._stop_on_agents(job.job_id, lost.stopped)
+                self._finish(job, m.JOB_FAILED)
 
     def _append_logs(self, chunk: m.LogChunk, blobs: Sequence[memoryview]) -> None:
         job = self.scheduler.jobs.get(chunk.job_id)
@@ -744,7 +806,9 @@ class ControlPlane:
         now = self.clock()
         dead = self.scheduler.silent_nodes(now, self.config.agent_timeout)
         for agent_id in dead:
-            lease_ids = self.scheduler.remove_node(agent_id)
+            silent = now - self.scheduler.nodes[agent_id].last_seen
+            why = f"its agent stopped heartbeating ({silent:.0f} s silent, daemon.agent_timeout)"
+            lease_ids = self.scheduler.remove_node(agent_id, why)
             self.store.delete_leases(lease_ids)
             self.couriers.drop(agent_id)
             log.warning(
@@ -755,6 +819,7 @@ class ControlPlane:
                 self.keeper.agent_lost(agent_id)
         if dead:
             self.store.delete_agents(dead)
+            self._take_losses()
             self._dispatch()
         return dead
 
@@ -788,11 +853,33 @@ class ControlPlane:
 
     async def housekeeping(self) -> None:
         interval = max(0.05, min(self.config.poll_timeout, self.config.agent_timeout) / 4)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.release_retries)
+            while True:
+                await trio.sleep(interval)
+                self.expire_agents()
+                self.expire_jobs()
+                self.cancel_abandoned_jobs()
+
+    async def release_retries(self) -> None:
+        """Hand out each failed call whose backoff is over (`retry_delay`): it waits in the scheduler, not on a
+        worker, and the lease made for it then is like any other."""
         while True:
-            await trio.sleep(interval)
-            self.expire_agents()
-            self.expire_jobs()
-            self.cancel_abandoned_jobs()
+            due = self.scheduler.next_retry()
+            if due is None:
+                self._retry_delayed = trio.Event()
+                await self._retry_delayed.wait()
+                continue
+            with trio.move_on_after(max(0.0, due - self.clock())):
+                self._retry_delayed = trio.Event()
+                await self._retry_delayed.wait()  # an earlier one may come meanwhile
+            if self.clock() >= due:
+                self.dispatch()
+
+    @_decides
+    def dispatch(self) -> None:
+        """Hand out what is pending now (delayed retries whose time has come)."""
+        self._dispatch()
 
     # ---- views ------------------------------------------------------------------------
 
@@ -817,7 +904,10 @@ class ControlPlane:
             for n in self.scheduler.nodes.values()
         )
         jobs = tuple(
-            status_text.job_status(self.scheduler.job_progress(j, now))
+            dataclasses.replace(
+                status_text.job_status(self.scheduler.job_progress(j, now)),
+                attempts=tuple(j.history)[-STATUS_ATTEMPTS:],
+            )
             for j in self.scheduler.jobs.values()
             if who is None or who.may_act_on(j.owner)
         )
