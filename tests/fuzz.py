@@ -63,7 +63,17 @@ def valid_messages() -> dict[str, dict[str, Any]]:
     """One well-formed instance of each message a peer sends, for mutation."""
     fn = pickle.dumps(abs)
     return {
-        "JobSpec": m.JobSpec("fuzzjob", "abs", hashlib.sha256(fn).hexdigest(), PY).to_wire(),
+        "JobSpec": m.JobSpec(
+            "fuzzjob",
+            "abs",
+            hashlib.sha256(fn).hexdigest(),
+            PY,
+            timeout=5.0,
+            retries=2,
+            retry_on=("builtins.ValueError",),
+            retry_delay=0.5,
+            return_exceptions=True,
+        ).to_wire(),  # fmt: skip
         "BatchMeta": m.BatchMeta(0, 0, 3).to_wire(),
         "NodeInfo": m.NodeInfo(
             "fuzznode", "h", 2, 10**9, PY, 2, agent_version=burla.__version__, protocol=m.PROTOCOL_VERSION
@@ -71,7 +81,18 @@ def valid_messages() -> dict[str, dict[str, Any]]:
         "AgentReport": m.AgentReport(
             ready_workers=2,
             running=(1, 2),
-            results=(m.LeaseResult(1, "fuzzjob", 0, 3, 0.01, 0),),
+            results=(
+                m.LeaseResult(1, "fuzzjob", 0, 3, 0.01, 0),
+                m.LeaseResult(
+                    2,
+                    "fuzzjob",
+                    3,
+                    0,
+                    0.01,
+                    0,
+                    m.CallError(3, "exception", "builtins.ValueError", "x", bases=("builtins.ValueError",)),
+                ),
+            ),
             logs=(m.LogChunk("fuzzjob", 1, 4, 1),),
             pools=(m.PoolState("process"),),
             pool_errors=(m.PoolError("fuzzjob", "img", "broken"),),
