@@ -57,7 +57,9 @@ __all__ = [
     "ImageError",
     "InstallError",
     "InvalidArgumentError",
+    "Job",
     "JobCancelledError",
+    "JobNotFoundError",
     "MemoryLimitError",
     "NodeLostError",
     "RemoteError",
@@ -66,13 +68,15 @@ __all__ = [
     "VersionMismatchError",
     "WorkerDiedError",
     "__version__",
+    "job",
     "remote_parallel_map",
 ]
-_WHERE = {"remote_parallel_map": "._api", "Client": "._client"}  # the others: .errors
+_WHERE = {"remote_parallel_map": "._api", "Client": "._client", "Job": "._handle", "job": "._handle"}  # others: .errors
 
 if TYPE_CHECKING:
     from ._api import remote_parallel_map
     from ._client import Client
+    from ._handle import Job, job
     from .errors import (
         BurlaError,
         CallError,
@@ -83,6 +87,7 @@ if TYPE_CHECKING:
         InstallError,
         InvalidArgumentError,
         JobCancelledError,
+        JobNotFoundError,
         MemoryLimitError,
         NodeLostError,
         RemoteError,

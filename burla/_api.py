@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._client import Client
+
+if TYPE_CHECKING:
+    from ._handle import Job
 
 
 def remote_parallel_map(
@@ -28,7 +31,8 @@ def remote_parallel_map(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
     retry_delay: float = 1.0,
     return_exceptions: bool = False,
-) -> list[Any] | Iterator[Any]:
+    detach: bool = False,
+) -> list[Any] | Iterator[Any] | Job:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
     Each input is passed whole as the function's one argument, as with the
@@ -79,6 +83,15 @@ def remote_parallel_map(
             input's slot in the results holds its return value or, if it failed,
             its exception (rebuilt as raised, with the remote traceback and
             `burla_input_index`, or a `burla.CallError`). Works with generator=True.
+        detach: return a `burla.Job` as soon as every input is uploaded, and let the
+            job run to completion on the cluster without this process (which may exit,
+            or its machine sleep). Its id (``Job.id``, printed on stderr with the
+            spinner on) reattaches from any process of the same user: ``burla.job(ID)``
+            with ``.status()``, ``.results()``, ``.as_completed()``, ``.logs()`` and
+            ``.cancel()``, or ``burla jobs ...``. Its results stay on the daemon's disk,
+            fetchable again and again, until ``daemon.job_retention`` after it ends.
+            Ctrl-C while the inputs upload cancels the job; nothing is printed here
+            of what its calls print (``Job.logs()`` has it).
 
     Burla runs a call again by itself when its node is lost (its agent stops
     heartbeating or restarts, the machine is preempted): up to the cluster's
@@ -91,8 +104,8 @@ def remote_parallel_map(
     local code that is not installed (modules beside the script, a src folder).
 
     Returns:
-        The return values in input order, or an iterator of them with
-        ``generator=True``.
+        The return values in input order, an iterator of them with
+        ``generator=True``, or a `burla.Job` with ``detach=True``.
 
     With no cluster configured (BURLA_CLUSTER_URL, `burla login`), Burla starts
     a local cluster in the background on first use and reuses it.
@@ -116,4 +129,5 @@ def remote_parallel_map(
         retry_on=retry_on,
         retry_delay=retry_delay,
         return_exceptions=return_exceptions,
+        detach=detach,
     )

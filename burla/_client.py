@@ -281,6 +281,7 @@ class Client:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
         retry_delay: float = 1.0,
         return_exceptions: bool = False,
+        detach: bool = False,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.common.trace import trace
@@ -290,6 +291,13 @@ class Client:
         failures = _check_failures(timeout, retries, retry_on, retry_delay, return_exceptions)
         if not isinstance(grow, bool):
             raise InvalidArgumentError(f"grow must be True or False, got {grow!r}")
+        if not isinstance(detach, bool):
+            raise InvalidArgumentError(f"detach must be True or False, got {detach!r}")
+        if detach and generator:
+            raise InvalidArgumentError(
+                "pass detach=True or generator=True, not both: a detached call returns a burla.Job, whose "
+                "as_completed() yields the results as they arrive"
+            )
         if image is not None and dockerfile is not None:
             raise InvalidArgumentError("pass image= or dockerfile=, not both")
         if image is not None and (not isinstance(image, str) or not image.strip()):
@@ -311,6 +319,8 @@ class Client:
         environment = self._snapshot(function_, exclude_packages, requirements)
         batcher = InputBatcher(inputs, self.limits.get("max_input_bytes"))
         first = batcher.next_batch()
+        if first is None and detach:
+            raise InvalidArgumentError("detach=True needs at least one input: inputs is empty, so there is no job")
         if first is None:
             return iter(()) if generator else []
         self.connect()
@@ -346,6 +356,7 @@ class Client:
             env=env_digest,
             grow=grow,
             **failures,
+            detach=detach,
         )
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()
@@ -353,9 +364,35 @@ class Client:
         job.return_exceptions = return_exceptions
         trace("client", "map start")
         job.start()
+        if detach:
+            return self._detached(job, spinner)
         if generator:
             return ResultIterator(job)
         return collect(job)
+
+    def _detached(self, run: Any, spinner: bool) -> Any:
+        """Wait until every input of a detached job is uploaded, then hand back its `burla.Job`.
+
+        Until then nothing was promised: Ctrl-C (or an error uploading) cancels the job.
+        """
+        from ._handle import Job
+        from ._job import _finish
+
+        try:
+            while True:
+                item = run.get()
+                if item[0] == "uploaded":
+                    break
+                raise item[1]
+        except KeyboardInterrupt:
+            run.cancel("cancelled by Ctrl-C while its inputs were uploading (detach=True)")
+            raise
+        finally:
+            _finish(run)
+        if spinner:
+            print(f"burla: job {run.job_id} runs detached. Reattach with burla.job({run.job_id!r}), or "
+                  f"`burla jobs show {run.job_id}`", file=sys.stderr, flush=True)  # fmt: skip
+        return Job(self, run.job_id)
 
 
 def _check_resources(func_cpu: Any, func_ram: Any, max_parallelism: Any) -> None:

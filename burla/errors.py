@@ -20,7 +20,8 @@ errors of Burla itself::
     │   ├── PermissionDeniedError   the key's user may not do that (an admin's command)
     │   ├── NoNodesError            no node joined the cluster in time
     │   ├── NodeStartError          the nodes a job needs cannot be started (quota, permission, no zone has them)
-    │   └── VersionMismatchError    the cluster runs a Burla version this one cannot work with
+    │   ├── VersionMismatchError    the cluster runs a Burla version this one cannot work with
+    │   └── JobNotFoundError        burla.job(ID): no such job of yours (never made, another user's, or deleted)
     ├── JobCancelledError           the job was cancelled on the cluster
     └── CallError                   one call failed inside Burla, not inside your code
         ├── RemoteError             your function raised something that cannot be rebuilt here
@@ -124,6 +125,10 @@ class VersionMismatchError(ClusterError):
     """
 
 
+class JobNotFoundError(ClusterError, LookupError):
+    """No job of this id that the caller may see: never made, another user's, or deleted after job_retention."""
+
+
 class JobCancelledError(BurlaError):
     pass
 
@@ -204,6 +209,7 @@ __all__ = [
     "InstallError",
     "InvalidArgumentError",
     "JobCancelledError",
+    "JobNotFoundError",
     "MemoryLimitError",
     "NoNodesError",
     "NodeLostError",

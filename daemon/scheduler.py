@@ -744,6 +744,7 @@ class Scheduler:
             owner=job.owner,
             retried=job.retried,
             failed=job.failed,
+            detached=job.spec.detach,
         )
         phase = Phase(
             nodes=len(self.nodes),

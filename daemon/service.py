@@ -35,13 +35,15 @@ from burla.common import version as _version
 from burla.common.config import DaemonConfig
 from burla.common.trace import trace
 from burla.schemas import messages as m
+from burla.schemas import wire
+from burla.schemas.wire import WireError
 
 from . import status_text
 from .access import Access, check_blob_indices, within
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
-from .feeds import SPILL_BYTES, Events, Feeds, Follower
+from .feeds import FRAME_BYTES, SPILL_BYTES, Events, Feeds, Follower
 from .placement import TooLarge as CallTooLarge
 from .retry_policy import retryable_error
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
@@ -56,6 +58,8 @@ if TYPE_CHECKING:  # only a daemon that starts its own nodes loads them (server.
 log = logging.getLogger("burla.daemon")
 
 STATUS_ATTEMPTS = 20  # failed attempts of each job shown by `burla status` (GET /v1/jobs/ID: up to 1000)
+_FINAL = (m.DONE, m.FAILED, m.CANCELLED)
+_NO_SPEC = m.JobSpec("0" * 32, "", "0" * 64, "3.11")  # stands for a spec that cannot be read: no options
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -368,26 +372,33 @@ class ControlPlane:
         abandoned = [
             job_id
             for job_id in self.feeds.unfollowed(now, grace)
-            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING
-        ]
+            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING and not job.spec.detach
+        ]  # a detached job runs on without anyone following it
         for job_id in abandoned:
             log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)
             self.cancel_job(job_id, f"its client has been gone for over {grace:.0f} s (daemon.client_grace)")
             self.counters["jobs_abandoned"] += 1
         self.feeds.stop_watching(
-            [j for j in self.feeds.unfollowed_since if j not in self.scheduler.jobs or j in abandoned]
+            [
+                j
+                for j in self.feeds.unfollowed_since
+                if (job := self.scheduler.jobs.get(j)) is None or job.spec.detach or j in abandoned
+            ]
         )
         return abandoned
 
     @_decides
     def ack_job(self, job_id: str, who: Principal | None = None) -> None:
-        """The client has every event of a finished job: forget it."""
+        """The client has every event of a finished job: forget it. A detached job is kept for job_retention
+        whoever reads it, so that it can be reattached and its results fetched again until then."""
         try:
             self._visible(job_id, who)
         except NotFound:
             return  # not theirs to forget
         job = self.scheduler.jobs.get(job_id)
-        if job is not None and job.state == m.RUNNING:
+        if job is not None and (job.state == m.RUNNING or job.spec.detach):
+            return
+        if job is None and self._stored_spec(job_id, "ack").detach:
             return
         self.scheduler.forget_job(job_id)
         self.feeds.close(job_id)
@@ -406,22 +417,61 @@ class ControlPlane:
         owner = self._owner(job_id)
         return owner is not None and (who is None or who.may_act_on(owner))
 
+    def _stored_spec(self, job_id: str, why: str) -> m.JobSpec:
+        """The spec of a job as SQLite keeps it; a row that cannot be read is a job with no options."""
+        row = self.store.job_row(job_id)
+        try:
+            return m.JobSpec.from_wire(wire.loads(row["spec"])) if row else _NO_SPEC
+        except (WireError, ValueError, TypeError):
+            log.warning("job %s: its stored spec cannot be read (%s)", job_id, why)
+            return _NO_SPEC
+
+    def _stored_status(self, row: dict[str, Any]) -> m.JobStatus:
+        """A job the scheduler does not hold (finished before a restart): its record in SQLite is all there is."""
+        job_id = str(row["job_id"])
+        spec = self._stored_spec(job_id, "status")
+        n_inputs = row["n_inputs"]
+        return m.JobStatus(
+            job_id,
+            str(row["state"]),
+            function_name=spec.function_name,
+            n_inputs=n_inputs if isinstance(n_inputs, int) else None,
+            n_uploaded=n_inputs if isinstance(n_inputs, int) else 0,
+            n_done=self.store.results_done(job_id),
+            created=float(row["created"] or 0.0),
+            owner=str(row["owner"] or ""),
+            detached=spec.detach,
+            finished=float(row["finished"] or 0.0),
+        )
+
+    def list_jobs(self, who: Principal | None = None, limit: int = 1000) -> list[m.JobStatus]:
+        """The newest jobs the daemon keeps, newest first: a user's own, every job for an admin (or None)."""
+        owner = None if who is None or who.admin else who.name
+        now = self.clock()
+        out = []
+        for row in self.store.job_rows(owner, limit):
+            job = self.scheduler.jobs.get(str(row["job_id"]))
+            if job is None:
+                out.append(self._stored_status(row))
+                continue
+            status = status_text.job_status(self.scheduler.job_progress(job, now))
+            out.append(dataclasses.replace(status, finished=float(row["finished"] or 0.0)))
+        return out
+
     def job_status(self, job_id: str, who: Principal | None = None, attempts: int = 0) -> m.JobStatus:
         """Where a job stands; with its latest `attempts` failed attempts (its record: `burla status`, the
         job's route; the status pushed with every event carries none)."""
         self._visible(job_id, who)
         job = self.scheduler.jobs.get(job_id)
         if job is None:  # finished before a restart (or failed restoring it): its record in SQLite is all there is
-            row = self.store.conn.execute(
-                "SELECT state, n_inputs, created FROM jobs WHERE job_id = ?", (job_id,)
-            ).fetchone()
+            row = self.store.job_row(job_id)
             if row is None:
                 raise NotFound(f"no job {job_id}")
-            state, n_inputs, created = row
-            kept = tuple(self.store.attempts(job_id, attempts)) if attempts else ()
-            return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
-                               created=float(created or 0.0), retried=sum(a.retried for a in kept),
-                               attempts=kept)  # fmt: skip
+            status = self._stored_status(row)
+            if not attempts:
+                return status
+            kept = tuple(self.store.attempts(job_id, attempts))
+            return dataclasses.replace(status, retried=sum(a.retried for a in kept), attempts=kept)
         status = status_text.job_status(self.scheduler.job_progress(job, self.clock()))
         if attempts:
             status = dataclasses.replace(status, attempts=tuple(job.history)[-attempts:])
@@ -442,14 +492,35 @@ class ControlPlane:
         """
         return await self.feeds.wait(follower, timeout)
 
+    async def job_logs(self, job_id: str, after: int, timeout: float, who: Principal | None = None) -> Events:
+        """What the job's calls printed after event `after`, with its notices and its final event (read from
+        SQLite, at most a frame's worth at a time); waits up to `timeout` for some while it runs."""
+        self._visible(job_id, who)
+        if not self.store.job_exists(job_id):
+            raise NotFound(f"no job {job_id}")
+        kinds = (m.LOGS, m.NOTICE, *_FINAL)
+        events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+        job = self.scheduler.jobs.get(job_id)
+        if events or timeout <= 0 or job is None or job.state != m.RUNNING:
+            return events
+        deadline = trio.current_time() + timeout
+        with self.follow(job_id, after) as follower:  # behind: woken by each new event, and holds none of them
+            while True:
+                with trio.move_on_at(deadline):
+                    await follower.wake.wait()
+                follower.wake = trio.Event()
+                events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+                if events or trio.current_time() >= deadline or job.state != m.RUNNING:
+                    return events
+
     async def wait_events(self, job_id: str, after: int, timeout: float) -> Events:
         """A job's events after `after`; waits up to `timeout` for the first one."""
         with self.follow(job_id, after) as follower:
             return await self.next_events(follower, timeout)
 
     def event_payload(self, job_id: str, seq: int, who: Principal | None = None) -> Path:
-        """The file of a payload too large to push (see `wait_events`)."""
-        self._job(job_id, who)
+        """The file of a payload too large to push (see `wait_events`), of a running or a finished job."""
+        self._visible(job_id, who)
         path = self.store.event_payload(job_id, seq)
         if path is None or not path.is_file():
             raise NotFound(f"no payload for event {seq} of job {job_id}")

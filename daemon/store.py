@@ -484,6 +484,31 @@ class Store:
             )
             self.after_commit(lambda: self.payloads.delete_job(job_id))
 
+    def job_rows(self, owner: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest jobs (of `owner`; None: everyone's), newest first: their rows as they are kept."""
+        where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = self.conn.execute(
+            "SELECT job_id, spec, state, n_inputs, created, finished, owner FROM jobs "
+            f"{where} ORDER BY created DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        keys = ("job_id", "spec", "state", "n_inputs", "created", "finished", "owner")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def job_row(self, job_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT job_id, spec, state, n_inputs, created, finished, owner FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        keys = ("job_id", "spec", "state", "n_inputs", "created", "finished", "owner")
+        return None if row is None else dict(zip(keys, row, strict=True))
+
+    def results_done(self, job_id: str) -> int:
+        """How many inputs of the job have their result recorded."""
+        return int(
+            self._one("SELECT COALESCE(SUM(hi - lo), 0) FROM events WHERE job_id = ? AND kind = ?", (job_id, m.RESULTS))
+            or 0
+        )
+
     def finished_jobs_before(self, cutoff: float) -> list[str]:
         rows = self.conn.execute(
             "SELECT job_id FROM jobs WHERE finished IS NOT NULL AND finished < ?", (cutoff,)
@@ -639,19 +664,25 @@ class Store:
             return int(cur.lastrowid or 0), ref
 
     def events_after(
-        self, job_id: str, after: int, max_bytes: int = 8 * 1024**2, spill: int | None = None
+        self,
+        job_id: str,
+        after: int,
+        max_bytes: int = 8 * 1024**2,
+        spill: int | None = None,
+        kinds: tuple[str, ...] | None = None,
     ) -> list[tuple[m.Event, bytes | None]]:
-        """A job's events after sequence `after`, up to about `max_bytes` of payload.
+        """A job's events after sequence `after` (of `kinds` only; None: all), up to about `max_bytes` of payload.
 
         A payload file larger than `spill` bytes is not read: its event names it (`ref`, `size`) and
         its reader fetches it on its own, so a big result never sits whole in the daemon's memory.
         """
         out: list[tuple[m.Event, bytes | None]] = []
         total = 0
+        only = f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
         cursor = self.conn.execute(
-            "SELECT seq, kind, lo, hi, data, payload, payload_ref FROM events WHERE job_id = ? AND seq > ?"
+            f"SELECT seq, kind, lo, hi, data, payload, payload_ref FROM events WHERE job_id = ? AND seq > ?{only}"
             " ORDER BY seq",
-            (job_id, after),
+            (job_id, after, *(kinds or ())),
         )
         for seq, kind, lo, hi, data, payload, ref in cursor:
             event = m.Event(seq, kind, lo, hi, json.loads(data) if data else {})

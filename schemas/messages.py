@@ -182,6 +182,8 @@ class JobSpec(Wire):
     retry_on: tuple[str, ...] = field((), max_items=MAX_RETRY_ON)
     retry_delay: float = field(1.0, lo=0, hi=MAX_RETRY_DELAY)  # before the first retry; doubles, capped
     return_exceptions: bool = False  # a failed input's slot holds its error; the job goes on
+    # runs on without its caller: never cancelled for want of a follower, its events kept until job_retention
+    detach: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,6 +429,8 @@ class JobStatus(Wire):
     retried: int = 0  # attempts that failed and ran again (retries=, or a lost node)
     failed: int = 0  # inputs whose slot holds their error (return_exceptions=True)
     attempts: tuple[Attempt, ...] = ()  # the latest failed attempts (in `burla status` and GET /v1/jobs/ID)
+    detached: bool = False  # made with detach=True: it runs without its caller, reattached with burla.job(id)
+    finished: float = 0.0  # when it ended (0: running, or not known here)
 
 
 @dataclasses.dataclass(frozen=True)
