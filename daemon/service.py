@@ -455,7 +455,9 @@ class ControlPlane:
                 out.append(self._stored_status(row))
                 continue
             status = status_text.job_status(self.scheduler.job_progress(job, now))
-            out.append(dataclasses.replace(status, finished=float(row["finished"] or 0.0)))
+            if job.state != m.RUNNING:
+                status = dataclasses.replace(status, phase="", finished=float(row["finished"] or 0.0))
+            out.append(status)
         return out
 
     def job_status(self, job_id: str, who: Principal | None = None, attempts: int = 0) -> m.JobStatus:
@@ -475,6 +477,9 @@ class ControlPlane:
         status = status_text.job_status(self.scheduler.job_progress(job, self.clock()))
         if attempts:
             status = dataclasses.replace(status, attempts=tuple(job.history)[-attempts:])
+        if job.state != m.RUNNING:  # finished, kept until acked or job_retention: when, and no phase any more
+            row = self.store.job_row(job_id)
+            return dataclasses.replace(status, phase="", finished=float(row["finished"] or 0.0) if row else 0.0)
         note = self.notes.get(job_id)
         return (
             dataclasses.replace(status, phase=f"{status.phase}; {note}" if status.phase else note) if note else status
