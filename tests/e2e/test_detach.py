@@ -200,3 +200,73 @@ def test_burla_jobs_commands(cluster: Cluster, tmp_path: Path, capsys: pytest.Ca
     assert cli.main(["jobs", "cancel", job.id]) == 0
     assert cli.main(["jobs", "show", "f" * 32]) == 1
     assert "no job" in capsys.readouterr().err
+
+
+INTERRUPTED_READ = """
+import sys
+import burla
+job = burla.job(sys.argv[1])
+print("reading", flush=True)
+try:
+    job.results()
+except KeyboardInterrupt:
+    print("stopped reading", job.status().state, flush=True)
+"""
+
+
+def test_ctrl_c_in_a_reattached_read_stops_following_and_the_job_runs_on(cluster: Cluster, tmp_path: Path) -> None:
+    job = remote_parallel_map(waits_then_returns, range(40), spinner=False, detach=True)
+    script = tmp_path / "read.py"
+    script.write_text(INTERRUPTED_READ)
+    proc = subprocess.Popen([PYTHON, str(script), job.id], env={**os.environ, **cluster.client_env()}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "reading"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "stopped reading running", err
+    assert job.results() == list(range(40))
+
+
+def test_a_reattached_read_rides_out_a_daemon_restart(own_cluster: Cluster) -> None:
+    """Read while the job runs, the daemon restarts mid-read: each result once, in order."""
+    import threading
+
+    job = remote_parallel_map(waits_then_returns, range(60), spinner=False, detach=True)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(burla.job(job.id).results()))
+    reader.start()
+    wait_for(lambda: job.status().n_done >= 8, 30, "some results")
+    own_cluster.restart_daemon()
+    reader.join(120)
+    assert not reader.is_alive()
+    assert got == [list(range(60))]
+
+
+def _rss_mb(pid: int) -> int:
+    """The process's peak resident memory, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM")
+
+
+def hundred_bytes(x: int) -> bytes:
+    return str(x).encode().rjust(100, b"x")  # each its own (a constant would be pickled once per lease)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_big_detached_jobs_results_stay_on_the_daemons_disk(own_cluster: Cluster) -> None:
+    """Two million results of 100 bytes (200 MB): the daemon's memory holds none of them at once, neither
+    while the job runs nor while a reattached reader streams them all in input order."""
+    assert own_cluster.daemon is not None
+    pid = own_cluster.daemon.pid
+    job = remote_parallel_map(hundred_bytes, range(2_000_000), spinner=False, detach=True)
+    wait_for(lambda: job.status().state == "done", 300, "the job to finish", interval=0.5)
+    results = burla.job(job.id).results()
+    assert len(results) == 2_000_000 and results[7] == b"x" * 99 + b"7" and results[-1] == hundred_bytes(1_999_999)
+    del results
+    on_disk = sum(f.stat().st_size for f in (own_cluster.root / "daemon").rglob("*") if f.is_file())
+    assert on_disk > 200e6
+    assert _rss_mb(pid) < 160, f"burlad peaked at {_rss_mb(pid)} MB for 200 MB of results"
