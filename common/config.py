@@ -63,7 +63,7 @@ class DaemonConfig:
     max_blob_bytes: int = 2 * GB  # one upload: a build context, or a package of the user's environment
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
     no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
-    job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
+    job_retention: float = 1 * HOURS  # finished jobs nobody collected, and detached ones, are deleted after this
     # a running job that no client follows for this long is cancelled (longer than a client's reconnect window)
     client_grace: float = 3 * MINUTES
     admin_token: str = ""  # default: generated at first start, kept in the state dir
