@@ -526,6 +526,8 @@ class ControlPlane:
     def event_payload(self, job_id: str, seq: int, who: Principal | None = None) -> Path:
         """The file of a payload too large to push (see `wait_events`), of a running or a finished job."""
         self._visible(job_id, who)
+        if self._owner(job_id) is None:
+            raise NotFound(f"no job {job_id}")
         path = self.store.event_payload(job_id, seq)
         if path is None or not path.is_file():
             raise NotFound(f"no payload for event {seq} of job {job_id}")

@@ -49,13 +49,9 @@ def test_the_table_is_the_one_reviewed() -> None:
     """Who may call what is a security decision: changing it means changing this test too."""
     assert ROUTE_ROLES == {
         "health": PUBLIC,
-<<<<<<< HEAD
-        **dict.fromkeys(["info", "me", "create_job", "add_inputs", "cancel_job", "ack_job", "job_status", "event_payload",
-                         "put_blob", "missing_blobs", "cluster", "events"], USER),
-=======
-        **dict.fromkeys(["info", "me", "create_job", "add_inputs", "cancel_job", "job_status", "event_payload",
-                         "put_blob", "missing_blobs", "cluster", "events", "list_jobs", "job_logs"], USER),
->>>>>>> Tests of detached jobs: end to end (a caller that exits, a daemon restart, reattach from another process, twice), the control plane (never abandoned, kept until job_retention across a restart, listing by owner, output read and waited for), the route table, and the fuzz suite over GET /v1/jobs, GET /v1/jobs/ID/logs, JobSpec.detach and the unsubscribe op
+        **dict.fromkeys(["info", "me", "create_job", "add_inputs", "cancel_job", "ack_job", "job_status",
+                         "event_payload", "put_blob", "missing_blobs", "cluster", "events", "list_jobs", "job_logs"],
+                        USER),
         **dict.fromkeys(["set_standby", "cluster_nodes", "cluster_action", "get_cluster_spec", "put_cluster_spec",
                          "list_users", "add_user", "remove_user", "rotate_key", "revoke_key"], ADMIN),
         **dict.fromkeys(["get_standby", "register"], NODE),
