@@ -123,21 +123,22 @@ class Job:
 
         Each input's result exactly once, also across a restart of the daemon. A failed job raises
         its error as a plain call would (your exception as itself); a cancelled one JobCancelledError.
+        With ``return_exceptions=True`` a failed input's slot holds its exception instead.
         Ctrl-C stops waiting and leaves the job running.
         """
-        chunks: dict[int, bytes] = {}
+        chunks: dict[int, tuple[Any, ...]] = {}
         total: int | None = None
         for item in self._events():
-            if item[0] == "results":
-                chunks[item[1]] = item[3]
-            else:
+            if item[0] == "done":
                 total = item[1]
+            else:
+                chunks[item[1]] = item
         results: list[Any] = []
         for lo in sorted(chunks):
             if lo != len(results):
                 raise BurlaError(f"job {self._id}: results of inputs {len(results)} to {lo - 1} are missing or "
                                  "came twice (this is a bug in Burla; please report it)")  # fmt: skip
-            results.extend(pickle.loads(chunks.pop(lo)))
+            results.extend(_values(chunks.pop(lo)))
         self._check_count(len(results), total)
         return results
 
@@ -146,12 +147,12 @@ class Job:
         job is done. Closing it early only stops following."""
         received = 0
         for item in self._events():
-            if item[0] == "results":
-                values = pickle.loads(item[3])
+            if item[0] == "done":
+                self._check_count(received, item[1])
+            else:
+                values = _values(item)
                 received += len(values)
                 yield from values
-            else:
-                self._check_count(received, item[1])
 
     def _check_count(self, received: int, total: int | None) -> None:
         if total is not None and received != total:
@@ -161,7 +162,8 @@ class Job:
             )
 
     def _events(self) -> Iterator[tuple[Any, ...]]:
-        """The job's result events from its first, then ("done", n_inputs); raises how it failed otherwise."""
+        """The job's result events from its first ("results" with a pickled list, or "call_failed" with the
+        errors of return_exceptions=True), then ("done", n_inputs); raises how it failed otherwise."""
         client = self._client
         client.connect()
         reader = _Reader(client, self._id)
@@ -232,6 +234,11 @@ class Job:
                 return
 
 
+def _values(item: tuple[Any, ...]) -> list[Any]:
+    """The slots of one result event: its return values, or the errors of inputs that failed."""
+    return list(item[3]) if item[0] == "call_failed" else list(pickle.loads(item[3]))
+
+
 def _retryable(error: BurlaError) -> bool:
     return isinstance(error, ClusterUnavailableError) or " answered 5" in str(error)
 
@@ -288,6 +295,9 @@ class _Reader:
             self.after = event.seq
             if event.kind == m.RESULTS:
                 self.queue.put(("results", event.lo, event.hi, blob))
+            elif event.kind == m.CALL_FAILED:  # return_exceptions=True: each input of [lo, hi) gets its error
+                errors = [rebuild({**event.data, "index": i}, blob) for i in range(event.lo, event.hi)]
+                self.queue.put(("call_failed", event.lo, event.hi, errors))
             elif event.kind == m.FAILED:
                 self._end(("error", rebuild(event.data, blob)))
             elif event.kind == m.CANCELLED:

@@ -116,6 +116,27 @@ def test_logs_follow_a_running_job_until_it_ends_and_cancel_stops_it(cluster: Cl
     assert slow.status().state == "cancelled"
 
 
+def every_fifth_raises(x: int) -> int:
+    if x % 5 == 0:
+        raise ValueError(f"input {x} is a multiple of five")
+    return x
+
+
+def test_a_detached_job_with_return_exceptions_has_each_failure_in_its_slot(cluster: Cluster) -> None:
+    job = remote_parallel_map(every_fifth_raises, range(40), spinner=False, detach=True, return_exceptions=True,
+                              max_parallelism=2)  # fmt: skip
+    results = burla.job(job.id).results()
+    assert [r for i, r in enumerate(results) if i % 5] == [x for x in range(40) if x % 5]
+    failed = [r for i, r in enumerate(results) if i % 5 == 0]
+    assert all(isinstance(e, ValueError) for e in failed), failed
+    assert [str(e) for e in failed] == [f"input {x} is a multiple of five" for x in range(0, 40, 5)]
+    assert [e.burla_input_index for e in failed] == list(range(0, 40, 5))
+    completed = list(job.as_completed())
+    assert len(completed) == 40 and sum(isinstance(r, ValueError) for r in completed) == 8
+    status = job.status()
+    assert (status.state, status.n_done, status.failed) == ("done", 40, 8)
+
+
 def test_another_users_job_and_unknown_ids_are_not_found(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     job = remote_parallel_map(printing_square, range(3), spinner=False, detach=True)
     r = httpx.post(f"{cluster.url}/v1/users", json={"name": "mallory"}, headers=_admin(cluster), timeout=10)
