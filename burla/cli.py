@@ -310,6 +310,8 @@ def _print_results(job: Any, pickle_file: str | None) -> int:
         print(f"{len(results)} results of job {job.id} written to {pickle_file}", file=sys.stderr)
         return 0
     for i, value in enumerate(results):
+        if isinstance(value, BaseException):  # return_exceptions=True: the input's slot holds how it failed
+            value = {"error": {"type": type(value).__name__, "message": str(value), "input_index": i}}
         try:
             line = json.dumps(value)
         except (TypeError, ValueError):

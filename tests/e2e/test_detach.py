@@ -122,7 +122,9 @@ def every_fifth_raises(x: int) -> int:
     return x
 
 
-def test_a_detached_job_with_return_exceptions_has_each_failure_in_its_slot(cluster: Cluster) -> None:
+def test_a_detached_job_with_return_exceptions_has_each_failure_in_its_slot(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = remote_parallel_map(every_fifth_raises, range(40), spinner=False, detach=True, return_exceptions=True,
                               max_parallelism=2)  # fmt: skip
     results = burla.job(job.id).results()
@@ -135,6 +137,13 @@ def test_a_detached_job_with_return_exceptions_has_each_failure_in_its_slot(clus
     assert len(completed) == 40 and sum(isinstance(r, ValueError) for r in completed) == 8
     status = job.status()
     assert (status.state, status.n_done, status.failed) == ("done", 40, 8)
+    from burla import cli
+
+    capsys.readouterr()
+    assert cli.main(["jobs", "results", job.id]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1:5] == [1, 2, 3, 4]
+    assert lines[5] == {"error": {"type": "ValueError", "message": "input 5 is a multiple of five", "input_index": 5}}
 
 
 def test_another_users_job_and_unknown_ids_are_not_found(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
