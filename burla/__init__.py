@@ -50,37 +50,46 @@ __version__ = "0.1.0"
 __all__ = [
     "BurlaError",
     "CallError",
+    "CallTimeoutError",
     "Client",
     "ClusterError",
     "ClusterUnavailableError",
     "ImageError",
     "InstallError",
     "InvalidArgumentError",
+    "Job",
     "JobCancelledError",
+    "JobNotFoundError",
     "MemoryLimitError",
+    "NodeLostError",
     "RemoteError",
     "ResultTooLargeError",
     "UnsatisfiableError",
     "VersionMismatchError",
     "WorkerDiedError",
     "__version__",
+    "job",
     "remote_parallel_map",
 ]
-_WHERE = {"remote_parallel_map": "._api", "Client": "._client"}  # the others: .errors
+_WHERE = {"remote_parallel_map": "._api", "Client": "._client", "Job": "._handle", "job": "._handle"}  # others: .errors
 
 if TYPE_CHECKING:
     from ._api import remote_parallel_map
     from ._client import Client
+    from ._handle import Job, job
     from .errors import (
         BurlaError,
         CallError,
+        CallTimeoutError,
         ClusterError,
         ClusterUnavailableError,
         ImageError,
         InstallError,
         InvalidArgumentError,
         JobCancelledError,
+        JobNotFoundError,
         MemoryLimitError,
+        NodeLostError,
         RemoteError,
         ResultTooLargeError,
         UnsatisfiableError,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._client import Client
+
+if TYPE_CHECKING:
+    from ._handle import Job
 
 
 def remote_parallel_map(
@@ -23,14 +26,21 @@ def remote_parallel_map(
     exclude_packages: Iterable[str] | None = None,
     requirements: Iterable[str] | None = None,
     grow: bool = False,
-) -> list[Any] | Iterator[Any]:
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    retry_delay: float = 1.0,
+    return_exceptions: bool = False,
+    detach: bool = False,
+) -> list[Any] | Iterator[Any] | Job:
     """Call `function_` on every input in `inputs`, all at once, on a Burla cluster.
 
     Each input is passed whole as the function's one argument, as with the
     built-in ``map`` (a tuple is passed as a tuple). What the calls print
     appears here while they run; an exception raised by a call is raised here
     as itself, with the remote frames in its traceback and the input's index
-    in a note, and the rest of the job is cancelled.
+    in a note, and the rest of the job is cancelled (unless `retries=` runs it
+    again, or `return_exceptions=True` keeps its exception in its slot).
 
     Args:
         function_: any picklable callable of one argument.
@@ -55,14 +65,47 @@ def remote_parallel_map(
             once; the job starts on what is free and takes on each new node as it
             joins. Without it, the job runs on free nodes and waits for one when
             none is free. New nodes are deleted after the cluster's idle_timeout.
+        timeout: seconds one call may run. A call past it is killed on its node (the
+            worker is replaced) and its input fails with `burla.CallTimeoutError`,
+            naming the input, the limit and the node. The node enforces it, so it
+            holds while this process is away. Default: no limit.
+        retries: how many times a call that fails is run again (default 0: its
+            failure fails the job). A call that kills its own worker (a segfault,
+            `os._exit`, over `func_ram`) and a timeout count as its failures too.
+            Each retry is shown by the spinner and `burla status`.
+        retry_on: an exception class, or a tuple of them, that a failure must be
+            an instance of to be retried (default: every Exception). Matched on
+            the cluster by the classes' qualified names.
+        retry_delay: seconds before the first retry of an input; each next one
+            waits twice as long, up to 60 s. The input waits on the cluster, not
+            on a worker.
+        return_exceptions: the job does not stop at the first failure: each
+            input's slot in the results holds its return value or, if it failed,
+            its exception (rebuilt as raised, with the remote traceback and
+            `burla_input_index`, or a `burla.CallError`). Works with generator=True.
+        detach: return a `burla.Job` as soon as every input is uploaded, and let the
+            job run to completion on the cluster without this process (which may exit,
+            or its machine sleep). Its id (``Job.id``, printed on stderr with the
+            spinner on) reattaches from any process of the same user: ``burla.job(ID)``
+            with ``.status()``, ``.results()``, ``.as_completed()``, ``.logs()`` and
+            ``.cancel()``, or ``burla jobs ...``. Its results stay on the daemon's disk,
+            fetchable again and again, until ``daemon.job_retention`` after it ends.
+            Ctrl-C while the inputs upload cancels the job; nothing is printed here
+            of what its calls print (``Job.logs()`` has it).
+
+    Burla runs a call again by itself when its node is lost (its agent stops
+    heartbeating or restarts, the machine is preempted): up to the cluster's
+    `daemon.infra_retries` times (3), then its input fails with
+    `burla.NodeLostError`. A call may therefore run more than once, in part or
+    whole: functions should be idempotent.
 
     This environment is replicated on the workers: every installed distribution,
     pinned (nodes install what their workers lack, once, then cache it), and the
     local code that is not installed (modules beside the script, a src folder).
 
     Returns:
-        The return values in input order, or an iterator of them with
-        ``generator=True``.
+        The return values in input order, an iterator of them with
+        ``generator=True``, or a `burla.Job` with ``detach=True``.
 
     With no cluster configured (BURLA_CLUSTER_URL, `burla login`), Burla starts
     a local cluster in the background on first use and reuses it.
@@ -81,4 +124,10 @@ def remote_parallel_map(
         exclude_packages=exclude_packages,
         requirements=requirements,
         grow=grow,
+        timeout=timeout,
+        retries=retries,
+        retry_on=retry_on,
+        retry_delay=retry_delay,
+        return_exceptions=return_exceptions,
+        detach=detach,
     )

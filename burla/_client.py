@@ -276,14 +276,28 @@ class Client:
         exclude_packages: Iterable[str] | None = None,
         requirements: Iterable[str] | None = None,
         grow: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        retry_delay: float = 1.0,
+        return_exceptions: bool = False,
+        detach: bool = False,
     ) -> Any:
         """Call `function_` on every input at once on the cluster. See `remote_parallel_map`."""
         from burla.common.trace import trace
 
         trace("client", "map")
         _check_resources(func_cpu, func_ram, max_parallelism)
+        failures = _check_failures(timeout, retries, retry_on, retry_delay, return_exceptions)
         if not isinstance(grow, bool):
             raise InvalidArgumentError(f"grow must be True or False, got {grow!r}")
+        if not isinstance(detach, bool):
+            raise InvalidArgumentError(f"detach must be True or False, got {detach!r}")
+        if detach and generator:
+            raise InvalidArgumentError(
+                "pass detach=True or generator=True, not both: a detached call returns a burla.Job, whose "
+                "as_completed() yields the results as they arrive"
+            )
         if image is not None and dockerfile is not None:
             raise InvalidArgumentError("pass image= or dockerfile=, not both")
         if image is not None and (not isinstance(image, str) or not image.strip()):
@@ -305,6 +319,8 @@ class Client:
         environment = self._snapshot(function_, exclude_packages, requirements)
         batcher = InputBatcher(inputs, self.limits.get("max_input_bytes"))
         first = batcher.next_batch()
+        if first is None and detach:
+            raise InvalidArgumentError("detach=True needs at least one input: inputs is empty, so there is no job")
         if first is None:
             return iter(()) if generator else []
         self.connect()
@@ -339,15 +355,44 @@ class Client:
             build=build,
             env=env_digest,
             grow=grow,
+            **failures,
+            detach=detach,
         )
         job = JobRun(
             self._portal, self._http, self._events, spec, blob, first, batcher, spinner, self._local_payloads()
         )
+        job.return_exceptions = return_exceptions
         trace("client", "map start")
         job.start()
+        if detach:
+            return self._detached(job, spinner)
         if generator:
             return ResultIterator(job)
         return collect(job)
+
+    def _detached(self, run: Any, spinner: bool) -> Any:
+        """Wait until every input of a detached job is uploaded, then hand back its `burla.Job`.
+
+        Until then nothing was promised: Ctrl-C (or an error uploading) cancels the job.
+        """
+        from ._handle import Job
+        from ._job import _finish
+
+        try:
+            while True:
+                item = run.get()
+                if item[0] == "uploaded":
+                    break
+                raise item[1]
+        except KeyboardInterrupt:
+            run.cancel("cancelled by Ctrl-C while its inputs were uploading (detach=True)")
+            raise
+        finally:
+            _finish(run)
+        if spinner:
+            print(f"burla: job {run.job_id} runs detached. Reattach with burla.job({run.job_id!r}), or "
+                  f"`burla jobs show {run.job_id}`", file=sys.stderr, flush=True)  # fmt: skip
+        return Job(self, run.job_id)
 
 
 def _check_resources(func_cpu: Any, func_ram: Any, max_parallelism: Any) -> None:
@@ -358,3 +403,52 @@ def _check_resources(func_cpu: Any, func_ram: Any, max_parallelism: Any) -> None
         isinstance(max_parallelism, bool) or not isinstance(max_parallelism, int) or max_parallelism < 1
     ):
         raise InvalidArgumentError(f"max_parallelism must be a positive integer or None, got {max_parallelism!r}")
+
+
+def _check_failures(
+    timeout: Any, retries: Any, retry_on: Any, retry_delay: Any, return_exceptions: Any
+) -> dict[str, Any]:
+    """The JobSpec fields of timeout=, retries=, retry_on=, retry_delay= and return_exceptions=, checked."""
+    import math
+
+    from burla.schemas import messages as m
+
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if timeout is not None and not (number(timeout) and 0.001 <= timeout <= m.MAX_TIMEOUT):
+        raise InvalidArgumentError(
+            f"timeout must be None or a number of seconds from 0.001 to {m.MAX_TIMEOUT:.0f} (a year), got {timeout!r}"
+        )
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= m.MAX_RETRIES:
+        raise InvalidArgumentError(f"retries must be a whole number from 0 to {m.MAX_RETRIES}, got {retries!r}")
+    if not (number(retry_delay) and 0 <= retry_delay <= m.MAX_RETRY_DELAY):
+        raise InvalidArgumentError(
+            f"retry_delay must be a number of seconds from 0 to {m.MAX_RETRY_DELAY:g}, got {retry_delay!r}"
+        )
+    classes = (retry_on,) if isinstance(retry_on, type) else retry_on
+    if classes is None:
+        classes = ()
+    if (
+        not isinstance(classes, tuple)
+        or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes)
+        or len(classes) > m.MAX_RETRY_ON
+    ):
+        raise InvalidArgumentError(
+            "retry_on must be an exception class or a tuple of them (as in an except clause), "
+            f"at most {m.MAX_RETRY_ON}, got {retry_on!r}"
+        )
+    if classes and not retries:
+        raise InvalidArgumentError("retry_on= says which failures to retry: pass retries= too (how many times)")
+    if not isinstance(return_exceptions, bool):
+        raise InvalidArgumentError(f"return_exceptions must be True or False, got {return_exceptions!r}")
+    names = tuple(f"{c.__module__}.{c.__qualname__}" for c in classes)
+    if any(len(name) > m.TYPE_NAME for name in names):
+        raise InvalidArgumentError(f"retry_on: a class name is over {m.TYPE_NAME} characters")
+    return {
+        "timeout": None if timeout is None else float(timeout),
+        "retries": retries,
+        "retry_on": names,
+        "retry_delay": float(retry_delay),
+        "return_exceptions": return_exceptions,
+    }

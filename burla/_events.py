@@ -136,6 +136,12 @@ class EventStream:
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
 
+    async def unfollow(self, job_id: str) -> None:
+        """Stop following a job that goes on running (a reattached reader stopped reading): the daemon stops
+        sending its events."""
+        if self.jobs.pop(job_id, None) is not None:
+            await self._send({"op": "unsubscribe", "job": job_id})
+
     def close(self) -> None:
         self._scope.cancel()
 

@@ -14,6 +14,10 @@
 
 The caller's thread (`collect` or `ResultIterator`) takes from that queue,
 unpickles results, raises failures, and turns Ctrl-C into a cancelled job.
+
+A detached job (``detach=True``) runs the uploader alone: once every input is
+uploaded the caller gets a `burla.Job` (`_handle.py`) and nothing here follows
+the job; until then Ctrl-C (or the process exiting) cancels it.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class JobRun:
         self._created = False
         self._ended = trio.Event()  # the job's final event arrived (or it failed here)
         self.finished = False
+        self.return_exceptions = spec.return_exceptions  # failed inputs' slots hold their errors
 
     @property
     def job_id(self) -> str:
@@ -118,6 +123,11 @@ class JobRun:
     async def _run(self) -> None:
         try:
             with trio.CancelScope() as self._scope:
+                if self.spec.detach:
+                    self._created = True  # as good as: a cancel while the first batch goes up is sent after it
+                    await self._upload()
+                    self.queue.put(("uploaded",))
+                    return
                 async with trio.open_nursery() as nursery:
                     if not self._create_on_stream():
                         nursery.start_soon(self._upload)
@@ -176,27 +186,15 @@ class JobRun:
         A lost connection propagates: the event stream reconnects and the event comes again, as
         `after` has not moved past it. A refusal fails this job alone (None), not every job followed.
         """
-        if self.local_payloads is not None and event.ref:
-            path = Path(self.local_payloads[0]) / event.ref
-            try:
-                return await trio.to_thread.run_sync(path.read_bytes)
-            except OSError:
-                pass  # not readable after all: over HTTP
-        buffer = bytearray()
-        async with self.http.stream("GET", f"/v1/jobs/{self.job_id}/events/{event.seq}/payload") as r:
-            if r.status_code != 200:
-                await r.aread()
-                if r.status_code >= 500:
-                    raise httpx.RemoteProtocolError(f"HTTP {r.status_code}")  # the daemon restarting: retried
-                self.fail(error_from_response(r.status_code, r.text, "fetch a result"))
-                return None
-            async for chunk in r.aiter_raw():
-                buffer += chunk
-        if len(buffer) != event.size:
-            raise httpx.RemoteProtocolError(f"a result arrived cut short: {len(buffer)} of {event.size} bytes")
-        return buffer  # unpickled as it is: no second copy of a big result
+        blob = await fetch_payload(self.http, self.job_id, event, self.local_payloads)
+        if isinstance(blob, BurlaError):
+            self.fail(blob)
+            return None
+        return blob
 
     async def _cancel(self, reason: str) -> None:
+        if self.spec.detach and self._scope is not None:
+            self._scope.cancel()  # the upload stops first: a create still on its way must not outlive the cancel
         with trio.move_on_after(CANCEL_SECONDS):
             if self._created:
                 # a job created on the stream may not be made yet: its cancel waits for it
@@ -252,7 +250,11 @@ class JobRun:
     def _create_on_stream(self) -> bool:
         """Create the job on the event stream if it is small and all there is; whether it is."""
         meta, payload = self.first
-        if not self.batcher.exhausted or len(payload) + len(self.function_blob) > STREAM_CREATE_BYTES:
+        if (
+            self.spec.detach
+            or not self.batcher.exhausted
+            or len(payload) + len(self.function_blob) > STREAM_CREATE_BYTES
+        ):
             return False
         header = {"spec": self.spec.to_wire(), **self._header([meta], self.batcher.count), "after": 0}
         self.create = (header, [self.function_blob, payload])
@@ -302,6 +304,11 @@ class JobRun:
             print_lines(pickle.loads(blob))
         elif event.kind == m.FAILED:
             self.queue.put(("failed", rebuild(event.data, blob)))
+        elif event.kind == m.CALL_FAILED:  # return_exceptions: each input of [lo, hi) gets its error
+            errors = [rebuild({**event.data, "index": i}, blob) for i in range(event.lo, event.hi)]
+            self.queue.put(("call_failed", event.lo, event.hi, errors))
+        elif event.kind == m.RETRY:
+            trace("client", f"retry [{event.lo},{event.hi}) attempt {event.data.get('attempt')}")
         elif event.kind == m.DONE:
             self.queue.put(("done", event.data.get("n_inputs")))
         elif event.kind == m.CANCELLED:
@@ -309,6 +316,34 @@ class JobRun:
             self.queue.put(("error", JobCancelledError(f"the job was cancelled on the cluster: {reason}")))
         elif event.kind == m.NOTICE:
             print(f"burla: {event.data.get('message', '')}", file=sys.stderr, flush=True)
+
+
+async def fetch_payload(
+    http: httpx.AsyncClient, job_id: str, event: m.Event, local_payloads: tuple[str, str, int] | None
+) -> bytes | bytearray | BurlaError:
+    """A payload too large for the websocket: from the daemon's file on this host, or streamed over HTTP.
+
+    A lost connection (or a restarting daemon's 5xx) raises, for the caller to retry; a refusal is
+    returned as the error it means.
+    """
+    if local_payloads is not None and event.ref:
+        path = Path(local_payloads[0]) / event.ref
+        try:
+            return await trio.to_thread.run_sync(path.read_bytes)
+        except OSError:
+            pass  # not readable after all: over HTTP
+    buffer = bytearray()
+    async with http.stream("GET", f"/v1/jobs/{job_id}/events/{event.seq}/payload") as r:
+        if r.status_code != 200:
+            await r.aread()
+            if r.status_code >= 500:
+                raise httpx.RemoteProtocolError(f"HTTP {r.status_code}")  # the daemon restarting: retried
+            return error_from_response(r.status_code, r.text, "fetch a result")
+        async for chunk in r.aiter_raw():
+            buffer += chunk
+    if len(buffer) != event.size:
+        raise httpx.RemoteProtocolError(f"a result arrived cut short: {len(buffer)} of {event.size} bytes")
+    return buffer  # unpickled as it is: no second copy of a big result
 
 
 def print_lines(entries: list[tuple[int, int, str]]) -> None:
@@ -364,7 +399,7 @@ def collect(job: JobRun) -> list[Any]:
         while True:
             item = job.get()
             kind = item[0]
-            if kind == "results":
+            if kind in ("results", "call_failed"):
                 chunks[item[1]] = item[3]
             elif kind == "done":
                 break
@@ -381,7 +416,8 @@ def collect(job: JobRun) -> list[Any]:
     for lo in sorted(chunks):
         if lo != len(results):
             raise BurlaError(f"results are missing for inputs {len(results)} to {lo - 1}: this is a bug in Burla")
-        results.extend(pickle.loads(chunks.pop(lo)))
+        chunk = chunks.pop(lo)
+        results.extend(chunk if isinstance(chunk, list) else pickle.loads(chunk))  # a list: errors in their slots
     _check_all_arrived(job, len(results))
     return results
 
@@ -418,8 +454,8 @@ class ResultIterator:
                 self._job.cancel("cancelled by Ctrl-C in the client")
                 raise
             kind = item[0]
-            if kind == "results":
-                values = pickle.loads(item[3])
+            if kind in ("results", "call_failed"):
+                values = item[3] if kind == "call_failed" else pickle.loads(item[3])
                 self._received += len(values)
                 self._buffer.extend(values)
             elif kind == "done":

@@ -31,6 +31,8 @@ _BY_NAME: dict[str, type[errors.CallError] | type[errors.BurlaError]] = {
     m.ErrorType.NODE_START: errors.NodeStartError,
     m.ErrorType.IMAGE: errors.ImageError,
     m.ErrorType.INSTALL: errors.InstallError,
+    m.ErrorType.CALL_TIMEOUT: errors.CallTimeoutError,
+    m.ErrorType.NODE_LOST: errors.NodeLostError,
 }
 
 

@@ -60,6 +60,10 @@ def describe(status: dict[str, Any], function_name: str) -> str:
     parts = [f"{function_name}: {done:,}/{total_text} done"]
     if status.get("phase"):
         parts.append(status["phase"])
+    if status.get("retried"):
+        parts.append(f"{status['retried']:,} retried")
+    if status.get("failed"):
+        parts.append(f"{status['failed']:,} failed")
     rate = status.get("calls_per_second") or 0
     if rate:
         parts.append(f"{rate:,.0f} calls/s")

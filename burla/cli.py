@@ -9,6 +9,9 @@ burla cluster spec show|set FILE  node groups, zones and limits, changed while b
 burla cluster standby show|set    the images container nodes keep warm
 burla users list|add|remove|rotate|revoke [NAME] [--admin]
                                   the cluster's users and their API keys (an admin's commands)
+burla jobs list|show|logs|results|cancel [ID] [--follow] [--pickle FILE] [--json]
+                                  your jobs (an admin: every job), kept until daemon.job_retention after
+                                  they end; ID may be a unique prefix of the job's id
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("name", nargs="?", help="the user (all but list)")
     users.add_argument("--admin", action="store_true", help="with add: an admin, who manages the cluster and its users")
     users.add_argument("--json", action="store_true", help="with list: print raw JSON")
+    jobs = sub.add_parser("jobs", help="your jobs: list them, reattach to one (detach=True), cancel one")
+    jobs.add_argument("action", choices=["list", "show", "logs", "results", "cancel"],
+                      help="logs prints what the calls printed; results prints one JSON line per result, in input "
+                           "order (or --pickle FILE writes the list); cancel stops a running job")  # fmt: skip
+    jobs.add_argument("job_id", nargs="?", metavar="ID", help="the job (all but list): its id, or a unique prefix")
+    jobs.add_argument("--follow", "-f", action="store_true", help="with logs: go on printing until the job ends")
+    jobs.add_argument("--pickle", metavar="FILE", help="with results: write the list of results, pickled, to FILE")
+    jobs.add_argument("--json", action="store_true", help="with list and show: print raw JSON")
     return p
 
 
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cluster_action(args.setting)
         if args.command == "users":
             return _users(args.action, args.name, args.admin, args.json)
+        if args.command == "jobs":
+            return _jobs(args.action, args.job_id, args.follow, args.pickle, args.json)
     except BurlaError as e:
         print(f"burla: {e}", file=sys.stderr)
         return 1
@@ -240,6 +253,121 @@ def _users(action: str, name: str | None, admin: bool, as_json: bool) -> int:
     return 0
 
 
+def _jobs(action: str, job_id: str | None, follow: bool, pickle_file: str | None, as_json: bool) -> int:
+    if action != "list" and not job_id:
+        raise BurlaError(
+            f"burla jobs {action}: name the job, e.g. `burla jobs {action} 3f2a9c01` (see burla jobs list)"
+        )
+    if follow and action != "logs":
+        raise BurlaError("--follow: only with `burla jobs logs ID`")
+    if pickle_file and action != "results":
+        raise BurlaError("--pickle: only with `burla jobs results ID --pickle FILE`")
+    from ._handle import Job
+
+    with _cluster() as client:
+        if action == "list":
+            listed = client.request("GET", "/v1/jobs", "list the jobs", timeout=30).json()["jobs"]
+            return _print_jobs(listed, as_json)
+        job = Job(client, _resolve_job(client, job_id or ""))
+        if action == "show":
+            status = job.status().to_wire()
+            print(json.dumps(status, indent=2) if as_json else _describe_job(status))
+        elif action == "logs":
+            for stream, text in job.log_entries(follow):
+                (sys.stderr if stream == 2 else sys.stdout).write(text)
+            sys.stdout.flush()
+        elif action == "results":
+            return _print_results(job, pickle_file)
+        else:
+            job.cancel("cancelled with `burla jobs cancel`")
+            print(f"job {job.id}: {job.status().state}")
+    return 0
+
+
+def _resolve_job(client: Client, given: str) -> str:
+    """A job's full id from its id or a unique prefix of it (as `burla status` and `burla jobs list` show it)."""
+    from ._handle import check_job_id
+
+    check_job_id(given)
+    if len(given) == 32:
+        return given
+    listed = client.request("GET", "/v1/jobs", "list the jobs", timeout=30).json()["jobs"]
+    matches = [j["job_id"] for j in listed if j["job_id"].startswith(given)]
+    if len(matches) == 1:
+        return str(matches[0])
+    if matches:
+        raise BurlaError(f"{len(matches)} jobs have ids that start with {given}: give more of the id")
+    return given  # a job of another length, or none: the daemon says which
+
+
+def _print_results(job: Any, pickle_file: str | None) -> int:
+    results = job.results()
+    if pickle_file:
+        import pickle
+
+        with open(pickle_file, "wb") as f:
+            pickle.dump(results, f)
+        print(f"{len(results)} results of job {job.id} written to {pickle_file}", file=sys.stderr)
+        return 0
+    for i, value in enumerate(results):
+        if isinstance(value, BaseException):  # return_exceptions=True: the input's slot holds how it failed
+            value = {"error": {"type": type(value).__name__, "message": str(value), "input_index": i}}
+        try:
+            line = json.dumps(value)
+        except (TypeError, ValueError):
+            raise BurlaError(
+                f"result {i} of job {job.id} is a {type(value).__name__}, which JSON cannot hold: "
+                "use `burla jobs results ID --pickle FILE`"
+            ) from None
+        print(line)
+    return 0
+
+
+def _describe_job(j: dict[str, Any]) -> str:
+    import time
+
+    total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
+    lines = [
+        f"job {j['job_id']}",
+        f"  function  {j['function_name'] or '-'}",
+        f"  user      {j.get('owner') or '-'}",
+        f"  state     {j['state']}{' (detached)' if j.get('detached') else ''}",
+        f"  done      {j['n_done']:,} of {total}",
+        f"  created   {_age(time.time() - j['created'])} ago" if j.get("created") else "  created   -",
+    ]
+    if j.get("finished"):
+        lines.append(f"  finished  {_age(time.time() - j['finished'])} ago")
+    if j.get("phase") and j["state"] == "running":
+        lines.append(f"  now       {j['phase']}")
+    return "\n".join(lines)
+
+
+def _print_jobs(listed: list[dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not listed:
+        print("No jobs.")
+        return 0
+    import time
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table("job", "user", "function", "state", "done", "inputs", "created", title="Jobs")
+    now = time.time()
+    for j in listed:
+        total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
+        state = j["state"] + (", detached" if j.get("detached") else "")
+        cells = [j["job_id"], j.get("owner") or "-", j["function_name"], state, f"{j['n_done']:,}", str(total),
+                 f"{_age(now - j['created'])} ago"]  # fmt: skip
+        table.add_row(*(escape(str(c)) for c in cells))
+    console.print(table)
+    return 0
+
+
 def _age(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -286,14 +414,25 @@ def _status(as_json: bool) -> int:
                 f"{p['ready']}/{p['slots']}", f"{p['cpus']:g}", f"{p['ram_bytes'] / 1e9:.1f} GB", containers or "-",
             )  # fmt: skip
         console.print(table)
-    jobs = Table("job", "user", "function", "state", "done", "inputs", "running", "calls/s", title="Jobs")
+    jobs = Table("job", "user", "function", "state", "done", "inputs", "running", "retried", "failed", "calls/s",
+                 title="Jobs")  # fmt: skip
     for j in data["jobs"]:
         total = j["n_inputs"] if j["n_inputs"] is not None else f"{j['n_uploaded']}+"
         jobs.add_row(
-            j["job_id"][:8], j.get("owner", "") or "-", j["function_name"], j["state"], f"{j['n_done']:,}", str(total),
-            str(j["running"]), f"{j['calls_per_second']:,.0f}",
+            j["job_id"][:8], j.get("owner", "") or "-", j["function_name"],
+            j["state"] + (", detached" if j.get("detached") else ""), f"{j['n_done']:,}", str(total),
+            str(j["running"]), f"{j.get('retried', 0):,}", f"{j.get('failed', 0):,}", f"{j['calls_per_second']:,.0f}",
         )  # fmt: skip
     console.print(jobs if data["jobs"] else "No jobs.")
+    attempts = [(j, a) for j in data["jobs"] for a in j.get("attempts", ())]
+    if attempts:
+        table = Table("job", "input", "attempt", "what", "node", "then", title="Failed attempts (latest)")
+        for j, a in attempts:
+            where = f"#{a['lo']}" if a["hi"] - a["lo"] <= 1 else f"#{a['lo']}-#{a['hi'] - 1}"
+            what = f"{a['type_name'].rpartition('.')[2]}: {a['message']}"[:120]
+            table.add_row(j["job_id"][:8], where, str(a["attempt"]), what, a["node"] or "-",
+                          "retried" if a["retried"] else "failed")  # fmt: skip
+        console.print(table)
     return 0
 
 

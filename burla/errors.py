@@ -20,13 +20,16 @@ errors of Burla itself::
     │   ├── PermissionDeniedError   the key's user may not do that (an admin's command)
     │   ├── NoNodesError            no node joined the cluster in time
     │   ├── NodeStartError          the nodes a job needs cannot be started (quota, permission, no zone has them)
-    │   └── VersionMismatchError    the cluster runs a Burla version this one cannot work with
+    │   ├── VersionMismatchError    the cluster runs a Burla version this one cannot work with
+    │   └── JobNotFoundError        burla.job(ID): no such job of yours (never made, another user's, or deleted)
     ├── JobCancelledError           the job was cancelled on the cluster
     └── CallError                   one call failed inside Burla, not inside your code
         ├── RemoteError             your function raised something that cannot be rebuilt here
         ├── UnpicklingError         the worker could not load the function or an input
         ├── UnpicklableResultError  a return value cannot be pickled
         ├── ResultTooLargeError     a return value is over the cluster's max_result_bytes
+        ├── CallTimeoutError        the call ran past timeout= and was killed on its worker
+        ├── NodeLostError           the node running the call was lost more than infra_retries times
         └── WorkerDiedError         the worker process died mid-call (exit code or signal)
             └── MemoryLimitError    the call went over func_ram and was killed
 
@@ -122,6 +125,10 @@ class VersionMismatchError(ClusterError):
     """
 
 
+class JobNotFoundError(ClusterError, LookupError):
+    """No job of this id that the caller may see: never made, another user's, or deleted after job_retention."""
+
+
 class JobCancelledError(BurlaError):
     pass
 
@@ -171,6 +178,21 @@ class WorkerDiedError(CallError):
     pass
 
 
+class CallTimeoutError(CallError):
+    """The call ran longer than `timeout=` and was killed on its worker (which was replaced).
+
+    The message names the input, the limit and the node. With `retries=` it is retried like any failure.
+    """
+
+
+class NodeLostError(CallError):
+    """The node running the call was lost (its agent stopped heartbeating, it was preempted or deleted)
+    more times than the cluster's `daemon.infra_retries`. The message names the input and each loss.
+
+    Lost calls are run again from the start on another worker, so functions should be idempotent.
+    """
+
+
 class MemoryLimitError(WorkerDiedError):
     pass
 
@@ -179,6 +201,7 @@ __all__ = [
     "AuthenticationError",
     "BurlaError",
     "CallError",
+    "CallTimeoutError",
     "ClusterError",
     "ClusterUnavailableError",
     "ConfigError",
@@ -186,8 +209,10 @@ __all__ = [
     "InstallError",
     "InvalidArgumentError",
     "JobCancelledError",
+    "JobNotFoundError",
     "MemoryLimitError",
     "NoNodesError",
+    "NodeLostError",
     "NodeStartError",
     "NotCallableError",
     "NotIterableError",

@@ -55,6 +55,7 @@ class DaemonConfig:
     target_lease_seconds: float = 0.2  # work per lease once a function's call time is known
     max_lease_inputs: int = 100_000
     prefetch_per_slot: int = 1  # leases queued on a node behind each busy worker's, so it never waits (0: none)
+    infra_retries: int = 3  # times a call whose node is lost (silent agent, preempted) runs again before it fails
     max_function_bytes: int = 100 * MB
     max_input_bytes: int = 256 * MB
     max_result_bytes: int = 256 * MB  # one call's pickled return value; workers refuse a larger one, naming the input
@@ -62,7 +63,7 @@ class DaemonConfig:
     max_blob_bytes: int = 2 * GB  # one upload: a build context, or a package of the user's environment
     max_log_bytes_per_job: int = 256 * MB  # output past this is dropped, and counted
     no_node_timeout: float = 5 * MINUTES  # a job with no node able to run it fails after this
-    job_retention: float = 1 * HOURS  # finished jobs nobody collected are deleted after this
+    job_retention: float = 1 * HOURS  # finished jobs nobody collected, and detached ones, are deleted after this
     # a running job that no client follows for this long is cancelled (longer than a client's reconnect window)
     client_grace: float = 3 * MINUTES
     admin_token: str = ""  # default: generated at first start, kept in the state dir

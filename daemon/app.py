@@ -28,8 +28,9 @@ from burla.schemas.wire import WireError
 from . import bounds
 from .cluster_link import ClusterAdmin
 from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
-from .event_hub import EventHub
+from .event_hub import EventHub, frame
 from .ids import valid_digest, valid_id
+from .scheduler import ATTEMPTS_KEPT
 from .service import ControlPlane
 from .store import hash_token
 from .users import ADMIN as ADMIN_ROLE
@@ -61,6 +62,8 @@ ROUTE_ROLES: dict[str, str] = {
     "missing_blobs": USER,
     "cluster": USER,
     "events": USER,
+    "list_jobs": USER,  # a user's own jobs; an admin's, every job
+    "job_logs": USER,
     "set_standby": ADMIN,
     "list_users": ADMIN,
     "add_user": ADMIN,
@@ -90,6 +93,25 @@ _DRAIN_BYTES = 16 * 1024**2  # an unread request body up to this size is read be
 _CHUNK_BYTES = 1024**2  # of a streamed payload
 _REASON_CHARS = 4096  # of a cancel's reason
 _MAX_DIGESTS = 100_000  # in one POST /v1/blobs/missing
+_MAX_LOGS_WAIT = 60.0  # seconds GET /v1/jobs/ID/logs may wait for new output
+_MAX_LISTED = 1000  # jobs in one GET /v1/jobs
+
+
+def query_number(args: Any, name: str, default: float, lo: float, hi: float, integer: bool = True) -> float:
+    """A number of the query string, in [lo, hi]: a 400 naming it otherwise."""
+    raw = args.get(name)
+    if raw is None:
+        return default
+    what = "an integer" if integer else "a number"
+    try:
+        if len(raw) > 40:
+            raise ValueError(raw)
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected {what} from {lo:g} to {hi:g}, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:  # NaN too
+        raise BadRequest(f"{name}: expected {what} from {lo:g} to {hi:g}, got {raw[:40]!r}")
+    return value
 
 
 def bearer(headers: Any) -> str:
@@ -402,10 +424,27 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         valid_digest(digest, "blob digest")
         return Response(plane.blob(digest, agent_id), content_type="application/octet-stream")
 
+    @app.get("/v1/jobs")
+    async def list_jobs() -> Response:
+        """The caller's jobs that the daemon keeps (running, and finished ones until job_retention), newest first."""
+        limit = int(query_number(request.args, "limit", _MAX_LISTED, 1, _MAX_LISTED))
+        return _json({"jobs": [s.to_wire() for s in plane.list_jobs(caller(), limit)]})
+
+    @app.get("/v1/jobs/<job_id>/logs")
+    async def job_logs(job_id: str) -> Response:
+        """What the job's calls printed after event `after` (with its notices and final event), as an envelope;
+        waits up to `wait` seconds for new output while the job runs."""
+        valid_id(job_id, "job id")
+        after = int(query_number(request.args, "after", 0, 0, wire.INT64[1]))
+        wait = query_number(request.args, "wait", 0.0, 0.0, _MAX_LOGS_WAIT, integer=False)
+        events = await plane.job_logs(job_id, after, wait, caller())
+        header, blobs, finished = frame(job_id, events)
+        return _envelope({**header, "finished": finished}, blobs)
+
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:
         valid_id(job_id, "job id")
-        return _json(plane.job_status(job_id, caller()).to_wire())
+        return _json(plane.job_status(job_id, caller(), attempts=ATTEMPTS_KEPT).to_wire())
 
     @app.get("/v1/jobs/<job_id>/events/<int:seq>/payload")
     async def event_payload(job_id: str, seq: int) -> Response:

@@ -1,7 +1,8 @@
 """The events websocket (``/v1/events``): one per client, carrying the events of every job it follows.
 
 The client sends ``{"op": "subscribe", "job": ID, "after": SEQ}`` and, once it
-has a job's final event, ``{"op": "ack", "job": ID}``. A binary frame is a
+has a job's final event, ``{"op": "ack", "job": ID}``; ``{"op": "unsubscribe",
+"job": ID}`` stops a follow (a reattached reader that stopped reading). A binary frame is a
 create: the envelope of ``POST /v1/jobs`` (spec, function, first inputs), up to
 `CREATE_BYTES`, which creates the job and subscribes to it in one message; a
 create sent again for a job of the caller's that exists (after a reconnect) only
@@ -116,8 +117,9 @@ class EventHub:
             trace("daemon", f"events {op} {job_id[:8]} after={after}")
             if op == "subscribe":
                 self._follow(job_id, after, nursery)
-            else:  # "ack"
+            elif op == "ack":
                 self.plane.ack_job(job_id, self.who)
+            # "unsubscribe": unfollowed above, and nothing else
 
     def _unfollow(self, job_id: str) -> None:
         old = self._follows.pop(job_id, None)
@@ -220,15 +222,15 @@ def frame(job_id: str, events: list[tuple[m.Event, bytes | None]]) -> tuple[dict
 
 
 def parse_op(raw: Any) -> tuple[str, str, int]:
-    """A client's message on the events websocket: {"op": "subscribe"|"ack", "job": ID, "after": SEQ}."""
+    """A client's message on the events websocket: {"op": "subscribe"|"ack"|"unsubscribe", "job": ID, "after": SEQ}."""
     if not isinstance(raw, (str, bytes)) or len(raw) > 4096:
         raise BadRequest('expected a JSON text {"op": ..., "job": ...} of at most 4096 bytes')
     message = wire.loads(raw)
     if not isinstance(message, dict):
         raise BadRequest('expected {"op": ..., "job": ...}')
     op = message.get("op")
-    if op not in ("subscribe", "ack"):
-        raise BadRequest(f"op: expected 'subscribe' or 'ack', got {str(op)[:40]!r}")
+    if op not in ("subscribe", "ack", "unsubscribe"):
+        raise BadRequest(f"op: expected 'subscribe', 'ack' or 'unsubscribe', got {str(op)[:40]!r}")
     job_id = valid_id(message.get("job"), "job")
     after = message.get("after", 0)
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= wire.INT64[1]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -30,13 +32,14 @@ from burla.schemas import messages as m
 from . import pool_claims
 from .pending import Pending
 from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
-from .ranges import RangeSet
+from .ranges import RangeSet, subtract
 
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
 # A lease expected to last longer is not prefetched: its round trip costs it under 1% of its time, and a
 # slot promised to it for long would keep another user's job waiting.
 PREFETCH_MAX_LEASE_SECONDS = 1.0
 PREFETCH_MIN_SPLIT_SECONDS = 0.05  # see Scheduler._prefetch_chunk
+ATTEMPTS_KEPT = 1000  # failed attempts a job keeps in memory for its status (the store keeps them all)
 
 
 @dataclasses.dataclass
@@ -66,6 +69,15 @@ class JobState:
     round_chunk: int = 1  # lease size for the current assign() round
     first_result_at: float | None = None
     last_result_at: float | None = None
+    # failures (retries=, return_exceptions=, infra_retries)
+    attempts: dict[int, int] = dataclasses.field(default_factory=dict)  # input -> its failed attempts, until done
+    lost: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (lo, hi, times its node was lost)
+    delayed: list[tuple[float, int, m.Lease]] = dataclasses.field(default_factory=list)  # heap: (due, n, [at, at+1))
+    retried: int = 0  # attempts that failed and ran again
+    failed: int = 0  # inputs done with their error (return_exceptions)
+    history: collections.deque[m.Attempt] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=ATTEMPTS_KEPT)
+    )
 
     @property
     def job_id(self) -> str:
@@ -122,6 +134,22 @@ class Completion:
     superseded: list[int] = dataclasses.field(default_factory=list)
     stopped: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (agent, lease) of a failed job
     reason: str = ""
+    at: int = -1  # with an error: the input that failed
+    attempt: m.Attempt | None = None  # with an error: the attempt, kept in the job's record
+    retry_in: float | None = None  # the failed input runs again after this many seconds (retries=)
+    call_failed: bool = False  # the failed input is done with its error (return_exceptions=); the job goes on
+
+
+@dataclasses.dataclass
+class Lost:
+    """Inputs [lo, hi) of a lease whose node was lost: requeued, or, past `infra_retries`, failed."""
+
+    job: JobState
+    lo: int
+    hi: int
+    attempt: m.Attempt
+    exhausted: bool = False  # lost more than infra_retries times
+    stopped: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # the job failed: leases to stop
 
 
 class Scheduler:
@@ -131,7 +159,10 @@ class Scheduler:
         max_lease_inputs: int = 100_000,
         next_lease_id: int = 1,
         prefetch_per_slot: int = 1,
+        infra_retries: int = 3,
     ) -> None:
+        self.infra_retries = max(0, infra_retries)
+        self._delayed_seq = itertools.count()
         self.target_lease_seconds = target_lease_seconds
         self.max_lease_inputs = max_lease_inputs
         self.prefetch_per_slot = max(0, min(prefetch_per_slot, 16))
@@ -139,6 +170,7 @@ class Scheduler:
         self.nodes: dict[str, NodeState] = {}
         self.jobs: dict[str, JobState] = {}
         self.lease_owner: dict[int, str] = {}  # lease id -> job id
+        self.losses: list[Lost] = []  # of nodes removed: the control plane takes them (`remove_node`)
         self.standby: list[m.StandbyImage] = []  # what container nodes keep warm between jobs
         self.claims: dict[str, str] = {}  # agent id -> the job whose pool that container node is making
         self._estimates: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -194,14 +226,53 @@ class Scheduler:
     def silent_nodes(self, now: float, timeout: float) -> list[str]:
         return [a for a, n in self.nodes.items() if now - n.last_seen > timeout]
 
-    def remove_node(self, agent_id: str) -> list[int]:
-        """Forget an agent; its leases go back to pending. Returns their ids."""
+    def remove_node(self, agent_id: str, why: str = "") -> list[int]:
+        """Forget an agent; its leases go back to pending. Returns their ids.
+
+        `why` (the node was lost: its agent went silent, restarted, its machine is gone): the calls it was
+        running count an attempt each (`lose`), and those lost past `infra_retries` fail (`self.losses`).
+        """
         node = self.nodes.pop(agent_id, None)
         if node is None:
             return []
         lease_ids = sorted(node.leases)
+        if why:
+            self.losses += self.lose(lease_ids, why, node.info.hostname, node.last_seen)
         self.requeue(lease_ids)
         return lease_ids
+
+    def lose(self, lease_ids: Iterable[int], why: str, node: str, now: float) -> list[Lost]:
+        """Count a lost attempt for the running leases among `lease_ids` (prefetched ones never started).
+
+        A range lost more than `infra_retries` times fails: as its inputs' errors with return_exceptions,
+        else the job fails. The rest is left for `requeue`.
+        """
+        out: list[Lost] = []
+        for lease_id in lease_ids:
+            job = self.jobs.get(self.lease_owner.get(lease_id, ""))
+            active = job.leases.get(lease_id) if job is not None else None
+            if job is None or active is None or active.queued or job.state != m.RUNNING:
+                continue
+            lo, hi = active.lease.lo, active.lease.hi
+            times = 1 + max((t for a, b, t in job.lost if a < hi and lo < b), default=0)
+            job.lost.append((lo, hi, times))
+            exhausted = times > self.infra_retries
+            attempt = m.Attempt(lo, hi, times, m.LOST, m.ErrorType.NODE_LOST, why[:4096], node[:255], now,
+                                retried=not exhausted)  # fmt: skip
+            job.history.append(attempt)
+            lost = Lost(job, lo, hi, attempt, exhausted)
+            if exhausted:
+                self._drop_lease(job, lease_id)
+                if job.spec.return_exceptions:
+                    for r_lo, r_hi in subtract(lo, hi, job.done):
+                        job.done.add(r_lo, r_hi)
+                        job.failed += r_hi - r_lo
+                else:
+                    lost.stopped = self.finish_job(job.job_id, m.JOB_FAILED)
+            else:
+                job.retried += 1
+            out.append(lost)
+        return out
 
     # ---- jobs --------------------------------------------------------------
 
@@ -248,6 +319,7 @@ class Scheduler:
             stopped.append((active.agent_id, lease_id))
             self._drop_lease(job, lease_id)
         job.pending.clear()
+        job.delayed.clear()
         return stopped
 
     def forget_job(self, job_id: str) -> None:
@@ -272,6 +344,11 @@ class Scheduler:
         the slot to that job again once the lease ends: when another user's job would get it, the slot
         frees and is handed out as above.
         """
+        for job in self.jobs.values():
+            while job.delayed and job.delayed[0][0] <= now:
+                _, _, lease = heapq.heappop(job.delayed)
+                if job.state == m.RUNNING:
+                    self.requeue_rest(job, lease, lease.lo)
         runnable = [j for j in self.jobs.values() if j.state == m.RUNNING and j.pending.size > 0]
         if not runnable:
             return []
@@ -380,6 +457,7 @@ class Scheduler:
             pool=pool if after else node.pick_pool(job.spec) or "",
             env=job.spec.env,
             after=after,
+            timeout=job.spec.timeout or 0.0,
         )
         self.next_lease_id += 1
         active = ActiveLease(lease, node.agent_id, issued=now)
@@ -423,14 +501,28 @@ class Scheduler:
             job.pending.put_back(active.lease, active.lease.lo, job.done)
 
     def complete(
-        self, job_id: str, lease_id: int, lo: int, n_ok: int, elapsed: float, error: bool, now: float
+        self,
+        job_id: str,
+        lease_id: int,
+        lo: int,
+        n_ok: int,
+        elapsed: float,
+        error: m.CallError | bool | None,
+        now: float,
+        retryable: bool = False,
     ) -> Completion:
         """Decide whether a lease's result is accepted.
 
-        `lo`/`n_ok`: the results cover [lo, lo + n_ok); with `error`, input
-        lo + n_ok raised. A result for a lease the scheduler no longer holds
-        (its agent was presumed dead) is still accepted if none of its range
-        is done; leases carved from that range since are superseded.
+        `lo`/`n_ok`: the results cover [lo, lo + n_ok); with `error`, an input failed: lo + n_ok, or the
+        input the error names when it lies further on in the lease (a worker that died mid-lease loses the
+        results it had; they run again). A result for a lease the scheduler no longer holds (its agent was
+        presumed dead) is still accepted if none of its range is done; leases carved from that range since
+        are superseded.
+
+        The failed input runs again after a backoff when `retryable` (the control plane matched the error
+        against the job's `retry_on`) and it has failed at most `retries` times; else, with
+        `return_exceptions`, it is done with its error; else the job fails. What the rest of the lease did
+        not run goes back to pending at once, in front.
         """
         job = self.jobs.get(job_id)
         if job is None:
@@ -442,7 +534,10 @@ class Scheduler:
             self._drop_lease(job, lease_id)
             return Completion(False, job, reason=f"job {job.state}")
         hi = lo + n_ok
-        span_hi = hi + (1 if error else 0)
+        at = hi
+        if isinstance(error, m.CallError) and active is not None and hi <= error.index < active.lease.hi:
+            at = error.index
+        span_hi = at + 1 if error else hi
         if job.done.intersects(lo, span_hi):
             if active is not None:
                 self._drop_lease(job, lease_id)
@@ -466,22 +561,79 @@ class Scheduler:
             self._learn(job, elapsed / calls)
         completion = Completion(True, job, lo, hi, superseded=superseded)
         if error:
-            completion.failed = True
-            completion.stopped = self.finish_job(job_id, m.JOB_FAILED)
-            return completion
+            return self._failed_call(job, active, completion, at, error, now, retryable)
         if active is not None and hi < lease_hi:  # a short result without an error: rerun the rest
             job.pending.put_back(active.lease, hi, job.done)
+        self._settled(job, lo, hi)
         completion.job_done = job.complete()
         if completion.job_done:
             job.state = m.JOB_DONE
         return completion
+
+    def _failed_call(
+        self,
+        job: JobState,
+        active: ActiveLease | None,
+        completion: Completion,
+        at: int,
+        error: m.CallError | bool,
+        now: float,
+        retryable: bool,
+    ) -> Completion:
+        """Input `at` of a lease failed (see `complete`): retry it, keep its error, or fail the job."""
+        completion.at = at
+        attempt = job.attempts.get(at, 0) + 1
+        spec = job.spec
+        retry = retryable and attempt <= spec.retries and active is not None
+        if isinstance(error, m.CallError) and (retry or attempt > 1):
+            completion.attempt = m.Attempt(
+                at, at + 1, attempt, error.kind[:32], error.type_name[:1024], error.message[:4096],
+                error.node[:255], now, retried=retry,
+            )  # fmt: skip
+            job.history.append(completion.attempt)
+        if not retry and not spec.return_exceptions:
+            completion.failed = True
+            completion.stopped = self.finish_job(job.job_id, m.JOB_FAILED)
+            return completion
+        if active is not None:  # what the lease did not run, or ran and lost with its worker: again, now
+            job.pending.put_back(active.lease, completion.hi, [*job.done, (at, at + 1)])
+        if retry and active is not None:
+            job.attempts[at] = attempt
+            job.retried += 1
+            delay = min(m.MAX_RETRY_DELAY, spec.retry_delay * 2.0 ** (attempt - 1))
+            one = dataclasses.replace(active.lease, lo=at, hi=at + 1)
+            heapq.heappush(job.delayed, (now + delay, next(self._delayed_seq), one))
+            completion.retry_in = delay
+            return completion
+        job.attempts.pop(at, None)
+        job.done.add(at, at + 1)
+        job.failed += 1
+        completion.call_failed = True
+        completion.job_done = job.complete()
+        if completion.job_done:
+            job.state = m.JOB_DONE
+        return completion
+
+    def _settled(self, job: JobState, lo: int, hi: int) -> None:
+        """Inputs [lo, hi) have their results: forget their failed attempts."""
+        if job.attempts:
+            for index in [i for i in job.attempts if lo <= i < hi]:
+                del job.attempts[index]
+
+    def next_retry(self) -> float | None:
+        """When the next delayed retry is due (None: none waits)."""
+        return min((j.delayed[0][0] for j in self.jobs.values() if j.delayed and j.state == m.RUNNING), default=None)
 
     def requeue_rest(self, job: JobState, lease: m.Lease, lo: int) -> None:
         """Requeue what of `lease` from `lo` on is neither done nor pending nor leased again."""
         job.pending.put_back(lease, lo, job.done, keep=lambda r_lo, r_hi: not self._covered_elsewhere(job, r_lo, r_hi))
 
     def _covered_elsewhere(self, job: JobState, lo: int, hi: int) -> bool:
-        return job.pending.overlaps(lo, hi) or any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
+        return (
+            job.pending.overlaps(lo, hi)
+            or any(a.lease.lo < hi and lo < a.lease.hi for a in job.leases.values())
+            or any(d.lo < hi and lo < d.hi for _, _, d in job.delayed)
+        )
 
     def _claim(self, job: JobState, lo: int, hi: int) -> list[int]:
         """Take [lo, hi) out of pending and out of any lease carved inside it."""
@@ -529,15 +681,31 @@ class Scheduler:
         done: Iterable[tuple[int, int]],
         leases: Iterable[tuple[m.Lease, str]],
         owner: str = "",
+        attempts: Iterable[m.Attempt] = (),
+        failed: int = 0,
     ) -> JobState:
-        """Rebuild a running job from the store: pending = batches - done - leased."""
+        """Rebuild a running job from the store: pending = batches - done - leased.
+
+        `attempts`: its failed attempts, oldest first, so the counts of retries and of lost nodes go on
+        where they were (a retry waiting for its backoff is pending again at once); `failed`: its inputs
+        done with their error.
+        """
         job = self.add_job(spec, created, owner)
         job.n_inputs = n_inputs
+        job.failed = failed
+        for a in attempts:
+            job.history.append(a)
+            job.retried += a.retried
+            if a.kind == m.LOST:
+                job.lost.append((a.lo, a.hi, a.attempt))
+            elif a.retried:
+                job.attempts[a.lo] = max(job.attempts.get(a.lo, 0), a.attempt)
         for lo, hi in sorted(done):
             job.done.add(lo, hi)
         held, orphans = [], []
         for lease, agent_id in leases:
             node = self.nodes.get(agent_id)
+            lease = dataclasses.replace(lease, timeout=spec.timeout or 0.0)  # not a column: the job's
             self._attach(job, node, ActiveLease(lease, agent_id, delivered=0))
             held.append((lease.lo, lease.hi))
             if node is None:
@@ -574,6 +742,9 @@ class Scheduler:
             created=job.created,
             calls_per_second=rate,
             owner=job.owner,
+            retried=job.retried,
+            failed=job.failed,
+            detached=job.spec.detach,
         )
         phase = Phase(
             nodes=len(self.nodes),

@@ -35,14 +35,17 @@ from burla.common import version as _version
 from burla.common.config import DaemonConfig
 from burla.common.trace import trace
 from burla.schemas import messages as m
+from burla.schemas import wire
+from burla.schemas.wire import WireError
 
 from . import status_text
 from .access import Access, check_blob_indices, within
 from .blobs import BlobStore
 from .delivery import AgentLink, Couriers
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unsatisfiable, VersionMismatch
-from .feeds import SPILL_BYTES, Events, Feeds, Follower
+from .feeds import FRAME_BYTES, SPILL_BYTES, Events, Feeds, Follower
 from .placement import TooLarge as CallTooLarge
+from .retry_policy import retryable_error
 from .scheduler import ActiveLease, Completion, JobState, Scheduler
 from .state_dir import TOKENS_FILE, read_tokens
 from .store import Store
@@ -53,6 +56,10 @@ if TYPE_CHECKING:  # only a daemon that starts its own nodes loads them (server.
     from .node_keeper import NodeKeeper
 
 log = logging.getLogger("burla.daemon")
+
+STATUS_ATTEMPTS = 20  # failed attempts of each job shown by `burla status` (GET /v1/jobs/ID: up to 1000)
+_FINAL = (m.DONE, m.FAILED, m.CANCELLED)
+_NO_SPEC = m.JobSpec("0" * 32, "", "0" * 64, "3.11")  # stands for a spec that cannot be read: no options
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,8 +84,9 @@ class ControlPlane:
         self.boot_id = uuid.uuid4().hex[:12]
         self.version, self.protocol = _version.version(), _version.protocol()
         self.scheduler = Scheduler(
-            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot
-        )
+            config.target_lease_seconds, config.max_lease_inputs, store.max_lease_id() + 1, config.prefetch_per_slot,
+            config.infra_retries,
+        )  # fmt: skip
         self.counters: collections.Counter[str] = collections.Counter()
         self.couriers = Couriers(store, self.scheduler, self.boot_id, self.counters)
         self.links = self.couriers.links
@@ -95,6 +103,7 @@ class ControlPlane:
         self.last_activity = clock()
         self.started = clock()
         self._job_created = trio.Event()
+        self._retry_delayed = trio.Event()  # a failed call waits for its backoff: `release_retries` wakes
         self.keeper: NodeKeeper | None = None  # the cluster's machines, when the daemon starts its own
         self.notes: dict[str, str] = {}  # job -> why it has fewer nodes than it wants (node_keeper)
         self.dist: Dist | None = None  # the wheels booting cluster nodes install
@@ -160,7 +169,7 @@ class ControlPlane:
                 try:
                     state = self.scheduler.restore_job(
                         job["spec"], job["created"], job["batches"], job["n_inputs"], job["done"], job["leases"],
-                        job["owner"],
+                        job["owner"], job["attempts"], job["failed"],
                     )  # fmt: skip
                 except (ValueError, TypeError, OverflowError, KeyError) as e:
                     self.scheduler.forget_job(job["spec"].job_id)
@@ -221,6 +230,8 @@ class ControlPlane:
             raise BadRequest("func_cpu and func_ram must be positive")
         if spec.max_parallelism is not None and spec.max_parallelism < 1:
             raise BadRequest("max_parallelism must be at least 1")
+        if any(not name or len(name) > m.TYPE_NAME for name in spec.retry_on):
+            raise BadRequest(f"spec.retry_on: each a class's qualified name, of 1 to {m.TYPE_NAME} characters")
         for what, digest in (("build context", spec.build), ("environment", spec.env)):
             if digest and not self.blobs.has(digest):
                 raise BadRequest(f"no {what} {digest}: upload it first (PUT /v1/blobs/DIGEST)")
@@ -361,26 +372,33 @@ class ControlPlane:
         abandoned = [
             job_id
             for job_id in self.feeds.unfollowed(now, grace)
-            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING
-        ]
+            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING and not job.spec.detach
+        ]  # a detached job runs on without anyone following it
         for job_id in abandoned:
             log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)
             self.cancel_job(job_id, f"its client has been gone for over {grace:.0f} s (daemon.client_grace)")
             self.counters["jobs_abandoned"] += 1
         self.feeds.stop_watching(
-            [j for j in self.feeds.unfollowed_since if j not in self.scheduler.jobs or j in abandoned]
+            [
+                j
+                for j in self.feeds.unfollowed_since
+                if (job := self.scheduler.jobs.get(j)) is None or job.spec.detach or j in abandoned
+            ]
         )
         return abandoned
 
     @_decides
     def ack_job(self, job_id: str, who: Principal | None = None) -> None:
-        """The client has every event of a finished job: forget it."""
+        """The client has every event of a finished job: forget it. A detached job is kept for job_retention
+        whoever reads it, so that it can be reattached and its results fetched again until then."""
         try:
             self._visible(job_id, who)
         except NotFound:
             return  # not theirs to forget
         job = self.scheduler.jobs.get(job_id)
-        if job is not None and job.state == m.RUNNING:
+        if job is not None and (job.state == m.RUNNING or job.spec.detach):
+            return
+        if job is None and self._stored_spec(job_id, "ack").detach:
             return
         self.scheduler.forget_job(job_id)
         self.feeds.close(job_id)
@@ -399,19 +417,69 @@ class ControlPlane:
         owner = self._owner(job_id)
         return owner is not None and (who is None or who.may_act_on(owner))
 
-    def job_status(self, job_id: str, who: Principal | None = None) -> m.JobStatus:
+    def _stored_spec(self, job_id: str, why: str) -> m.JobSpec:
+        """The spec of a job as SQLite keeps it; a row that cannot be read is a job with no options."""
+        row = self.store.job_row(job_id)
+        try:
+            return m.JobSpec.from_wire(wire.loads(row["spec"])) if row else _NO_SPEC
+        except (WireError, ValueError, TypeError):
+            log.warning("job %s: its stored spec cannot be read (%s)", job_id, why)
+            return _NO_SPEC
+
+    def _stored_status(self, row: dict[str, Any]) -> m.JobStatus:
+        """A job the scheduler does not hold (finished before a restart): its record in SQLite is all there is."""
+        job_id = str(row["job_id"])
+        spec = self._stored_spec(job_id, "status")
+        n_inputs = row["n_inputs"]
+        return m.JobStatus(
+            job_id,
+            str(row["state"]),
+            function_name=spec.function_name,
+            n_inputs=n_inputs if isinstance(n_inputs, int) else None,
+            n_uploaded=n_inputs if isinstance(n_inputs, int) else 0,
+            n_done=self.store.results_done(job_id),
+            created=float(row["created"] or 0.0),
+            owner=str(row["owner"] or ""),
+            detached=spec.detach,
+            finished=float(row["finished"] or 0.0),
+        )
+
+    def list_jobs(self, who: Principal | None = None, limit: int = 1000) -> list[m.JobStatus]:
+        """The newest jobs the daemon keeps, newest first: a user's own, every job for an admin (or None)."""
+        owner = None if who is None or who.admin else who.name
+        now = self.clock()
+        out = []
+        for row in self.store.job_rows(owner, limit):
+            job = self.scheduler.jobs.get(str(row["job_id"]))
+            if job is None:
+                out.append(self._stored_status(row))
+                continue
+            status = status_text.job_status(self.scheduler.job_progress(job, now))
+            if job.state != m.RUNNING:
+                status = dataclasses.replace(status, phase="", finished=float(row["finished"] or 0.0))
+            out.append(status)
+        return out
+
+    def job_status(self, job_id: str, who: Principal | None = None, attempts: int = 0) -> m.JobStatus:
+        """Where a job stands; with its latest `attempts` failed attempts (its record: `burla status`, the
+        job's route; the status pushed with every event carries none)."""
         self._visible(job_id, who)
         job = self.scheduler.jobs.get(job_id)
         if job is None:  # finished before a restart (or failed restoring it): its record in SQLite is all there is
-            row = self.store.conn.execute(
-                "SELECT state, n_inputs, created FROM jobs WHERE job_id = ?", (job_id,)
-            ).fetchone()
+            row = self.store.job_row(job_id)
             if row is None:
                 raise NotFound(f"no job {job_id}")
-            state, n_inputs, created = row
-            return m.JobStatus(job_id, str(state), n_inputs=n_inputs if isinstance(n_inputs, int) else None,
-                               created=float(created or 0.0))  # fmt: skip
+            status = self._stored_status(row)
+            if not attempts:
+                return status
+            kept = tuple(self.store.attempts(job_id, attempts))
+            return dataclasses.replace(status, retried=sum(a.retried for a in kept), attempts=kept)
         status = status_text.job_status(self.scheduler.job_progress(job, self.clock()))
+        if attempts:
+            status = dataclasses.replace(status, attempts=tuple(job.history)[-attempts:])
+        if job.state != m.RUNNING:  # finished, kept until acked or job_retention: when, and no phase any more
+            row = self.store.job_row(job_id)
+            return dataclasses.replace(status, phase="", finished=float(row["finished"] or 0.0) if row else 0.0)
         note = self.notes.get(job_id)
         return (
             dataclasses.replace(status, phase=f"{status.phase}; {note}" if status.phase else note) if note else status
@@ -429,14 +497,37 @@ class ControlPlane:
         """
         return await self.feeds.wait(follower, timeout)
 
+    async def job_logs(self, job_id: str, after: int, timeout: float, who: Principal | None = None) -> Events:
+        """What the job's calls printed after event `after`, with its notices and its final event (read from
+        SQLite, at most a frame's worth at a time); waits up to `timeout` for some while it runs."""
+        self._visible(job_id, who)
+        if not self.store.job_exists(job_id):
+            raise NotFound(f"no job {job_id}")
+        kinds = (m.LOGS, m.NOTICE, *_FINAL)
+        events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+        job = self.scheduler.jobs.get(job_id)
+        if events or timeout <= 0 or job is None or job.state != m.RUNNING:
+            return events
+        deadline = trio.current_time() + timeout
+        with self.follow(job_id, after) as follower:  # behind: woken by each new event, and holds none of them
+            while True:
+                with trio.move_on_at(deadline):
+                    await follower.wake.wait()
+                follower.wake = trio.Event()
+                events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+                if events or trio.current_time() >= deadline or job.state != m.RUNNING:
+                    return events
+
     async def wait_events(self, job_id: str, after: int, timeout: float) -> Events:
         """A job's events after `after`; waits up to `timeout` for the first one."""
         with self.follow(job_id, after) as follower:
             return await self.next_events(follower, timeout)
 
     def event_payload(self, job_id: str, seq: int, who: Principal | None = None) -> Path:
-        """The file of a payload too large to push (see `wait_events`)."""
-        self._job(job_id, who)
+        """The file of a payload too large to push (see `wait_events`), of a running or a finished job."""
+        self._visible(job_id, who)
+        if self._owner(job_id) is None:
+            raise NotFound(f"no job {job_id}")
         path = self.store.event_payload(job_id, seq)
         if path is None or not path.is_file():
             raise NotFound(f"no payload for event {seq} of job {job_id}")
@@ -480,11 +571,12 @@ class ControlPlane:
         """The agent's machine is gone: its leases run elsewhere now, not after agent_timeout."""
         if agent_id not in self.scheduler.nodes:
             return
-        lease_ids = self.scheduler.remove_node(agent_id)
+        lease_ids = self.scheduler.remove_node(agent_id, f"its machine is gone ({why})")
         self.store.delete_leases(lease_ids)
         self.couriers.drop(agent_id)
         self.store.delete_agents([agent_id])
         log.warning("agent %s is gone (%s): %d leases requeued", agent_id, why, len(lease_ids))
+        self._take_losses()
         self._dispatch()
 
     @_decides
@@ -519,6 +611,7 @@ class ControlPlane:
         now = self.clock()
         requeued = self.scheduler.add_node(agent_id, info, now, single_tenant=bool(instance))
         self.store.delete_leases(requeued)
+        self._take_losses()
         self.store.delete_agents(self.couriers.drop_stale())
         self.store.put_agent(agent_id, info, now)
         self.couriers.add(agent_id)
@@ -627,8 +720,10 @@ class ControlPlane:
         now = self.clock()
         trace("daemon", f"result lease={result.lease_id} lo={result.lo} n={result.n_ok}")
         error = result.error
+        job = self.scheduler.jobs.get(result.job_id)
+        retryable = error is not None and job is not None and retryable_error(job.spec, error)
         c: Completion = self.scheduler.complete(
-            result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error is not None, now
+            result.job_id, result.lease_id, result.lo, result.n_ok, result.elapsed, error, now, retryable
         )
         if not c.accepted or c.job is None:
             self.store.delete_leases([result.lease_id])
@@ -639,16 +734,61 @@ class ControlPlane:
         self.store.delete_leases([result.lease_id, *c.superseded])
         if c.hi > c.lo:
             self._record(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
-        if error is not None:
+        if c.attempt is not None:
+            self.store.add_attempt(result.job_id, c.attempt)
+        if error is not None and c.retry_in is not None and c.attempt is not None:
+            self._record(result.job_id, m.RETRY, c.at, c.at + 1, data=c.attempt.to_wire())
+            self.counters["calls_retried"] += 1
+            self._retry_delayed.set()
+        elif error is not None:
             exc = blobs[error.exc_blob] if error.exc_blob is not None else None
-            data = dataclasses.replace(error, exc_blob=None).to_wire()
+            data = dataclasses.replace(error, exc_blob=None, index=c.at).to_wire()
             data["has_exception"] = exc is not None
-            self._record(result.job_id, m.FAILED, error.index, error.index + 1, data=data, payload=exc)
-            self.counters["jobs_failed"] += 1
-            self._stop_on_agents(result.job_id, c.stopped)
-            self._finish(c.job, m.JOB_FAILED)
+            kind = m.CALL_FAILED if c.call_failed else m.FAILED
+            self._record(result.job_id, kind, c.at, c.at + 1, data=data, payload=exc)
+            if c.call_failed:
+                self.counters["calls_failed"] += 1
+                if c.job_done:
+                    self._finish(c.job, m.JOB_DONE)
+            else:
+                self.counters["jobs_failed"] += 1
+                self._stop_on_agents(result.job_id, c.stopped)
+                self._finish(c.job, m.JOB_FAILED)
         elif c.job_done:
             self._finish(c.job, m.JOB_DONE)
+
+    def _take_losses(self) -> None:
+        """Calls of lost nodes (`Scheduler.remove_node`): each loss kept in its job's record; a range lost
+        past `infra_retries` fails with a NodeLostError naming the input and every loss."""
+        losses, self.scheduler.losses = self.scheduler.losses, []
+        for lost in losses:
+            job = lost.job
+            self.store.add_attempt(job.job_id, lost.attempt)
+            if not lost.exhausted:
+                self._record(job.job_id, m.RETRY, lost.lo, lost.hi, data=lost.attempt.to_wire())
+                self.counters["calls_lost"] += 1
+                continue
+            history = [a for a in job.history if a.kind == m.LOST and a.lo < lost.hi and lost.lo < a.hi]
+            each = "; ".join(f"{i}) node {a.node or '?'}: {a.message}" for i, a in enumerate(history[-10:], 1))
+            span = f" (of inputs #{lost.lo} to #{lost.hi - 1}, run together)" if lost.hi - lost.lo > 1 else ""
+            message = (
+                f"input #{lost.lo}{span} was lost with its node {lost.attempt.attempt} times, more than "
+                f"daemon.infra_retries ({self.config.infra_retries}): {each}"
+            )
+            error = m.CallError(lost.lo, m.LOST, m.ErrorType.NODE_LOST, message[: m.MAX_ERROR_MESSAGE],
+                                node=lost.attempt.node)  # fmt: skip
+            data = error.to_wire() | {"has_exception": False}
+            if job.spec.return_exceptions:
+                self._record(job.job_id, m.CALL_FAILED, lost.lo, lost.hi, data=data)
+                self.counters["calls_failed"] += 1
+                if job.state == m.RUNNING and job.complete():
+                    job.state = m.JOB_DONE
+                    self._finish(job, m.JOB_DONE)
+            elif lost.stopped is not None and job.state == m.JOB_FAILED:
+                self._record(job.job_id, m.FAILED, lost.lo, lost.lo + 1, data=data)
+                self.counters["jobs_failed"] += 1
+                self._stop_on_agents(job.job_id, lost.stopped)
+                self._finish(job, m.JOB_FAILED)
 
     def _append_logs(self, chunk: m.LogChunk, blobs: Sequence[memoryview]) -> None:
         job = self.scheduler.jobs.get(chunk.job_id)
@@ -744,7 +884,9 @@ class ControlPlane:
         now = self.clock()
         dead = self.scheduler.silent_nodes(now, self.config.agent_timeout)
         for agent_id in dead:
-            lease_ids = self.scheduler.remove_node(agent_id)
+            silent = now - self.scheduler.nodes[agent_id].last_seen
+            why = f"its agent stopped heartbeating ({silent:.0f} s silent, daemon.agent_timeout)"
+            lease_ids = self.scheduler.remove_node(agent_id, why)
             self.store.delete_leases(lease_ids)
             self.couriers.drop(agent_id)
             log.warning(
@@ -755,6 +897,7 @@ class ControlPlane:
                 self.keeper.agent_lost(agent_id)
         if dead:
             self.store.delete_agents(dead)
+            self._take_losses()
             self._dispatch()
         return dead
 
@@ -788,11 +931,33 @@ class ControlPlane:
 
     async def housekeeping(self) -> None:
         interval = max(0.05, min(self.config.poll_timeout, self.config.agent_timeout) / 4)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.release_retries)
+            while True:
+                await trio.sleep(interval)
+                self.expire_agents()
+                self.expire_jobs()
+                self.cancel_abandoned_jobs()
+
+    async def release_retries(self) -> None:
+        """Hand out each failed call whose backoff is over (`retry_delay`): it waits in the scheduler, not on a
+        worker, and the lease made for it then is like any other."""
         while True:
-            await trio.sleep(interval)
-            self.expire_agents()
-            self.expire_jobs()
-            self.cancel_abandoned_jobs()
+            due = self.scheduler.next_retry()
+            if due is None:
+                self._retry_delayed = trio.Event()
+                await self._retry_delayed.wait()
+                continue
+            with trio.move_on_after(max(0.0, due - self.clock())):
+                self._retry_delayed = trio.Event()
+                await self._retry_delayed.wait()  # an earlier one may come meanwhile
+            if self.clock() >= due:
+                self.dispatch()
+
+    @_decides
+    def dispatch(self) -> None:
+        """Hand out what is pending now (delayed retries whose time has come)."""
+        self._dispatch()
 
     # ---- views ------------------------------------------------------------------------
 
@@ -817,7 +982,10 @@ class ControlPlane:
             for n in self.scheduler.nodes.values()
         )
         jobs = tuple(
-            status_text.job_status(self.scheduler.job_progress(j, now))
+            dataclasses.replace(
+                status_text.job_status(self.scheduler.job_progress(j, now)),
+                attempts=tuple(j.history)[-STATUS_ATTEMPTS:],
+            )
             for j in self.scheduler.jobs.values()
             if who is None or who.may_act_on(j.owner)
         )

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from .payloads import PayloadStore
 from .state_dir import new_token
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class StoreError(RuntimeError):
@@ -130,7 +130,18 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.table("leases").add_column("after", int, not_null_default=0)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    # Every failed attempt of a job's calls that ran again (retries=, a lost node) or failed its input after
+    # others: shown by `burla status`, and counted on after a restart (scheduler.restore_job).
+    db.execute(
+        "CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, lo INTEGER NOT NULL,"
+        " hi INTEGER NOT NULL, attempt INTEGER NOT NULL, kind TEXT NOT NULL, type_name TEXT NOT NULL,"
+        " message TEXT NOT NULL, node TEXT NOT NULL, at REAL NOT NULL, retried INTEGER NOT NULL)"
+    )
+    db.table("attempts").create_index(["job_id", "id"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -466,12 +477,37 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self.tx() as c:
-            for table in ("events", "batches", "leases", "jobs"):
+            for table in ("events", "batches", "leases", "attempts", "jobs"):
                 c.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
             c.execute(
                 "DELETE FROM functions WHERE hash NOT IN (SELECT json_extract(spec, '$.function_hash') FROM jobs)"
             )
             self.after_commit(lambda: self.payloads.delete_job(job_id))
+
+    def job_rows(self, owner: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest jobs (of `owner`; None: everyone's), newest first: their rows as they are kept."""
+        where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = self.conn.execute(
+            "SELECT job_id, spec, state, n_inputs, created, finished, owner FROM jobs "
+            f"{where} ORDER BY created DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        keys = ("job_id", "spec", "state", "n_inputs", "created", "finished", "owner")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def job_row(self, job_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT job_id, spec, state, n_inputs, created, finished, owner FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        keys = ("job_id", "spec", "state", "n_inputs", "created", "finished", "owner")
+        return None if row is None else dict(zip(keys, row, strict=True))
+
+    def results_done(self, job_id: str) -> int:
+        """How many inputs of the job have their result recorded."""
+        return int(
+            self._one("SELECT COALESCE(SUM(hi - lo), 0) FROM events WHERE job_id = ? AND kind = ?", (job_id, m.RESULTS))
+            or 0
+        )
 
     def finished_jobs_before(self, cutoff: float) -> list[str]:
         rows = self.conn.execute(
@@ -506,6 +542,9 @@ class Store:
         done = self.conn.execute(
             "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.RESULTS)
         ).fetchall()
+        failed = self.conn.execute(  # inputs done with their error (return_exceptions)
+            "SELECT lo, hi FROM events WHERE job_id = ? AND kind = ? AND hi > lo", (job_id, m.CALL_FAILED)
+        ).fetchall()
         leases = [
             (
                 m.Lease.from_wire(
@@ -534,16 +573,38 @@ class Store:
         ]
         if n_inputs is not None and not (isinstance(n_inputs, int) and 0 <= n_inputs <= m.MAX_INDEX):
             raise ValueError(f"n_inputs {n_inputs!r} is not a count of inputs")
-        if not all(isinstance(v, int) and 0 <= v <= m.MAX_INDEX for row in done for v in row):
+        if not all(isinstance(v, int) and 0 <= v <= m.MAX_INDEX for row in [*done, *failed] for v in row):
             raise ValueError("a result range is not a range of input indices")
         return {
             "spec": m.JobSpec.from_wire(wire.loads(spec)),
             "n_inputs": n_inputs,
             "created": float(created),
             "batches": batches,
-            "done": [tuple(r) for r in done],
+            "done": [tuple(r) for r in [*done, *failed]],
             "leases": leases,
+            "attempts": self.attempts(job_id),
+            "failed": sum(hi - lo for lo, hi in failed),
         }
+
+    # ---- failed attempts -------------------------------------------------------------
+
+    def add_attempt(self, job_id: str, a: m.Attempt) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO attempts (job_id, lo, hi, attempt, kind, type_name, message, node, at, retried)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, a.lo, a.hi, a.attempt, a.kind, a.type_name, a.message, a.node, a.at, int(a.retried)),
+            )
+
+    def attempts(self, job_id: str, last: int | None = None) -> list[m.Attempt]:
+        """A job's failed attempts, oldest first (the `last` ones only, when given); each row checked."""
+        rows = self.conn.execute(
+            "SELECT lo, hi, attempt, kind, type_name, message, node, at, retried FROM attempts WHERE job_id = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (job_id, -1 if last is None else last),
+        ).fetchall()
+        keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
+        return [m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True))) for row in reversed(rows)]
 
     def max_lease_id(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)
@@ -603,19 +664,25 @@ class Store:
             return int(cur.lastrowid or 0), ref
 
     def events_after(
-        self, job_id: str, after: int, max_bytes: int = 8 * 1024**2, spill: int | None = None
+        self,
+        job_id: str,
+        after: int,
+        max_bytes: int = 8 * 1024**2,
+        spill: int | None = None,
+        kinds: tuple[str, ...] | None = None,
     ) -> list[tuple[m.Event, bytes | None]]:
-        """A job's events after sequence `after`, up to about `max_bytes` of payload.
+        """A job's events after sequence `after` (of `kinds` only; None: all), up to about `max_bytes` of payload.
 
         A payload file larger than `spill` bytes is not read: its event names it (`ref`, `size`) and
         its reader fetches it on its own, so a big result never sits whole in the daemon's memory.
         """
         out: list[tuple[m.Event, bytes | None]] = []
         total = 0
+        only = f" AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
         cursor = self.conn.execute(
-            "SELECT seq, kind, lo, hi, data, payload, payload_ref FROM events WHERE job_id = ? AND seq > ?"
+            f"SELECT seq, kind, lo, hi, data, payload, payload_ref FROM events WHERE job_id = ? AND seq > ?{only}"
             " ORDER BY seq",
-            (job_id, after),
+            (job_id, after, *(kinds or ())),
         )
         for seq, kind, lo, hi, data, payload, ref in cursor:
             event = m.Event(seq, kind, lo, hi, json.loads(data) if data else {})

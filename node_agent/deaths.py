@@ -28,6 +28,7 @@ class Death:
     memory_kill: tuple[int, int] | None = None  # (rss, limit) when the agent killed it for memory
     container_oom: bool = False  # the runtime says the kernel killed it for its memory limit
     kernel_oom: bool = False  # the kernel counted an out-of-memory kill while it ran the lease
+    timed_out: tuple[int, float, float] | None = None  # (input, limit, seconds seen running) when killed for timeout
 
     @property
     def index(self) -> int:
@@ -37,6 +38,18 @@ class Death:
     def error(self) -> m.CallError:
         at = self.index
         where = f"on node {self.node}" + (f", in a container of image {self.image}" if self.image else "")
+        if self.timed_out is not None:
+            at, limit, ran = self.timed_out
+            return m.CallError(
+                index=at,
+                kind=m.TIMEOUT,
+                type_name=m.ErrorType.CALL_TIMEOUT,
+                message=(
+                    f"input #{at} ran past its timeout of {limit:g} s {where} and was killed (after {ran:.2f} s); "
+                    "its worker was replaced. Pass a larger timeout=, or make the call faster."
+                ),
+                node=self.node,
+            )
         if self.memory_kill is not None or self.container_oom:
             rss, limit = self.memory_kill if self.memory_kill is not None else (0, self.func_ram_bytes)
             used = f"used {rss / 1e9:.2f} GB of memory, over" if rss else "went over"

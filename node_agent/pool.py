@@ -50,6 +50,7 @@ class Slot:
     lease: m.Lease | None = None
     lease_started: float = 0.0
     memory_kill: tuple[int, int] | None = None  # (rss, limit) when we killed it for memory
+    timed_out: tuple[int, float, float] | None = None  # (input, limit, seconds run) when we killed it for its timeout
     deaths: int = 0  # consecutive deaths before becoming ready
     retired: bool = False  # its pool is no longer wanted: stop it once idle
     env: str = ""  # the environment (import path) its worker runs with
@@ -120,6 +121,7 @@ class WorkerPool:
     def worker_ready(self, index: int) -> list[tuple[Slot, m.Lease]]:
         slot = self.slots[index]
         slot.memory_kill = None
+        slot.timed_out = None
         slot.deaths = 0
         slot.fresh = True
         if slot.lease is not None and not slot.retired:  # restarted for the lease it holds: run it now
@@ -171,6 +173,7 @@ class WorkerPool:
         self._ended(slot.lease)  # what followed it waits for a worker now (`start_queued`)
         slot.lease = None
         slot.memory_kill = None
+        slot.timed_out = None
         slot.deaths += 1
         return lease, memory
 
@@ -178,6 +181,11 @@ class WorkerPool:
         slot = self.slots[index]
         if slot.state == SlotState.BUSY:
             slot.memory_kill = (rss, limit)
+
+    def kill_for_timeout(self, index: int, at: int, limit: float, ran: float) -> None:
+        slot = self.slots[index]
+        if slot.state == SlotState.BUSY:
+            slot.timed_out = (at, limit, ran)
 
     def cancel_job(self, job_id: str) -> list[Slot]:
         """Drop a job's queued leases; returns the workers running it, to kill."""

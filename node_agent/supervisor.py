@@ -34,6 +34,7 @@ from burla.schemas import worker as proto
 from . import memory, pools, reconcile
 from .blobs import BlobCache
 from .channel import FrameStream
+from .deadlines import Deadlines, poll_interval
 from .deaths import Death, kernel_oom_since, oom_kills
 from .environments import EnvCache
 from .outbox import Lines, Outbox, Outcome
@@ -56,6 +57,7 @@ class WorkerConn:
     proc: WorkerProcess
     stream: FrameStream
     nonce: str
+    progress: Path | None = None  # its progress file: the input it is calling (`Deadlines`)
     env: str = ""  # the environment on its worker's import path: given at its start, or adopted (`Run.paths`)
     functions: collections.OrderedDict[str, None] = dataclasses.field(default_factory=collections.OrderedDict)
     batches: collections.OrderedDict[tuple[str, int], None] = dataclasses.field(default_factory=collections.OrderedDict)
@@ -94,6 +96,8 @@ class Supervisor:
         self.info: m.NodeInfo | None = None
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.deadlines = Deadlines()
+        self._timed = trio.Event()  # set when a lease with a timeout starts: the watch wakes
 
     # ---- what the node should run -----------------------------------------------------
 
@@ -288,6 +292,8 @@ class Supervisor:
     def _start(self, started: list[tuple[Slot, m.Lease]]) -> None:
         assert self._nursery is not None
         for slot, lease in started:
+            if lease.timeout:
+                self._timed.set()
             self.pool_envs[slot.pool] = self.last_env = lease.env
             if slot.state == SlotState.SWITCHING:
                 self._kill(slot.index)  # its keeper starts a worker of the lease's environment, which runs it
@@ -400,6 +406,35 @@ class Supervisor:
         nursery.start_soon(self.reconcile_loop)
         if not self.runtime.enforces_memory:
             nursery.start_soon(memory.watch, self.config.memory_check_interval, self._busy, self._memory_kill)
+        nursery.start_soon(self._watch_timeouts)
+
+    async def _watch_timeouts(self) -> None:
+        """Kill each call that runs past its lease's timeout; its worker is replaced, its input fails with a
+        timeout (`Death.timed_out`). Asleep while no lease with a timeout runs: a job without one costs nothing."""
+        while True:
+            limits = {s.index: s.lease.timeout for s in self.pool.busy() if s.lease is not None and s.lease.timeout}
+            if not limits:
+                self.deadlines.clocks.clear()
+                self._timed = trio.Event()
+                await self._timed.wait()
+                continue
+            now = trio.current_time()
+            for index in limits:
+                slot, conn = self.pool.slots[index], self.conns.get(index)
+                if conn is not None and conn.progress is not None and slot.lease is not None:
+                    lease = slot.lease
+                    self.deadlines.observe(index, lease.lease_id, lease.lo, lease.hi, read_progress(conn.progress), now)
+            for late in self.deadlines.overdue(limits, now):
+                conn = self.conns.get(late.slot)
+                if conn is None:
+                    continue
+                log.warning("worker %d: input #%d ran %.2f s, past its timeout of %g s: killed",
+                            late.slot, late.index, late.ran, late.limit)  # fmt: skip
+                self.pool.kill_for_timeout(late.slot, late.index, late.limit, late.ran)
+                self.deadlines.forget(late.slot)
+                conn.proc.kill()
+                self.counters["timeout_kills"] += 1
+            await trio.sleep(poll_interval(min(limits.values())))
 
     async def _keep_worker(self, index: int) -> None:
         """Keep a warm worker in slot `index` until its pool is no longer wanted.
@@ -454,7 +489,9 @@ class Supervisor:
                 if started.frames is None:
                     self.pool.died(index)
                     return
-                conn = WorkerConn(index, proc, started.frames, started.nonce, self.pool.slots[index].env)
+                conn = WorkerConn(
+                    index, proc, started.frames, started.nonce, started.progress_path, self.pool.slots[index].env
+                )
                 self.conns[index] = conn
                 self._start(self.pool.worker_ready(index))
                 if self.pool.slots[index].retired:
@@ -512,6 +549,8 @@ class Supervisor:
         self._after_lease(conn.slot)
 
     def _worker_died(self, index: int, started: Started, spec: pools.PoolSpec) -> None:
+        slot = self.pool.slots.get(index)
+        timed_out = slot.timed_out if slot is not None else None
         lease, memory_kill = self.pool.died(index)
         self.outbox.mark_dirty()
         self._start(self.pool.start_queued())  # a lease that followed its lease may go to another worker
@@ -530,6 +569,7 @@ class Supervisor:
             memory_kill=memory_kill,
             container_oom=proc.oom_killed,
             kernel_oom=kernel_oom_since(proc.oom_kills_at_start),
+            timed_out=timed_out,
         )
         self.outbox.add_result(Outcome.failed(lease.lease_id, lease.job_id, lease.lo, death.error()))
 

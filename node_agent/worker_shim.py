@@ -233,6 +233,7 @@ def describe_exception(e: BaseException, index: int, skip_frames: int) -> tuple[
         traceback=_bounded(text, m.MAX_ERROR_TRACEBACK),
         frames=tuple(root_frames),
         node=socket.gethostname(),
+        bases=tuple(f"{c.__module__}.{c.__qualname__}"[:1024] for c in type(e).__mro__[:64]),  # for retry_on
     )
     return error, pickle.dumps(exception_tree(e, root_frames), protocol=pickle.HIGHEST_PROTOCOL)
 

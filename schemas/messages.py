@@ -52,6 +52,8 @@ EXCEPTION = "exception"  # the user's function raised
 WORKER_DIED = "worker_died"  # the worker process exited or was killed mid-call
 MEMORY = "memory"  # the call went over func_ram and was killed
 SYSTEM = "system"  # burla could not run the call (unloadable function, unpicklable result)
+TIMEOUT = "timeout"  # the call ran past its JobSpec.timeout and was killed
+LOST = "lost"  # the node running the call was lost (infrastructure), too many times
 
 
 class ErrorType(enum.StrEnum):
@@ -68,6 +70,8 @@ class ErrorType(enum.StrEnum):
     IMAGE = "burla.errors.ImageError"
     INSTALL = "burla.errors.InstallError"
     NODE_START = "burla.errors.NodeStartError"
+    CALL_TIMEOUT = "burla.errors.CallTimeoutError"
+    NODE_LOST = "burla.errors.NodeLostError"
 
 
 INSTANCE_NAME = r"(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)?"  # a Compute Engine instance name (RFC 1035), or ""
@@ -80,6 +84,8 @@ FAILED = "failed"
 DONE = "done"
 CANCELLED = "cancelled"
 NOTICE = "notice"
+CALL_FAILED = "call_failed"  # return_exceptions: inputs [lo, hi) failed, their slots hold the error; the job goes on
+RETRY = "retry"  # an attempt of input `lo` failed and runs again (data: an Attempt)
 STATUS = "status"  # live only, never stored
 
 # Job states
@@ -118,6 +124,11 @@ MAX_ERROR_TRACEBACK = 4 * 1024 * 1024
 MAX_BYTES = 2**53
 PYTHON_VERSION = r"(?:\d{1,2}\.\d{1,3})?"  # "3.11", or "" where unknown
 PAYLOAD_REF = r"(?:[0-9A-Za-z_-]{1,64}/[0-9A-Za-z_.-]{1,80})?"  # <job id>/<file>, see common.local
+MAX_TIMEOUT = 366 * 86400.0  # seconds: a call's timeout= (a year)
+MAX_RETRIES = 100  # retries= of one job
+MAX_RETRY_DELAY = 60.0  # seconds: the backoff between two attempts of one input never exceeds this
+MAX_RETRY_ON = 64  # exception classes in retry_on=
+TYPE_NAME = 1024  # characters of a "module.QualName"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +175,15 @@ class JobSpec(Wire):
     build: str = field("", pattern=OPTIONAL_SHA256)  # digest of a dockerfile= build context to build `image` from
     env: str = field("", pattern=OPTIONAL_SHA256)  # digest of the client's environment manifest; "": none
     grow: bool = False  # may start cluster nodes for what the free ones lack
+    # Failures (the daemon and agent enforce these, not the client: they hold while it is away).
+    timeout: float | None = field(None, lo=0.001, hi=MAX_TIMEOUT)  # seconds one call may run (agent kills it)
+    retries: int = field(0, lo=0, hi=MAX_RETRIES)  # times a call that fails is run again
+    # "module.QualName" of the classes a failure must be an instance of to be retried (): any Exception
+    retry_on: tuple[str, ...] = field((), max_items=MAX_RETRY_ON)
+    retry_delay: float = field(1.0, lo=0, hi=MAX_RETRY_DELAY)  # before the first retry; doubles, capped
+    return_exceptions: bool = False  # a failed input's slot holds its error; the job goes on
+    # runs on without its caller: never cancelled for want of a follower, its events kept until job_retention
+    detach: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +214,7 @@ class Lease(Wire):
     # prefetched: the lease it follows in its slot on the node; it starts when that one ends, not before
     # (0: it starts on any free worker of its pool). See NodeInfo.runs_after.
     after: int = field(0, lo=0)
+    timeout: float = field(0.0, lo=0, hi=MAX_TIMEOUT)  # seconds each call may run before the agent kills it (0: none)
 
 
 MACHINE_TYPE = r"[a-z][-a-z0-9]{0,62}"
@@ -305,6 +326,8 @@ class CallError(Wire):
     frames: tuple[Any, ...] = field((), max_items=2 * EXCEPTION_TREE_MAX_FRAMES)  # [file, line, name, source, module]
     node: str = field("", max_len=255)
     exc_blob: int | None = field(None, lo=0, hi=1024)  # the exception tree (EXCEPTION_TREE) of a kind EXCEPTION error
+    # "module.QualName" of each class of the raised exception's MRO (kind EXCEPTION): what retry_on is matched by
+    bases: tuple[str, ...] = field((), max_items=64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +398,21 @@ class Event(Wire):
 
 
 @dataclasses.dataclass(frozen=True)
+class Attempt(Wire):
+    """One failed attempt of inputs [lo, hi) of a job, kept in the job's record."""
+
+    lo: int = field(lo=0, hi=MAX_INDEX)
+    hi: int = field(lo=0, hi=MAX_INDEX)
+    attempt: int = field(1, lo=1, hi=2**31)  # 1: the first run
+    kind: str = field(EXCEPTION, max_len=32)  # a CallError kind, or LOST
+    type_name: str = field("", max_len=TYPE_NAME)
+    message: str = field("", max_len=4096)
+    node: str = field("", max_len=255)
+    at: float = field(0.0, lo=0, hi=1e12)
+    retried: bool = True  # False: the last attempt, which failed the input
+
+
+@dataclasses.dataclass(frozen=True)
 class JobStatus(Wire):
     job_id: str
     state: str
@@ -388,6 +426,11 @@ class JobStatus(Wire):
     calls_per_second: float = 0.0
     phase: str = ""  # what the cluster is doing for the job, in words
     owner: str = ""  # the user who made it
+    retried: int = 0  # attempts that failed and ran again (retries=, or a lost node)
+    failed: int = 0  # inputs whose slot holds their error (return_exceptions=True)
+    attempts: tuple[Attempt, ...] = ()  # the latest failed attempts (in `burla status` and GET /v1/jobs/ID)
+    detached: bool = False  # made with detach=True: it runs without its caller, reattached with burla.job(id)
+    finished: float = 0.0  # when it ended (0: running, or not known here)
 
 
 @dataclasses.dataclass(frozen=True)

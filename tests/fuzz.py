@@ -63,7 +63,18 @@ def valid_messages() -> dict[str, dict[str, Any]]:
     """One well-formed instance of each message a peer sends, for mutation."""
     fn = pickle.dumps(abs)
     return {
-        "JobSpec": m.JobSpec("fuzzjob", "abs", hashlib.sha256(fn).hexdigest(), PY).to_wire(),
+        "JobSpec": m.JobSpec(
+            "fuzzjob",
+            "abs",
+            hashlib.sha256(fn).hexdigest(),
+            PY,
+            timeout=5.0,
+            retries=2,
+            retry_on=("builtins.ValueError",),
+            retry_delay=0.5,
+            return_exceptions=True,
+            detach=True,
+        ).to_wire(),  # fmt: skip
         "BatchMeta": m.BatchMeta(0, 0, 3).to_wire(),
         "NodeInfo": m.NodeInfo(
             "fuzznode", "h", 2, 10**9, PY, 2, agent_version=burla.__version__, protocol=m.PROTOCOL_VERSION
@@ -71,7 +82,18 @@ def valid_messages() -> dict[str, dict[str, Any]]:
         "AgentReport": m.AgentReport(
             ready_workers=2,
             running=(1, 2),
-            results=(m.LeaseResult(1, "fuzzjob", 0, 3, 0.01, 0),),
+            results=(
+                m.LeaseResult(1, "fuzzjob", 0, 3, 0.01, 0),
+                m.LeaseResult(
+                    2,
+                    "fuzzjob",
+                    3,
+                    0,
+                    0.01,
+                    0,
+                    m.CallError(3, "exception", "builtins.ValueError", "x", bases=("builtins.ValueError",)),
+                ),
+            ),
             logs=(m.LogChunk("fuzzjob", 1, 4, 1),),
             pools=(m.PoolState("process"),),
             pool_errors=(m.PoolError("fuzzjob", "img", "broken"),),
@@ -165,6 +187,8 @@ ROUTES = [
     ("POST", "/v1/jobs/{job}/ack"),
     ("GET", "/v1/jobs/{job}"),
     ("GET", "/v1/jobs/{job}/events/{seq}/payload"),
+    ("GET", "/v1/jobs{query}"),
+    ("GET", "/v1/jobs/{job}/logs{query}"),
     ("PUT", "/v1/blobs/{digest}"),
     ("POST", "/v1/blobs/missing"),
     ("GET", "/v1/cluster"),
@@ -191,6 +215,18 @@ ROUTES = [
 ADMIN_ROUTES = ("/v1/standby", "/v1/users", "/v1/cluster/")  # prefixes of the admin's routes (but GET /v1/standby)
 
 
+NUMBERS_IN_QUERIES = ["0", "1", "0.2", "-1", "1e400", "nan", "inf", "-0", "9" * 30, "0x10", "", "a", "1_0", " 1"]
+
+
+@st.composite
+def queries(draw: st.DrawFn) -> str:
+    """A query string of `after`, `wait` and `limit`, mostly malformed (never a wait long enough to stall a run)."""
+    names = draw(st.lists(st.sampled_from(["after", "wait", "limit", "other", ""]), max_size=3))
+    values = st.one_of(st.sampled_from(NUMBERS_IN_QUERIES), st.sampled_from(HOSTILE_STRINGS), st.text(max_size=20))
+    pairs = [(name, draw(values)) for name in names]
+    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> dict[str, Any]:
     """One request: a route, a token role, path parameters and a body, most of them malformed."""
@@ -203,6 +239,7 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         "seq": draw(st.sampled_from(["0", "1", "-1", "a", str(2**64), "9" * 30])),
         "name": quoted(draw(st.one_of(ids, st.sampled_from(["Alice", "a" * 41, "fuzz-victim", "admin"])))),
         "action": quoted(draw(st.one_of(ids, st.sampled_from(["start", "restart", "nope"])))),
+        "query": draw(queries()),
     }
     path = template.format(**params)
     right = "user"
@@ -260,7 +297,8 @@ def websocket_creates(draw: st.DrawFn) -> bytes:
 websocket_messages = st.one_of(
     st.builds(lambda v: json.dumps(v), json_values),
     st.builds(lambda v: json.dumps(v), st.fixed_dictionaries(
-        {"op": st.sampled_from(["subscribe", "ack", "other", ""]) | json_values, "job": ids | json_values},
+        {"op": st.sampled_from(["subscribe", "ack", "unsubscribe", "other", ""]) | json_values,
+         "job": ids | json_values},
         optional={"after": st.sampled_from(HOSTILE_NUMBERS) | json_values},
     )),
     st.sampled_from(['{"op": "subscribe", "job": "j", "after": 1e400}', "[" * 50_000, "{", "", "\x00" * 10]),

@@ -310,7 +310,7 @@ def test_leases_of_a_version_3_file_get_their_jobs_environment_and_the_process_p
     conn.close()
 
     store = Store(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert store.schema_version() == SCHEMA_VERSION == 7
     (job,) = store.running_jobs()
     assert [(x.lease_id, x.pool, x.env, agent) for x, agent in job["leases"]] == [
         (1, "process", "e" * 64, "proc"),
@@ -403,3 +403,85 @@ async def test_a_followed_job_is_never_abandoned_and_an_unfollowed_one_is(tmp_pa
     p.create_job(spec("job2"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)  # never followed at all
     clock.now += 6
     assert p.cancel_abandoned_jobs() == ["job2"]
+
+
+async def test_a_detached_job_runs_unfollowed_and_is_kept_until_job_retention_however_often_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """No client follows a detached job: it is never cancelled for that. Its ack (any reader's) forgets
+    nothing; it goes, with its results, job_retention after it ended, and a restart keeps that so."""
+    clock = Clock()
+    p = plane(tmp_path, clock, client_grace=5, job_retention=100)
+    agent = p.register(node("a")).agent_id
+    p.create_job(spec("det", detach=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    p.create_job(spec("plain"), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    clock.now += 60
+    assert p.cancel_abandoned_jobs() == ["plain"]
+    assert p.job_status("det").state == m.RUNNING and p.job_status("det").detached
+    assert "det" not in p.feeds.unfollowed_since  # not watched any more: nothing to decide about it
+    drive(p, agent, "det")
+    p.ack_job("det")
+    p.ack_job("plain")
+    assert p.job_status("det").state == m.JOB_DONE and p.job_status("det").finished == clock.now
+    with pytest.raises(NotFound):
+        p.job_status("plain")  # a plain job is forgotten once its client has it all
+    assert sorted(results_events(p, "det")) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    p.store.close()
+    clock.now += 50
+    p = plane(tmp_path, clock, client_grace=5, job_retention=100)  # a restart: the job is SQLite's alone
+    p.ack_job("det")
+    status = p.job_status("det")
+    assert (status.state, status.n_done, status.n_inputs, status.detached, status.function_name) == (
+        m.JOB_DONE, 4, 4, True, "f",
+    )  # fmt: skip
+    assert [s.job_id for s in p.list_jobs()] == ["det"]
+    p.expire_jobs()
+    assert p.job_status("det").state == m.JOB_DONE  # 50 s after it ended: kept
+    clock.now += 51
+    p.expire_jobs()
+    with pytest.raises(NotFound):
+        p.job_status("det")
+    assert p.store.events_after("det", 0) == []
+
+
+async def test_jobs_are_listed_for_their_owner_and_every_job_for_an_admin(tmp_path: Path) -> None:
+    from burla.daemon.users import Principal
+
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    p.register(node("a"))
+    alice, bob = Principal("alice", "user"), Principal("bob", "user")
+    admin = Principal("root", "admin")
+    p.create_job(spec("ja", detach=True), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2, who=alice)
+    clock.now += 1
+    p.create_job(spec("jb"), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2, who=bob)
+    assert [s.job_id for s in p.list_jobs(alice)] == ["ja"]
+    assert [(s.job_id, s.owner) for s in p.list_jobs(admin)] == [("jb", "bob"), ("ja", "alice")]  # newest first
+    assert [s.detached for s in p.list_jobs(admin)] == [False, True]
+    with pytest.raises(NotFound):
+        await p.job_logs("ja", 0, 0, bob)
+
+
+async def test_a_jobs_output_is_read_from_the_start_and_waited_for_while_it_runs(tmp_path: Path) -> None:
+    import trio
+
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    agent = p.register(node("a")).agent_id
+    p.create_job(spec("job1", detach=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    line = pickle.dumps([(0, m.STDOUT, "hello\n")])
+    first, _ = report(p, agent, blobs=[line], logs=(m.LogChunk("job1", 1, 6, 0),))
+    events = await p.job_logs("job1", 0, 0)
+    assert [(e.kind, pickle.loads(b)) for e, b in events] == [(m.LOGS, [(0, m.STDOUT, "hello\n")])]
+    after = events[-1][0].seq
+    assert await p.job_logs("job1", after, 0) == []
+    got: list[list[str]] = []
+
+    async def wait() -> None:
+        got.append([e.kind for e, _ in await p.job_logs("job1", after, 30)])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(0.05)
+        drive(p, agent, first=first)  # results are not output: the wait goes on until the final event
+    assert got == [[m.DONE]]

@@ -49,8 +49,9 @@ def test_the_table_is_the_one_reviewed() -> None:
     """Who may call what is a security decision: changing it means changing this test too."""
     assert ROUTE_ROLES == {
         "health": PUBLIC,
-        **dict.fromkeys(["info", "me", "create_job", "add_inputs", "cancel_job", "ack_job", "job_status", "event_payload",
-                         "put_blob", "missing_blobs", "cluster", "events"], USER),
+        **dict.fromkeys(["info", "me", "create_job", "add_inputs", "cancel_job", "ack_job", "job_status",
+                         "event_payload", "put_blob", "missing_blobs", "cluster", "events", "list_jobs", "job_logs"],
+                        USER),
         **dict.fromkeys(["set_standby", "cluster_nodes", "cluster_action", "get_cluster_spec", "put_cluster_spec",
                          "list_users", "add_user", "remove_user", "rotate_key", "revoke_key"], ADMIN),
         **dict.fromkeys(["get_standby", "register"], NODE),

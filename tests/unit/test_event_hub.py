@@ -12,6 +12,7 @@ from burla.schemas import messages as m
 def test_parse_op_takes_a_subscribe_or_an_ack_and_refuses_the_rest() -> None:
     assert parse_op('{"op": "subscribe", "job": "j1", "after": 7}') == ("subscribe", "j1", 7)
     assert parse_op(b'{"op": "ack", "job": "j1"}') == ("ack", "j1", 0)
+    assert parse_op('{"op": "unsubscribe", "job": "j1"}') == ("unsubscribe", "j1", 0)
     for bad, says in [
         ('{"op": "forget", "job": "j1"}', "op: expected"),
         ('{"op": "ack", "job": "../etc"}', "job: expected an id"),
