@@ -20,7 +20,7 @@ def spec(**failures: object) -> m.JobSpec:
     return m.JobSpec("j1", "f", "h" * 64, PY, 1.0, 1.0, **failures)  # type: ignore[arg-type]
 
 
-def setup(n: int = 10, workers: int = 2, nodes: int = 1, **failures: object) -> tuple[Scheduler, JobState]:
+def scheduled(n: int = 10, workers: int = 2, nodes: int = 1, **failures: object) -> tuple[Scheduler, JobState]:
     s = Scheduler(infra_retries=2)
     for i in range(nodes):
         s.add_node(f"a{i}", m.NodeInfo(f"n{i}", f"host-{i}", 4, 64 * GB, PY, workers), 0.0)
@@ -45,7 +45,7 @@ def ok(s: Scheduler, a: ActiveLease, now: float = 1.0) -> object:
 
 
 def test_a_retried_input_waits_its_backoff_off_the_workers_and_the_rest_of_its_lease_runs_at_once() -> None:
-    s, job = setup(10, workers=1, retries=2, retry_delay=0.5)
+    s, job = scheduled(10, workers=1, retries=2, retry_delay=0.5)
     (a,) = s.assign(1.0)
     assert (a.lease.lo, a.lease.hi) == (0, 10)
     c = fail_at(s, a, 3, now=1.0)
@@ -68,7 +68,7 @@ def test_a_retried_input_waits_its_backoff_off_the_workers_and_the_rest_of_its_l
 
 
 def test_the_backoff_is_capped() -> None:
-    s, job = setup(1, retries=20, retry_delay=40)
+    s, job = scheduled(1, retries=20, retry_delay=40)
     (a,) = s.assign(0.0)
     c = fail_at(s, a, 0, now=0.0)
     assert c.retry_in == 40  # type: ignore[attr-defined]
@@ -78,7 +78,7 @@ def test_the_backoff_is_capped() -> None:
 
 
 def test_out_of_retries_the_job_fails_and_its_last_attempt_is_kept() -> None:
-    s, job = setup(1, retries=1, retry_delay=0)
+    s, job = scheduled(1, retries=1, retry_delay=0)
     (a,) = s.assign(0.0)
     fail_at(s, a, 0, now=0.0)
     (a,) = s.assign(0.0)
@@ -88,14 +88,14 @@ def test_out_of_retries_the_job_fails_and_its_last_attempt_is_kept() -> None:
 
 
 def test_a_failure_retry_on_does_not_name_fails_at_once() -> None:
-    s, job = setup(1, retries=3)
+    s, job = scheduled(1, retries=3)
     (a,) = s.assign(0.0)
     assert fail_at(s, a, 0, now=0.0, retryable=False).failed  # type: ignore[attr-defined]
     assert job.retried == 0
 
 
 def test_return_exceptions_keeps_each_error_in_its_slot_and_the_job_goes_on() -> None:
-    s, job = setup(20, workers=2, return_exceptions=True)
+    s, job = scheduled(20, workers=2, return_exceptions=True)
     for _ in range(40):
         issued = s.assign(1.0)
         if not issued:
@@ -111,7 +111,7 @@ def test_return_exceptions_keeps_each_error_in_its_slot_and_the_job_goes_on() ->
 
 
 def test_a_worker_that_died_mid_lease_fails_the_input_it_named_and_reruns_the_others() -> None:
-    s, job = setup(6, workers=1, retries=1, retry_delay=0)
+    s, job = scheduled(6, workers=1, retries=1, retry_delay=0)
     (a,) = s.assign(0.0)
     death = m.CallError(4, m.WORKER_DIED, m.ErrorType.WORKER_DIED, "died", node="host-0")
     c = s.complete("j1", a.lease.lease_id, 0, 0, 0.1, death, 0.0, True)  # it loses the results of 0-3 with it
@@ -120,7 +120,7 @@ def test_a_worker_that_died_mid_lease_fails_the_input_it_named_and_reruns_the_ot
 
 
 def test_a_lost_node_counts_an_attempt_of_its_running_calls_until_infra_retries_then_fails_the_job() -> None:
-    s, job = setup(2, workers=1, nodes=1)
+    s, job = scheduled(2, workers=1, nodes=1)
     for attempt in (1, 2, 3):
         (a,) = s.assign(float(attempt))
         s.remove_node("a0", "its agent stopped heartbeating")
@@ -136,7 +136,7 @@ def test_a_lost_node_counts_an_attempt_of_its_running_calls_until_infra_retries_
 
 
 def test_lost_past_infra_retries_with_return_exceptions_the_inputs_hold_the_error() -> None:
-    s, job = setup(2, workers=1, nodes=1, return_exceptions=True)
+    s, job = scheduled(2, workers=1, nodes=1, return_exceptions=True)
     for attempt in (1, 2, 3):
         s.assign(float(attempt))
         s.remove_node("a0", "gone")
@@ -145,7 +145,7 @@ def test_lost_past_infra_retries_with_return_exceptions_the_inputs_hold_the_erro
 
 
 def test_a_prefetched_lease_lost_with_its_node_never_ran_and_counts_no_attempt() -> None:
-    s, job = setup(1000, workers=1, nodes=1)
+    s, job = scheduled(1000, workers=1, nodes=1)
     s.nodes["a0"].info = dataclasses.replace(s.nodes["a0"].info, runs_after=True)
     issued = s.assign(0.0)
     assert len(issued) == 2 and issued[1].queued
@@ -155,7 +155,7 @@ def test_a_prefetched_lease_lost_with_its_node_never_ran_and_counts_no_attempt()
 
 
 def test_attempts_come_back_after_a_restart() -> None:
-    s, job = setup(3, retries=2)
+    s, job = scheduled(3, retries=2)
     history = [
         m.Attempt(1, 2, 1, m.EXCEPTION, "builtins.ValueError", "boom", "host-0", 1.0),
         m.Attempt(0, 3, 1, m.LOST, m.ErrorType.NODE_LOST, "gone", "host-1", 2.0),
@@ -168,7 +168,7 @@ def test_attempts_come_back_after_a_restart() -> None:
 
 
 def test_leases_carry_the_timeout() -> None:
-    s, _ = setup(2, timeout=2.5)
+    s, _ = scheduled(2, timeout=2.5)
     assert {a.lease.timeout for a in s.assign(0.0)} == {2.5}
 
 

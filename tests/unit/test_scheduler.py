@@ -76,7 +76,7 @@ def job_status(s: Scheduler, job: JobState, now: float) -> m.JobStatus:
     return status_text.job_status(s.job_progress(job, now))
 
 
-def setup(
+def scheduled(
     *counts: int,
     final: bool = True,
     workers: int = 4,
@@ -96,7 +96,7 @@ def setup(
 
 
 def test_known_call_time_splits_4_inputs_into_2_plus_2_in_one_round() -> None:
-    s, job = setup(4, workers=2)
+    s, job = scheduled(4, workers=2)
     issued = s.assign(1.0)
     assert ranges(issued) == [(0, 2), (2, 4)]
     assert {a.agent_id for a in issued} == {"a1"}
@@ -105,7 +105,7 @@ def test_known_call_time_splits_4_inputs_into_2_plus_2_in_one_round() -> None:
 
 
 def test_lease_fields() -> None:
-    s, job = setup(4, workers=2, func_cpu=0.5, func_ram=2.0)
+    s, job = scheduled(4, workers=2, func_cpu=0.5, func_ram=2.0)
     lease = s.assign(3.0)[0]
     assert lease.issued == 3.0
     assert lease.lease.job_id == "j1"
@@ -119,7 +119,7 @@ def test_lease_fields() -> None:
 
 
 def test_unknown_function_gets_one_input_probes() -> None:
-    s, job = setup(10, workers=3, seconds_per_call=None)
+    s, job = scheduled(10, workers=3, seconds_per_call=None)
     assert job.seconds_per_call is None
     issued = s.assign(1.0)
     assert ranges(issued) == [(0, 1), (1, 2), (2, 3)]
@@ -127,7 +127,7 @@ def test_unknown_function_gets_one_input_probes() -> None:
 
 
 def test_completion_teaches_the_call_time_and_later_leases_grow() -> None:
-    s, job = setup(400, workers=2, seconds_per_call=None)
+    s, job = scheduled(400, workers=2, seconds_per_call=None)
     first = s.assign(1.0)
     assert [a.lease.hi - a.lease.lo for a in first] == [1, 1]
     c = finish(s, first[0], elapsed=0.01)  # 0.01 s per call -> 20 calls per 0.2 s lease
@@ -138,7 +138,7 @@ def test_completion_teaches_the_call_time_and_later_leases_grow() -> None:
 
 
 def test_call_time_is_remembered_per_function_hash() -> None:
-    s, job = setup(4, workers=2, seconds_per_call=None)
+    s, job = scheduled(4, workers=2, seconds_per_call=None)
     c = finish(s, s.assign(1.0)[0], elapsed=0.05)
     assert c.accepted
     later = s.add_job(spec("j2", fhash="hash-1"), 5.0)
@@ -148,15 +148,15 @@ def test_call_time_is_remembered_per_function_hash() -> None:
 
 
 def test_chunk_capped_by_target_lease_seconds() -> None:
-    s, job = setup(1000, workers=1, seconds_per_call=0.05)  # 0.2 s / 0.05 s = 4 inputs
+    s, job = scheduled(1000, workers=1, seconds_per_call=0.05)  # 0.2 s / 0.05 s = 4 inputs
     assert ranges(s.assign(1.0)) == [(0, 4)]
-    s2, job2 = setup(1000, workers=1, seconds_per_call=0.05)
+    s2, job2 = scheduled(1000, workers=1, seconds_per_call=0.05)
     s2.target_lease_seconds = 1.0
     assert ranges(s2.assign(1.0)) == [(0, 20)]
 
 
 def test_slow_function_still_gets_one_input() -> None:
-    s, job = setup(10, workers=1, seconds_per_call=30.0)
+    s, job = scheduled(10, workers=1, seconds_per_call=30.0)
     assert ranges(s.assign(1.0)) == [(0, 1)]
 
 
@@ -170,13 +170,13 @@ def test_chunk_capped_by_max_lease_inputs() -> None:
 
 
 def test_guided_size_follows_pending_over_slots() -> None:
-    s, job = setup(100, workers=4, seconds_per_call=1e-6)
+    s, job = scheduled(100, workers=4, seconds_per_call=1e-6)
     # ceil(100 / 4) = 25 for every lease of the round
     assert ranges(s.assign(1.0)) == [(0, 25), (25, 50), (50, 75), (75, 100)]
 
 
 def test_leases_never_cross_batch_boundaries() -> None:
-    s, job = setup(3, 7, 5, workers=2, seconds_per_call=1e-6)
+    s, job = scheduled(3, 7, 5, workers=2, seconds_per_call=1e-6)
     counts = {0: (0, 3), 1: (3, 7), 2: (10, 5)}
     seen: set[int] = set()
     for _ in range(20):
@@ -194,7 +194,7 @@ def test_leases_never_cross_batch_boundaries() -> None:
 
 
 def test_first_lease_stops_at_the_batch_end() -> None:
-    s, job = setup(3, 100, workers=1, seconds_per_call=1e-6)
+    s, job = scheduled(3, 100, workers=1, seconds_per_call=1e-6)
     assert ranges(s.assign(1.0)) == [(0, 3)]
 
 
@@ -202,7 +202,7 @@ def test_first_lease_stops_at_the_batch_end() -> None:
 
 
 def test_func_cpu_limits_calls_per_node() -> None:
-    s, job = setup(100, workers=4, cpus=4, func_cpu=2.0, seconds_per_call=0.05)  # 4-input leases
+    s, job = scheduled(100, workers=4, cpus=4, func_cpu=2.0, seconds_per_call=0.05)  # 4-input leases
     issued = s.assign(1.0)
     assert len(issued) == 2
     assert s.assign(1.0) == []
@@ -223,7 +223,7 @@ def test_func_ram_limits_calls_per_node() -> None:
 
 
 def test_fractional_func_cpu() -> None:
-    s, job = setup(100, workers=8, cpus=2, func_cpu=0.25)
+    s, job = scheduled(100, workers=8, cpus=2, func_cpu=0.25)
     assert len(s.assign(1.0)) == 8  # 8 x 0.25 CPU on 2 CPUs; the 8 workers are the limit
 
 
@@ -265,13 +265,13 @@ def test_max_parallelism_sizes_leases_by_its_slots() -> None:
 
 
 def test_ready_workers_limit_leases() -> None:
-    s, job = setup(100, workers=4)
+    s, job = scheduled(100, workers=4)
     s.touch_node("a1", 1.0, ready_workers=1)
     assert len(s.assign(1.0)) == 1
 
 
 def test_two_jobs_share_a_node() -> None:
-    s, job = setup(100, workers=4)
+    s, job = scheduled(100, workers=4)
     job2 = s.add_job(spec("j2", fhash="hash-2"), 1.0)
     job2.seconds_per_call = 0.001
     s.add_batches("j2", batches(100), final_count=100)
@@ -629,7 +629,7 @@ def test_feasible_is_none() -> None:
 
 
 def test_result_accepted_once_and_duplicate_dropped() -> None:
-    s, job = setup(4, workers=2)
+    s, job = scheduled(4, workers=2)
     a, b = s.assign(1.0)
     c = finish(s, a)
     assert c.accepted
@@ -646,14 +646,14 @@ def test_result_accepted_once_and_duplicate_dropped() -> None:
 
 
 def test_unknown_job_is_dropped() -> None:
-    s, job = setup(4)
+    s, job = scheduled(4)
     c = s.complete("nope", 1, 0, 1, 0.1, False, 1.0)
     assert not c.accepted
     assert c.reason == "unknown job"
 
 
 def test_lease_range_mismatch_is_dropped() -> None:
-    s, job = setup(4, workers=2)
+    s, job = scheduled(4, workers=2)
     a, _ = s.assign(1.0)
     c = s.complete("j1", a.lease.lease_id, a.lease.lo + 1, 1, 0.1, False, 1.0)
     assert not c.accepted
@@ -663,7 +663,7 @@ def test_lease_range_mismatch_is_dropped() -> None:
 
 def _dead_agent_scenario() -> tuple[Scheduler, JobState, ActiveLease, list[ActiveLease]]:
     """L1 = [0, 4) on a1; a1 is presumed dead; [0, 4) is re-leased on a2 as [0, 2) + [2, 4)."""
-    s, job = setup(4, workers=1)
+    s, job = scheduled(4, workers=1)
     (original,) = s.assign(1.0)
     assert ranges([original]) == [(0, 4)]
     assert s.remove_node("a1") == [original.lease.lease_id]
@@ -729,7 +729,7 @@ def test_short_late_result_leaves_disjoint_leases_alone() -> None:
 
 
 def test_requeue_puts_inputs_back_and_frees_the_node() -> None:
-    s, job = setup(8, workers=2)
+    s, job = scheduled(8, workers=2)
     a, b = s.assign(1.0)
     s.requeue([a.lease.lease_id])
     assert a.lease.lease_id not in job.leases
@@ -741,7 +741,7 @@ def test_requeue_puts_inputs_back_and_frees_the_node() -> None:
 
 
 def test_add_node_with_same_node_id_requeues_the_old_agents_leases() -> None:
-    s, job = setup(8, workers=2)
+    s, job = scheduled(8, workers=2)
     issued = s.assign(1.0)
     requeued = s.add_node("a1-new", node("n1", workers=2), 2.0)  # the agent restarted
     assert sorted(requeued) == sorted(a.lease.lease_id for a in issued)
@@ -762,7 +762,7 @@ def test_silent_nodes() -> None:
 
 
 def test_error_fails_the_job_and_stops_the_other_leases() -> None:
-    s, job = setup(6, workers=3)
+    s, job = scheduled(6, workers=3)
     a, b, c = s.assign(1.0)
     assert ranges([a, b, c]) == [(0, 2), (2, 4), (4, 6)]
     done = s.complete("j1", b.lease.lease_id, 2, 1, 0.1, True, 2.0)  # input 3 raised
@@ -781,7 +781,7 @@ def test_error_fails_the_job_and_stops_the_other_leases() -> None:
 
 
 def test_error_on_first_input_of_lease() -> None:
-    s, job = setup(4, workers=1)
+    s, job = scheduled(4, workers=1)
     (a,) = s.assign(1.0)
     c = s.complete("j1", a.lease.lease_id, 0, 0, 0.1, True, 2.0)
     assert c.accepted and c.failed
@@ -790,7 +790,7 @@ def test_error_on_first_input_of_lease() -> None:
 
 
 def test_short_result_without_error_requeues_the_rest() -> None:
-    s, job = setup(10, workers=1)
+    s, job = scheduled(10, workers=1)
     (a,) = s.assign(1.0)
     assert ranges([a]) == [(0, 10)]
     c = s.complete("j1", a.lease.lease_id, 0, 4, 0.1, False, 2.0)
@@ -806,7 +806,7 @@ def test_short_result_without_error_requeues_the_rest() -> None:
 
 
 def test_finish_job_cancels() -> None:
-    s, job = setup(10, workers=2)
+    s, job = scheduled(10, workers=2)
     issued = s.assign(1.0)
     stopped = s.finish_job("j1", m.JOB_CANCELLED)
     assert sorted(stopped) == sorted(("a1", a.lease.lease_id) for a in issued)
@@ -821,7 +821,7 @@ def test_finish_job_cancels() -> None:
 
 
 def test_add_batches_is_idempotent_for_the_same_seq() -> None:
-    s, job = setup(10, final=False)
+    s, job = scheduled(10, final=False)
     assert job.n_uploaded == 10
     again = s.add_batches("j1", [m.BatchMeta(0, 0, 10)])
     assert again == []
@@ -835,7 +835,7 @@ def test_add_batches_is_idempotent_for_the_same_seq() -> None:
 
 
 def test_job_not_done_until_the_final_count_is_known() -> None:
-    s, job = setup(4, final=False, workers=1)
+    s, job = scheduled(4, final=False, workers=1)
     (a,) = s.assign(1.0)
     c = finish(s, a)
     assert c.accepted
@@ -846,7 +846,7 @@ def test_job_not_done_until_the_final_count_is_known() -> None:
 
 
 def test_empty_batch() -> None:
-    s, job = setup(0, workers=1)
+    s, job = scheduled(0, workers=1)
     assert job.n_pending == 0
     assert job.complete()
     assert s.assign(1.0) == []
