@@ -156,7 +156,12 @@ class WorkerPool:
         """The worker in `index` answered its lease."""
         slot = self.slots[index]
         if slot.state == SlotState.BUSY:
-            slot.state = SlotState.STOPPING if slot.retired else SlotState.IDLE
+            # Killed for its timeout or memory just as it answered: the answer stands, and the kill is on its
+            # way, so the worker takes no next lease (a death would be blamed on that one).
+            doomed = slot.timed_out is not None or slot.memory_kill is not None
+            slot.state = SlotState.STOPPING if slot.retired or doomed else SlotState.IDLE
+        slot.timed_out = None
+        slot.memory_kill = None
         self._ended(slot.lease)
         slot.lease = None
         return self._fill()

@@ -49,11 +49,17 @@ def restart_delay(failures: int, deaths: int) -> float:
 
 
 def read_progress(path: Path) -> int:
-    """The input a worker was calling when it died, from its progress file (`proto.IDLE` if unknown)."""
+    """The input a worker is calling (or was, when it died), from its progress file; `proto.IDLE` if unknown.
+
+    The file is the worker's, so its call may have written anything there or cut it short: that reads as
+    unknown, never as an error of the agent."""
     try:
-        (at,) = proto.PROGRESS.unpack(path.read_bytes()[: proto.PROGRESS.size])
+        data = path.read_bytes()[: proto.PROGRESS.size]
     except (OSError, ValueError):
         return proto.IDLE
+    if len(data) < proto.PROGRESS.size:
+        return proto.IDLE
+    (at,) = proto.PROGRESS.unpack(data)
     return int(at)
 
 

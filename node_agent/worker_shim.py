@@ -510,6 +510,8 @@ def main() -> None:
             executable=sys.executable,
         )
     )
+    for name in (proto.SOCKET_ENV, proto.PROGRESS_ENV, proto.NONCE_ENV):
+        os.environ.pop(name, None)  # the worker's plumbing, not the call's: its code has no use for them
     try:
         Worker(channel, output, progress).serve()
     except (BrokenPipeError, ConnectionResetError):

@@ -58,6 +58,19 @@ def test_a_call_past_its_timeout_is_killed_its_worker_replaced_and_the_others_go
     assert remote_parallel_map(abs, range(-4, 0), timeout=5, spinner=False) == [4, 3, 2, 1]
 
 
+def plumbing_seen(x: int) -> list[str]:
+    import os
+
+    return sorted(k for k in ("BURLA_WORKER_PROGRESS", "BURLA_WORKER_SOCKET", "BURLA_WORKER_NONCE") if k in os.environ)
+
+
+def test_a_call_sees_none_of_its_workers_plumbing(cluster: Cluster) -> None:
+    """The progress file the agent's timeout watch reads is not the call's to find (found in review: a call
+    that cut it short crashed the watch)."""
+    assert remote_parallel_map(plumbing_seen, range(4), timeout=5, spinner=False) == [[]] * 4
+    assert remote_parallel_map(abs, range(-4, 0), timeout=5, spinner=False) == [4, 3, 2, 1]
+
+
 def test_without_return_exceptions_a_timeout_fails_the_job(cluster: Cluster, tmp_path: Path) -> None:
     with pytest.raises(burla.CallTimeoutError, match=r"input #1 ran past its timeout of 0\.5 s") as info:
         remote_parallel_map(beat_then_hang, [(str(tmp_path), x) for x in range(3)], timeout=0.5, spinner=False)

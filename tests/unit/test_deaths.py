@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from burla.node_agent.deaths import Death, describe_exit, kernel_oom_since, oom_kills
 from burla.schemas import messages as m
 
@@ -72,3 +74,18 @@ def test_the_kernel_oom_count_rose_only_against_a_known_count() -> None:
     now = oom_kills()
     if now is not None:
         assert not kernel_oom_since(now) and kernel_oom_since(now - 1)
+
+
+def test_a_progress_file_cut_short_or_missing_reads_as_unknown(tmp_path: Path) -> None:
+    """The worker's call can write its progress file (found in review: a short one crashed the agent's
+    timeout watch, which read it with a struct error)."""
+    from burla.node_agent.startup import read_progress
+    from burla.schemas import worker as proto
+
+    path = tmp_path / "progress"
+    for data in (b"", b"\x01\x02\x03"):
+        path.write_bytes(data)
+        assert read_progress(path) == proto.IDLE
+    assert read_progress(tmp_path / "missing") == proto.IDLE
+    path.write_bytes(proto.PROGRESS.pack(7) + b"junk after")
+    assert read_progress(path) == 7

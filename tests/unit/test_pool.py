@@ -309,3 +309,24 @@ def test_cancel_drops_prefetched_leases_of_the_job_at_once() -> None:
     pool.died(0)
     assert pool.held() == {3, 4} and not pool.queue
     assert started(pool.finished(1)) == [(1, 4)]
+
+
+def test_a_worker_killed_for_its_timeout_as_it_answers_takes_no_next_lease() -> None:
+    """The kill lands after the answer: the answer stands, and the lease that followed runs elsewhere, never
+    on the doomed worker, whose death would be blamed on it (found in review)."""
+    pool = ready_pool(2)
+    pool.offer([lease(1), after(2, 1)])
+    pool.kill_for_timeout(0, 4, 1.0, 1.05)
+    assert started(pool.finished(0)) == [(1, 2)]  # the other worker, not the one being killed
+    assert pool.slots[0].state == SlotState.STOPPING and pool.slots[0].timed_out is None
+    assert pool.died(0) == (None, None)  # nothing to report: its lease was answered
+    assert pool.slots[0].state == SlotState.STARTING  # a fresh worker takes the slot
+
+
+def test_a_worker_killed_for_memory_as_it_answers_takes_no_next_lease() -> None:
+    pool = ready_pool(1)
+    pool.offer([lease(1), after(2, 1)])
+    pool.kill_for_memory(0, 2 * 10**9, 10**9)
+    assert started(pool.finished(0)) == []  # lease 2 waits for the replacement worker
+    assert pool.died(0) == (None, None)
+    assert started(pool.worker_ready(0)) == [(0, 2)]
