@@ -61,6 +61,12 @@ STATUS_ATTEMPTS = 20  # failed attempts of each job shown by `burla status` (GET
 _FINAL = (m.DONE, m.FAILED, m.CANCELLED)
 _NO_SPEC = m.JobSpec("0" * 32, "", "0" * 64, "3.11")  # stands for a spec that cannot be read: no options
 
+def _runs_alone(job: JobState) -> bool:
+    """A detached job runs on without anyone following it, once every input is uploaded: until then its caller
+    must be there (a caller gone mid-upload left a job that can never finish), so client_grace still holds."""
+    return job.spec.detach and job.n_inputs is not None
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -372,8 +378,8 @@ class ControlPlane:
         abandoned = [
             job_id
             for job_id in self.feeds.unfollowed(now, grace)
-            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING and not job.spec.detach
-        ]  # a detached job runs on without anyone following it
+            if (job := self.scheduler.jobs.get(job_id)) is not None and job.state == m.RUNNING and not _runs_alone(job)
+        ]
         for job_id in abandoned:
             log.warning("job %s: no client has followed it for %.0f s: cancelled", job_id, grace)
             self.cancel_job(job_id, f"its client has been gone for over {grace:.0f} s (daemon.client_grace)")
@@ -382,7 +388,7 @@ class ControlPlane:
             [
                 j
                 for j in self.feeds.unfollowed_since
-                if (job := self.scheduler.jobs.get(j)) is None or job.spec.detach or j in abandoned
+                if (job := self.scheduler.jobs.get(j)) is None or _runs_alone(job) or j in abandoned
             ]
         )
         return abandoned

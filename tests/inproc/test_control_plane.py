@@ -405,6 +405,19 @@ async def test_a_followed_job_is_never_abandoned_and_an_unfollowed_one_is(tmp_pa
     assert p.cancel_abandoned_jobs() == ["job2"]
 
 
+async def test_a_detached_job_whose_caller_left_mid_upload_is_cancelled_as_any_abandoned_one(
+    tmp_path: Path,
+) -> None:
+    """Until its last input is uploaded a detached job needs its caller: one gone mid-upload left a job that
+    could never finish, and it ran forever (found in review)."""
+    clock = Clock()
+    p = plane(tmp_path, clock, client_grace=5, job_retention=100)
+    p.create_job(spec("half", detach=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=None)
+    clock.now += 6
+    assert p.cancel_abandoned_jobs() == ["half"]
+    assert p.job_status("half").state == m.JOB_CANCELLED
+
+
 async def test_a_detached_job_runs_unfollowed_and_is_kept_until_job_retention_however_often_it_is_read(
     tmp_path: Path,
 ) -> None:
