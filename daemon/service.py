@@ -61,6 +61,7 @@ STATUS_ATTEMPTS = 20  # failed attempts of each job shown by `burla status` (GET
 _FINAL = (m.DONE, m.FAILED, m.CANCELLED)
 _NO_SPEC = m.JobSpec("0" * 32, "", "0" * 64, "3.11")  # stands for a spec that cannot be read: no options
 
+
 def _runs_alone(job: JobState) -> bool:
     """A detached job runs on without anyone following it, once every input is uploaded: until then its caller
     must be there (a caller gone mid-upload left a job that can never finish), so client_grace still holds."""
