@@ -533,6 +533,11 @@ class Scheduler:
         if job.state != m.RUNNING:
             self._drop_lease(job, lease_id)
             return Completion(False, job, reason=f"job {job.state}")
+        if active is None and error:
+            # The late answer of a lease given up for lost: its inputs run elsewhere already. What it ran stands;
+            # its failure does not decide: the failed input's rerun does, under retries= and retry_on= as for any
+            # held lease (taken here, it would fail the job with its retries unused).
+            error = None
         hi = lo + n_ok
         at = hi
         if isinstance(error, m.CallError) and active is not None and hi <= error.index < active.lease.hi:

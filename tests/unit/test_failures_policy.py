@@ -220,3 +220,18 @@ def test_a_timed_out_worker_death_names_the_input_the_limit_and_the_node() -> No
     e = Death(lo=0, hi=4, func_ram_bytes=GB, node="host-0", code=-9, timed_out=(2, 1.5, 1.61)).error()
     assert e.kind == m.TIMEOUT and e.type_name == m.ErrorType.CALL_TIMEOUT and e.index == 2
     assert "input #2 ran past its timeout of 1.5 s on node host-0" in e.message
+
+
+def test_the_late_failure_of_a_lease_given_up_for_lost_does_not_fail_the_job_with_its_retries_unused() -> None:
+    """An agent back after agent_timeout reports a user's exception of a lease already requeued: what it ran
+    stands, and the failed input runs again where retries= decides (found in review)."""
+    s, job = scheduled(10, workers=1, nodes=2, retries=3)
+    leases = {a.lease.lo: a for a in s.assign(1.0)}
+    first = leases[min(leases)]
+    lost_on = first.agent_id
+    s.remove_node(lost_on, "its agent stopped heartbeating")
+    c = fail_at(s, first, first.lease.lo + 2, now=2.0)
+    assert c.accepted and not c.failed and job.state == m.RUNNING  # type: ignore[attr-defined]
+    assert (first.lease.lo, first.lease.hi) == (0, 5)
+    assert job.done.size == 2 and job.retried == 1  # the loss's attempt only: the late failure counts none
+    assert sorted((iv.lo, iv.hi) for iv in job.pending) == [(2, 5)]  # the failed input runs again
