@@ -438,13 +438,15 @@ class ControlPlane:
         job_id = str(row["job_id"])
         spec = self._stored_spec(job_id, "status")
         n_inputs = row["n_inputs"]
+        done, failed = self.store.inputs_done(job_id)
         return m.JobStatus(
             job_id,
             str(row["state"]),
             function_name=spec.function_name,
             n_inputs=n_inputs if isinstance(n_inputs, int) else None,
             n_uploaded=n_inputs if isinstance(n_inputs, int) else 0,
-            n_done=self.store.results_done(job_id),
+            n_done=done,
+            failed=failed,
             created=float(row["created"] or 0.0),
             owner=str(row["owner"] or ""),
             detached=spec.detach,

@@ -502,12 +502,15 @@ class Store:
         keys = ("job_id", "spec", "state", "n_inputs", "created", "finished", "owner")
         return None if row is None else dict(zip(keys, row, strict=True))
 
-    def results_done(self, job_id: str) -> int:
-        """How many inputs of the job have their result recorded."""
-        return int(
-            self._one("SELECT COALESCE(SUM(hi - lo), 0) FROM events WHERE job_id = ? AND kind = ?", (job_id, m.RESULTS))
-            or 0
-        )
+    def inputs_done(self, job_id: str) -> tuple[int, int]:
+        """How many inputs of the job are done (a result, or with return_exceptions their error), and how
+        many of those failed."""
+        row = self.conn.execute(
+            "SELECT COALESCE(SUM(hi - lo), 0), COALESCE(SUM(CASE WHEN kind = ? THEN hi - lo ELSE 0 END), 0) "
+            "FROM events WHERE job_id = ? AND kind IN (?, ?)",
+            (m.CALL_FAILED, job_id, m.RESULTS, m.CALL_FAILED),
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def finished_jobs_before(self, cutoff: float) -> list[str]:
         rows = self.conn.execute(

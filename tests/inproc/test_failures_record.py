@@ -73,6 +73,24 @@ async def test_return_exceptions_keeps_errors_as_done_across_a_restart(tmp_path:
     assert job.failed == 1 and job.done.size == 1 and job.pending.size + len(job.leases) == 1  # input 1 runs
 
 
+async def test_a_finished_jobs_record_after_a_restart_counts_its_failed_inputs_as_done(tmp_path: Path) -> None:
+    """burla jobs show of a return_exceptions job the daemon holds only in SQLite (found in review: it read
+    "done 1 of 2", with no failures)."""
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a", workers=1)).agent_id
+    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2)
+    (lease,) = report(p, a, ready=1)[0].leases
+    r, blob = failed(lease, lease.lo)
+    (lease,) = report(p, a, [r], [blob], ready=1)[0].leases  # the rest of the lease, at once
+    r, blob = result_for(lease)
+    report(p, a, [r], [blob], ready=1)
+    assert kinds(p)[-1] == m.DONE
+    p.store.close()
+    status = plane(tmp_path, clock).job_status("job1")
+    assert (status.state, status.n_inputs, status.n_done, status.failed) == (m.JOB_DONE, 2, 2, 1)
+
+
 async def test_the_retry_loop_hands_out_a_retry_when_its_backoff_is_over(tmp_path: Path) -> None:
     p = plane(tmp_path, Clock())  # real time here: the loop sleeps until the retry is due
     p.clock = time.time
