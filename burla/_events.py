@@ -91,7 +91,8 @@ class EventStream:
         if job.create is not None:
             header, blobs = job.create
             acks, self._acks = self._acks, []
-            await self._send(envelope.pack({**header, "ack": acks} if acks else header, blobs))
+            if not await self._send(envelope.pack({**header, "ack": acks} if acks else header, blobs)):
+                self._acks[:0] = acks  # the frame is sent again on the reconnect: the acks wait for a next one
         else:
             await self._send({"op": "subscribe", "job": job.job_id, "after": job.after})
 
@@ -109,11 +110,8 @@ class EventStream:
         finally:
             self._acks_due = False
         acks, self._acks = self._acks, []
-        if self._ws is None:  # reconnecting: over HTTP, or they would wait for daemon.job_retention
-            await self._post_acks(acks)
-            return
-        for job_id in acks:
-            await self._send({"op": "ack", "job": job_id})
+        unsent = [job_id for job_id in acks if not await self._send({"op": "ack", "job": job_id})]
+        await self._post_acks(unsent)  # reconnecting, or the socket broke under them: over HTTP, not lost
 
     async def flush_acks(self) -> None:
         """Send the acks still waiting for a create frame now, and know they arrived: the client is closing.
@@ -145,10 +143,11 @@ class EventStream:
     def close(self) -> None:
         self._scope.cancel()
 
-    async def _send(self, message: dict[str, Any] | bytes) -> None:
+    async def _send(self, message: dict[str, Any] | bytes) -> bool:
+        """Whether the message went out on the socket (False: there is none now, or it broke)."""
         ws = self._ws
         if ws is None:
-            return
+            return False
         try:
             async with self._send_lock:
                 trace("client", f"events send {len(message)}")
@@ -157,7 +156,8 @@ class EventStream:
                 else:
                     await ws.send_text(json.dumps(message))
         except (WebSocketNetworkError, WebSocketDisconnect, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the reader notices and reconnects, then resubscribes
+            return False  # the reader notices and reconnects, then resubscribes
+        return True
 
     async def _run(self) -> None:
         with self._scope:

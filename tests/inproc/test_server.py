@@ -105,6 +105,24 @@ async def test_a_closing_client_acks_over_http_also_while_its_websocket_is_down(
     assert (await admin.get("/v1/jobs/closing")).status_code == 404
 
 
+async def test_an_ack_with_no_socket_to_ride_goes_over_http_after_its_delay(
+    daemon: Running, agent: Agent, admin: httpx.AsyncClient
+) -> None:
+    from burla._events import ACK_DELAY, EventStream
+
+    await submit(admin, "delayed", [-1, -2])
+    with trio.fail_after(20):
+        while daemon.plane.job_status("delayed").state == m.RUNNING:
+            await trio.sleep(0.02)
+    async with trio.open_nursery() as nursery:
+        stream = EventStream(admin, nursery, reconnect_seconds=5)  # no websocket: the ack cannot go on one
+        await stream.ack("delayed")
+        with trio.fail_after(ACK_DELAY + 10):
+            while daemon.plane.store.job_exists("delayed"):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+
 async def test_cancel_stops_the_job_on_the_agent(daemon: Running, agent: Agent, admin: httpx.AsyncClient) -> None:
     import pickle
     import sys
