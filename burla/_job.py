@@ -143,7 +143,10 @@ class JobRun:
                     # whatever ended it here (a Burla error, the caller's inputs raising), the job must not run on
                     reason = str(error) if isinstance(error, BurlaError) else f"the client's inputs raised {error!r}"
                     with trio.move_on_after(CANCEL_SECONDS):
-                        await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason[:500]})
+                        try:
+                            await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason[:500]})
+                        except BurlaError as refused:  # a create refused: no job to cancel (404), as wanted
+                            trace("client", f"cancel of {self.job_id[:8]} after {error!r}: {refused}")
             finally:
                 self.queue.put(("error", error))  # the caller's thread must always hear how it ended
             if not isinstance(e, Exception) and not isinstance(e, BaseExceptionGroup):
@@ -197,7 +200,9 @@ class JobRun:
             self._scope.cancel()  # the upload stops first: a create still on its way must not outlive the cancel
         with trio.move_on_after(CANCEL_SECONDS):
             if self._created:
-                # a job created on the stream may not be made yet: its cancel waits for it
+                # a job created on the stream may not be made yet: its cancel waits for it. A detached one whose
+                # create was cut off on its way is not waited for: made after this, it has not all its inputs,
+                # and the daemon cancels it after client_grace (a Ctrl-C must not hang for it).
                 await self._post_json(f"/v1/jobs/{self.job_id}/cancel", {"reason": reason},
                                       missing_retried=self.create is not None)  # fmt: skip
         if self._scope is not None:

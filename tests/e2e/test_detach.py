@@ -170,6 +170,17 @@ def test_bad_detach_arguments_say_what_to_do(cluster: Cluster) -> None:
         remote_parallel_map(printing_square, [], detach=True)
 
 
+def test_a_refused_detached_create_raises_its_reason_and_nothing_else(
+    cluster: Cluster, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: the cancel sent after a refused create got a 404 and printed a traceback as well."""
+    with pytest.raises(burla.BurlaError) as refused:
+        remote_parallel_map(printing_square, [1, 2], detach=True, func_cpu=512, spinner=False)
+    assert "512" in str(refused.value)
+    time.sleep(0.2)  # the portal's task has ended
+    assert "Traceback" not in capfd.readouterr().err
+
+
 INTERRUPTED_UPLOAD = """
 import os, signal, threading, time
 from burla import remote_parallel_map
