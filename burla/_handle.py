@@ -223,6 +223,9 @@ class Job:
             lost_since = None
             header, blobs = envelope.unpack(r.content)
             events = [m.Event.from_wire(e) for e in header.get("events", [])]
+            scanned = header.get("after")
+            if isinstance(scanned, int) and not isinstance(scanned, bool):
+                after = max(after, scanned)  # past the results the daemon looked through for output
             for event in events:
                 after = max(after, event.seq)
                 if event.kind == m.LOGS and event.blob is not None:

@@ -437,9 +437,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         valid_id(job_id, "job id")
         after = int(query_number(request.args, "after", 0, 0, wire.INT64[1]))
         wait = query_number(request.args, "wait", 0.0, 0.0, _MAX_LOGS_WAIT, integer=False)
-        events = await plane.job_logs(job_id, after, wait, caller())
+        events, cursor = await plane.job_logs(job_id, after, wait, caller())
         header, blobs, finished = frame(job_id, events)
-        return _envelope({**header, "finished": finished}, blobs)
+        return _envelope({**header, "finished": finished, "after": cursor}, blobs)
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:

@@ -506,26 +506,37 @@ class ControlPlane:
         """
         return await self.feeds.wait(follower, timeout)
 
-    async def job_logs(self, job_id: str, after: int, timeout: float, who: Principal | None = None) -> Events:
+    async def job_logs(
+        self, job_id: str, after: int, timeout: float, who: Principal | None = None
+    ) -> tuple[Events, int]:
         """What the job's calls printed after event `after`, with its notices and its final event (read from
-        SQLite, at most a frame's worth at a time); waits up to `timeout` for some while it runs."""
+        SQLite, at most a frame's worth at a time); waits up to `timeout` for some while it runs.
+
+        Also returns the sequence to ask from next time: past the events of other kinds seen on the way, so
+        neither a wake here nor the next request scans a job's results again."""
         self._visible(job_id, who)
         if not self.store.job_exists(job_id):
             raise NotFound(f"no job {job_id}")
         kinds = (m.LOGS, m.NOTICE, *_FINAL)
-        events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+
+        def scan(since: int) -> tuple[Events, int]:
+            top = self.store.last_seq(job_id)  # no await between: nothing is recorded in between
+            found = self.store.events_after(job_id, since, FRAME_BYTES, kinds=kinds)
+            return found, found[-1][0].seq if found else max(since, top)
+
+        events, cursor = scan(after)
         job = self.scheduler.jobs.get(job_id)
         if events or timeout <= 0 or job is None or job.state != m.RUNNING:
-            return events
+            return events, cursor
         deadline = trio.current_time() + timeout
-        with self.follow(job_id, after) as follower:  # behind: woken by each new event, and holds none of them
+        with self.follow(job_id, cursor) as follower:  # behind: woken by each new event, and holds none of them
             while True:
                 with trio.move_on_at(deadline):
                     await follower.wake.wait()
                 follower.wake = trio.Event()
-                events = self.store.events_after(job_id, after, FRAME_BYTES, kinds=kinds)
+                events, cursor = scan(cursor)
                 if events or trio.current_time() >= deadline or job.state != m.RUNNING:
-                    return events
+                    return events, cursor
 
     async def wait_events(self, job_id: str, after: int, timeout: float) -> Events:
         """A job's events after `after`; waits up to `timeout` for the first one."""

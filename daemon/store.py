@@ -666,6 +666,10 @@ class Store:
             )
             return int(cur.lastrowid or 0), ref
 
+    def last_seq(self, job_id: str) -> int:
+        """The sequence number of the job's newest event (0: none)."""
+        return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)) or 0)
+
     def events_after(
         self,
         job_id: str,

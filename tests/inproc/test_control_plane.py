@@ -484,17 +484,42 @@ async def test_a_jobs_output_is_read_from_the_start_and_waited_for_while_it_runs
     p.create_job(spec("job1", detach=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
     line = pickle.dumps([(0, m.STDOUT, "hello\n")])
     first, _ = report(p, agent, blobs=[line], logs=(m.LogChunk("job1", 1, 6, 0),))
-    events = await p.job_logs("job1", 0, 0)
+    events, cursor = await p.job_logs("job1", 0, 0)
     assert [(e.kind, pickle.loads(b)) for e, b in events] == [(m.LOGS, [(0, m.STDOUT, "hello\n")])]
     after = events[-1][0].seq
-    assert await p.job_logs("job1", after, 0) == []
+    assert cursor == after and await p.job_logs("job1", after, 0) == ([], after)
     got: list[list[str]] = []
+    scans: list[int] = []
+    events_after = p.store.events_after
+
+    def counted(job_id: str, since: int, *args: object, **kwargs: object) -> object:
+        if kwargs.get("kinds"):  # the output's scans, not the feeds' reads
+            scans.append(since)
+        return events_after(job_id, since, *args, **kwargs)  # type: ignore[arg-type]
+
+    p.store.events_after = counted  # type: ignore[method-assign]
 
     async def wait() -> None:
-        got.append([e.kind for e, _ in await p.job_logs("job1", after, 30)])
+        got.append([e.kind for e, _ in (await p.job_logs("job1", after, 30))[0]])
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wait)
         await trio.sleep(0.05)
         drive(p, agent, first=first)  # results are not output: the wait goes on until the final event
     assert got == [[m.DONE]]
+    assert scans == sorted(scans)  # each wake scans on from where the one before had looked
+
+
+async def test_reading_a_jobs_output_moves_past_its_results_once_seen(tmp_path: Path) -> None:
+    """A job that prints nothing while its results pile up: each read (and each wake of a waiting one) goes on
+    from the newest event seen, not from the last output again (found in review: every wake rescanned them)."""
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    agent = p.register(node("a")).agent_id
+    p.create_job(spec("quiet", detach=True), memoryview(b"fn"), [batch(0, 0, 8)], final_count=8)
+    delivery, _ = report(p, agent)
+    results = [result_for(lease) for lease in delivery.leases]
+    report(p, agent, [r for r, _ in results], [b for _, b in results])
+    top = p.store.last_seq("quiet")
+    assert top > 0
+    assert await p.job_logs("quiet", 0, 0) == ([], top)  # nothing printed, and the next read starts past them
