@@ -138,6 +138,7 @@ class Completion:
     attempt: m.Attempt | None = None  # with an error: the attempt, kept in the job's record
     retry_in: float | None = None  # the failed input runs again after this many seconds (retries=)
     call_failed: bool = False  # the failed input is done with its error (return_exceptions=); the job goes on
+    error_dropped: bool = False  # the late error of a lease given up for lost: its input runs again elsewhere
 
 
 @dataclasses.dataclass
@@ -533,10 +534,12 @@ class Scheduler:
         if job.state != m.RUNNING:
             self._drop_lease(job, lease_id)
             return Completion(False, job, reason=f"job {job.state}")
-        if active is None and error:
-            # The late answer of a lease given up for lost: its inputs run elsewhere already. What it ran stands;
-            # its failure does not decide: the failed input's rerun does, under retries= and retry_on= as for any
-            # held lease (taken here, it would fail the job with its retries unused).
+        dropped = active is None and bool(error)
+        if dropped:
+            # The late answer of a lease given up for lost (its node went silent, or it was requeued): its
+            # inputs run elsewhere already. What it ran stands; its failure does not decide: the failed input's
+            # rerun does, under retries= and retry_on= as for any held lease (taken here, it would fail the job
+            # with its retries unused).
             error = None
         hi = lo + n_ok
         at = hi
@@ -564,7 +567,7 @@ class Scheduler:
         calls = n_ok + (1 if error else 0)
         if calls and elapsed >= 0 and not error:
             self._learn(job, elapsed / calls)
-        completion = Completion(True, job, lo, hi, superseded=superseded)
+        completion = Completion(True, job, lo, hi, superseded=superseded, error_dropped=dropped)
         if error:
             return self._failed_call(job, active, completion, at, error, now, retryable)
         if active is not None and hi < lease_hi:  # a short result without an error: rerun the rest

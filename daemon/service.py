@@ -756,6 +756,8 @@ class ControlPlane:
             self._record(result.job_id, m.RESULTS, c.lo, c.hi, payload=blobs[result.results_blob])
         if c.attempt is not None:
             self.store.add_attempt(result.job_id, c.attempt)
+        if c.error_dropped:
+            error = None  # its input runs again elsewhere: that run's answer decides
         if error is not None and c.retry_in is not None and c.attempt is not None:
             self._record(result.job_id, m.RETRY, c.at, c.at + 1, data=c.attempt.to_wire())
             self.counters["calls_retried"] += 1

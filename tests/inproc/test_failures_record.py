@@ -91,6 +91,28 @@ async def test_a_finished_jobs_record_after_a_restart_counts_its_failed_inputs_a
     assert (status.state, status.n_inputs, status.n_done, status.failed) == (m.JOB_DONE, 2, 2, 1)
 
 
+async def test_the_late_error_of_a_requeued_lease_fails_nothing_and_its_input_runs_again(tmp_path: Path) -> None:
+    """A lease the agent no longer held is requeued; its late answer's results stand, and its error is left to
+    the rerun (found in review, then in a flaky end-to-end run: the job failed despite return_exceptions)."""
+    from tests.inproc.test_control_plane import drive
+
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a", workers=1)).agent_id
+    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
+    delivery, _ = report(p, a, ready=1)
+    (lease,) = delivery.leases
+    again, _ = report(p, a, ready=1, ack_delivery=delivery.delivery)  # it says it holds none: requeued
+    assert p.counters["leases_lost"] == 1 and [(x.lo, x.hi) for x in again.leases] == [(lease.lo, lease.hi)]
+    r, blob = failed(lease, lease.lo)
+    report(p, a, [r], [blob], ready=1)  # the late answer of the first
+    assert m.FAILED not in kinds(p) and m.CALL_FAILED not in kinds(p)
+    assert p.scheduler.jobs["job1"].state == m.RUNNING
+    drive(p, a, ready=1, first=again)
+    status = p.job_status("job1")
+    assert (status.state, status.n_done, status.failed) == (m.JOB_DONE, 4, 0)  # its rerun returned
+
+
 async def test_the_retry_loop_hands_out_a_retry_when_its_backoff_is_over(tmp_path: Path) -> None:
     p = plane(tmp_path, Clock())  # real time here: the loop sleeps until the retry is due
     p.clock = time.time
