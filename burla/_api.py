@@ -83,6 +83,8 @@ def remote_parallel_map(
             input's slot in the results holds its return value or, if it failed,
             its exception (rebuilt as raised, with the remote traceback and
             `burla_input_index`, or a `burla.CallError`). Works with generator=True.
+            A function or inputs that cannot be loaded on the workers still fail
+            the job at once (`burla.errors.UnpicklingError`): every input would.
         detach: return a `burla.Job` as soon as every input is uploaded, and let the
             job run to completion on the cluster without this process (which may exit,
             or its machine sleep). Its id (``Job.id``, printed on stderr with the

@@ -44,3 +44,10 @@ def retryable_error(spec: m.JobSpec, error: m.CallError) -> bool:
     names = bases(error)
     wanted = spec.retry_on or (EXCEPTION,)
     return any(name in wanted for name in names)
+
+
+def fails_every_input(error: m.CallError) -> bool:
+    """Whether `error` is not an input's own but the lease's: the function or its inputs could not be loaded
+    on the worker. Each next input would fail the same way, so with return_exceptions the job fails at once
+    rather than one input per lease."""
+    return error.kind == m.SYSTEM and error.type_name == m.ErrorType.UNPICKLING

@@ -33,6 +33,7 @@ from . import pool_claims
 from .pending import Pending
 from .placement import NodeState, Unfit, ram_bytes, slots_for, unfit
 from .ranges import RangeSet, subtract
+from .retry_policy import fails_every_input
 
 _ESTIMATE_MEMORY = 4096  # function hashes whose call time we remember
 # A lease expected to last longer is not prefetched: its round trip costs it under 1% of its time, and a
@@ -599,7 +600,7 @@ class Scheduler:
                 error.node[:255], now, retried=retry,
             )  # fmt: skip
             job.history.append(completion.attempt)
-        if not retry and not spec.return_exceptions:
+        if not retry and (not spec.return_exceptions or isinstance(error, m.CallError) and fails_every_input(error)):
             completion.failed = True
             completion.stopped = self.finish_job(job.job_id, m.JOB_FAILED)
             return completion

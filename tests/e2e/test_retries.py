@@ -153,6 +153,27 @@ def test_return_exceptions_gives_every_input_its_slot(cluster: Cluster) -> None:
     assert sorted(r.burla_input_index for r in streamed if isinstance(r, ValueError)) == list(range(0, 1000, 10))
 
 
+def _refuse_on_a_worker() -> int:
+    import os
+
+    if "BURLA_WORKER_SLOT" in os.environ:
+        raise ImportError("this input's class is not importable on the cluster")
+    return 0
+
+
+class LoadsOnlyHere:
+    """An input that pickles here and cannot be unpickled on a worker."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse_on_a_worker, ()
+
+
+def test_with_return_exceptions_inputs_that_cannot_load_fail_the_job_at_once(cluster: Cluster) -> None:
+    """Each next input would fail the same way: the job fails with the reason, not one input per lease."""
+    with pytest.raises(burla.errors.UnpicklingError, match="could not load the function or its inputs"):
+        remote_parallel_map(abs, [LoadsOnlyHere() for _ in range(2000)], return_exceptions=True, spinner=False)
+
+
 def test_bad_arguments_are_refused_before_anything_runs(cluster: Cluster) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"timeout": 0}, "timeout must be"),

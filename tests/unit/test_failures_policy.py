@@ -235,3 +235,17 @@ def test_the_late_failure_of_a_lease_given_up_for_lost_does_not_fail_the_job_wit
     assert (first.lease.lo, first.lease.hi) == (0, 5)
     assert job.done.size == 2 and job.retried == 1  # the loss's attempt only: the late failure counts none
     assert sorted((iv.lo, iv.hi) for iv in job.pending) == [(2, 5)]  # the failed input runs again
+
+
+def test_with_return_exceptions_inputs_that_cannot_load_fail_the_job_at_once() -> None:
+    """Not one input per lease round trip: the next lease would fail the same way (found in review)."""
+    s, job = scheduled(1000, workers=1, return_exceptions=True)
+    (a,) = s.assign(1.0)
+    unloadable = m.CallError(a.lease.lo, m.SYSTEM, m.ErrorType.UNPICKLING, "the worker could not load the function")
+    c = s.complete("j1", a.lease.lease_id, a.lease.lo, 0, 0.01, unloadable, 1.0, False)
+    assert c.accepted and c.failed and job.state == m.JOB_FAILED  # type: ignore[attr-defined]
+    s2, job2 = scheduled(10, workers=1, return_exceptions=True)
+    (b,) = s2.assign(1.0)
+    own = m.CallError(b.lease.lo, m.SYSTEM, m.ErrorType.UNPICKLABLE_RESULT, "its return value could not be pickled")
+    c2 = s2.complete("j1", b.lease.lease_id, b.lease.lo, 0, 0.01, own, 1.0, False)
+    assert c2.call_failed and job2.state == m.RUNNING  # type: ignore[attr-defined]  # an input's own: kept
