@@ -711,6 +711,8 @@ class Scheduler:
                 job.attempts[a.lo] = max(job.attempts.get(a.lo, 0), a.attempt)
         for lo, hi in sorted(done):
             job.done.add(lo, hi)
+        for index in [i for i in job.attempts if job.done.intersects(i, i + 1)]:
+            del job.attempts[index]  # it succeeded (or kept its error) before the restart: no count to go on
         held, orphans = [], []
         for lease, agent_id in leases:
             node = self.nodes.get(agent_id)

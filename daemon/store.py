@@ -585,7 +585,7 @@ class Store:
             "batches": batches,
             "done": [tuple(r) for r in [*done, *failed]],
             "leases": leases,
-            "attempts": self.attempts(job_id),
+            "attempts": self.iter_attempts(job_id),  # read as the job is rebuilt: never all in memory at once
             "failed": sum(hi - lo for lo, hi in failed),
         }
 
@@ -608,6 +608,18 @@ class Store:
         ).fetchall()
         keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
         return [m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True))) for row in reversed(rows)]
+
+    def iter_attempts(self, job_id: str) -> Iterator[m.Attempt]:
+        """A job's failed attempts, oldest first, read one row at a time (a job of a million failing inputs with
+        retries= has millions: a restart must not hold them all)."""
+        rows = self.conn.execute(
+            "SELECT lo, hi, attempt, kind, type_name, message, node, at, retried FROM attempts WHERE job_id = ?"
+            " ORDER BY id",
+            (job_id,),
+        )
+        keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
+        for row in rows:
+            yield m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True)))
 
     def max_lease_id(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)

@@ -164,6 +164,9 @@ def test_attempts_come_back_after_a_restart() -> None:
                                        attempts=history)  # fmt: skip
     assert restored.attempts == {1: 1} and restored.lost == [(0, 3, 1)] and restored.retried == 2
     assert list(restored.history) == history
+    settled = Scheduler().restore_job(spec(retries=2), 0.0, [m.BatchMeta(0, 0, 3)], 3, [(1, 2)], [],
+                                      attempts=iter(history))  # fmt: skip
+    assert settled.attempts == {} and settled.retried == 2  # input 1 succeeded before the restart
     del job
 
 
