@@ -602,24 +602,17 @@ class Store:
     def attempts(self, job_id: str, last: int | None = None) -> list[m.Attempt]:
         """A job's failed attempts, oldest first (the `last` ones only, when given); each row checked."""
         rows = self.conn.execute(
-            "SELECT lo, hi, attempt, kind, type_name, message, node, at, retried FROM attempts WHERE job_id = ?"
-            " ORDER BY id DESC LIMIT ?",
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY id DESC LIMIT ?",
             (job_id, -1 if last is None else last),
         ).fetchall()
-        keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
-        return [m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True))) for row in reversed(rows)]
+        return [_attempt(row) for row in reversed(rows)]
 
     def iter_attempts(self, job_id: str) -> Iterator[m.Attempt]:
         """A job's failed attempts, oldest first, read one row at a time (a job of a million failing inputs with
         retries= has millions: a restart must not hold them all)."""
-        rows = self.conn.execute(
-            "SELECT lo, hi, attempt, kind, type_name, message, node, at, retried FROM attempts WHERE job_id = ?"
-            " ORDER BY id",
-            (job_id,),
-        )
-        keys = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
-        for row in rows:
-            yield m.Attempt.from_wire(dict(zip(keys, (*row[:8], bool(row[8])), strict=True)))
+        rows = self.conn.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY id", (job_id,))
+        for row in rows:  # a generator: the query runs only when the job is rebuilt
+            yield _attempt(row)
 
     def max_lease_id(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(lease_id), 0) FROM leases") or 0)
@@ -756,3 +749,12 @@ TOKEN_HASH = "sha256:"
 def hash_token(token: str) -> str:
     """How a token is kept: tokens are long random strings, so one round of sha256 is enough."""
     return TOKEN_HASH + hashlib.sha256(token.encode()).hexdigest()
+
+
+_ATTEMPT_KEYS = ("lo", "hi", "attempt", "kind", "type_name", "message", "node", "at", "retried")
+_ATTEMPT_COLUMNS = ", ".join(_ATTEMPT_KEYS)
+
+
+def _attempt(row: tuple[Any, ...]) -> m.Attempt:
+    """One row of the attempts table, checked as any message is."""
+    return m.Attempt.from_wire(dict(zip(_ATTEMPT_KEYS, (*row[:8], bool(row[8])), strict=True)))
