@@ -20,6 +20,16 @@ def failed(lease: m.Lease, index: int) -> tuple[m.LeaseResult, bytes]:
     return m.LeaseResult(lease.lease_id, lease.job_id, lease.lo, ok, 0.001, 0, error), pickle.dumps(list(range(ok)))
 
 
+def return_exceptions_job(tmp_path: Path, n: int):  # type: ignore[no-untyped-def]
+    """A plane with one agent of one worker and a return_exceptions job of `n` inputs; its first delivery."""
+    clock = Clock()
+    p = plane(tmp_path, clock)
+    a = p.register(node("a", workers=1)).agent_id
+    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, n)], final_count=n)
+    delivery, _ = report(p, a, ready=1)
+    return clock, p, a, delivery
+
+
 def kinds(p, job_id: str = "job1") -> list[str]:  # type: ignore[no-untyped-def]
     return [e.kind for e, _ in p.store.events_after(job_id, 0)]
 
@@ -59,11 +69,8 @@ async def test_a_retry_waits_its_backoff_and_its_attempts_survive_a_restart(tmp_
 
 
 async def test_return_exceptions_keeps_errors_as_done_across_a_restart(tmp_path: Path) -> None:
-    clock = Clock()
-    p = plane(tmp_path, clock)
-    a = p.register(node("a", workers=1)).agent_id
-    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2)
-    (lease,) = report(p, a, ready=1)[0].leases
+    clock, p, a, delivery = return_exceptions_job(tmp_path, 2)
+    (lease,) = delivery.leases
     r, blob = failed(lease, lease.lo)
     report(p, a, [r], [blob], ready=1)
     assert kinds(p) == [m.CALL_FAILED]
@@ -76,11 +83,8 @@ async def test_return_exceptions_keeps_errors_as_done_across_a_restart(tmp_path:
 async def test_a_finished_jobs_record_after_a_restart_counts_its_failed_inputs_as_done(tmp_path: Path) -> None:
     """burla jobs show of a return_exceptions job the daemon holds only in SQLite (found in review: it read
     "done 1 of 2", with no failures)."""
-    clock = Clock()
-    p = plane(tmp_path, clock)
-    a = p.register(node("a", workers=1)).agent_id
-    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, 2)], final_count=2)
-    (lease,) = report(p, a, ready=1)[0].leases
+    clock, p, a, delivery = return_exceptions_job(tmp_path, 2)
+    (lease,) = delivery.leases
     r, blob = failed(lease, lease.lo)
     (lease,) = report(p, a, [r], [blob], ready=1)[0].leases  # the rest of the lease, at once
     r, blob = result_for(lease)
@@ -96,11 +100,7 @@ async def test_the_late_error_of_a_requeued_lease_fails_nothing_and_its_input_ru
     the rerun (found in review, then in a flaky end-to-end run: the job failed despite return_exceptions)."""
     from tests.inproc.test_control_plane import drive
 
-    clock = Clock()
-    p = plane(tmp_path, clock)
-    a = p.register(node("a", workers=1)).agent_id
-    p.create_job(spec(return_exceptions=True), memoryview(b"fn"), [batch(0, 0, 4)], final_count=4)
-    delivery, _ = report(p, a, ready=1)
+    clock, p, a, delivery = return_exceptions_job(tmp_path, 4)
     (lease,) = delivery.leases
     again, _ = report(p, a, ready=1, ack_delivery=delivery.delivery)  # it says it holds none: requeued
     assert p.counters["leases_lost"] == 1 and [(x.lo, x.hi) for x in again.leases] == [(lease.lo, lease.hi)]
